@@ -1,0 +1,189 @@
+//! Domain events: past tense, each with a stable type name and a schema version. New versions only
+//! add optional fields. The event data is what travels as the Kafka record value.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::values::{Description, Priority, Recurrence, RemindBefore, Tags, TaskId, TimeZone, Title};
+
+/// Everything a new task holds (the data of `task.created`, and the CreateTask payload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTask {
+    pub title: Title,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<Description>,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub timezone: TimeZone,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recurrence: Option<Recurrence>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remind_before: Option<RemindBefore>,
+    #[serde(default)]
+    pub tags: Tags,
+    /// Set when this task is the next occurrence of a recurring series.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recurrence_parent_id: Option<TaskId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurrence: Option<u32>,
+}
+
+impl NewTask {
+    pub fn new(title: Title) -> Self {
+        Self {
+            title,
+            description: None,
+            priority: Priority::default(),
+            due_at: None,
+            timezone: TimeZone::default(),
+            recurrence: None,
+            remind_before: None,
+            tags: Tags::default(),
+            recurrence_parent_id: None,
+            occurrence: None,
+        }
+    }
+}
+
+/// A change to some fields (the data of `task.updated`, and the UpdateTask payload). For optional
+/// fields: absent = unchanged, `null` = cleared, a value = set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TaskPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<Title>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    pub description: Option<Option<Description>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<Option<DateTime<Utc>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<TimeZone>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    pub recurrence: Option<Option<Recurrence>>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    pub remind_before: Option<Option<RemindBefore>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Tags>,
+}
+
+impl TaskPatch {
+    pub fn is_empty(&self) -> bool {
+        self == &TaskPatch::default()
+    }
+}
+
+/// `null` -> `Some(None)`, value -> `Some(Some(v))`; an absent field is `None` via `#[serde(default)]`.
+fn double_option<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: Deserializer<'de>,
+{
+    Option::<T>::deserialize(de).map(Some)
+}
+
+/// Every fact that can happen to a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskEvent {
+    Created(NewTask),
+    Updated(TaskPatch),
+    Completed,
+    Reopened,
+    Deleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownEventType {
+    #[error("unknown event type {0:?}")]
+    Type(String),
+    #[error("invalid data for {event_type}: {message}")]
+    Data { event_type: String, message: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Empty {}
+
+impl TaskEvent {
+    pub const TYPES: [&'static str; 5] =
+        ["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted"];
+
+    /// The stable type name (`ce_type`).
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            TaskEvent::Created(_) => "task.created",
+            TaskEvent::Updated(_) => "task.updated",
+            TaskEvent::Completed => "task.completed",
+            TaskEvent::Reopened => "task.reopened",
+            TaskEvent::Deleted => "task.deleted",
+        }
+    }
+
+    /// The schema version of the data; new versions only add optional fields.
+    pub fn schema_version(&self) -> u32 {
+        1
+    }
+
+    /// The event data as JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        let res = match self {
+            TaskEvent::Created(t) => serde_json::to_vec(t),
+            TaskEvent::Updated(p) => serde_json::to_vec(p),
+            TaskEvent::Completed | TaskEvent::Reopened | TaskEvent::Deleted => serde_json::to_vec(&Empty {}),
+        };
+        res.expect("event data always serializes")
+    }
+
+    /// Parses event data of the given type (any schema version this code knows or older).
+    pub fn from_json(event_type: &str, data: &[u8]) -> Result<Self, UnknownEventType> {
+        let err = |e: serde_json::Error| UnknownEventType::Data { event_type: event_type.to_owned(), message: e.to_string() };
+        Ok(match event_type {
+            "task.created" => TaskEvent::Created(serde_json::from_slice(data).map_err(err)?),
+            "task.updated" => TaskEvent::Updated(serde_json::from_slice(data).map_err(err)?),
+            "task.completed" | "task.reopened" | "task.deleted" => {
+                let _: serde_json::Value = serde_json::from_slice(data).map_err(err)?;
+                match event_type {
+                    "task.completed" => TaskEvent::Completed,
+                    "task.reopened" => TaskEvent::Reopened,
+                    _ => TaskEvent::Deleted,
+                }
+            }
+            other => return Err(UnknownEventType::Type(other.to_owned())),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_distinguishes_absent_null_and_value() {
+        let p: TaskPatch = serde_json::from_str(r#"{"description": null, "priority": "high"}"#).unwrap();
+        assert_eq!(p.description, Some(None));
+        assert_eq!(p.due_at, None);
+        assert_eq!(p.priority, Some(Priority::High));
+        let back = String::from_utf8(TaskEvent::Updated(p.clone()).to_json()).unwrap();
+        assert_eq!(back, r#"{"description":null,"priority":"high"}"#);
+        assert_eq!(TaskEvent::from_json("task.updated", back.as_bytes()).unwrap(), TaskEvent::Updated(p));
+    }
+
+    #[test]
+    fn every_event_round_trips() {
+        let mut t = NewTask::new(Title::parse("x".into()).unwrap());
+        t.tags = Tags::parse(vec!["a".into()]).unwrap();
+        for e in [TaskEvent::Created(t), TaskEvent::Updated(TaskPatch::default()), TaskEvent::Completed, TaskEvent::Reopened, TaskEvent::Deleted] {
+            assert_eq!(TaskEvent::from_json(e.event_type(), &e.to_json()).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn invalid_data_is_refused_on_decode() {
+        assert!(TaskEvent::from_json("task.created", br#"{"title": ""}"#).is_err());
+        assert!(TaskEvent::from_json("task.exploded", b"{}").is_err());
+        // Unknown (newer, optional) fields are tolerated.
+        assert!(TaskEvent::from_json("task.created", br#"{"title": "a", "color": "red"}"#).is_ok());
+    }
+}
