@@ -1,0 +1,58 @@
+//! Kafka client set-up shared by the services.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::settings::KafkaSettings;
+
+/// Settings every client of ours shares.
+pub fn client_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.kafka_brokers)
+        .set("client.id", client_id)
+        .set("socket.keepalive.enable", "true")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", "30000");
+    c
+}
+
+/// Creates `task-events` and its dead-letter topic if they do not exist yet.
+pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(settings, "taskstream-admin").create()?;
+    let dlq = settings.dlq_topic();
+    let replication = || TopicReplication::Fixed(settings.task_events_replication);
+    let topics = [
+        NewTopic::new(&settings.task_events_topic, settings.task_events_partitions, replication())
+            .set("min.insync.replicas", if settings.task_events_replication > 1 { "2" } else { "1" }),
+        NewTopic::new(&dlq, settings.task_events_partitions, replication()),
+    ];
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
+    for result in admin.create_topics(&topics, &opts).await? {
+        match result {
+            Ok(topic) => tracing::info!(topic, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// The partitions of a topic (blocking metadata call; run it off the async threads).
+pub fn partitions(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> anyhow::Result<Vec<i32>> {
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let t = md.topics().iter().find(|t| t.name() == topic).ok_or_else(|| anyhow::anyhow!("topic {topic} not found"))?;
+    if let Some(err) = t.error() {
+        anyhow::bail!("topic {topic}: {:?}", err);
+    }
+    let mut ps: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    ps.sort_unstable();
+    if ps.is_empty() {
+        anyhow::bail!("topic {topic} has no partitions");
+    }
+    Ok(ps)
+}
