@@ -1,0 +1,180 @@
+//! Request extractors whose rejections are problem+json: the caller, command headers, JSON bodies.
+
+use axum::body::Bytes;
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use axum::http::{header, request::Parts, HeaderMap};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use domain::UserId;
+use platform::auth::JwtAuth;
+
+use crate::error::ApiError;
+
+/// The authenticated caller (`Authorization: Bearer <JWT>`).
+pub struct AuthUser(pub UserId);
+
+impl<S> FromRequestParts<S> for AuthUser
+where
+    JwtAuth: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let auth = JwtAuth::from_ref(state);
+        let header = parts.headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+        Ok(AuthUser(auth.authenticate(header)?))
+    }
+}
+
+/// Headers that shape a command: `If-Match`, `Idempotency-Key`, `X-Correlation-Id`, `traceparent`.
+#[derive(Debug, Default)]
+pub struct CommandHeaders {
+    pub if_match: Option<u32>,
+    pub idempotency_key: Option<String>,
+    pub correlation_id: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| v.to_str().map_err(|_| ApiError::BadRequest(format!("header {name} must be visible ASCII"))))
+        .transpose()
+}
+
+fn visible_ascii(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let h = &parts.headers;
+        let if_match = header_str(h, "if-match")?
+            .map(|v| {
+                let v = v.trim();
+                let inner = v.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(v);
+                inner.parse::<u32>().map_err(|_| {
+                    ApiError::BadRequest(format!("If-Match must be a task version in quotes, like \"3\" (got {v})"))
+                })
+            })
+            .transpose()?;
+        let idempotency_key = header_str(h, "idempotency-key")?
+            .map(|k| {
+                if visible_ascii(k, 255) {
+                    Ok(k.to_owned())
+                } else {
+                    Err(ApiError::BadRequest("Idempotency-Key must be 1..=255 visible ASCII characters".into()))
+                }
+            })
+            .transpose()?;
+        let correlation_id = header_str(h, "x-correlation-id")?
+            .map(|c| {
+                if visible_ascii(c, 128) {
+                    Ok(c.to_owned())
+                } else {
+                    Err(ApiError::BadRequest("X-Correlation-Id must be 1..=128 visible ASCII characters".into()))
+                }
+            })
+            .transpose()?;
+        // W3C trace context: version-traceid-parentid-flags; an invalid one is ignored, as the spec says.
+        let traceparent = header_str(h, "traceparent")?.filter(|t| is_traceparent(t)).map(str::to_owned);
+        Ok(Self { if_match, idempotency_key, correlation_id, traceparent })
+    }
+}
+
+fn is_traceparent(t: &str) -> bool {
+    let parts: Vec<&str> = t.split('-').collect();
+    parts.len() == 4
+        && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A JSON body, parsed into `T` with field paths in errors, plus a digest of its canonical form
+/// (for `Idempotency-Key`).
+pub struct JsonBody<T> {
+    pub value: T,
+    pub canonical: Vec<u8>,
+}
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(crate::BODY_LIMIT_BYTES)
+            } else {
+                ApiError::BadRequest(format!("could not read the body: {rejection}"))
+            }
+        })?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+        if !json.is_object() {
+            return Err(ApiError::validation("", "the body must be a JSON object"));
+        }
+        let canonical = serde_json::to_vec(&json).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let value = serde_path_to_error::deserialize(json).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let field = if path == "." { field_from_message(&inner).unwrap_or_default() } else { path };
+            ApiError::validation(&field, inner)
+        })?;
+        Ok(JsonBody { value, canonical })
+    }
+}
+
+/// serde reports unknown/missing fields at the root; pull the field name out of its message.
+fn field_from_message(msg: &str) -> Option<String> {
+    let start = msg.find('`')? + 1;
+    let end = start + msg[start..].find('`')?;
+    Some(msg[start..end].to_owned())
+}
+
+/// Digest identifying a request for `Idempotency-Key` (method, path, If-Match, canonical body).
+pub fn request_digest(method: &str, path: &str, if_match: Option<u32>, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(method.as_bytes());
+    h.update(b" ");
+    h.update(path.as_bytes());
+    h.update(b"\n");
+    h.update(if_match.map(|v| v.to_string()).unwrap_or_default().as_bytes());
+    h.update(b"\n");
+    h.update(body);
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_shape() {
+        assert!(is_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert!(!is_traceparent("00-xyz-00f067aa0ba902b7-01"));
+    }
+
+    #[test]
+    fn field_names_come_out_of_serde_messages() {
+        assert_eq!(field_from_message("unknown field `colour`, expected one of ..."), Some("colour".into()));
+    }
+}

@@ -1,0 +1,240 @@
+//! The event log port and its Kafka adapter. The writer appends whole batches atomically (one Kafka
+//! transaction) and, after a failure or at start, catches up by reading the log (read_committed).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use platform::codec::{self, DecodeError, EncodedEvent, EventEnvelope};
+use platform::position::Position;
+use platform::settings::KafkaSettings;
+
+/// Next offset to read per partition.
+pub type Offsets = HashMap<i32, i64>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("the event log is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<KafkaError> for LogError {
+    fn from(e: KafkaError) -> Self {
+        LogError::Unavailable(e.to_string())
+    }
+}
+
+/// Where the writer appends. One implementation talks to Kafka; tests use an in-memory one.
+pub trait EventLog: Send + 'static {
+    /// Makes the log writable (fences other writers) and returns immediately if it already is.
+    fn connect(&mut self) -> impl std::future::Future<Output = Result<(), LogError>> + Send;
+    /// Appends all records atomically; returns each record's position, in order. On error nothing
+    /// is known to be appended; the caller must `read_from` its last known offsets to find out.
+    fn append(&mut self, records: Vec<EncodedEvent>) -> impl std::future::Future<Output = Result<Vec<Position>, LogError>> + Send;
+    /// Reads every committed record from `from` to the end, calling `apply` for each, and returns
+    /// the offsets after the last one read.
+    fn read_from(
+        &mut self,
+        from: Offsets,
+        apply: Box<dyn FnMut(Position, Result<EventEnvelope, DecodeError>) + Send>,
+    ) -> impl std::future::Future<Output = Result<Offsets, LogError>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaLogSettings {
+    pub kafka: KafkaSettings,
+    pub transactional_id: String,
+    pub transaction_timeout: Duration,
+}
+
+pub struct KafkaLog {
+    settings: KafkaLogSettings,
+    producer: Option<FutureProducer>,
+}
+
+impl KafkaLog {
+    pub fn new(settings: KafkaLogSettings) -> Self {
+        Self { settings, producer: None }
+    }
+
+    fn op_timeout(&self) -> Duration {
+        self.settings.transaction_timeout / 2
+    }
+}
+
+impl EventLog for KafkaLog {
+    async fn connect(&mut self) -> Result<(), LogError> {
+        if self.producer.is_some() {
+            return Ok(());
+        }
+        platform::kafka::ensure_topics(&self.settings.kafka).await.map_err(|e| LogError::Unavailable(format!("{e:#}")))?;
+        let mut cfg = platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api");
+        let txn_ms = self.settings.transaction_timeout.as_millis().to_string();
+        cfg.set("transactional.id", &self.settings.transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("transaction.timeout.ms", &txn_ms)
+            .set("message.timeout.ms", &txn_ms)
+            .set("queue.buffering.max.messages", "200000");
+        let producer: FutureProducer = cfg.create()?;
+        let timeout = self.op_timeout();
+        let p = producer.clone();
+        // Fences any other instance with the same transactional.id and completes its open transaction.
+        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))??;
+        tracing::info!(transactional_id = %self.settings.transactional_id, "transactional producer ready");
+        self.producer = Some(producer);
+        Ok(())
+    }
+
+    async fn append(&mut self, records: Vec<EncodedEvent>) -> Result<Vec<Position>, LogError> {
+        let producer = self.producer.clone().ok_or_else(|| LogError::Unavailable("not connected".into()))?;
+        let topic = self.settings.kafka.task_events_topic.clone();
+        let timeout = self.op_timeout();
+        let result = tokio::task::spawn_blocking(move || append_in_transaction(&producer, &topic, records, timeout))
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))
+            .and_then(|r| r);
+        if result.is_err() {
+            // Whatever state the transaction is in, a new producer with the same transactional.id
+            // resolves it (init_transactions); the caller then reads the log to learn the outcome.
+            self.producer = None;
+        }
+        result
+    }
+
+    async fn read_from(
+        &mut self,
+        from: Offsets,
+        apply: Box<dyn FnMut(Position, Result<EventEnvelope, DecodeError>) + Send>,
+    ) -> Result<Offsets, LogError> {
+        let mut cfg = platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api-restore");
+        cfg.set("group.id", format!("{}-restore", self.settings.transactional_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("fetch.max.bytes", "52428800")
+            .set("auto.offset.reset", "earliest");
+        let consumer: BaseConsumer = cfg.create()?;
+        let topic = self.settings.kafka.task_events_topic.clone();
+        let timeout = self.op_timeout();
+        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, from, apply, timeout))
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))?
+    }
+}
+
+fn append_in_transaction(
+    producer: &FutureProducer,
+    topic: &str,
+    records: Vec<EncodedEvent>,
+    timeout: Duration,
+) -> Result<Vec<Position>, LogError> {
+    producer.begin_transaction()?;
+    let mut deliveries = Vec::with_capacity(records.len());
+    for r in records {
+        let EncodedEvent { key, payload, headers } = r;
+        let mut record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice()).headers(headers);
+        let deadline = Instant::now() + timeout;
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) if Instant::now() < deadline => {
+                    producer.poll(Duration::from_millis(5));
+                    record = back;
+                }
+                Err((e, _)) => {
+                    let _ = producer.abort_transaction(timeout);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    if let Err(e) = producer.commit_transaction(timeout) {
+        let _ = producer.abort_transaction(timeout);
+        return Err(e.into());
+    }
+    // Committed: every delivery has completed.
+    let positions = futures::executor::block_on(futures::future::join_all(deliveries));
+    positions
+        .into_iter()
+        .map(|d| match d {
+            Ok(Ok(d)) => Ok(Position { partition: d.partition, offset: d.offset }),
+            Ok(Err((e, _))) => Err(LogError::Unavailable(format!("delivery failed after commit: {e}"))),
+            Err(_) => Err(LogError::Unavailable("delivery report lost".into())),
+        })
+        .collect()
+}
+
+fn read_to_end(
+    consumer: &BaseConsumer,
+    topic: &str,
+    mut next: Offsets,
+    mut apply: Box<dyn FnMut(Position, Result<EventEnvelope, DecodeError>) + Send>,
+    timeout: Duration,
+) -> Result<Offsets, LogError> {
+    let partitions = platform::kafka::partitions(consumer, topic, timeout).map_err(|e| LogError::Unavailable(format!("{e:#}")))?;
+    let mut tpl = TopicPartitionList::new();
+    let mut pending = Vec::new();
+    for p in &partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
+        let from = *next.entry(*p).or_insert(0);
+        if from < high {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(from))?;
+            pending.push(*p);
+        }
+    }
+    if pending.is_empty() {
+        return Ok(next);
+    }
+    consumer.assign(&tpl)?;
+    let mut last_progress = Instant::now();
+    let mut count: u64 = 0;
+    let started = Instant::now();
+    while !pending.is_empty() {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                last_progress = Instant::now();
+                let pos = Position { partition: m.partition(), offset: m.offset() };
+                next.insert(pos.partition, pos.offset + 1);
+                apply(pos, codec::decode(m.key(), m.headers(), m.payload()));
+                count += 1;
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                pending.retain(|x| *x != p);
+                if let Ok(position) = consumer.position() {
+                    if let Some(Offset::Offset(o)) = position.find_partition(topic, p).map(|e| e.offset()) {
+                        next.insert(p, o.max(*next.get(&p).unwrap_or(&0)));
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error.message = %e, "error while reading the log");
+                if last_progress.elapsed() > timeout {
+                    return Err(e.into());
+                }
+            }
+            None if last_progress.elapsed() > timeout => {
+                return Err(LogError::Unavailable("timed out reading the log".into()));
+            }
+            None => {}
+        }
+    }
+    if count > 0 {
+        tracing::info!(events = count, elapsed_ms = started.elapsed().as_millis() as u64, "read the log");
+    }
+    Ok(next)
+}
+

@@ -1,0 +1,375 @@
+//! HTTP handlers: parse the request at the edge into a domain command, hand it to the writer,
+//! answer once its events are durable.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use domain::{
+    Command, CommandKind, Description, FieldError, NewTask, Priority, Recurrence, RemindBefore, Tags, TaskId, TaskPatch,
+    TimeZone, Title, ValidationError,
+};
+use platform::codec::IdempotencyTag;
+
+use crate::error::{ApiError, Problem};
+use crate::extract::{request_digest, AuthUser, CommandHeaders, JsonBody};
+use crate::idempotency::{Answer, Stored};
+use crate::writer::CommandMeta;
+use crate::AppState;
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityDto {
+    Low,
+    Medium,
+    High,
+    Urgent,
+}
+
+impl From<PriorityDto> for Priority {
+    fn from(p: PriorityDto) -> Self {
+        match p {
+            PriorityDto::Low => Priority::Low,
+            PriorityDto::Medium => Priority::Medium,
+            PriorityDto::High => Priority::High,
+            PriorityDto::Urgent => Priority::Urgent,
+        }
+    }
+}
+
+/// CreateTask.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTaskRequest {
+    /// Optional client-chosen id; generated (UUID v7) when absent.
+    pub task_id: Option<Uuid>,
+    /// 1..=200 characters.
+    pub title: Option<String>,
+    /// At most 10 000 characters.
+    pub description: Option<String>,
+    /// Default `medium`.
+    pub priority: Option<PriorityDto>,
+    /// RFC 3339 timestamp.
+    pub due_at: Option<DateTime<Utc>>,
+    /// IANA zone used for recurrence; default `UTC`.
+    pub timezone: Option<String>,
+    /// RFC 5545 RRULE such as `FREQ=WEEKLY;BYDAY=MO` (needs `due_at`).
+    pub recurrence: Option<String>,
+    /// ISO 8601 duration such as `PT30M` (needs `due_at`).
+    pub remind_before: Option<String>,
+    /// At most 20 tags of 1..=50 characters.
+    pub tags: Option<Vec<String>>,
+}
+
+/// UpdateTask: any subset of fields; `null` clears an optional field.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTaskRequest {
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub title: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<PriorityDto>)]
+    pub priority: Option<Option<PriorityDto>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    pub due_at: Option<Option<DateTime<Utc>>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub timezone: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub recurrence: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub remind_before: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub tags: Option<Option<Vec<String>>>,
+}
+
+fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(de: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(de).map(Some)
+}
+
+/// The answer to every task command.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CommandResponse {
+    pub task_id: Uuid,
+    /// The task's version after the command.
+    pub version: u32,
+    /// Opaque consistency token: send it as `X-Consistency-Token` to the query API.
+    pub position: String,
+}
+
+/// Collects field errors while parsing a request into domain values.
+#[derive(Default)]
+struct Fields(Vec<FieldError>);
+
+impl Fields {
+    fn parse<T>(&mut self, field: &str, r: Result<T, ValidationError>) -> Option<T> {
+        r.map_err(|e| self.0.push(FieldError::new(field, e.0))).ok()
+    }
+    fn refuse(&mut self, field: &str, msg: &str) {
+        self.0.push(FieldError::new(field, msg));
+    }
+    fn finish<T>(self, value: Option<T>) -> Result<T, ApiError> {
+        match value {
+            Some(v) if self.0.is_empty() => Ok(v),
+            _ => Err(ApiError::Validation(self.0)),
+        }
+    }
+}
+
+fn parse_create(req: CreateTaskRequest) -> Result<(Option<TaskId>, NewTask), ApiError> {
+    let mut f = Fields::default();
+    let title = match req.title {
+        Some(t) => f.parse("title", Title::parse(t)),
+        None => {
+            f.refuse("title", "is required");
+            None
+        }
+    };
+    let description = req.description.map(|d| f.parse("description", Description::parse(d)));
+    let timezone = req.timezone.map(|t| f.parse("timezone", TimeZone::parse(t)));
+    let recurrence = req.recurrence.map(|r| f.parse("recurrence", Recurrence::parse(r)));
+    let remind_before = req.remind_before.map(|r| f.parse("remind_before", RemindBefore::parse(r)));
+    let tags = req.tags.map(|t| f.parse("tags", Tags::parse(t)));
+    let task = title.map(|title| NewTask {
+        title,
+        description: description.flatten(),
+        priority: req.priority.map(Priority::from).unwrap_or_default(),
+        due_at: req.due_at,
+        timezone: timezone.flatten().unwrap_or_default(),
+        recurrence: recurrence.flatten(),
+        remind_before: remind_before.flatten(),
+        tags: tags.flatten().unwrap_or_default(),
+        recurrence_parent_id: None,
+        occurrence: None,
+    });
+    Ok((req.task_id.map(TaskId::from_uuid), f.finish(task)?))
+}
+
+fn parse_update(req: UpdateTaskRequest) -> Result<TaskPatch, ApiError> {
+    let mut f = Fields::default();
+    let required = |field: &str, v: Option<Option<String>>, f: &mut Fields| match v {
+        Some(None) => {
+            f.refuse(field, "cannot be cleared");
+            None
+        }
+        other => other.flatten(),
+    };
+    let title = required("title", req.title, &mut f).and_then(|t| f.parse("title", Title::parse(t)));
+    let timezone = required("timezone", req.timezone, &mut f).and_then(|t| f.parse("timezone", TimeZone::parse(t)));
+    let priority = match req.priority {
+        Some(None) => {
+            f.refuse("priority", "cannot be cleared");
+            None
+        }
+        p => p.flatten().map(Priority::from),
+    };
+    let description = req.description.map(|d| d.and_then(|d| f.parse("description", Description::parse(d))));
+    let recurrence = req.recurrence.map(|r| r.and_then(|r| f.parse("recurrence", Recurrence::parse(r))));
+    let remind_before = req.remind_before.map(|r| r.and_then(|r| f.parse("remind_before", RemindBefore::parse(r))));
+    let tags = req.tags.map(|t| f.parse("tags", Tags::parse(t.unwrap_or_default())).unwrap_or_default());
+    let patch = TaskPatch { title, description, priority, due_at: req.due_at, timezone, recurrence, remind_before, tags };
+    f.finish(Some(patch))
+}
+
+fn parse_task_id(raw: &str) -> Result<TaskId, ApiError> {
+    raw.parse().map_err(|_| ApiError::NotFound)
+}
+
+/// Hands a parsed command to the writer, honouring `Idempotency-Key`.
+async fn execute(
+    state: &AppState,
+    user: domain::UserId,
+    headers: CommandHeaders,
+    task_id: TaskId,
+    kind: CommandKind,
+    digest: String,
+) -> Result<Response, ApiError> {
+    let name = kind.name();
+    let request_id = Uuid::new_v4().to_string();
+    let meta = CommandMeta {
+        correlation_id: Some(headers.correlation_id.unwrap_or_else(|| request_id.clone())),
+        causation_id: Some(request_id),
+        traceparent: headers.traceparent,
+        idempotency: headers.idempotency_key.clone().map(|key| IdempotencyTag { key, request_digest: digest.clone() }),
+    };
+    let cmd = Command { task_id, user: user.clone(), expected_version: headers.if_match, kind };
+    let started = std::time::Instant::now();
+    let result = match headers.idempotency_key {
+        None => state.writer.submit(cmd, meta).await.map(|a| (a, false)).map_err(ApiError::from),
+        Some(key) => {
+            let init = async {
+                let answer = state.writer.submit(cmd, meta).await.map_err(ApiError::from)?;
+                Ok::<_, ApiError>(std::sync::Arc::new(Stored { request_digest: digest.clone(), answer }))
+            };
+            match state.idempotency.cache().entry((user, key)).or_try_insert_with(init).await {
+                Ok(entry) if entry.is_fresh() => Ok((entry.value().answer, false)),
+                Ok(entry) if entry.value().request_digest == digest => Ok((entry.value().answer, true)),
+                Ok(_) => Err(ApiError::IdempotencyKeyReused),
+                Err(e) => Err((*e).clone()),
+            }
+        }
+    };
+    let outcome = match &result {
+        Ok(_) => "accepted",
+        Err(e) if e.status_code().is_server_error() => "unavailable",
+        Err(_) => "rejected",
+    };
+    metrics::counter!("commands_total", "command" => name, "result" => outcome).increment(1);
+    metrics::histogram!("command_duration_seconds", "command" => name).record(started.elapsed().as_secs_f64());
+    let (answer, replayed) = result?;
+    Ok(respond(answer, replayed))
+}
+
+fn respond(a: Answer, replayed: bool) -> Response {
+    let status = if a.created { StatusCode::CREATED } else { StatusCode::OK };
+    let body = CommandResponse { task_id: *a.task_id.as_uuid(), version: a.version, position: a.position.token() };
+    let mut res = (status, axum::Json(body)).into_response();
+    let h = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", a.version)) {
+        h.insert(header::ETAG, v);
+    }
+    if a.created {
+        if let Ok(v) = HeaderValue::from_str(&format!("/v1/tasks/{}", a.task_id)) {
+            h.insert(header::LOCATION, v);
+        }
+    }
+    if replayed {
+        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    res
+}
+
+/// Create a task.
+#[utoipa::path(
+    post, path = "/v1/tasks", tag = "tasks",
+    request_body = CreateTaskRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
+        ("If-Match" = Option<String>, Header, description = "\"0\": only if the id is unused"),
+    ),
+    responses(
+        (status = 201, description = "Created; the event is durable in the log", body = CommandResponse),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 409, body = Problem),
+        (status = 412, body = Problem), (status = 413, body = Problem), (status = 415, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create_task(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    headers: CommandHeaders,
+    body: JsonBody<CreateTaskRequest>,
+) -> Result<Response, ApiError> {
+    let digest = request_digest("POST", "/v1/tasks", headers.if_match, &body.canonical);
+    let (task_id, task) = parse_create(body.value)?;
+    let task_id = task_id.unwrap_or_else(TaskId::new_v7);
+    execute(&state, user, headers, task_id, CommandKind::Create(task), digest).await
+}
+
+/// Update some fields of a task.
+#[utoipa::path(
+    patch, path = "/v1/tasks/{id}", tag = "tasks",
+    request_body = UpdateTaskRequest,
+    params(
+        ("id" = Uuid, Path, description = "Task id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
+        ("If-Match" = Option<String>, Header, description = "Only if the task is at this version, e.g. \"3\""),
+    ),
+    responses(
+        (status = 200, description = "Updated; the event is durable in the log", body = CommandResponse),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
+        (status = 409, body = Problem), (status = 412, body = Problem), (status = 413, body = Problem),
+        (status = 415, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn update_task(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    headers: CommandHeaders,
+    body: JsonBody<UpdateTaskRequest>,
+) -> Result<Response, ApiError> {
+    let task_id = parse_task_id(&id)?;
+    let digest = request_digest("PATCH", &format!("/v1/tasks/{task_id}"), headers.if_match, &body.canonical);
+    let patch = parse_update(body.value)?;
+    execute(&state, user, headers, task_id, CommandKind::Update(patch), digest).await
+}
+
+macro_rules! lifecycle_handler {
+    ($name:ident, $method:ident, $path:literal, $kind:expr, $doc:literal) => {
+        #[doc = $doc]
+        #[utoipa::path(
+            $method, path = $path, tag = "tasks",
+            params(
+                ("id" = Uuid, Path, description = "Task id"),
+                ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
+                ("If-Match" = Option<String>, Header, description = "Only if the task is at this version, e.g. \"3\""),
+            ),
+            responses(
+                (status = 200, description = "Done; the event is durable in the log", body = CommandResponse),
+                (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
+                (status = 409, body = Problem), (status = 412, body = Problem), (status = 503, body = Problem),
+            ),
+            security(("bearer" = []))
+        )]
+        pub async fn $name(
+            State(state): State<AppState>,
+            AuthUser(user): AuthUser,
+            Path(id): Path<String>,
+            headers: CommandHeaders,
+        ) -> Result<Response, ApiError> {
+            let task_id = parse_task_id(&id)?;
+            let path = $path.replace("{id}", &task_id.to_string());
+            let digest = request_digest(stringify!($method), &path, headers.if_match, b"");
+            execute(&state, user, headers, task_id, $kind, digest).await
+        }
+    };
+}
+
+lifecycle_handler!(complete_task, post, "/v1/tasks/{id}/complete", CommandKind::Complete, "Complete a task.");
+lifecycle_handler!(reopen_task, post, "/v1/tasks/{id}/reopen", CommandKind::Reopen, "Reopen a completed task.");
+lifecycle_handler!(delete_task, delete, "/v1/tasks/{id}", CommandKind::Delete, "Delete a task (its history is kept).");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_collects_every_field_error() {
+        let req: CreateTaskRequest = serde_json::from_value(serde_json::json!({
+            "title": "", "timezone": "Nowhere/City", "recurrence": "FREQ=NEVER", "remind_before": "P1M", "tags": [""]
+        }))
+        .unwrap();
+        let Err(ApiError::Validation(errs)) = parse_create(req) else { panic!("expected validation error") };
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, vec!["title", "timezone", "recurrence", "remind_before", "tags"]);
+    }
+
+    #[test]
+    fn update_refuses_clearing_required_fields_and_clears_optional_ones() {
+        let req: UpdateTaskRequest = serde_json::from_value(serde_json::json!({"title": null, "priority": null})).unwrap();
+        let Err(ApiError::Validation(errs)) = parse_update(req) else { panic!("expected validation error") };
+        assert_eq!(errs.len(), 2);
+        let req: UpdateTaskRequest =
+            serde_json::from_value(serde_json::json!({"description": null, "due_at": null, "tags": null})).unwrap();
+        let p = parse_update(req).unwrap();
+        assert_eq!(p.description, Some(None));
+        assert_eq!(p.due_at, Some(None));
+        assert_eq!(p.tags, Some(Tags::default()));
+        assert_eq!(p.title, None);
+    }
+}
