@@ -5,7 +5,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::settings::KafkaSettings;
@@ -43,7 +43,7 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
 }
 
 /// The partitions of a topic (blocking metadata call; run it off the async threads).
-pub fn partitions(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> anyhow::Result<Vec<i32>> {
+pub fn partitions<C: ConsumerContext, K: Consumer<C>>(consumer: &K, topic: &str, timeout: Duration) -> anyhow::Result<Vec<i32>> {
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
     let t = md.topics().iter().find(|t| t.name() == topic).ok_or_else(|| anyhow::anyhow!("topic {topic} not found"))?;
     if let Some(err) = t.error() {

@@ -1,0 +1,243 @@
+//! The read-model rows and how events change them. Pure: no IO, so batch folding is tested directly.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use domain::{RemindBefore, TaskEvent, TaskId};
+use platform::codec::EventEnvelope;
+use platform::position::Position;
+
+/// One row of the `tasks` read model.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TaskRow {
+    pub id: Uuid,
+    pub user_id: String,
+    pub title: String,
+    pub description: Option<String>,
+    pub status: String,
+    pub priority: i16,
+    pub due_at: Option<DateTime<Utc>>,
+    pub timezone: String,
+    pub recurrence: Option<String>,
+    pub remind_before: Option<String>,
+    pub remind_at: Option<DateTime<Utc>>,
+    pub tags: Vec<String>,
+    pub version: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub recurrence_parent_id: Option<Uuid>,
+    pub occurrence: Option<i32>,
+}
+
+impl TaskRow {
+    fn recompute_remind_at(&mut self) {
+        self.remind_at = match (&self.due_at, &self.remind_before) {
+            (Some(due), Some(rb)) => RemindBefore::parse(rb.clone()).ok().map(|r| r.remind_at(*due)),
+            _ => None,
+        };
+    }
+}
+
+/// A decoded record with its place in the log.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub position: Position,
+    pub envelope: EventEnvelope,
+}
+
+/// What happens to a task row when an event is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowState {
+    Present(TaskRow),
+    Removed,
+}
+
+/// Applies one event to the current row (if any). Events at or below the row's version were
+/// already applied and are ignored (this makes applying a batch idempotent).
+pub fn apply(row: Option<RowState>, env: &EventEnvelope) -> Option<RowState> {
+    let version = i32::try_from(env.sequence).unwrap_or(i32::MAX);
+    if let Some(RowState::Present(r)) = &row {
+        if version <= r.version {
+            return row;
+        }
+    }
+    let at = env.occurred_at;
+    match (row, &env.event) {
+        (None, TaskEvent::Created(t)) => {
+            let mut r = TaskRow {
+                id: *env.task_id.as_uuid(),
+                user_id: env.user_id.to_string(),
+                title: t.title.to_string(),
+                description: t.description.as_ref().map(|d| d.to_string()),
+                status: "open".into(),
+                priority: t.priority.rank(),
+                due_at: t.due_at,
+                timezone: t.timezone.name().to_owned(),
+                recurrence: t.recurrence.as_ref().map(|r| r.to_string()),
+                remind_before: t.remind_before.as_ref().map(|r| r.as_ref().to_owned()),
+                remind_at: None,
+                tags: t.tags.to_strings(),
+                version,
+                created_at: at,
+                updated_at: at,
+                completed_at: None,
+                recurrence_parent_id: t.recurrence_parent_id.map(|p| *p.as_uuid()),
+                occurrence: t.occurrence.and_then(|o| i32::try_from(o).ok()),
+            };
+            r.recompute_remind_at();
+            Some(RowState::Present(r))
+        }
+        (Some(RowState::Present(mut r)), event) => {
+            r.version = version;
+            r.updated_at = at;
+            match event {
+                TaskEvent::Created(_) => {}
+                TaskEvent::Updated(p) => {
+                    if let Some(t) = &p.title {
+                        r.title = t.to_string();
+                    }
+                    if let Some(d) = &p.description {
+                        r.description = d.as_ref().map(|d| d.to_string());
+                    }
+                    if let Some(pr) = p.priority {
+                        r.priority = pr.rank();
+                    }
+                    if let Some(d) = p.due_at {
+                        r.due_at = d;
+                    }
+                    if let Some(tz) = p.timezone {
+                        r.timezone = tz.name().to_owned();
+                    }
+                    if let Some(rec) = &p.recurrence {
+                        r.recurrence = rec.as_ref().map(|x| x.to_string());
+                    }
+                    if let Some(rb) = &p.remind_before {
+                        r.remind_before = rb.as_ref().map(|x| x.as_ref().to_owned());
+                    }
+                    if let Some(tags) = &p.tags {
+                        r.tags = tags.to_strings();
+                    }
+                    r.recompute_remind_at();
+                }
+                TaskEvent::Completed => {
+                    r.status = "completed".into();
+                    r.completed_at = Some(at);
+                }
+                TaskEvent::Reopened => {
+                    r.status = "open".into();
+                    r.completed_at = None;
+                }
+                TaskEvent::Deleted => return Some(RowState::Removed),
+            }
+            Some(RowState::Present(r))
+        }
+        // An event for a task whose row is gone or never existed: nothing to show for it.
+        (other, _) => other,
+    }
+}
+
+/// Folds a batch (in log order) over the rows loaded for its tasks; returns the final state of
+/// every task the batch touched.
+pub fn fold(loaded: HashMap<TaskId, TaskRow>, batch: &[Recorded]) -> HashMap<TaskId, Option<RowState>> {
+    let mut rows: HashMap<TaskId, Option<RowState>> = loaded.into_iter().map(|(k, v)| (k, Some(RowState::Present(v)))).collect();
+    for rec in batch {
+        let slot = rows.entry(rec.envelope.task_id).or_insert(None);
+        *slot = apply(slot.take(), &rec.envelope);
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use domain::{NewTask, Priority, TaskPatch, Title, UserId};
+    use proptest::prelude::*;
+
+    fn env(task: u128, seq: u32, event: TaskEvent) -> Recorded {
+        Recorded {
+            position: Position { partition: 0, offset: i64::from(seq) },
+            envelope: EventEnvelope {
+                event_id: Uuid::from_u128(task * 1000 + u128::from(seq)),
+                task_id: TaskId::from_uuid(Uuid::from_u128(task)),
+                user_id: UserId::parse("alice".into()).unwrap(),
+                sequence: seq,
+                occurred_at: DateTime::from_timestamp(1_700_000_000 + i64::from(seq), 0).unwrap(),
+                correlation_id: None,
+                causation_id: None,
+                traceparent: None,
+                idempotency: None,
+                event,
+            },
+        }
+    }
+
+    fn created() -> TaskEvent {
+        let mut t = NewTask::new(Title::parse("t".into()).unwrap());
+        t.due_at = DateTime::from_timestamp(1_800_000_000, 0);
+        t.remind_before = Some(RemindBefore::parse("PT1H".into()).unwrap());
+        TaskEvent::Created(t)
+    }
+
+    #[test]
+    fn lifecycle_gives_the_expected_row() {
+        let batch = vec![
+            env(1, 1, created()),
+            env(1, 2, TaskEvent::Updated(TaskPatch { priority: Some(Priority::Urgent), ..Default::default() })),
+            env(1, 3, TaskEvent::Completed),
+        ];
+        let rows = fold(HashMap::new(), &batch);
+        let Some(Some(RowState::Present(r))) = rows.get(&TaskId::from_uuid(Uuid::from_u128(1))) else { panic!() };
+        assert_eq!((r.version, r.status.as_str(), r.priority), (3, "completed", 3));
+        assert_eq!(r.remind_at, DateTime::from_timestamp(1_800_000_000 - 3600, 0));
+        assert_eq!(r.completed_at, Some(batch[2].envelope.occurred_at));
+        let rows = fold(HashMap::new(), &[batch[0].clone(), env(1, 2, TaskEvent::Deleted)]);
+        assert_eq!(rows[&TaskId::from_uuid(Uuid::from_u128(1))], Some(RowState::Removed));
+    }
+
+    fn any_history() -> impl Strategy<Value = Vec<Recorded>> {
+        // Several tasks, each a valid sequence of events, interleaved.
+        proptest::collection::vec((0u128..4, proptest::collection::vec(0u8..4, 0..8)), 1..5).prop_map(|tasks| {
+            let mut out = Vec::new();
+            for (i, (_, steps)) in tasks.iter().enumerate() {
+                let id = i as u128 + 1;
+                let mut seq = 1;
+                out.push(env(id, seq, created()));
+                let mut done = false;
+                for s in steps {
+                    seq += 1;
+                    let e = match (s, done) {
+                        (0, false) => { done = true; TaskEvent::Completed }
+                        (0, true) | (1, true) => { done = false; TaskEvent::Reopened }
+                        _ => TaskEvent::Updated(TaskPatch { title: Some(Title::parse(format!("v{seq}")).unwrap()), ..Default::default() }),
+                    };
+                    out.push(env(id, seq, e));
+                }
+            }
+            out
+        })
+    }
+
+    fn materialise(rows: HashMap<TaskId, Option<RowState>>) -> HashMap<TaskId, TaskRow> {
+        rows.into_iter().filter_map(|(k, v)| match v { Some(RowState::Present(r)) => Some((k, r)), _ => None }).collect()
+    }
+
+    proptest! {
+        /// Splitting the log into batches of any size, or redelivering part of it, yields the same
+        /// read model as applying it once in one batch.
+        #[test]
+        fn batches_and_duplicates_give_the_same_rows(history in any_history(), split in 1usize..7, dup in 0usize..5) {
+            let once = materialise(fold(HashMap::new(), &history));
+            let mut state: HashMap<TaskId, TaskRow> = HashMap::new();
+            for chunk in history.chunks(split) {
+                // redeliver the tail of the previous chunk too
+                state = materialise(fold(state, chunk));
+                let again: Vec<Recorded> = chunk.iter().take(dup).cloned().collect();
+                state = materialise(fold(state, &again));
+            }
+            prop_assert_eq!(state, once);
+        }
+    }
+}
