@@ -1,1 +1,315 @@
+//! Harness for the end-to-end tests: starts the three real binaries against the real Kafka broker
+//! (`KAFKA_BROKERS`) and PostgreSQL (`DATABASE_URL`) that `./dev test` provisions. Every stack gets
+//! its own database, topic, transactional id and ports, so tests run in parallel without sharing
+//! state.
 
+pub mod kafka;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub const JWT_SECRET: &str = "e2e-test-secret";
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn env_required(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set: run the end-to-end tests with ./dev test"))
+}
+
+/// Where the service binaries are (`TASKSTREAM_BIN_DIR`, or the target dir this test runs from).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("TASKSTREAM_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(|deps| deps.parent()).map(PathBuf::from).expect("target dir")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Svc {
+    CommandApi,
+    Projector,
+    QueryApi,
+}
+
+impl Svc {
+    fn binary(self) -> &'static str {
+        match self {
+            Svc::CommandApi => "command-api",
+            Svc::Projector => "projector",
+            Svc::QueryApi => "query-api",
+        }
+    }
+}
+
+pub struct StackOptions {
+    pub kafka_brokers: Option<String>,
+    pub partitions: i32,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self { kafka_brokers: None, partitions: 4, extra_env: Vec::new() }
+    }
+}
+
+/// Three running services plus their private database and topic.
+pub struct Stack {
+    pub topic: String,
+    pub database_url: String,
+    admin_url: String,
+    db_name: String,
+    env: Vec<(String, String)>,
+    ports: HashMap<Svc, u16>,
+    children: HashMap<Svc, Child>,
+    pub http: reqwest::Client,
+    auth: platform::auth::JwtAuth,
+}
+
+impl Stack {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(opts: StackOptions) -> anyhow::Result<Self> {
+        let admin_url = env_required("DATABASE_URL")?;
+        let brokers = match opts.kafka_brokers {
+            Some(b) => b,
+            None => env_required("KAFKA_BROKERS")?,
+        };
+        let id = Uuid::new_v4().simple().to_string();
+        let db_name = format!("ts_e2e_{}", &id[..12]);
+        let mut conn = sqlx_connect(&admin_url).await?;
+        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut conn).await?;
+        let database_url = replace_db(&admin_url, &db_name)?;
+        let topic = format!("task-events-e2e-{}", &id[..12]);
+        let mut ports = HashMap::new();
+        for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
+            ports.insert(s, free_port());
+        }
+        let mut env = vec![
+            ("KAFKA_BROKERS".to_owned(), brokers),
+            ("DATABASE_URL".to_owned(), database_url.clone()),
+            ("AUTH_JWT_SECRET".to_owned(), JWT_SECRET.to_owned()),
+            ("TASK_EVENTS_TOPIC".to_owned(), topic.clone()),
+            ("TASK_EVENTS_PARTITIONS".to_owned(), opts.partitions.to_string()),
+            ("KAFKA_TRANSACTIONAL_ID".to_owned(), format!("e2e-{id}")),
+            ("COMMAND_API_ADDR".to_owned(), format!("127.0.0.1:{}", ports[&Svc::CommandApi])),
+            ("PROJECTOR_ADDR".to_owned(), format!("127.0.0.1:{}", ports[&Svc::Projector])),
+            ("QUERY_API_ADDR".to_owned(), format!("127.0.0.1:{}", ports[&Svc::QueryApi])),
+            ("RUST_LOG".to_owned(), std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into())),
+            ("LOG_FORMAT".to_owned(), "pretty".to_owned()),
+        ];
+        env.extend(opts.extra_env);
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let auth = platform::auth::JwtAuth::new(&platform::secret::Secret::new(JWT_SECRET));
+        let mut stack = Stack { topic, database_url, admin_url, db_name, env, ports, children: HashMap::new(), http, auth };
+        for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
+            stack.spawn(s)?;
+        }
+        for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
+            stack.wait_ready(s).await?;
+        }
+        Ok(stack)
+    }
+
+    pub fn url(&self, svc: Svc, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.ports[&svc], path)
+    }
+
+    pub fn spawn(&mut self, svc: Svc) -> anyhow::Result<()> {
+        let path = bin_dir().join(svc.binary());
+        let quiet = std::env::var("TEST_LOG").is_err();
+        let child = Command::new(&path)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(if quiet { Stdio::null() } else { Stdio::inherit() })
+            .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} (build it first: cargo build --bins)", path.display()))?;
+        self.children.insert(svc, child);
+        Ok(())
+    }
+
+    pub async fn wait_ready(&mut self, svc: Svc) -> anyhow::Result<()> {
+        let url = self.url(svc, "/readyz");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(child) = self.children.get_mut(&svc) {
+                if let Some(status) = child.try_wait()? {
+                    bail!("{} exited with {status} before it was ready", svc.binary());
+                }
+            }
+            if let Ok(r) = self.http.get(&url).timeout(Duration::from_secs(2)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} not ready after 90 s", svc.binary());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub async fn kill(&mut self, svc: Svc) -> anyhow::Result<()> {
+        if let Some(mut c) = self.children.remove(&svc) {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub async fn stop(&mut self, svc: Svc) -> anyhow::Result<()> {
+        if let Some(mut c) = self.children.remove(&svc) {
+            if let Some(pid) = c.id() {
+                unsafe_kill(pid, "TERM");
+            }
+            tokio::time::timeout(Duration::from_secs(20), c.wait()).await.context("graceful stop timed out")??;
+        }
+        Ok(())
+    }
+
+    pub async fn restart(&mut self, svc: Svc) -> anyhow::Result<()> {
+        self.spawn(svc)?;
+        self.wait_ready(svc).await
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.auth.issue(user, 3600)
+    }
+
+    /// Sends a command; returns (status, headers, body).
+    pub async fn command(
+        &self,
+        user: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
+        let mut req = self.http.request(method, self.url(Svc::CommandApi, path)).bearer_auth(self.token(user));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let text = res.text().await?;
+        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Ok((status, headers, body))
+    }
+
+    pub async fn create(&self, user: &str, body: Value) -> anyhow::Result<Value> {
+        let (s, _, b) = self.command(user, reqwest::Method::POST, "/v1/tasks", Some(body), &[]).await?;
+        if s != 201 {
+            bail!("create answered {s}: {b}");
+        }
+        Ok(b)
+    }
+
+    /// Runs a GraphQL query; with `token`, as of that consistency position.
+    pub async fn graphql(&self, user: &str, query: &str, variables: Value, consistency: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .post(self.url(Svc::QueryApi, "/graphql"))
+            .bearer_auth(self.token(user))
+            .json(&json!({ "query": query, "variables": variables }));
+        if let Some(t) = consistency {
+            req = req.header("X-Consistency-Token", t);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// A GraphQL query that must succeed without errors; returns `data`.
+    pub async fn query(&self, user: &str, query: &str, variables: Value, consistency: Option<&str>) -> anyhow::Result<Value> {
+        let (status, body) = self.graphql(user, query, variables, consistency).await?;
+        if status != 200 || body.get("errors").is_some_and(|e| !e.is_null()) {
+            bail!("GraphQL answered {status}: {body}");
+        }
+        Ok(body["data"].clone())
+    }
+
+    /// A connection to this stack's own database.
+    pub async fn db(&self) -> anyhow::Result<sqlx::PgConnection> {
+        sqlx_connect(&self.database_url).await
+    }
+
+    /// Stops everything and drops the database.
+    pub async fn cleanup(mut self) -> anyhow::Result<()> {
+        for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
+            self.kill(s).await?;
+        }
+        let mut conn = sqlx_connect(&self.admin_url).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)).execute(&mut conn).await?;
+        Ok(())
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
+
+async fn sqlx_connect(url: &str) -> anyhow::Result<sqlx::PgConnection> {
+    use sqlx::Connection;
+    Ok(sqlx::PgConnection::connect(url).await?)
+}
+
+fn replace_db(url: &str, db: &str) -> anyhow::Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").context("DATABASE_URL has no scheme")? + 3;
+    let path_start = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..path_start], db);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_name_is_replaced() {
+        assert_eq!(super::replace_db("postgres://u@h:1/db?x=1", "n").unwrap(), "postgres://u@h:1/n?x=1");
+        assert_eq!(super::replace_db("postgres://u@h:1", "n").unwrap(), "postgres://u@h:1/n");
+    }
+}
