@@ -8,6 +8,7 @@ pub mod db;
 pub mod http;
 pub mod kafka;
 pub mod position;
+pub mod projections;
 pub mod secret;
 pub mod settings;
 pub mod telemetry;

@@ -12,11 +12,7 @@ use domain::TaskId;
 
 use crate::model::{Recorded, RowState, TaskRow};
 
-/// The projections this projector maintains (each keeps its own offsets).
-pub const PROJECTIONS: [&str; 2] = ["tasks", "task_history"];
-
-/// The NOTIFY channel on which committed progress is announced (to the query API).
-pub const PROGRESS_CHANNEL: &str = "projection_progress";
+pub use platform::projections::{PROGRESS_CHANNEL, PROJECTIONS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -1,1 +1,8 @@
-fn main() {}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = query_api::Settings::parse();
+    platform::telemetry::init("query-api");
+    query_api::Application::build(settings).await?.run_until_stopped().await
+}
