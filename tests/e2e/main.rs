@@ -369,12 +369,14 @@ async fn kafka_down_gives_503_and_the_service_recovers() -> anyhow::Result<()> {
     let created = stack.create("alice", json!({"title": "before the outage"})).await?;
     let id = id_of(&created);
     let path = format!("/v1/tasks/{id}");
+    let t = stack.query("alice", TASK, json!({"id": id}), Some(&pos(&created))).await?;
+    assert_eq!(t["task"]["version"], 1);
     broker.kill().await?;
     let (s, h, problem) = stack.command("alice", Method::PATCH, &path, Some(json!({"title": "during"})), &[]).await?;
     assert_eq!(s, 503, "{problem}");
     assert!(h.get("retry-after").is_some());
     assert_eq!(problem["status"], 503);
-    // Reads keep working from PostgreSQL.
+    // Reads keep working from PostgreSQL (and the refused command is not there).
     let t = stack.query("alice", TASK, json!({"id": id}), None).await?;
     assert_eq!(t["task"]["version"], 1);
     broker.resume().await?;
