@@ -3,6 +3,7 @@
 
 pub mod decider;
 pub mod events;
+pub mod recurrence;
 pub mod values;
 
 pub use decider::{decide, evolve, Command, CommandKind, DomainError, LiveTask, TaskState, TaskStatus};
