@@ -100,7 +100,11 @@ impl From<DomainError> for ApiError {
             DomainError::NotFound => ApiError::NotFound,
             DomainError::VersionMismatch { expected, actual } => ApiError::PreconditionFailed { expected, actual },
             DomainError::Invalid(errors) => ApiError::Validation(errors),
-            e @ (DomainError::AlreadyExists | DomainError::Deleted | DomainError::AlreadyCompleted | DomainError::NotCompleted) => {
+            e @ (DomainError::AlreadyExists
+            | DomainError::Deleted
+            | DomainError::AlreadyCompleted
+            | DomainError::NotCompleted
+            | DomainError::NoReminderDue) => {
                 ApiError::Conflict(e.to_string())
             }
         }

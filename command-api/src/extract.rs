@@ -11,8 +11,14 @@ use platform::auth::JwtAuth;
 
 use crate::error::ApiError;
 
-/// The authenticated caller (`Authorization: Bearer <JWT>`).
-pub struct AuthUser(pub UserId);
+/// The authenticated caller (`Authorization: Bearer <JWT>`): a user, or a service acting for one.
+pub struct AuthUser(pub UserId, pub Option<String>);
+
+impl AuthUser {
+    pub fn is_service(&self) -> bool {
+        self.1.is_some()
+    }
+}
 
 impl<S> FromRequestParts<S> for AuthUser
 where
@@ -24,7 +30,8 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let auth = JwtAuth::from_ref(state);
         let header = parts.headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
-        Ok(AuthUser(auth.authenticate(header)?))
+        let caller = auth.authenticate_caller(header)?;
+        Ok(AuthUser(caller.user, caller.service))
     }
 }
 
@@ -34,6 +41,8 @@ pub struct CommandHeaders {
     pub if_match: Option<u32>,
     pub idempotency_key: Option<String>,
     pub correlation_id: Option<String>,
+    /// `X-Causation-Id` (honoured for service callers: the event that caused a reaction).
+    pub causation_id: Option<String>,
     pub traceparent: Option<String>,
 }
 
@@ -80,9 +89,10 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
                 }
             })
             .transpose()?;
+        let causation_id = header_str(h, "x-causation-id")?.filter(|c| visible_ascii(c, 128)).map(str::to_owned);
         // W3C trace context: version-traceid-parentid-flags; an invalid one is ignored, as the spec says.
         let traceparent = header_str(h, "traceparent")?.filter(|t| is_traceparent(t)).map(str::to_owned);
-        Ok(Self { if_match, idempotency_key, correlation_id, traceparent })
+        Ok(Self { if_match, idempotency_key, correlation_id, causation_id, traceparent })
     }
 }
 

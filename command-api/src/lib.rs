@@ -44,6 +44,10 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     #[command(flatten)]
     pub auth: AuthSettings,
+    /// Secret of the service identity (the projector's reactions); users never see it. Without it,
+    /// service calls are refused.
+    #[arg(long, env = "SERVICE_JWT_SECRET")]
+    pub service_jwt_secret: Option<platform::secret::Secret>,
     /// Kafka transactional.id of the single writer. A second instance with the same id fences the
     /// first (the first then answers 503 until it is stopped).
     #[arg(long, env = "KAFKA_TRANSACTIONAL_ID", default_value = "taskstream-command-api")]
@@ -114,6 +118,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .routes(routes!(routes::complete_task))
         .routes(routes!(routes::reopen_task))
         .split_for_parts();
+    let api = api.route("/internal/v1/tasks/{id}/remind", axum::routing::post(routes::fire_reminder));
     let openapi = std::sync::Arc::new(openapi);
     api.route("/v1/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
         .route("/healthz", get(platform::http::healthz))
@@ -150,7 +155,11 @@ impl Application {
             settings.idempotency_max_entries,
             Duration::from_secs(settings.idempotency_ttl_seconds),
         );
-        let state = AppState::new(log, JwtAuth::new(&settings.auth.auth_jwt_secret), settings.max_batch, idempotency);
+        if settings.service_jwt_secret.is_none() {
+            tracing::warn!("SERVICE_JWT_SECRET is not set: the projector's reactions will be refused");
+        }
+        let auth = JwtAuth::new(&settings.auth.auth_jwt_secret).with_service_secret(settings.service_jwt_secret.as_ref());
+        let state = AppState::new(log, auth, settings.max_batch, idempotency);
         let listener = tokio::net::TcpListener::bind(settings.addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "command API listening");
         Ok(Self { listener, router: router(state, Duration::from_millis(settings.request_timeout_ms)) })

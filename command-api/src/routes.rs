@@ -63,6 +63,17 @@ pub struct CreateTaskRequest {
     pub remind_before: Option<String>,
     /// At most 20 tags of 1..=50 characters.
     pub tags: Option<Vec<String>>,
+    /// Set by the service identity only, when it creates the next occurrence of a series.
+    pub recurrence_parent_id: Option<Uuid>,
+    /// Set by the service identity only: the number of this occurrence in its series.
+    pub occurrence: Option<u32>,
+}
+
+/// FireReminder (service identity only).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FireReminderRequest {
+    pub remind_at: DateTime<Utc>,
 }
 
 /// UpdateTask: any subset of fields; `null` clears an optional field.
@@ -128,8 +139,16 @@ impl Fields {
     }
 }
 
-fn parse_create(req: CreateTaskRequest) -> Result<(Option<TaskId>, NewTask), ApiError> {
+fn parse_create(req: CreateTaskRequest, service: bool) -> Result<(Option<TaskId>, NewTask), ApiError> {
     let mut f = Fields::default();
+    if !service {
+        if req.recurrence_parent_id.is_some() {
+            f.refuse("recurrence_parent_id", "is set by taskstream when it creates the next occurrence of a series");
+        }
+        if req.occurrence.is_some() {
+            f.refuse("occurrence", "is set by taskstream when it creates the next occurrence of a series");
+        }
+    }
     let title = match req.title {
         Some(t) => f.parse("title", Title::parse(t)),
         None => {
@@ -151,8 +170,8 @@ fn parse_create(req: CreateTaskRequest) -> Result<(Option<TaskId>, NewTask), Api
         recurrence: recurrence.flatten(),
         remind_before: remind_before.flatten(),
         tags: tags.flatten().unwrap_or_default(),
-        recurrence_parent_id: None,
-        occurrence: None,
+        recurrence_parent_id: req.recurrence_parent_id.map(TaskId::from_uuid),
+        occurrence: req.occurrence,
     });
     Ok((req.task_id.map(TaskId::from_uuid), f.finish(task)?))
 }
@@ -190,7 +209,7 @@ fn parse_task_id(raw: &str) -> Result<TaskId, ApiError> {
 /// Hands a parsed command to the writer, honouring `Idempotency-Key`.
 async fn execute(
     state: &AppState,
-    user: domain::UserId,
+    caller: AuthUser,
     headers: CommandHeaders,
     task_id: TaskId,
     kind: CommandKind,
@@ -198,9 +217,11 @@ async fn execute(
 ) -> Result<Response, ApiError> {
     let name = kind.name();
     let request_id = Uuid::new_v4().to_string();
+    let causation_id = headers.causation_id.filter(|_| caller.is_service()).unwrap_or_else(|| request_id.clone());
+    let user = caller.0;
     let meta = CommandMeta {
         correlation_id: Some(headers.correlation_id.unwrap_or_else(|| request_id.clone())),
-        causation_id: Some(request_id),
+        causation_id: Some(causation_id),
         traceparent: headers.traceparent,
         idempotency: headers.idempotency_key.clone().map(|key| IdempotencyTag { key, request_digest: digest.clone() }),
     };
@@ -269,14 +290,32 @@ fn respond(a: Answer, replayed: bool) -> Response {
 )]
 pub async fn create_task(
     State(state): State<AppState>,
-    AuthUser(user): AuthUser,
+    caller: AuthUser,
     headers: CommandHeaders,
     body: JsonBody<CreateTaskRequest>,
 ) -> Result<Response, ApiError> {
     let digest = request_digest("POST", "/v1/tasks", headers.if_match, &body.canonical);
-    let (task_id, task) = parse_create(body.value)?;
+    let (task_id, task) = parse_create(body.value, caller.is_service())?;
     let task_id = task_id.unwrap_or_else(TaskId::new_v7);
-    execute(&state, user, headers, task_id, CommandKind::Create(task), digest).await
+    execute(&state, caller, headers, task_id, CommandKind::Create(task), digest).await
+}
+
+/// Fire the reminder due at `remind_at` (internal: the projector's scheduler, with the service
+/// identity; to users this path does not exist).
+pub async fn fire_reminder(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+    headers: CommandHeaders,
+    body: JsonBody<FireReminderRequest>,
+) -> Result<Response, ApiError> {
+    if !caller.is_service() {
+        return Err(ApiError::NotFound);
+    }
+    let task_id = parse_task_id(&id)?;
+    let digest = request_digest("POST", &format!("/internal/v1/tasks/{task_id}/remind"), headers.if_match, &body.canonical);
+    let kind = CommandKind::FireReminder { remind_at: body.value.remind_at };
+    execute(&state, caller, headers, task_id, kind, digest).await
 }
 
 /// Update some fields of a task.
@@ -298,7 +337,7 @@ pub async fn create_task(
 )]
 pub async fn update_task(
     State(state): State<AppState>,
-    AuthUser(user): AuthUser,
+    caller: AuthUser,
     Path(id): Path<String>,
     headers: CommandHeaders,
     body: JsonBody<UpdateTaskRequest>,
@@ -306,7 +345,7 @@ pub async fn update_task(
     let task_id = parse_task_id(&id)?;
     let digest = request_digest("PATCH", &format!("/v1/tasks/{task_id}"), headers.if_match, &body.canonical);
     let patch = parse_update(body.value)?;
-    execute(&state, user, headers, task_id, CommandKind::Update(patch), digest).await
+    execute(&state, caller, headers, task_id, CommandKind::Update(patch), digest).await
 }
 
 macro_rules! lifecycle_handler {
@@ -328,14 +367,14 @@ macro_rules! lifecycle_handler {
         )]
         pub async fn $name(
             State(state): State<AppState>,
-            AuthUser(user): AuthUser,
+            caller: AuthUser,
             Path(id): Path<String>,
             headers: CommandHeaders,
         ) -> Result<Response, ApiError> {
             let task_id = parse_task_id(&id)?;
             let path = $path.replace("{id}", &task_id.to_string());
             let digest = request_digest(stringify!($method), &path, headers.if_match, b"");
-            execute(&state, user, headers, task_id, $kind, digest).await
+            execute(&state, caller, headers, task_id, $kind, digest).await
         }
     };
 }
@@ -354,9 +393,20 @@ mod tests {
             "title": "", "timezone": "Nowhere/City", "recurrence": "FREQ=NEVER", "remind_before": "P1M", "tags": [""]
         }))
         .unwrap();
-        let Err(ApiError::Validation(errs)) = parse_create(req) else { panic!("expected validation error") };
+        let Err(ApiError::Validation(errs)) = parse_create(req, false) else { panic!("expected validation error") };
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, vec!["title", "timezone", "recurrence", "remind_before", "tags"]);
+    }
+
+    #[test]
+    fn only_the_service_sets_series_fields() {
+        let body = serde_json::json!({"title": "t", "recurrence_parent_id": Uuid::nil(), "occurrence": 2});
+        let req: CreateTaskRequest = serde_json::from_value(body.clone()).unwrap();
+        let Err(ApiError::Validation(errs)) = parse_create(req, false) else { panic!("expected validation error") };
+        assert_eq!(errs.len(), 2);
+        let req: CreateTaskRequest = serde_json::from_value(body).unwrap();
+        let (_, t) = parse_create(req, true).unwrap();
+        assert_eq!(t.occurrence, Some(2));
     }
 
     #[test]

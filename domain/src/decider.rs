@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::events::{NewTask, TaskEvent, TaskPatch};
+use crate::events::{NewTask, ReminderDue, TaskEvent, TaskPatch};
 use crate::values::{FieldError, RemindBefore, TaskId, UserId};
 
 /// An intent, already parsed at the edge.
@@ -22,6 +22,8 @@ pub enum CommandKind {
     Complete,
     Reopen,
     Delete,
+    /// Fire the reminder scheduled for `remind_at` (sent by the projector's scheduler).
+    FireReminder { remind_at: DateTime<Utc> },
 }
 
 impl CommandKind {
@@ -32,6 +34,7 @@ impl CommandKind {
             CommandKind::Complete => "CompleteTask",
             CommandKind::Reopen => "ReopenTask",
             CommandKind::Delete => "DeleteTask",
+            CommandKind::FireReminder { .. } => "FireReminder",
         }
     }
 }
@@ -51,6 +54,15 @@ pub struct LiveTask {
     pub due_at: Option<DateTime<Utc>>,
     pub remind_before: Option<RemindBefore>,
     pub has_recurrence: bool,
+    /// The remind time whose reminder already fired, if any.
+    pub reminded_for: Option<DateTime<Utc>>,
+}
+
+impl LiveTask {
+    /// When the reminder of the current schedule fires (`due_at - remind_before`).
+    pub fn remind_at(&self) -> Option<DateTime<Utc>> {
+        Some(self.remind_before.as_ref()?.remind_at(self.due_at?))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -91,6 +103,8 @@ pub enum DomainError {
     AlreadyCompleted,
     #[error("the task is not completed")]
     NotCompleted,
+    #[error("no reminder is due for this task at that time (rescheduled, cancelled or already fired)")]
+    NoReminderDue,
     #[error("the task is at version {actual}, not {expected}")]
     VersionMismatch { expected: u32, actual: u32 },
     #[error("validation failed")]
@@ -143,6 +157,16 @@ pub fn decide(cmd: &Command, state: &TaskState) -> Result<Vec<TaskEvent>, Domain
             TaskStatus::Open => Err(DomainError::NotCompleted),
         },
         CommandKind::Delete => Ok(vec![TaskEvent::Deleted]),
+        CommandKind::FireReminder { remind_at } => {
+            // At most once per (task, remind time), and only for the current schedule of an open task.
+            let current = live.remind_at();
+            match (live.status, current, live.due_at) {
+                (TaskStatus::Open, Some(at), Some(due_at)) if at == *remind_at && live.reminded_for != Some(at) => {
+                    Ok(vec![TaskEvent::ReminderDue(ReminderDue { remind_at: at, due_at })])
+                }
+                _ => Err(DomainError::NoReminderDue),
+            }
+        }
     }
 }
 
@@ -169,6 +193,7 @@ pub fn evolve(state: TaskState, owner: &UserId, event: &TaskEvent) -> TaskState 
             due_at: t.due_at,
             remind_before: t.remind_before.clone(),
             has_recurrence: t.recurrence.is_some(),
+            reminded_for: None,
         }),
         (TaskState::Live(mut t), TaskEvent::Updated(p)) => {
             t.version = version;
@@ -191,6 +216,11 @@ pub fn evolve(state: TaskState, owner: &UserId, event: &TaskEvent) -> TaskState 
         (TaskState::Live(mut t), TaskEvent::Reopened) => {
             t.version = version;
             t.status = TaskStatus::Open;
+            TaskState::Live(t)
+        }
+        (TaskState::Live(mut t), TaskEvent::ReminderDue(r)) => {
+            t.version = version;
+            t.reminded_for = Some(r.remind_at);
             TaskState::Live(t)
         }
         (TaskState::Live(t), TaskEvent::Deleted) => TaskState::Deleted { owner: t.owner, version },
@@ -404,6 +434,48 @@ mod tests {
     #[test]
     fn foreign_task_is_not_found_even_with_a_wrong_version() {
         given(&[TaskEvent::Created(new_task())]).when_by(bob(), Some(7), CommandKind::Complete).then_error(DomainError::NotFound);
+    }
+
+    fn with_reminder() -> NewTask {
+        let mut t = new_task();
+        t.due_at = Some(due());
+        t.remind_before = Some(remind());
+        t
+    }
+    fn fire(at: DateTime<Utc>) -> CommandKind {
+        CommandKind::FireReminder { remind_at: at }
+    }
+    fn remind_at() -> DateTime<Utc> {
+        due() - chrono::Duration::minutes(30)
+    }
+
+    #[test]
+    fn fire_the_current_reminder_of_an_open_task() {
+        given(&[TaskEvent::Created(with_reminder())])
+            .when(fire(remind_at()))
+            .then(vec![TaskEvent::ReminderDue(ReminderDue { remind_at: remind_at(), due_at: due() })]);
+    }
+    #[test]
+    fn a_reminder_fires_at_most_once() {
+        let fired = TaskEvent::ReminderDue(ReminderDue { remind_at: remind_at(), due_at: due() });
+        given(&[TaskEvent::Created(with_reminder()), fired]).when(fire(remind_at())).then_error(DomainError::NoReminderDue);
+    }
+    #[test]
+    fn a_rescheduled_reminder_fires_for_the_new_time_only() {
+        let later = due() + chrono::Duration::days(1);
+        let moved = TaskEvent::Updated(TaskPatch { due_at: Some(Some(later)), ..Default::default() });
+        given(&[TaskEvent::Created(with_reminder()), moved.clone()]).when(fire(remind_at())).then_error(DomainError::NoReminderDue);
+        let new_at = later - chrono::Duration::minutes(30);
+        given(&[TaskEvent::Created(with_reminder()), moved])
+            .when(fire(new_at))
+            .then(vec![TaskEvent::ReminderDue(ReminderDue { remind_at: new_at, due_at: later })]);
+    }
+    #[test]
+    fn completed_deleted_or_unscheduled_tasks_fire_no_reminder() {
+        given(&[TaskEvent::Created(with_reminder()), TaskEvent::Completed]).when(fire(remind_at())).then_error(DomainError::NoReminderDue);
+        given(&[TaskEvent::Created(with_reminder()), TaskEvent::Deleted]).when(fire(remind_at())).then_error(DomainError::Deleted);
+        given(&[TaskEvent::Created(new_task())]).when(fire(remind_at())).then_error(DomainError::NoReminderDue);
+        given(&[]).when(fire(remind_at())).then_error(DomainError::NotFound);
     }
 
     #[test]

@@ -93,6 +93,16 @@ pub enum TaskEvent {
     Completed,
     Reopened,
     Deleted,
+    /// The reminder for the task's current schedule fired (at most once per remind time).
+    ReminderDue(ReminderDue),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReminderDue {
+    /// The remind time this reminder is for (`due_at - remind_before`).
+    pub remind_at: DateTime<Utc>,
+    /// The due date it reminds of.
+    pub due_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,8 +117,8 @@ pub enum UnknownEventType {
 struct Empty {}
 
 impl TaskEvent {
-    pub const TYPES: [&'static str; 5] =
-        ["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted"];
+    pub const TYPES: [&'static str; 6] =
+        ["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted", "task.reminder_due"];
 
     /// The stable type name (`ce_type`).
     pub fn event_type(&self) -> &'static str {
@@ -118,6 +128,7 @@ impl TaskEvent {
             TaskEvent::Completed => "task.completed",
             TaskEvent::Reopened => "task.reopened",
             TaskEvent::Deleted => "task.deleted",
+            TaskEvent::ReminderDue(_) => "task.reminder_due",
         }
     }
 
@@ -131,6 +142,7 @@ impl TaskEvent {
         let res = match self {
             TaskEvent::Created(t) => serde_json::to_vec(t),
             TaskEvent::Updated(p) => serde_json::to_vec(p),
+            TaskEvent::ReminderDue(r) => serde_json::to_vec(r),
             TaskEvent::Completed | TaskEvent::Reopened | TaskEvent::Deleted => serde_json::to_vec(&Empty {}),
         };
         res.expect("event data always serializes")
@@ -142,6 +154,7 @@ impl TaskEvent {
         Ok(match event_type {
             "task.created" => TaskEvent::Created(serde_json::from_slice(data).map_err(err)?),
             "task.updated" => TaskEvent::Updated(serde_json::from_slice(data).map_err(err)?),
+            "task.reminder_due" => TaskEvent::ReminderDue(serde_json::from_slice(data).map_err(err)?),
             "task.completed" | "task.reopened" | "task.deleted" => {
                 let _: serde_json::Value = serde_json::from_slice(data).map_err(err)?;
                 match event_type {
@@ -174,7 +187,9 @@ mod tests {
     fn every_event_round_trips() {
         let mut t = NewTask::new(Title::parse("x".into()).unwrap());
         t.tags = Tags::parse(vec!["a".into()]).unwrap();
-        for e in [TaskEvent::Created(t), TaskEvent::Updated(TaskPatch::default()), TaskEvent::Completed, TaskEvent::Reopened, TaskEvent::Deleted] {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let reminder = TaskEvent::ReminderDue(ReminderDue { remind_at: at, due_at: at });
+        for e in [TaskEvent::Created(t), TaskEvent::Updated(TaskPatch::default()), TaskEvent::Completed, TaskEvent::Reopened, TaskEvent::Deleted, reminder] {
             assert_eq!(TaskEvent::from_json(e.event_type(), &e.to_json()).unwrap(), e);
         }
     }

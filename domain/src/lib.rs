@@ -3,11 +3,12 @@
 
 pub mod decider;
 pub mod events;
+pub mod ids;
 pub mod recurrence;
 pub mod values;
 
 pub use decider::{decide, evolve, Command, CommandKind, DomainError, LiveTask, TaskState, TaskStatus};
-pub use events::{NewTask, TaskEvent, TaskPatch, UnknownEventType};
+pub use events::{NewTask, ReminderDue, TaskEvent, TaskPatch, UnknownEventType};
 pub use values::{
     Description, FieldError, Priority, Recurrence, RemindBefore, Tag, Tags, TaskId, TimeZone, Title,
     UserId, ValidationError,

@@ -2,6 +2,7 @@
 //! exactly-once (each batch and its per-partition offsets are committed in one transaction).
 
 pub mod model;
+pub mod reactor;
 pub mod runner;
 pub mod status;
 pub mod store;
@@ -19,6 +20,8 @@ use axum::Router;
 use clap::{Parser, Subcommand};
 use sqlx::PgPool;
 
+use platform::auth::JwtAuth;
+use platform::secret::Secret;
 use platform::settings::{DatabaseSettings, KafkaSettings};
 
 use crate::runner::{RunSettings, Runner};
@@ -55,6 +58,12 @@ pub struct Settings {
     /// How long a batch waits for more records after the first one.
     #[arg(long, env = "PROJECTOR_LINGER_MS", default_value_t = 2, global = true)]
     pub linger_ms: u64,
+    /// The command API that reaction commands are sent to.
+    #[arg(long, env = "COMMAND_API_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub command_api_url: String,
+    /// Secret of the service identity the reactions act with (shared with the command API only).
+    #[arg(long, env = "SERVICE_JWT_SECRET", global = true)]
+    pub service_jwt_secret: Option<Secret>,
 }
 
 #[derive(Clone)]
@@ -103,6 +112,15 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let ready = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if self.settings.service_jwt_secret.is_none() {
+            tracing::warn!("SERVICE_JWT_SECRET is not set: reactions (next occurrences, reminders) cannot be sent");
+        }
+        // The service key only signs; user tokens are never verified here.
+        let service_auth = JwtAuth::new(&Secret::new(uuid::Uuid::new_v4().to_string()))
+            .with_service_secret(self.settings.service_jwt_secret.as_ref());
+        let reactor = reactor::Reactor::new(self.pool.clone(), self.settings.command_api_url.clone(), service_auth)?;
+        let wake = reactor.wake.clone();
+        let reactions = tokio::spawn(reactor.run());
         let runner = Runner::new(
             RunSettings {
                 kafka: self.settings.kafka.clone(),
@@ -111,6 +129,7 @@ impl Application {
             },
             self.pool.clone(),
             ready.clone(),
+            wake,
         );
         let runner = tokio::spawn(runner.run(stop_rx));
         let lag = tokio::spawn(status::export_lag(self.pool.clone(), self.settings.kafka.clone(), Duration::from_secs(5)));
@@ -119,6 +138,7 @@ impl Application {
         // Stop between batches: an in-flight transaction either commits or is rolled back.
         let _ = stop_tx.send(true);
         let _ = runner.await;
+        reactions.abort();
         lag.abort();
         self.pool.close().await;
         Ok(())

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use domain::{RemindBefore, TaskEvent, TaskId};
+use domain::recurrence::{next_occurrence, NextOccurrence};
+use domain::{ids, Recurrence, RemindBefore, TaskEvent, TaskId, TimeZone};
 use platform::codec::EventEnvelope;
 use platform::position::Position;
 
@@ -30,9 +31,16 @@ pub struct TaskRow {
     pub completed_at: Option<DateTime<Utc>>,
     pub recurrence_parent_id: Option<Uuid>,
     pub occurrence: Option<i32>,
+    pub reminded_for: Option<DateTime<Utc>>,
 }
 
 impl TaskRow {
+    /// The reminder still to fire for this row, if any (open, scheduled, not fired yet).
+    pub fn pending_reminder(&self) -> Option<DateTime<Utc>> {
+        let at = self.remind_at?;
+        (self.status == "open" && self.reminded_for != Some(at)).then_some(at)
+    }
+
     fn recompute_remind_at(&mut self) {
         self.remind_at = match (&self.due_at, &self.remind_before) {
             (Some(due), Some(rb)) => RemindBefore::parse(rb.clone()).ok().map(|r| r.remind_at(*due)),
@@ -55,9 +63,87 @@ pub enum RowState {
     Removed,
 }
 
+/// A command that a live event calls for (sent through the command API by the reactor).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reaction {
+    /// Deterministic: the id of what the reaction creates.
+    pub id: Uuid,
+    pub kind: &'static str,
+    pub user_id: String,
+    pub task_id: Uuid,
+    /// The command's JSON body.
+    pub payload: serde_json::Value,
+    pub causation_id: Uuid,
+    pub correlation_id: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+/// A notification row (from `task.reminder_due`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationRow {
+    pub id: Uuid,
+    pub user_id: String,
+    pub task_id: Uuid,
+    pub kind: &'static str,
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+    pub event_id: Uuid,
+}
+
+/// What applying events produced besides task rows.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub reactions: Vec<Reaction>,
+    pub notifications: Vec<NotificationRow>,
+}
+
+/// The next occurrence of a recurring task completed by `env`, as a CreateTask command.
+fn spawn_next_occurrence(r: &TaskRow, env: &EventEnvelope) -> Option<Reaction> {
+    let rule = Recurrence::parse(r.recurrence.clone()?).ok()?;
+    let zone = TimeZone::parse(r.timezone.clone()).ok()?;
+    let occurrence = r.occurrence.and_then(|o| u32::try_from(o).ok()).unwrap_or(1);
+    let NextOccurrence::Due { due_at, occurrence } = next_occurrence(&rule, zone, r.due_at?, env.occurred_at, occurrence) else {
+        return None;
+    };
+    let id = *ids::next_occurrence_id(env.task_id, occurrence).as_uuid();
+    let priority = domain::Priority::from_rank(r.priority).unwrap_or_default();
+    let mut payload = serde_json::json!({
+        "task_id": id,
+        "title": r.title,
+        "priority": priority.as_str(),
+        "due_at": due_at,
+        "timezone": r.timezone,
+        "recurrence": r.recurrence,
+        "tags": r.tags,
+        "recurrence_parent_id": env.task_id,
+        "occurrence": occurrence,
+    });
+    if let Some(d) = &r.description {
+        payload["description"] = d.clone().into();
+    }
+    if let Some(rb) = &r.remind_before {
+        payload["remind_before"] = rb.clone().into();
+    }
+    Some(Reaction {
+        id,
+        kind: "spawn_occurrence",
+        user_id: r.user_id.clone(),
+        task_id: r.id,
+        payload,
+        causation_id: env.event_id,
+        correlation_id: env.correlation_id.clone(),
+        traceparent: env.traceparent.clone(),
+    })
+}
+
 /// Applies one event to the current row (if any). Events at or below the row's version were
 /// already applied and are ignored (this makes applying a batch idempotent).
 pub fn apply(row: Option<RowState>, env: &EventEnvelope) -> Option<RowState> {
+    apply_with_effects(row, env, &mut Effects::default())
+}
+
+/// `apply`, also collecting the reactions and notifications the event calls for.
+pub fn apply_with_effects(row: Option<RowState>, env: &EventEnvelope, effects: &mut Effects) -> Option<RowState> {
     let version = i32::try_from(env.sequence).unwrap_or(i32::MAX);
     if let Some(RowState::Present(r)) = &row {
         if version <= r.version {
@@ -86,6 +172,7 @@ pub fn apply(row: Option<RowState>, env: &EventEnvelope) -> Option<RowState> {
                 completed_at: None,
                 recurrence_parent_id: t.recurrence_parent_id.map(|p| *p.as_uuid()),
                 occurrence: t.occurrence.and_then(|o| i32::try_from(o).ok()),
+                reminded_for: None,
             };
             r.recompute_remind_at();
             Some(RowState::Present(r))
@@ -125,6 +212,19 @@ pub fn apply(row: Option<RowState>, env: &EventEnvelope) -> Option<RowState> {
                 TaskEvent::Completed => {
                     r.status = "completed".into();
                     r.completed_at = Some(at);
+                    effects.reactions.extend(spawn_next_occurrence(&r, env));
+                }
+                TaskEvent::ReminderDue(rd) => {
+                    r.reminded_for = Some(rd.remind_at);
+                    effects.notifications.push(NotificationRow {
+                        id: ids::reminder_notification_id(env.task_id, rd.remind_at),
+                        user_id: r.user_id.clone(),
+                        task_id: r.id,
+                        kind: "reminder",
+                        message: format!("Reminder: \"{}\" is due at {}", r.title, rd.due_at.to_rfc3339()),
+                        created_at: at,
+                        event_id: env.event_id,
+                    });
                 }
                 TaskEvent::Reopened => {
                     r.status = "open".into();
@@ -142,12 +242,18 @@ pub fn apply(row: Option<RowState>, env: &EventEnvelope) -> Option<RowState> {
 /// Folds a batch (in log order) over the rows loaded for its tasks; returns the final state of
 /// every task the batch touched.
 pub fn fold(loaded: HashMap<TaskId, TaskRow>, batch: &[Recorded]) -> HashMap<TaskId, Option<RowState>> {
+    fold_with_effects(loaded, batch).0
+}
+
+/// `fold`, also returning what the batch's events call for.
+pub fn fold_with_effects(loaded: HashMap<TaskId, TaskRow>, batch: &[Recorded]) -> (HashMap<TaskId, Option<RowState>>, Effects) {
     let mut rows: HashMap<TaskId, Option<RowState>> = loaded.into_iter().map(|(k, v)| (k, Some(RowState::Present(v)))).collect();
+    let mut effects = Effects::default();
     for rec in batch {
         let slot = rows.entry(rec.envelope.task_id).or_insert(None);
-        *slot = apply(slot.take(), &rec.envelope);
+        *slot = apply_with_effects(slot.take(), &rec.envelope, &mut effects);
     }
-    rows
+    (rows, effects)
 }
 
 #[cfg(test)]
@@ -195,6 +301,33 @@ mod tests {
         assert_eq!(r.completed_at, Some(batch[2].envelope.occurred_at));
         let rows = fold(HashMap::new(), &[batch[0].clone(), env(1, 2, TaskEvent::Deleted)]);
         assert_eq!(rows[&TaskId::from_uuid(Uuid::from_u128(1))], Some(RowState::Removed));
+    }
+
+    #[test]
+    fn completing_a_recurring_task_calls_for_its_next_occurrence_once_per_event() {
+        let mut t = NewTask::new(Title::parse("stand-up".into()).unwrap());
+        t.due_at = DateTime::from_timestamp(1_800_000_000, 0);
+        t.recurrence = Some(Recurrence::parse("FREQ=DAILY;COUNT=2".into()).unwrap());
+        t.remind_before = Some(RemindBefore::parse("PT5M".into()).unwrap());
+        let batch = vec![env(7, 1, TaskEvent::Created(t)), env(7, 2, TaskEvent::Completed)];
+        let (_, effects) = fold_with_effects(HashMap::new(), &batch);
+        assert_eq!(effects.reactions.len(), 1);
+        let r = &effects.reactions[0];
+        assert_eq!(r.id, *ids::next_occurrence_id(TaskId::from_uuid(Uuid::from_u128(7)), 2).as_uuid());
+        assert_eq!(r.payload["occurrence"], 2);
+        assert_eq!(r.payload["remind_before"], "PT5M");
+        assert_eq!(r.payload["due_at"], serde_json::json!(DateTime::from_timestamp(1_800_000_000 + 86_400, 0).unwrap()));
+        // Redelivered: already applied, no second reaction.
+        let (rows, _) = fold_with_effects(HashMap::new(), &batch);
+        let Some(Some(RowState::Present(row))) = rows.get(&TaskId::from_uuid(Uuid::from_u128(7))).cloned() else { panic!() };
+        let (_, again) = fold_with_effects(HashMap::from([(TaskId::from_uuid(Uuid::from_u128(7)), row.clone())]), &batch[1..]);
+        assert!(again.reactions.is_empty());
+        // The last occurrence of a COUNT=2 series spawns nothing.
+        let mut last = row;
+        last.status = "open".into();
+        last.occurrence = Some(2);
+        let (_, none) = fold_with_effects(HashMap::from([(TaskId::from_uuid(Uuid::from_u128(7)), last)]), &[env(7, 3, TaskEvent::Completed)]);
+        assert!(none.reactions.is_empty());
     }
 
     fn any_history() -> impl Strategy<Value = Vec<Recorded>> {

@@ -16,7 +16,7 @@ use platform::position::Position;
 use platform::settings::KafkaSettings;
 
 use crate::model::Recorded;
-use crate::store::{self, StoreError};
+use crate::store::{self, Applied, ApplyMode, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -29,11 +29,13 @@ pub struct Runner {
     settings: RunSettings,
     pool: PgPool,
     ready: Arc<AtomicBool>,
+    /// Woken after a batch recorded reactions.
+    reactions: Arc<tokio::sync::Notify>,
 }
 
 impl Runner {
-    pub fn new(settings: RunSettings, pool: PgPool, ready: Arc<AtomicBool>) -> Self {
-        Self { settings, pool, ready }
+    pub fn new(settings: RunSettings, pool: PgPool, ready: Arc<AtomicBool>, reactions: Arc<tokio::sync::Notify>) -> Self {
+        Self { settings, pool, ready, reactions }
     }
 
     /// Runs until `stop` resolves; transient failures (Kafka or PostgreSQL away) are retried with
@@ -101,10 +103,13 @@ impl Runner {
             }
             let started = Instant::now();
             match self.apply_with_retry(&topic, &batch, &next, &to).await {
-                Ok(()) => {
+                Ok(applied) => {
                     metrics::histogram!("projector_batch_apply_seconds").record(started.elapsed().as_secs_f64());
                     metrics::counter!("projector_events_applied_total").increment(batch.len() as u64);
                     next.extend(to);
+                    if applied.reactions > 0 {
+                        self.reactions.notify_one();
+                    }
                 }
                 Err(StoreError::Fenced { .. }) => {
                     tracing::warn!("offsets moved under us (another projector instance?); re-reading them");
@@ -159,12 +164,12 @@ impl Runner {
         batch: &[Recorded],
         from: &HashMap<i32, i64>,
         to: &HashMap<i32, i64>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Applied, StoreError> {
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0;
         loop {
-            match store::apply_batch(&self.pool, topic, batch, from, to).await {
-                Ok(()) => return Ok(()),
+            match store::apply_batch(&self.pool, topic, batch, from, to, ApplyMode::Live).await {
+                Ok(applied) => return Ok(applied),
                 Err(StoreError::Db(e)) if attempt < 8 => {
                     attempt += 1;
                     self.ready.store(false, Ordering::Release);

@@ -10,7 +10,14 @@ use uuid::Uuid;
 
 use domain::TaskId;
 
-use crate::model::{Recorded, RowState, TaskRow};
+use crate::model::{Effects, NotificationRow, Reaction, Recorded, RowState, TaskRow};
+
+/// Whether events are applied live (reactions are recorded for the reactor) or replayed (never).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    Live,
+    Replay,
+}
 
 pub use platform::projections::{PROGRESS_CHANNEL, PROJECTIONS};
 
@@ -60,7 +67,8 @@ pub async fn init_offsets(pool: &PgPool, topic: &str, partitions: &[i32]) -> Res
 async fn load_rows(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> Result<HashMap<TaskId, TaskRow>, sqlx::Error> {
     let rows: Vec<TaskRow> = sqlx::query_as(
         "SELECT id, user_id, title, description, status, priority, due_at, timezone, recurrence, remind_before,
-                remind_at, tags, version, created_at, updated_at, completed_at, recurrence_parent_id, occurrence
+                remind_at, tags, version, created_at, updated_at, completed_at, recurrence_parent_id, occurrence,
+                reminded_for
          FROM tasks WHERE id = ANY($1) FOR UPDATE",
     )
     .bind(ids)
@@ -69,26 +77,138 @@ async fn load_rows(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> Result<H
     Ok(rows.into_iter().map(|r| (TaskId::from_uuid(r.id), r)).collect())
 }
 
-/// Applies a batch to both projections and advances their offsets from `from` to `to`
-/// (per partition), all in one transaction.
+/// What a committed batch produced.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Reaction commands recorded in the outbox (live mode only).
+    pub reactions: usize,
+}
+
+/// Applies a batch to every projection and advances their offsets from `from` to `to`
+/// (per partition), all in one transaction. In live mode the reactions the events call for are
+/// recorded in the outbox in the same transaction.
 pub async fn apply_batch(
     pool: &PgPool,
     topic: &str,
     batch: &[Recorded],
     from: &HashMap<i32, i64>,
     to: &HashMap<i32, i64>,
-) -> Result<(), StoreError> {
+    mode: ApplyMode,
+) -> Result<Applied, StoreError> {
     let mut tx = pool.begin().await?;
     let mut ids: Vec<Uuid> = batch.iter().map(|r| *r.envelope.task_id.as_uuid()).collect();
     ids.sort_unstable();
     ids.dedup();
     let loaded = load_rows(&mut tx, &ids).await?;
-    let folded = crate::model::fold(loaded, batch);
+    let (folded, Effects { reactions, notifications }) = crate::model::fold_with_effects(loaded, batch);
+    write_schedule(&mut tx, &ids, &folded).await?;
     write_tasks(&mut tx, folded).await?;
     write_history(&mut tx, batch).await?;
+    write_notifications(&mut tx, &notifications).await?;
+    let reactions = match mode {
+        ApplyMode::Live => write_outbox(&mut tx, &reactions).await?,
+        ApplyMode::Replay => 0,
+    };
     advance_offsets(&mut tx, topic, from, to).await?;
     tx.commit().await?;
+    Ok(Applied { reactions })
+}
+
+/// Keeps `reminder_schedule` in step with the rows: one row per pending reminder.
+async fn write_schedule(
+    tx: &mut Transaction<'_, Postgres>,
+    touched: &[Uuid],
+    folded: &HashMap<TaskId, Option<RowState>>,
+) -> Result<(), sqlx::Error> {
+    let mut ids = Vec::new();
+    let mut users = Vec::new();
+    let mut ats = Vec::new();
+    for state in folded.values() {
+        if let Some(RowState::Present(r)) = state {
+            if let Some(at) = r.pending_reminder() {
+                ids.push(r.id);
+                users.push(r.user_id.clone());
+                ats.push(at);
+            }
+        }
+    }
+    sqlx::query("DELETE FROM reminder_schedule WHERE task_id = ANY($1) AND NOT (task_id = ANY($2))")
+        .bind(touched)
+        .bind(&ids)
+        .execute(&mut **tx)
+        .await?;
+    if !ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO reminder_schedule (task_id, user_id, remind_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[])
+             ON CONFLICT ON CONSTRAINT reminder_schedule_pkey DO UPDATE SET remind_at = EXCLUDED.remind_at",
+        )
+        .bind(&ids)
+        .bind(&users)
+        .bind(&ats)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
+}
+
+async fn write_notifications(tx: &mut Transaction<'_, Postgres>, rows: &[NotificationRow]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|n| n.id).collect();
+    let users: Vec<&str> = rows.iter().map(|n| n.user_id.as_str()).collect();
+    let tasks: Vec<Uuid> = rows.iter().map(|n| n.task_id).collect();
+    let kinds: Vec<&str> = rows.iter().map(|n| n.kind).collect();
+    let messages: Vec<&str> = rows.iter().map(|n| n.message.as_str()).collect();
+    let created: Vec<chrono::DateTime<chrono::Utc>> = rows.iter().map(|n| n.created_at).collect();
+    let events: Vec<Uuid> = rows.iter().map(|n| n.event_id).collect();
+    sqlx::query(
+        "INSERT INTO notifications (id, user_id, task_id, kind, message, created_at, event_id)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[], $7::uuid[])
+         ON CONFLICT ON CONSTRAINT notifications_pkey DO NOTHING",
+    )
+    .bind(ids)
+    .bind(users)
+    .bind(tasks)
+    .bind(kinds)
+    .bind(messages)
+    .bind(created)
+    .bind(events)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_outbox(tx: &mut Transaction<'_, Postgres>, reactions: &[Reaction]) -> Result<usize, sqlx::Error> {
+    if reactions.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = reactions.iter().map(|r| r.id).collect();
+    let kinds: Vec<&str> = reactions.iter().map(|r| r.kind).collect();
+    let users: Vec<&str> = reactions.iter().map(|r| r.user_id.as_str()).collect();
+    let tasks: Vec<Uuid> = reactions.iter().map(|r| r.task_id).collect();
+    let payloads: Vec<serde_json::Value> = reactions.iter().map(|r| r.payload.clone()).collect();
+    let causes: Vec<Uuid> = reactions.iter().map(|r| r.causation_id).collect();
+    let corrs: Vec<Option<&str>> = reactions.iter().map(|r| r.correlation_id.as_deref()).collect();
+    let traces: Vec<Option<&str>> = reactions.iter().map(|r| r.traceparent.as_deref()).collect();
+    let n = sqlx::query(
+        "INSERT INTO reaction_outbox (id, kind, user_id, task_id, payload, causation_id, correlation_id, traceparent)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::uuid[], $7::text[], $8::text[])
+         ON CONFLICT ON CONSTRAINT reaction_outbox_pkey DO NOTHING",
+    )
+    .bind(ids)
+    .bind(kinds)
+    .bind(users)
+    .bind(tasks)
+    .bind(payloads)
+    .bind(causes)
+    .bind(corrs)
+    .bind(traces)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(n as usize)
 }
 
 async fn write_tasks(tx: &mut Transaction<'_, Postgres>, folded: HashMap<TaskId, Option<RowState>>) -> Result<(), sqlx::Error> {
@@ -116,23 +236,25 @@ async fn write_tasks(tx: &mut Transaction<'_, Postgres>, folded: HashMap<TaskId,
     sqlx::query(
         "INSERT INTO tasks (id, user_id, title, description, status, priority, due_at, timezone, recurrence,
                             remind_before, remind_at, tags, version, created_at, updated_at, completed_at,
-                            recurrence_parent_id, occurrence)
+                            recurrence_parent_id, occurrence, reminded_for)
          SELECT v.id, v.user_id, v.title, v.description, v.status, v.priority, v.due_at, v.timezone, v.recurrence,
                 v.remind_before, v.remind_at,
                 ARRAY(SELECT e FROM jsonb_array_elements_text(v.tags) WITH ORDINALITY AS t(e, i) ORDER BY i),
-                v.version, v.created_at, v.updated_at, v.completed_at, v.parent, v.occurrence
+                v.version, v.created_at, v.updated_at, v.completed_at, v.parent, v.occurrence, v.reminded_for
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::timestamptz[],
                      $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::jsonb[], $13::int4[],
-                     $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::uuid[], $18::int4[])
+                     $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::uuid[], $18::int4[],
+                     $19::timestamptz[])
               AS v(id, user_id, title, description, status, priority, due_at, timezone, recurrence, remind_before,
-                   remind_at, tags, version, created_at, updated_at, completed_at, parent, occurrence)
+                   remind_at, tags, version, created_at, updated_at, completed_at, parent, occurrence, reminded_for)
          ON CONFLICT ON CONSTRAINT tasks_pkey DO UPDATE SET
             user_id = EXCLUDED.user_id, title = EXCLUDED.title, description = EXCLUDED.description,
             status = EXCLUDED.status, priority = EXCLUDED.priority, due_at = EXCLUDED.due_at,
             timezone = EXCLUDED.timezone, recurrence = EXCLUDED.recurrence, remind_before = EXCLUDED.remind_before,
             remind_at = EXCLUDED.remind_at, tags = EXCLUDED.tags, version = EXCLUDED.version,
             created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, completed_at = EXCLUDED.completed_at,
-            recurrence_parent_id = EXCLUDED.recurrence_parent_id, occurrence = EXCLUDED.occurrence
+            recurrence_parent_id = EXCLUDED.recurrence_parent_id, occurrence = EXCLUDED.occurrence,
+            reminded_for = EXCLUDED.reminded_for
          WHERE tasks.version < EXCLUDED.version",
     )
     .bind(c.id)
@@ -153,6 +275,7 @@ async fn write_tasks(tx: &mut Transaction<'_, Postgres>, folded: HashMap<TaskId,
     .bind(c.completed_at)
     .bind(c.parent)
     .bind(c.occurrence)
+    .bind(c.reminded_for)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -178,6 +301,7 @@ struct TaskColumns {
     completed_at: Vec<Option<chrono::DateTime<chrono::Utc>>>,
     parent: Vec<Option<Uuid>>,
     occurrence: Vec<Option<i32>>,
+    reminded_for: Vec<Option<chrono::DateTime<chrono::Utc>>>,
 }
 
 impl TaskColumns {
@@ -200,6 +324,7 @@ impl TaskColumns {
         self.completed_at.push(r.completed_at);
         self.parent.push(r.recurrence_parent_id);
         self.occurrence.push(r.occurrence);
+        self.reminded_for.push(r.reminded_for);
     }
 }
 
