@@ -19,6 +19,8 @@ pub enum ApiError {
     Unauthorized(#[from] AuthError),
     #[error("task not found")]
     NotFound,
+    #[error("this method is not allowed here (see the Allow header)")]
+    MethodNotAllowed,
     #[error("{0}")]
     Conflict(String),
     #[error("the task is at version {actual}, not {expected}")]
@@ -63,6 +65,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -78,6 +81,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad-request",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotFound => "not-found",
+            ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::PreconditionFailed { .. } => "version-mismatch",
             ApiError::PayloadTooLarge(_) => "payload-too-large",
@@ -138,6 +142,11 @@ impl IntoResponse for ApiError {
             ApiError::Validation(errs) => {
                 Some(errs.iter().map(|e| ProblemField { field: e.field.clone(), message: e.message.clone() }).collect())
             }
+            // A 422 like any other: clients find what was refused in `errors`.
+            ApiError::IdempotencyKeyReused => Some(vec![ProblemField {
+                field: "Idempotency-Key".to_owned(),
+                message: "was already used with a different request".to_owned(),
+            }]),
             _ => None,
         };
         let problem = Problem {

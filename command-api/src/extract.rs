@@ -1,12 +1,13 @@
 //! Request extractors whose rejections are problem+json: the caller, command headers, JSON bodies.
 
 use axum::body::Bytes;
-use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Request};
 use axum::http::{header, request::Parts, HeaderMap};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use domain::UserId;
+use domain::{TaskId, UserId};
 use platform::auth::JwtAuth;
 
 use crate::error::ApiError;
@@ -32,6 +33,43 @@ where
         let header = parts.headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
         let caller = auth.authenticate_caller(header)?;
         Ok(AuthUser(caller.user, caller.service))
+    }
+}
+
+/// The `{id}` of a task route. An id that is not a UUID (or not even decodable) names no task: 404,
+/// like an unknown one.
+pub struct TaskPath(pub TaskId);
+
+impl<S: Send + Sync> FromRequestParts<S> for TaskPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|e| match e {
+            PathRejection::FailedToDeserializePathParams(_) => ApiError::NotFound,
+            other => ApiError::Internal(other.body_text()),
+        })?;
+        raw.parse().map(TaskPath).map_err(|_| ApiError::NotFound)
+    }
+}
+
+/// A caller that must be the service identity; to anyone else the route does not exist (404),
+/// whatever the request holds.
+pub struct ServiceCaller(pub AuthUser);
+
+impl<S> FromRequestParts<S> for ServiceCaller
+where
+    JwtAuth: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let caller = AuthUser::from_request_parts(parts, state).await?;
+        if caller.is_service() {
+            Ok(ServiceCaller(caller))
+        } else {
+            Err(ApiError::NotFound)
+        }
     }
 }
 

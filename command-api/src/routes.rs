@@ -1,7 +1,7 @@
 //! HTTP handlers: parse the request at the edge into a domain command, hand it to the writer,
 //! answer once its events are durable.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -16,7 +16,7 @@ use domain::{
 use platform::codec::IdempotencyTag;
 
 use crate::error::{ApiError, Problem};
-use crate::extract::{request_digest, AuthUser, CommandHeaders, JsonBody};
+use crate::extract::{request_digest, AuthUser, ServiceCaller, CommandHeaders, JsonBody, TaskPath};
 use crate::idempotency::{Answer, Stored};
 use crate::writer::CommandMeta;
 use crate::AppState;
@@ -165,7 +165,7 @@ fn parse_create(req: CreateTaskRequest, service: bool) -> Result<(Option<TaskId>
         title,
         description: description.flatten(),
         priority: req.priority.map(Priority::from).unwrap_or_default(),
-        due_at: req.due_at,
+        due_at: req.due_at.map(micros),
         timezone: timezone.flatten().unwrap_or_default(),
         recurrence: recurrence.flatten(),
         remind_before: remind_before.flatten(),
@@ -198,12 +198,14 @@ fn parse_update(req: UpdateTaskRequest) -> Result<TaskPatch, ApiError> {
     let recurrence = req.recurrence.map(|r| r.and_then(|r| f.parse("recurrence", Recurrence::parse(r))));
     let remind_before = req.remind_before.map(|r| r.and_then(|r| f.parse("remind_before", RemindBefore::parse(r))));
     let tags = req.tags.map(|t| f.parse("tags", Tags::parse(t.unwrap_or_default())).unwrap_or_default());
-    let patch = TaskPatch { title, description, priority, due_at: req.due_at, timezone, recurrence, remind_before, tags };
+    let due_at = req.due_at.map(|d| d.map(micros));
+    let patch = TaskPatch { title, description, priority, due_at, timezone, recurrence, remind_before, tags };
     f.finish(Some(patch))
 }
 
-fn parse_task_id(raw: &str) -> Result<TaskId, ApiError> {
-    raw.parse().map_err(|_| ApiError::NotFound)
+/// Instants are kept at microsecond precision, like PostgreSQL, so a read model and the log agree.
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
 /// Hands a parsed command to the writer, honouring `Idempotency-Key`.
@@ -304,15 +306,11 @@ pub async fn create_task(
 /// identity; to users this path does not exist).
 pub async fn fire_reminder(
     State(state): State<AppState>,
-    caller: AuthUser,
-    Path(id): Path<String>,
+    ServiceCaller(caller): ServiceCaller,
+    TaskPath(task_id): TaskPath,
     headers: CommandHeaders,
     body: JsonBody<FireReminderRequest>,
 ) -> Result<Response, ApiError> {
-    if !caller.is_service() {
-        return Err(ApiError::NotFound);
-    }
-    let task_id = parse_task_id(&id)?;
     let digest = request_digest("POST", &format!("/internal/v1/tasks/{task_id}/remind"), headers.if_match, &body.canonical);
     let kind = CommandKind::FireReminder { remind_at: body.value.remind_at };
     execute(&state, caller, headers, task_id, kind, digest).await
@@ -338,11 +336,10 @@ pub async fn fire_reminder(
 pub async fn update_task(
     State(state): State<AppState>,
     caller: AuthUser,
-    Path(id): Path<String>,
+    TaskPath(task_id): TaskPath,
     headers: CommandHeaders,
     body: JsonBody<UpdateTaskRequest>,
 ) -> Result<Response, ApiError> {
-    let task_id = parse_task_id(&id)?;
     let digest = request_digest("PATCH", &format!("/v1/tasks/{task_id}"), headers.if_match, &body.canonical);
     let patch = parse_update(body.value)?;
     execute(&state, caller, headers, task_id, CommandKind::Update(patch), digest).await
@@ -368,10 +365,9 @@ macro_rules! lifecycle_handler {
         pub async fn $name(
             State(state): State<AppState>,
             caller: AuthUser,
-            Path(id): Path<String>,
+            TaskPath(task_id): TaskPath,
             headers: CommandHeaders,
         ) -> Result<Response, ApiError> {
-            let task_id = parse_task_id(&id)?;
             let path = $path.replace("{id}", &task_id.to_string());
             let digest = request_digest(stringify!($method), &path, headers.if_match, b"");
             execute(&state, caller, headers, task_id, $kind, digest).await

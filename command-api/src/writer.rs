@@ -166,6 +166,7 @@ impl<L: EventLog> Actor<L> {
 
     async fn process(&mut self, batch: Vec<Submission>) {
         let now = Utc::now();
+        let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         // State after this batch's accepted commands, not yet durable.
         let mut staged: HashMap<TaskId, TaskState> = HashMap::new();
         let mut records = Vec::new();

@@ -161,13 +161,18 @@ pub fn decide(cmd: &Command, state: &TaskState) -> Result<Vec<TaskEvent>, Domain
             // At most once per (task, remind time), and only for the current schedule of an open task.
             let current = live.remind_at();
             match (live.status, current, live.due_at) {
-                (TaskStatus::Open, Some(at), Some(due_at)) if at == *remind_at && live.reminded_for != Some(at) => {
+                (TaskStatus::Open, Some(at), Some(due_at)) if same_instant(at, *remind_at) && live.reminded_for != Some(at) => {
                     Ok(vec![TaskEvent::ReminderDue(ReminderDue { remind_at: at, due_at })])
                 }
                 _ => Err(DomainError::NoReminderDue),
             }
         }
     }
+}
+
+/// Timestamps are compared at microsecond precision (what the read models store).
+fn same_instant(a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
+    a.timestamp_micros() == b.timestamp_micros()
 }
 
 /// A reminder and a recurrence are both anchored on the due date.

@@ -1,6 +1,8 @@
 //! End-to-end tests: the three real binaries against the real Kafka broker and PostgreSQL that
 //! `./dev test` provisions. No sleeps stand in for waiting: every wait polls a condition.
 
+mod reactions;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

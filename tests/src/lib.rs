@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 pub const JWT_SECRET: &str = "e2e-test-secret";
+pub const SERVICE_SECRET: &str = "e2e-service-secret";
 
 /// Polls `f` until it returns `Some`, or fails after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
@@ -119,6 +120,8 @@ impl Stack {
             ("KAFKA_BROKERS".to_owned(), brokers),
             ("DATABASE_URL".to_owned(), database_url.clone()),
             ("AUTH_JWT_SECRET".to_owned(), JWT_SECRET.to_owned()),
+            ("SERVICE_JWT_SECRET".to_owned(), SERVICE_SECRET.to_owned()),
+            ("COMMAND_API_URL".to_owned(), format!("http://127.0.0.1:{}", ports[&Svc::CommandApi])),
             ("TASK_EVENTS_TOPIC".to_owned(), topic.clone()),
             ("TASK_EVENTS_PARTITIONS".to_owned(), opts.partitions.to_string()),
             ("KAFKA_TRANSACTIONAL_ID".to_owned(), format!("e2e-{id}")),

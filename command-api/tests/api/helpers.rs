@@ -1,13 +1,16 @@
-//! The command API's router over an in-memory event log (a fake of the Kafka adapter), driven with
-//! `oneshot`. The end-to-end tests cover the same paths against the real broker.
+//! Test harness for the command API's contract tests: an in-memory fake of the event log, an app
+//! built with `command_api::router` and driven with `oneshot`, and assertions on problem+json.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Request};
+use axum::http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
+use rdkafka::message::{Headers, OwnedHeaders};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -19,57 +22,124 @@ use platform::codec::{self, DecodeError, EncodedEvent, EventEnvelope};
 use platform::position::Position;
 use platform::secret::Secret;
 
-pub struct Stored {
+pub const PARTITIONS: i32 = 12;
+pub const SECRET: &str = "test-secret";
+
+/// One record as the fake log holds it (what Kafka would hold: key, headers, value, position).
+#[derive(Clone)]
+pub struct LogRecord {
     pub key: String,
     pub payload: Vec<u8>,
-    pub headers: rdkafka::message::OwnedHeaders,
+    pub headers: OwnedHeaders,
     pub position: Position,
 }
 
-#[derive(Clone, Default)]
-pub struct MemoryLog {
-    pub records: Arc<Mutex<Vec<Stored>>>,
-    pub down: Arc<AtomicBool>,
-}
-
-impl MemoryLog {
-    pub fn envelopes(&self) -> Vec<EventEnvelope> {
-        self.records
-            .lock()
-            .unwrap()
+impl LogRecord {
+    /// The record's headers as a map (a header set twice keeps its last value, as the codec reads it).
+    pub fn header_map(&self) -> BTreeMap<String, String> {
+        self.headers
             .iter()
-            .map(|r| codec::decode(Some(r.key.as_bytes()), Some(&r.headers), Some(&r.payload)).unwrap())
+            .map(|h| (h.key.to_owned(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
             .collect()
     }
-    pub fn len(&self) -> usize {
-        self.records.lock().unwrap().len()
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.header_map().remove(name)
     }
+
+    pub fn decode(&self) -> Result<EventEnvelope, DecodeError> {
+        codec::decode(Some(self.key.as_bytes()), Some(&self.headers), Some(&self.payload))
+    }
+}
+
+#[derive(Default)]
+struct LogData {
+    records: Vec<LogRecord>,
+    next_offset: BTreeMap<i32, i64>,
+}
+
+/// In-memory stand-in for the Kafka topic. Clones share the same records, so a test can inspect
+/// them and a "restarted" app can be built over them. `set_down(true)` makes `connect`, `append`
+/// and `read_from` fail with `LogError::Unavailable`, like a broker that is gone.
+#[derive(Clone, Default)]
+pub struct FakeLog {
+    data: Arc<Mutex<LogData>>,
+    down: Arc<AtomicBool>,
+    failed_appends: Arc<AtomicUsize>,
+}
+
+/// FNV-1a: a stable stand-in for Kafka's murmur2 key partitioner.
+pub fn partition_for(key: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % PARTITIONS as u32) as i32
+}
+
+impl FakeLog {
+    fn lock(&self) -> MutexGuard<'_, LogData> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn records(&self) -> Vec<LogRecord> {
+        self.lock().records.clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    /// Every record decoded; panics on a record the codec cannot read (the log must never hold one).
+    pub fn envelopes(&self) -> Vec<EventEnvelope> {
+        self.records().iter().map(|r| r.decode().expect("every appended record decodes")).collect()
+    }
+
+    /// The records whose key is `task_id`, in log order.
+    pub fn records_of(&self, task_id: &str) -> Vec<LogRecord> {
+        self.records().into_iter().filter(|r| r.key == task_id).collect()
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    pub fn failed_appends(&self) -> usize {
+        self.failed_appends.load(Ordering::SeqCst)
+    }
+
     fn check(&self) -> Result<(), LogError> {
         if self.down.load(Ordering::SeqCst) {
-            Err(LogError::Unavailable("broker down (test)".into()))
+            Err(LogError::Unavailable("broker unreachable (test fake is down)".into()))
         } else {
             Ok(())
         }
     }
 }
 
-impl EventLog for MemoryLog {
+impl EventLog for FakeLog {
     async fn connect(&mut self) -> Result<(), LogError> {
         self.check()
     }
 
     async fn append(&mut self, records: Vec<EncodedEvent>) -> Result<Vec<Position>, LogError> {
-        self.check()?;
-        let mut all = self.records.lock().unwrap();
-        let mut out = Vec::new();
-        for r in records {
-            let partition = (r.key.bytes().map(u32::from).sum::<u32>() % 12) as i32;
-            let offset = all.iter().filter(|s| s.position.partition == partition).count() as i64;
-            let position = Position { partition, offset };
-            out.push(position);
-            all.push(Stored { key: r.key, payload: r.payload, headers: r.headers, position });
+        if let Err(e) = self.check() {
+            self.failed_appends.fetch_add(1, Ordering::SeqCst);
+            return Err(e);
         }
-        Ok(out)
+        // All or nothing, like the Kafka transaction it stands in for.
+        let mut data = self.lock();
+        let mut positions = Vec::with_capacity(records.len());
+        for EncodedEvent { key, payload, headers } in records {
+            let partition = partition_for(&key);
+            let next = data.next_offset.entry(partition).or_insert(0);
+            let position = Position { partition, offset: *next };
+            *next += 1;
+            positions.push(position);
+            data.records.push(LogRecord { key, payload, headers, position });
+        }
+        Ok(positions)
     }
 
     async fn read_from(
@@ -78,82 +148,195 @@ impl EventLog for MemoryLog {
         mut apply: Box<dyn FnMut(Position, Result<EventEnvelope, DecodeError>) + Send>,
     ) -> Result<Offsets, LogError> {
         self.check()?;
-        let all = self.records.lock().unwrap();
+        let data = self.lock();
         let mut next = from;
-        for r in all.iter() {
+        for r in &data.records {
             let n = next.entry(r.position.partition).or_insert(0);
             if r.position.offset >= *n {
                 *n = r.position.offset + 1;
-                apply(r.position, codec::decode(Some(r.key.as_bytes()), Some(&r.headers), Some(&r.payload)));
+                apply(r.position, r.decode());
             }
         }
         Ok(next)
     }
 }
 
+/// Polls `check` until it yields a value or `timeout` passes (then panics with `what`).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub struct TestApp {
     pub router: axum::Router,
-    pub log: MemoryLog,
+    pub log: FakeLog,
     pub auth: JwtAuth,
 }
 
-pub async fn spawn_app_over(log: MemoryLog) -> TestApp {
-    let auth = JwtAuth::new(&Secret::new("test-secret"));
+/// An app over `log` without waiting for it to become ready.
+pub fn build_app(log: FakeLog) -> TestApp {
+    let auth = JwtAuth::new(&Secret::new(SECRET));
     let state = AppState::new(log.clone(), auth.clone(), 100, IdempotencyCache::new(1000, Duration::from_secs(60)));
-    let router = command_api::router(state, Duration::from_secs(10));
-    let app = TestApp { router, log, auth };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.get("/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::task::yield_now().await;
-    }
+    TestApp { router: command_api::router(state, Duration::from_secs(10)), log, auth }
+}
+
+/// An app over `log` (e.g. the records of a previous app: a restart), once `/readyz` says 200.
+pub async fn spawn_app_over(log: FakeLog) -> TestApp {
+    let app = build_app(log);
+    app.wait_ready().await;
     app
 }
 
 pub async fn spawn_app() -> TestApp {
-    spawn_app_over(MemoryLog::default()).await
+    spawn_app_over(FakeLog::default()).await
 }
 
-pub struct Answer {
-    pub status: u16,
+/// What the router answered.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
     pub headers: HeaderMap,
+    pub text: String,
+    /// The body as JSON (`Value::Null` when it is not JSON).
     pub body: Value,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn task_id(&self) -> String {
+        self.body["task_id"].as_str().unwrap_or_else(|| panic!("no task_id in {}", self.text)).to_owned()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.body["version"].as_u64().unwrap_or_else(|| panic!("no version in {}", self.text))
+    }
 }
 
 impl TestApp {
     pub fn token(&self, user: &str) -> String {
-        self.auth.issue(user, 60)
+        self.auth.issue(user, 300)
     }
 
-    pub async fn get(&self, path: &str) -> (u16, String) {
-        let res = self.router.clone().oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
-        let status = res.status().as_u16();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+    pub async fn wait_ready(&self) {
+        eventually("GET /readyz to answer 200", Duration::from_secs(10), || async {
+            (self.get("/readyz").await.status == StatusCode::OK).then_some(())
+        })
+        .await;
     }
 
-    /// Sends a request as `user` (None: without a token) with a JSON body.
-    pub async fn send(&self, user: Option<&str>, method: &str, path: &str, body: Option<&Value>, headers: &[(&str, &str)]) -> Answer {
+    pub async fn raw(&self, req: Request<Body>) -> Resp {
+        let res = self.router.clone().oneshot(req).await.expect("the router is infallible");
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Resp { status, headers, text, body }
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.raw(Request::get(path).body(Body::empty()).unwrap()).await
+    }
+
+    /// `method path` as `user` (None: no Authorization header), with an optional JSON body and
+    /// extra headers.
+    pub async fn send(&self, user: Option<&str>, method: &str, path: &str, body: Option<&Value>, headers: &[(&str, &str)]) -> Resp {
         let mut req = Request::builder().method(method).uri(path);
         if let Some(u) = user {
             req = req.header("authorization", format!("Bearer {}", self.token(u)));
         }
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let body = body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty);
         self.raw(req.body(body).unwrap()).await
     }
 
-    pub async fn raw(&self, req: Request<Body>) -> Answer {
-        let res = self.router.clone().oneshot(req).await.unwrap();
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Answer { status, headers, body }
+    /// A request as `user` with a raw body and content type (for malformed input).
+    pub async fn send_raw(&self, user: &str, method: &str, path: &str, content_type: Option<&str>, body: impl Into<Body>) -> Resp {
+        let mut req = Request::builder().method(method).uri(path).header("authorization", format!("Bearer {}", self.token(user)));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        self.raw(req.body(body.into()).unwrap()).await
     }
+
+    pub async fn create(&self, user: &str, body: Value) -> Resp {
+        let r = self.send(Some(user), "POST", "/v1/tasks", Some(&body), &[]).await;
+        assert_eq!(r.status, StatusCode::CREATED, "create {body}: {}", r.text);
+        r
+    }
+
+    pub async fn create_task(&self, user: &str, title: &str) -> String {
+        self.create(user, serde_json::json!({ "title": title })).await.task_id()
+    }
+
+    pub async fn patch(&self, user: &str, id: &str, body: Value, headers: &[(&str, &str)]) -> Resp {
+        self.send(Some(user), "PATCH", &format!("/v1/tasks/{id}"), Some(&body), headers).await
+    }
+
+    pub async fn complete(&self, user: &str, id: &str, headers: &[(&str, &str)]) -> Resp {
+        self.send(Some(user), "POST", &format!("/v1/tasks/{id}/complete"), None, headers).await
+    }
+
+    pub async fn reopen(&self, user: &str, id: &str, headers: &[(&str, &str)]) -> Resp {
+        self.send(Some(user), "POST", &format!("/v1/tasks/{id}/reopen"), None, headers).await
+    }
+
+    pub async fn delete(&self, user: &str, id: &str, headers: &[(&str, &str)]) -> Resp {
+        self.send(Some(user), "DELETE", &format!("/v1/tasks/{id}"), None, headers).await
+    }
+}
+
+/// Asserts an RFC 9457 problem answer with `status` and returns its body. A 422 must carry a
+/// non-empty `errors` list of `{field, message}`; other statuses must not carry one.
+#[track_caller]
+pub fn assert_problem(r: &Resp, status: u16) -> &Value {
+    assert_eq!(r.status.as_u16(), status, "unexpected status; body: {}", r.text);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"), "content type of {}", r.text);
+    let b = &r.body;
+    assert!(b.is_object(), "problem body is not a JSON object: {}", r.text);
+    for f in ["type", "title", "detail"] {
+        assert!(b[f].as_str().is_some_and(|s| !s.is_empty()), "`{f}` missing or empty in {}", r.text);
+    }
+    assert_eq!(b["status"].as_u64(), Some(u64::from(status)), "`status` in {}", r.text);
+    assert_eq!(b["title"].as_str(), StatusCode::from_u16(status).unwrap().canonical_reason(), "`title` in {}", r.text);
+    if status == 422 {
+        let errors = b["errors"].as_array().unwrap_or_else(|| panic!("422 without `errors`: {}", r.text));
+        assert!(!errors.is_empty(), "empty `errors`: {}", r.text);
+        for e in errors {
+            assert!(e["field"].is_string(), "`field` missing in {e}");
+            assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "`message` missing in {e}");
+        }
+    } else {
+        assert!(b.get("errors").is_none(), "`errors` on a {status}: {}", r.text);
+    }
+    b
+}
+
+/// Asserts a 422 whose `errors` name `field`.
+#[track_caller]
+pub fn assert_field_error(r: &Resp, field: &str) {
+    let b = assert_problem(r, 422);
+    let fields: Vec<&str> = b["errors"].as_array().unwrap().iter().filter_map(|e| e["field"].as_str()).collect();
+    assert!(fields.contains(&field), "expected an error on `{field}`, got {fields:?}: {}", r.text);
 }
