@@ -1,70 +1,133 @@
-# Local Kafka and PostgreSQL for ./dev. Sourced; everything lives under $ROOT/.local (ignored by git).
 # shellcheck shell=bash
+# shellcheck disable=SC2034,SC2012  # STARTED_* are read by ./dev; ls -d of a fixed glob is fine
+# Local Apache Kafka and PostgreSQL for ./dev (sourced, never run). Everything lives under
+# $ROOT/.local, which git ignores:
+#
+#   .local/kafka/libs/        Kafka 3.9.1 runtime jars, resolved from Maven Central by mvn (once)
+#   .local/kafka/data/        KRaft log dirs of the single combined broker+controller node
+#   .local/kafka/kafka.log    broker log (log4j), kafka.pid, server.properties, cluster-id
+#   .local/pg/data/           private PostgreSQL cluster (127.0.0.1:55432, trust auth)
+#   .local/pg/run/            its unix socket; .local/pg/postgres.log its log
+#
+# Kafka's command-line tools run from the same jars, e.g.
+#   java -cp ".local/kafka/libs/*" org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 --list
+#   java -cp ".local/kafka/libs/*" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server 127.0.0.1:9092 \
+#     --topic task-events --from-beginning --property print.headers=true
+#
+# Functions: ensure_kafka, ensure_postgres, stop_local (and stop_kafka, stop_postgres).
+# ensure_kafka exports KAFKA_BROKERS and TASKSTREAM_KAFKA_LIBS; ensure_postgres exports DATABASE_URL.
+# When KAFKA_BROKERS / DATABASE_URL are already set they are used as they are.
+# STARTED_KAFKA / STARTED_PG are 1 when this shell started the broker / the cluster.
 
-LOCAL="$ROOT/.local"
+if [ -z "${ROOT:-}" ]; then
+  ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+fi
+
+LOCAL_DIR="$ROOT/.local"
 KAFKA_VERSION=3.9.1
-KAFKA_DIR="$LOCAL/kafka"
+KAFKA_DIR="$LOCAL_DIR/kafka"
 KAFKA_LIBS="$KAFKA_DIR/libs"
 KAFKA_PORT=9092
 KAFKA_CONTROLLER_PORT=9093
-PG_DIR="$LOCAL/pg"
+KAFKA_START_TIMEOUT=90
+PG_DIR="$LOCAL_DIR/pg"
 PG_PORT=55432
+PG_DB=taskstream
+PG_MAX_CONNECTIONS=200
 STARTED_KAFKA=0
 STARTED_PG=0
 
-say() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
-warn() { printf '\033[1;33mwarning:\033[0m %s\n' "$*" >&2; }
-die() { printf '\033[1;31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+if [ -t 2 ]; then
+  _C_SAY=$'\033[1;34m' _C_WARN=$'\033[1;33m' _C_ERR=$'\033[1;31m' _C_OFF=$'\033[0m'
+else
+  _C_SAY='' _C_WARN='' _C_ERR='' _C_OFF=''
+fi
+say() { printf '%s==>%s %s\n' "$_C_SAY" "$_C_OFF" "$*" >&2; }
+warn() { printf '%swarning:%s %s\n' "$_C_WARN" "$_C_OFF" "$*" >&2; }
+die() { printf '%serror:%s %s\n' "$_C_ERR" "$_C_OFF" "$*" >&2; exit 1; }
+
+now_ms() { date +%s%3N; }
+since() { # start_ms -> "1.2 s"
+  local ms=$(($(now_ms) - $1))
+  printf '%d.%d s' $((ms / 1000)) $((ms % 1000 / 100))
+}
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-wait_port() { # port seconds what logfile
-  local deadline=$((SECONDS + $2))
-  until port_open "$1"; do
-    if ((SECONDS > deadline)); then
-      [ -f "$4" ] && tail -n 30 "$4" >&2
-      die "$3 did not open port $1 within $2 s (log: $4)"
-    fi
-    sleep 0.2
-  done
+apt_install() {
+  if [ "$(id -u)" -ne 0 ]; then
+    die "$* is needed but not installed, and only root can apt-get install it: install it, then run this again"
+  fi
+  command -v apt-get >/dev/null || die "$* is needed but not installed (and there is no apt-get here): install it first"
+  say "installing $* with apt-get (first run only)"
+  apt-get update -qq >/dev/null || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null \
+    || die "apt-get install $* failed"
 }
 
-apt_install() {
-  say "installing $* with apt-get"
-  if [ "$(id -u)" -ne 0 ]; then die "need root to apt-get install $* (or install it yourself)"; fi
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
+# --- Kafka -----------------------------------------------------------------------------------
+
+kafka_pom_digest() { sha256sum "$ROOT/deploy/local/kafka/pom.xml" | cut -c1-16; }
 
 fetch_kafka_jars() {
-  if [ -f "$KAFKA_LIBS/.complete-$KAFKA_VERSION" ]; then
+  command -v java >/dev/null || apt_install default-jre-headless
+  local marker
+  marker=".complete-$KAFKA_VERSION-$(kafka_pom_digest)" # a changed pom.xml fetches again
+  if [ -f "$KAFKA_LIBS/$marker" ]; then
     return
   fi
-  command -v java >/dev/null || apt_install default-jre-headless
   command -v mvn >/dev/null || apt_install maven
-  say "fetching Apache Kafka $KAFKA_VERSION jars from Maven Central (first run only)"
-  rm -rf "$KAFKA_LIBS"
-  mkdir -p "$KAFKA_LIBS"
-  mvn -B -q -Dstyle.color=never -f "$ROOT/deploy/local/kafka/pom.xml" \
+  if [ -d "$KAFKA_LIBS" ]; then
+    say "fetching Kafka $KAFKA_VERSION jars from Maven Central again (deploy/local/kafka/pom.xml changed)"
+  else
+    say "fetching Kafka $KAFKA_VERSION jars from Maven Central (first run only)"
+  fi
+  local t0 tmp="$KAFKA_DIR/libs.partial"
+  t0=$(now_ms)
+  mkdir -p "$KAFKA_DIR"
+  rm -rf "$tmp"
+  if ! mvn -B -q -Dstyle.color=never -f "$ROOT/deploy/local/kafka/pom.xml" \
     org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS" >&2 || die "mvn could not fetch the Kafka jars"
-  touch "$KAFKA_LIBS/.complete-$KAFKA_VERSION"
+    -DincludeScope=runtime -DoutputDirectory="$tmp" >"$KAFKA_DIR/mvn.log" 2>&1; then
+    tail -n 30 "$KAFKA_DIR/mvn.log" >&2
+    die "mvn could not fetch the Kafka jars (full output: .local/kafka/mvn.log); Maven Central must be reachable (proxy: ~/.m2/settings.xml)"
+  fi
+  [ -f "$tmp/kafka_2.13-$KAFKA_VERSION.jar" ] || die "mvn finished but kafka_2.13-$KAFKA_VERSION.jar is missing from $tmp"
+  # Swap the jars in file by file (rename), so a broker running from the old ones is not disturbed.
+  local wanted f
+  wanted=$(cd "$tmp" && ls -- *.jar)
+  mkdir -p "$KAFKA_LIBS"
+  rm -f "$KAFKA_LIBS"/.complete-*
+  mv -f "$tmp"/*.jar "$KAFKA_LIBS"/
+  for f in "$KAFKA_LIBS"/*.jar; do
+    grep -qxF -- "${f##*/}" <<<"$wanted" || rm -f "$f"
+  done
+  rm -rf "$tmp"
+  touch "$KAFKA_LIBS/$marker"
+  say "fetched $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars ($(du -sh "$KAFKA_LIBS" | cut -f1)) in $(since "$t0")"
 }
 
-ensure_kafka() {
-  fetch_kafka_jars
-  export TASKSTREAM_KAFKA_LIBS="$KAFKA_LIBS"
-  if [ -n "${KAFKA_BROKERS:-}" ]; then
-    say "using Kafka at KAFKA_BROKERS=$KAFKA_BROKERS"
-    return
-  fi
-  export KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
-  if port_open "$KAFKA_PORT"; then
-    say "Kafka already listening on $KAFKA_BROKERS; reusing it"
-    return
-  fi
+kafka_java() { # runs a Kafka main class from the cached jars, logging to .local/kafka/kafka.log
+  java -cp "$KAFKA_LIBS/*" -Dlog4j.configuration="file:$KAFKA_DIR/log4j.properties" "$@"
+}
+
+# The pid of the broker this script started, if it is still running.
+kafka_pid() {
+  local pid
+  [ -f "$KAFKA_DIR/kafka.pid" ] || return 1
+  pid=$(cat "$KAFKA_DIR/kafka.pid")
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  # Guard against a recycled pid: it must be our java with our server.properties.
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$KAFKA_DIR/server.properties" || return 1
+  echo "$pid"
+}
+
+write_kafka_config() {
   mkdir -p "$KAFKA_DIR/data" "$KAFKA_DIR/logs"
   cat >"$KAFKA_DIR/server.properties" <<PROPS
+# Written by deploy/local/lib.sh on every start; edit that file instead.
+# One KRaft node that is both broker and controller.
 node.id=1
 process.roles=broker,controller
 listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
@@ -79,32 +142,139 @@ offsets.topic.replication.factor=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 group.initial.rebalance.delay.ms=0
+# The log is the source of truth: keep it (the broker default deletes segments after 7 days).
+log.retention.ms=-1
 PROPS
   cat >"$KAFKA_DIR/log4j.properties" <<PROPS
-log4j.rootLogger=INFO, file
+# Written by deploy/local/lib.sh. The broker logs to .local/kafka/kafka.log, never to the terminal.
+log4j.rootLogger=WARN, file
 log4j.appender.file=org.apache.log4j.RollingFileAppender
 log4j.appender.file.File=$KAFKA_DIR/kafka.log
 log4j.appender.file.MaxFileSize=20MB
 log4j.appender.file.MaxBackupIndex=2
 log4j.appender.file.layout=org.apache.log4j.PatternLayout
 log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
-log4j.logger.kafka=INFO
-log4j.logger.org.apache.kafka=INFO
+# start-up, shutdown and role changes at INFO; everything else at WARN
+log4j.logger.kafka.Kafka\$=INFO
+log4j.logger.kafka.server.KafkaRaftServer=INFO
+log4j.logger.kafka.server.BrokerServer=INFO
+log4j.logger.kafka.server.ControllerServer=INFO
+log4j.logger.kafka.server.SharedServer=INFO
 PROPS
+}
+
+kafka_cluster_id() {
+  local f="$KAFKA_DIR/cluster-id" id
+  if [ ! -s "$f" ]; then
+    if [ -f "$KAFKA_DIR/data/meta.properties" ]; then # formatted before the id was kept in a file
+      sed -n 's/^cluster\.id=//p' "$KAFKA_DIR/data/meta.properties" >"$f"
+    else
+      kafka_java kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1 >"$f"
+    fi
+  fi
+  id=$(tr -d '[:space:]' <"$f")
+  [[ "$id" =~ ^[A-Za-z0-9_-]{22}$ ]] || die "bad Kafka cluster id '$id' in .local/kafka/cluster-id (delete .local/kafka to start over)"
+  echo "$id"
+}
+
+ensure_kafka() {
+  fetch_kafka_jars
+  export TASKSTREAM_KAFKA_LIBS="$KAFKA_LIBS"
+  if [ -n "${KAFKA_BROKERS:-}" ]; then
+    say "using Kafka at KAFKA_BROKERS=$KAFKA_BROKERS"
+    return
+  fi
+  export KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
+  local pid
+  if port_open "$KAFKA_PORT"; then
+    if pid=$(kafka_pid); then
+      say "Kafka $KAFKA_VERSION already running on $KAFKA_BROKERS (pid $pid, .local/kafka); reusing it"
+    else
+      warn "something that is not .local/kafka already listens on $KAFKA_BROKERS; using it as Kafka"
+    fi
+    return
+  fi
+  if port_open "$KAFKA_CONTROLLER_PORT"; then
+    die "127.0.0.1:$KAFKA_CONTROLLER_PORT (the local Kafka controller port) is taken by another process; stop it, or set KAFKA_BROKERS"
+  fi
+  write_kafka_config
+  local cluster_id
+  cluster_id=$(kafka_cluster_id) || exit 1
   if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
-    say "formatting Kafka storage (KRaft, single node)"
-    java -cp "$KAFKA_LIBS/*" -Dlog4j.configuration="file:$KAFKA_DIR/log4j.properties" \
-      kafka.tools.StorageTool format -t "tAsKsTrEaMlOcAlClUsTr1" -c "$KAFKA_DIR/server.properties" >/dev/null \
-      || die "formatting Kafka storage failed"
+    say "formatting Kafka storage in .local/kafka/data (KRaft, single node, cluster id $cluster_id)"
+    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" \
+      >"$KAFKA_DIR/format.log" 2>&1 || { cat "$KAFKA_DIR/format.log" >&2; die "formatting the Kafka storage failed"; }
   fi
   say "starting Kafka $KAFKA_VERSION on $KAFKA_BROKERS (log: .local/kafka/kafka.log)"
-  nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
+  local t0 log_from=0
+  t0=$(now_ms)
+  [ -f "$KAFKA_DIR/kafka.log" ] && log_from=$(stat -c %s "$KAFKA_DIR/kafka.log")
+  # setsid: its own session, so a Ctrl-C in the terminal does not reach the broker; ./dev stops it.
+  setsid java -Xmx1g -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j.configuration="file:$KAFKA_DIR/log4j.properties" -Dkafka.logs.dir="$KAFKA_DIR/logs" \
-    -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/stdout.log" 2>&1 &
-  echo $! >"$KAFKA_DIR/kafka.pid"
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" </dev/null >"$KAFKA_DIR/stdout.log" 2>&1 &
+  pid=$!
+  echo "$pid" >"$KAFKA_DIR/kafka.pid"
   STARTED_KAFKA=1
-  wait_port "$KAFKA_PORT" 90 "Kafka" "$KAFKA_DIR/kafka.log"
+  local deadline=$((SECONDS + KAFKA_START_TIMEOUT))
+  # Ready = the port accepts connections and the broker logged that it finished starting (the
+  # listener is bound a moment before the broker serves requests).
+  until port_open "$KAFKA_PORT" && kafka_logged_started "$log_from"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      kafka_show_failure "$log_from"
+      rm -f "$KAFKA_DIR/kafka.pid"
+      STARTED_KAFKA=0
+      die "Kafka exited while starting (logs: .local/kafka/kafka.log, .local/kafka/stdout.log)"
+    fi
+    if ((SECONDS >= deadline)); then
+      kafka_show_failure "$log_from"
+      die "Kafka did not come up on $KAFKA_BROKERS within $KAFKA_START_TIMEOUT s (log: .local/kafka/kafka.log); it is still running as pid $pid"
+    fi
+    sleep 0.2
+  done
+  say "Kafka is up on $KAFKA_BROKERS (pid $pid, started in $(since "$t0"))"
 }
+
+kafka_logged_started() { # byte offset of kafka.log when the broker was launched
+  local size
+  size=$(stat -c %s "$KAFKA_DIR/kafka.log" 2>/dev/null || echo 0)
+  ((size >= $1)) || set -- 0 # the log rolled over meanwhile
+  tail -c +$(($1 + 1)) "$KAFKA_DIR/kafka.log" 2>/dev/null | grep -q 'Kafka Server started'
+}
+
+kafka_show_failure() { # byte offset of kafka.log when the broker was launched
+  local errors
+  errors=$(tail -c +$(($1 + 1)) "$KAFKA_DIR/kafka.log" 2>/dev/null | grep -E -A1 '^\[[^]]*\] (ERROR|FATAL) ' | grep -v '^--$' | tail -n 8)
+  if [ -n "$errors" ]; then
+    printf '%s\n' "$errors" >&2
+  else
+    tail -n 20 "$KAFKA_DIR/kafka.log" >&2 2>/dev/null
+  fi
+  [ -s "$KAFKA_DIR/stdout.log" ] && tail -n 10 "$KAFKA_DIR/stdout.log" >&2
+  return 0
+}
+
+stop_kafka() {
+  local pid
+  if ! pid=$(kafka_pid); then
+    rm -f "$KAFKA_DIR/kafka.pid"
+    return 0
+  fi
+  say "stopping Kafka (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + 60))
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((SECONDS >= deadline)); then
+      warn "Kafka did not stop within 60 s; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.2
+  done
+  rm -f "$KAFKA_DIR/kafka.pid"
+}
+
+# --- PostgreSQL ------------------------------------------------------------------------------
 
 pg_bin() {
   local d
@@ -113,75 +283,126 @@ pg_bin() {
     apt_install postgresql
     d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
   fi
-  [ -n "$d" ] || die "PostgreSQL binaries not found after installing"
+  [ -n "$d" ] && [ -x "$d/initdb" ] || die "PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin"
   echo "$d"
 }
 
-as_pg() { # run a PostgreSQL program as the postgres user when we are root
-  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+as_pg() { # PostgreSQL refuses to run as root: as root, run its programs as the postgres user
+  if [ "$(id -u)" -eq 0 ]; then
+    (cd "$PG_DIR" && runuser -u postgres -- "$@")
+  else
+    "$@"
+  fi
+}
+
+pg_prepare_dir() {
+  mkdir -p "$PG_DIR/run"
+  [ "$(id -u)" -eq 0 ] || return 0
+  if ! id postgres >/dev/null 2>&1; then
+    say "creating the system user postgres"
+    useradd --system --user-group --home-dir /var/lib/postgresql --no-create-home --shell /bin/bash postgres \
+      || die "could not create the postgres user"
+  fi
+  [ "$(stat -c %U "$PG_DIR")" = postgres ] || chown -R postgres: "$PG_DIR"
+  [ "$(stat -c %U "$PG_DIR/run")" = postgres ] || chown postgres: "$PG_DIR/run"
+  if ! runuser -u postgres -- test -w "$PG_DIR"; then
+    local p="" part blocker="$PG_DIR"
+    local -a parts
+    IFS=/ read -ra parts <<<"${PG_DIR#/}"
+    for part in "${parts[@]}"; do
+      p="$p/$part"
+      if ! runuser -u postgres -- test -x "$p"; then blocker=$p; break; fi
+    done
+    die "PostgreSQL refuses to run as root, so ./dev runs it as the postgres user, who cannot reach $PG_DIR (blocked at $blocker). Make the path traversable (e.g. chmod o+x $blocker), move the checkout, or set DATABASE_URL to a PostgreSQL of your own."
+  fi
+}
+
+pg_write_config() {
+  local conf="$PG_DIR/data/taskstream.conf"
+  cat >"$conf" <<CONF
+# Written by deploy/local/lib.sh on every run (included from postgresql.conf); edit that file instead.
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$PG_DIR/run'
+max_connections = $PG_MAX_CONNECTIONS
+shared_buffers = 256MB
+# durability stays at the defaults (the projector's exactly-once relies on committed = durable)
+fsync = on
+synchronous_commit = on
+full_page_writes = on
+CONF
+  [ "$(id -u)" -ne 0 ] || chown postgres: "$conf"
+  grep -q "^include_if_exists = 'taskstream.conf'" "$PG_DIR/data/postgresql.conf" \
+    || printf "\n# taskstream (./dev)\ninclude_if_exists = 'taskstream.conf'\n" >>"$PG_DIR/data/postgresql.conf"
 }
 
 ensure_postgres() {
   if [ -n "${DATABASE_URL:-}" ]; then
-    say "using PostgreSQL at DATABASE_URL"
+    say "using PostgreSQL at DATABASE_URL (set by you)"
     return
   fi
-  export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/taskstream"
   local bin
-  bin=$(pg_bin)
-  mkdir -p "$PG_DIR/run"
-  if [ "$(id -u)" -eq 0 ]; then
-    id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
-    chown -R postgres: "$PG_DIR"
-    runuser -u postgres -- test -x "$PG_DIR" || die "the postgres user cannot reach $PG_DIR; make the path to the checkout traversable (chmod o+x on its parents)"
-  fi
+  bin=$(pg_bin) || exit 1
+  pg_prepare_dir
   if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
-    say "creating a private PostgreSQL cluster in .local/pg"
-    as_pg "$bin/initdb" -D "$PG_DIR/data" --auth=trust -U postgres --encoding=UTF8 --no-locale >/dev/null \
-      || die "initdb failed"
-    cat >>"$PG_DIR/data/postgresql.conf" <<CONF
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$PG_DIR/run'
-max_connections = 300
-shared_buffers = 256MB
-CONF
-  fi
-  if as_pg "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
-    say "PostgreSQL already running on 127.0.0.1:$PG_PORT; reusing it"
-  else
-    say "starting PostgreSQL on 127.0.0.1:$PG_PORT (log: .local/pg/postgres.log)"
-    as_pg "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 start >/dev/null \
-      || { tail -n 20 "$PG_DIR/postgres.log" >&2; die "PostgreSQL did not start"; }
-    STARTED_PG=1
-  fi
-  if ! as_pg "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='taskstream'" postgres | grep -q 1; then
-    as_pg "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE taskstream" postgres >/dev/null
-  fi
-}
-
-stop_kafka() {
-  if [ -f "$KAFKA_DIR/kafka.pid" ]; then
-    local pid
-    pid=$(cat "$KAFKA_DIR/kafka.pid")
-    if kill -0 "$pid" 2>/dev/null; then
-      say "stopping Kafka"
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -9 "$pid" 2>/dev/null || true
+    say "creating a private PostgreSQL $(basename "$(dirname "$bin")") cluster in .local/pg/data (first run only)"
+    rm -rf "$PG_DIR/data"
+    if ! as_pg "$bin/initdb" -D "$PG_DIR/data" --auth=trust -U postgres --encoding=UTF8 --no-locale \
+      >"$PG_DIR/initdb.log" 2>&1; then
+      cat "$PG_DIR/initdb.log" >&2
+      rm -rf "$PG_DIR/data"
+      die "initdb failed"
     fi
-    rm -f "$KAFKA_DIR/kafka.pid"
   fi
+  pg_write_config
+  local psql=("$bin/psql" -X -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
+  if as_pg "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+    say "PostgreSQL already running on 127.0.0.1:$PG_PORT (.local/pg); reusing it"
+    local running
+    running=$("${psql[@]}" -d postgres -c 'SHOW max_connections' 2>/dev/null || true)
+    if [ -n "$running" ] && [ "$running" != "$PG_MAX_CONNECTIONS" ]; then
+      warn "it runs with max_connections=$running instead of $PG_MAX_CONNECTIONS; './dev down' and start again to apply"
+    fi
+  else
+    if port_open "$PG_PORT"; then
+      die "127.0.0.1:$PG_PORT is taken by another process (not the cluster in .local/pg); stop it, or set DATABASE_URL"
+    fi
+    say "starting PostgreSQL on 127.0.0.1:$PG_PORT (log: .local/pg/postgres.log)"
+    local t0
+    t0=$(now_ms)
+    if ! as_pg "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 start >/dev/null; then
+      tail -n 20 "$PG_DIR/postgres.log" >&2
+      die "PostgreSQL did not start (log: .local/pg/postgres.log)"
+    fi
+    STARTED_PG=1
+    say "PostgreSQL is up (started in $(since "$t0"))"
+  fi
+  if [ "$("${psql[@]}" -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'")" != 1 ]; then
+    say "creating database $PG_DB"
+    "${psql[@]}" -d postgres -c "CREATE DATABASE $PG_DB" || die "could not create database $PG_DB"
+  fi
+  export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/$PG_DB"
 }
 
 stop_postgres() {
-  if [ -f "$PG_DIR/data/postmaster.pid" ]; then
-    say "stopping PostgreSQL"
-    as_pg "$(pg_bin)/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+  [ -f "$PG_DIR/data/postmaster.pid" ] || return 0
+  local bin
+  bin=$(pg_bin) || exit 1
+  if as_pg "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+    say "stopping PostgreSQL (.local/pg)"
+    as_pg "$bin/pg_ctl" -D "$PG_DIR/data" -m fast -w -t 60 stop >/dev/null || warn "pg_ctl stop failed (log: .local/pg/postgres.log)"
   fi
 }
 
+# Stops the broker and the cluster that live under .local (never anything else).
 stop_local() {
+  local any=0
+  if kafka_pid >/dev/null; then any=1; fi
+  if [ -f "$PG_DIR/data/postmaster.pid" ]; then any=1; fi
+  if [ "$any" = 0 ]; then
+    say "nothing to stop: no Kafka or PostgreSQL from .local is running"
+    return 0
+  fi
   stop_kafka
   stop_postgres
 }
