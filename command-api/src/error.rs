@@ -108,7 +108,8 @@ impl From<DomainError> for ApiError {
             | DomainError::Deleted
             | DomainError::AlreadyCompleted
             | DomainError::NotCompleted
-            | DomainError::NoReminderDue) => {
+            | DomainError::NoReminderDue
+            | DomainError::AlreadyRead) => {
                 ApiError::Conflict(e.to_string())
             }
         }

@@ -8,17 +8,46 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
-use domain::{TaskId, UserId};
+use domain::UserId;
+use uuid::Uuid;
 use platform::codec::IdempotencyTag;
 use platform::position::Position;
 
-/// What a command is answered with.
+/// What a command is about: its answer names the id accordingly (`task_id`, `notification_id`,
+/// `webhook_id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerKind {
+    Task,
+    Notification,
+    Webhook,
+}
+
+impl AnswerKind {
+    pub fn id_field(self) -> &'static str {
+        match self {
+            AnswerKind::Task => "task_id",
+            AnswerKind::Notification => "notification_id",
+            AnswerKind::Webhook => "webhook_id",
+        }
+    }
+}
+
+/// What a command is answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
-    pub task_id: TaskId,
+    pub id: Uuid,
+    pub kind: AnswerKind,
     pub version: u32,
     pub position: Position,
     pub created: bool,
+    /// SetWebhook: the signing secret, returned with the answer (and with a replay of it).
+    pub secret: Option<Arc<str>>,
+}
+
+impl Answer {
+    pub fn new(id: Uuid, kind: AnswerKind, version: u32, position: Position, created: bool) -> Self {
+        Self { id, kind, version, position, created, secret: None }
+    }
 }
 
 #[derive(Debug)]

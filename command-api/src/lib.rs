@@ -6,6 +6,7 @@ pub mod extract;
 pub mod idempotency;
 pub mod log;
 pub mod routes;
+pub mod webhook_dns;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -64,6 +65,10 @@ pub struct Settings {
     /// How long an Idempotency-Key is remembered.
     #[arg(long, env = "IDEMPOTENCY_TTL_SECONDS", default_value_t = 86_400)]
     pub idempotency_ttl_seconds: u64,
+    /// Accept webhook URLs that point at loopback or private addresses (for local development;
+    /// `./dev` sets it). Never in production: it opens the door to SSRF.
+    #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE", default_value_t = false)]
+    pub webhook_allow_private: bool,
     /// Request timeout (longer than a log operation, so a command is never cut off mid-append).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
@@ -74,6 +79,8 @@ pub struct AppState {
     pub writer: Writer,
     pub auth: JwtAuth,
     pub idempotency: IdempotencyCache,
+    /// Accept webhook URLs on loopback/private addresses (local development only).
+    pub allow_private_webhooks: bool,
 }
 
 impl FromRef<AppState> for JwtAuth {
@@ -86,7 +93,12 @@ impl AppState {
     /// Wires the state around any event log (Kafka in production, in-memory in unit tests).
     pub fn new<L: EventLog>(log: L, auth: JwtAuth, max_batch: usize, idempotency: IdempotencyCache) -> Self {
         let writer = Writer::spawn(log, idempotency.clone(), max_batch);
-        Self { writer, auth, idempotency }
+        Self { writer, auth, idempotency, allow_private_webhooks: false }
+    }
+
+    pub fn allow_private_webhooks(mut self, allow: bool) -> Self {
+        self.allow_private_webhooks = allow;
+        self
     }
 }
 
@@ -94,7 +106,7 @@ impl AppState {
 #[openapi(
     info(title = "taskstream command API", description = "Commands on tasks. Every success means the events are durable in Kafka."),
     modifiers(&BearerAuth),
-    tags((name = "tasks", description = "Task commands"))
+    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"))
 )]
 struct ApiDoc;
 
@@ -117,6 +129,8 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .routes(routes!(routes::update_task, routes::delete_task))
         .routes(routes!(routes::complete_task))
         .routes(routes!(routes::reopen_task))
+        .routes(routes!(routes::mark_notification_read))
+        .routes(routes!(routes::set_webhook, routes::remove_webhook))
         .split_for_parts();
     let api = api.route("/internal/v1/tasks/{id}/remind", axum::routing::post(routes::fire_reminder));
     let openapi = std::sync::Arc::new(openapi);
@@ -160,7 +174,7 @@ impl Application {
             tracing::warn!("SERVICE_JWT_SECRET is not set: the projector's reactions will be refused");
         }
         let auth = JwtAuth::new(&settings.auth.auth_jwt_secret).with_service_secret(settings.service_jwt_secret.as_ref());
-        let state = AppState::new(log, auth, settings.max_batch, idempotency);
+        let state = AppState::new(log, auth, settings.max_batch, idempotency).allow_private_webhooks(settings.webhook_allow_private);
         let listener = tokio::net::TcpListener::bind(settings.addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "command API listening");
         Ok(Self { listener, router: router(state, Duration::from_millis(settings.request_timeout_ms)) })

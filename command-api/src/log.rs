@@ -10,7 +10,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use platform::codec::{self, DecodeError, EncodedEvent, EventEnvelope};
+use platform::codec::{self, DecodeError, EncodedEvent, Record};
+use platform::kafka::QuietEof;
 use platform::position::Position;
 use platform::settings::KafkaSettings;
 
@@ -41,7 +42,7 @@ pub trait EventLog: Send + 'static {
     fn read_from(
         &mut self,
         from: Offsets,
-        apply: Box<dyn FnMut(Position, Result<EventEnvelope, DecodeError>) + Send>,
+        apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>,
     ) -> impl std::future::Future<Output = Result<Offsets, LogError>> + Send;
 }
 
@@ -113,7 +114,7 @@ impl EventLog for KafkaLog {
     async fn read_from(
         &mut self,
         from: Offsets,
-        apply: Box<dyn FnMut(Position, Result<EventEnvelope, DecodeError>) + Send>,
+        apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>,
     ) -> Result<Offsets, LogError> {
         let mut cfg = platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api-restore");
         cfg.set("group.id", format!("{}-restore", self.settings.transactional_id))
@@ -123,7 +124,7 @@ impl EventLog for KafkaLog {
             .set("enable.partition.eof", "true")
             .set("fetch.max.bytes", "52428800")
             .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer = cfg.create()?;
+        let consumer: BaseConsumer<QuietEof> = cfg.create_with_context(QuietEof)?;
         let topic = self.settings.kafka.task_events_topic.clone();
         let timeout = self.op_timeout();
         tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, from, apply, timeout))
@@ -179,10 +180,10 @@ fn append_in_transaction(
 }
 
 fn read_to_end(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<QuietEof>,
     topic: &str,
     mut next: Offsets,
-    mut apply: Box<dyn FnMut(Position, Result<EventEnvelope, DecodeError>) + Send>,
+    mut apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>,
     timeout: Duration,
 ) -> Result<Offsets, LogError> {
     let partitions = platform::kafka::partitions(consumer, topic, timeout).map_err(|e| LogError::Unavailable(format!("{e:#}")))?;
@@ -209,7 +210,7 @@ fn read_to_end(
                 last_progress = Instant::now();
                 let pos = Position { partition: m.partition(), offset: m.offset() };
                 next.insert(pos.partition, pos.offset + 1);
-                apply(pos, codec::decode(m.key(), m.headers(), m.payload()));
+                apply(pos, codec::decode_record(m.key(), m.headers(), m.payload()));
                 count += 1;
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {

@@ -13,12 +13,13 @@ use domain::{
     Command, CommandKind, Description, FieldError, NewTask, Priority, Recurrence, RemindBefore, Tags, TaskId, TaskPatch,
     TimeZone, Title, ValidationError,
 };
+use domain::user::{UserCommand, UserCommandKind, WebhookUrl};
 use platform::codec::IdempotencyTag;
 
 use crate::error::{ApiError, Problem};
 use crate::extract::{request_digest, AuthUser, ServiceCaller, CommandHeaders, JsonBody, TaskPath};
-use crate::idempotency::{Answer, Stored};
-use crate::writer::CommandMeta;
+use crate::idempotency::{Answer, AnswerKind, Stored};
+use crate::writer::{AnyCommand, CommandMeta};
 use crate::AppState;
 
 #[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
@@ -209,15 +210,13 @@ fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// Hands a parsed command to the writer, honouring `Idempotency-Key`.
-async fn execute(
-    state: &AppState,
-    caller: AuthUser,
-    headers: CommandHeaders,
-    task_id: TaskId,
-    kind: CommandKind,
-    digest: String,
-) -> Result<Response, ApiError> {
-    let name = kind.name();
+/// What a handler asks the writer to do.
+enum Target {
+    Task(TaskId, CommandKind),
+    User(UserCommandKind),
+}
+
+async fn execute(state: &AppState, caller: AuthUser, headers: CommandHeaders, target: Target, digest: String) -> Result<Response, ApiError> {
     let request_id = Uuid::new_v4().to_string();
     let causation_id = headers.causation_id.filter(|_| caller.is_service()).unwrap_or_else(|| request_id.clone());
     let user = caller.0;
@@ -227,18 +226,23 @@ async fn execute(
         traceparent: headers.traceparent,
         idempotency: headers.idempotency_key.clone().map(|key| IdempotencyTag { key, request_digest: digest.clone() }),
     };
-    let cmd = Command { task_id, user: user.clone(), expected_version: headers.if_match, kind };
+    let (name, cmd) = match target {
+        Target::Task(task_id, kind) => {
+            (kind.name(), AnyCommand::Task(Command { task_id, user: user.clone(), expected_version: headers.if_match, kind }))
+        }
+        Target::User(kind) => (kind.name(), AnyCommand::User(UserCommand { user: user.clone(), kind })),
+    };
     let started = std::time::Instant::now();
     let result = match headers.idempotency_key {
-        None => state.writer.submit(cmd, meta).await.map(|a| (a, false)).map_err(ApiError::from),
+        None => state.writer.submit_any(cmd, meta).await.map(|a| (a, false)).map_err(ApiError::from),
         Some(key) => {
             let init = async {
-                let answer = state.writer.submit(cmd, meta).await.map_err(ApiError::from)?;
+                let answer = state.writer.submit_any(cmd, meta).await.map_err(ApiError::from)?;
                 Ok::<_, ApiError>(std::sync::Arc::new(Stored { request_digest: digest.clone(), answer }))
             };
             match state.idempotency.cache().entry((user, key)).or_try_insert_with(init).await {
-                Ok(entry) if entry.is_fresh() => Ok((entry.value().answer, false)),
-                Ok(entry) if entry.value().request_digest == digest => Ok((entry.value().answer, true)),
+                Ok(entry) if entry.is_fresh() => Ok((entry.value().answer.clone(), false)),
+                Ok(entry) if entry.value().request_digest == digest => Ok((entry.value().answer.clone(), true)),
                 Ok(_) => Err(ApiError::IdempotencyKeyReused),
                 Err(e) => Err((*e).clone()),
             }
@@ -257,14 +261,22 @@ async fn execute(
 
 fn respond(a: Answer, replayed: bool) -> Response {
     let status = if a.created { StatusCode::CREATED } else { StatusCode::OK };
-    let body = CommandResponse { task_id: *a.task_id.as_uuid(), version: a.version, position: a.position.token() };
-    let mut res = (status, axum::Json(body)).into_response();
+    let mut body = serde_json::Map::new();
+    body.insert(a.kind.id_field().to_owned(), a.id.to_string().into());
+    body.insert("version".to_owned(), a.version.into());
+    body.insert("position".to_owned(), a.position.token().into());
+    if let Some(secret) = &a.secret {
+        body.insert("secret".to_owned(), secret.to_string().into());
+    }
+    let mut res = (status, axum::Json(serde_json::Value::Object(body))).into_response();
     let h = res.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", a.version)) {
-        h.insert(header::ETAG, v);
+    if a.kind == AnswerKind::Task {
+        if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", a.version)) {
+            h.insert(header::ETAG, v);
+        }
     }
     if a.created {
-        if let Ok(v) = HeaderValue::from_str(&format!("/v1/tasks/{}", a.task_id)) {
+        if let Ok(v) = HeaderValue::from_str(&format!("/v1/tasks/{}", a.id)) {
             h.insert(header::LOCATION, v);
         }
     }
@@ -299,7 +311,7 @@ pub async fn create_task(
     let digest = request_digest("POST", "/v1/tasks", headers.if_match, &body.canonical);
     let (task_id, task) = parse_create(body.value, caller.is_service())?;
     let task_id = task_id.unwrap_or_else(TaskId::new_v7);
-    execute(&state, caller, headers, task_id, CommandKind::Create(task), digest).await
+    execute(&state, caller, headers, Target::Task(task_id, CommandKind::Create(task)), digest).await
 }
 
 /// Fire the reminder due at `remind_at` (internal: the projector's scheduler, with the service
@@ -313,7 +325,7 @@ pub async fn fire_reminder(
 ) -> Result<Response, ApiError> {
     let digest = request_digest("POST", &format!("/internal/v1/tasks/{task_id}/remind"), headers.if_match, &body.canonical);
     let kind = CommandKind::FireReminder { remind_at: body.value.remind_at };
-    execute(&state, caller, headers, task_id, kind, digest).await
+    execute(&state, caller, headers, Target::Task(task_id, kind), digest).await
 }
 
 /// Update some fields of a task.
@@ -342,7 +354,7 @@ pub async fn update_task(
 ) -> Result<Response, ApiError> {
     let digest = request_digest("PATCH", &format!("/v1/tasks/{task_id}"), headers.if_match, &body.canonical);
     let patch = parse_update(body.value)?;
-    execute(&state, caller, headers, task_id, CommandKind::Update(patch), digest).await
+    execute(&state, caller, headers, Target::Task(task_id, CommandKind::Update(patch)), digest).await
 }
 
 macro_rules! lifecycle_handler {
@@ -370,7 +382,7 @@ macro_rules! lifecycle_handler {
         ) -> Result<Response, ApiError> {
             let path = $path.replace("{id}", &task_id.to_string());
             let digest = request_digest(stringify!($method), &path, headers.if_match, b"");
-            execute(&state, caller, headers, task_id, $kind, digest).await
+            execute(&state, caller, headers, Target::Task(task_id, $kind), digest).await
         }
     };
 }
@@ -418,4 +430,92 @@ mod tests {
         assert_eq!(p.tags, Some(Tags::default()));
         assert_eq!(p.title, None);
     }
+}
+
+/// SetWebhook.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetWebhookRequest {
+    /// Where reminders are POSTed: an absolute https (or http) URL on a public address.
+    pub url: Option<String>,
+    /// HMAC-SHA256 signing secret (16..=256 characters); generated and returned once when absent.
+    pub secret: Option<String>,
+}
+
+/// Mark one of your notifications as read.
+#[utoipa::path(
+    post, path = "/v1/notifications/{id}/read", tag = "notifications",
+    params(("id" = Uuid, Path, description = "Notification id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry")),
+    responses(
+        (status = 200, description = "Read; the event is durable in the log"),
+        (status = 401, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn mark_notification_read(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    axum::extract::Path(raw): axum::extract::Path<String>,
+    headers: CommandHeaders,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&raw).map_err(|_| ApiError::NotFound)?;
+    let digest = request_digest("POST", &format!("/v1/notifications/{id}/read"), None, b"");
+    execute(&state, caller, headers, Target::User(UserCommandKind::MarkNotificationRead(id)), digest).await
+}
+
+/// Register (or replace) your webhook.
+#[utoipa::path(
+    put, path = "/v1/webhook", tag = "webhooks",
+    request_body = SetWebhookRequest,
+    responses(
+        (status = 200, description = "Registered; the answer carries `secret` when it was generated"),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 415, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn set_webhook(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    headers: CommandHeaders,
+    body: JsonBody<SetWebhookRequest>,
+) -> Result<Response, ApiError> {
+    let digest = request_digest("PUT", "/v1/webhook", None, &body.canonical);
+    let req = body.value;
+    let raw = req.url.ok_or_else(|| ApiError::validation("url", "is required"))?;
+    let url = WebhookUrl::parse(raw, state.allow_private_webhooks).map_err(|e| ApiError::validation("url", e.0))?;
+    if !state.allow_private_webhooks {
+        crate::webhook_dns::check_resolves_publicly(url.as_ref()).await.map_err(|m| ApiError::validation("url", m))?;
+    }
+    let generated = req.secret.is_none();
+    let secret = req.secret.unwrap_or_else(|| format!("whsec_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple()));
+    let response = execute(&state, caller, headers, Target::User(UserCommandKind::SetWebhook { url, secret }), digest).await?;
+    if generated {
+        return Ok(response);
+    }
+    // A secret the client chose is not echoed back.
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("secret");
+    }
+    let mut res = (parts.status, axum::Json(v)).into_response();
+    for (k, val) in parts.headers.iter() {
+        if k != header::CONTENT_LENGTH {
+            res.headers_mut().insert(k.clone(), val.clone());
+        }
+    }
+    Ok(res)
+}
+
+/// Remove your webhook.
+#[utoipa::path(
+    delete, path = "/v1/webhook", tag = "webhooks",
+    responses((status = 200, description = "Removed"), (status = 401, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem)),
+    security(("bearer" = []))
+)]
+pub async fn remove_webhook(State(state): State<AppState>, caller: AuthUser, headers: CommandHeaders) -> Result<Response, ApiError> {
+    let digest = request_digest("DELETE", "/v1/webhook", None, b"");
+    execute(&state, caller, headers, Target::User(UserCommandKind::RemoveWebhook), digest).await
 }

@@ -1,7 +1,8 @@
 //! The single writer: every command goes through one task that decides against the in-memory state
-//! of all tasks (restored from the log at start), appends the accepted events of all concurrent
-//! commands in one Kafka transaction (group commit), and only then answers. Commands on one task are
-//! therefore applied in order, versions are contiguous, and the log never holds a rejected event.
+//! of all tasks and users (restored from the log at start), appends the accepted events of all
+//! concurrent commands in one Kafka transaction (group commit), and only then answers. Commands on
+//! one task are therefore applied in order, versions are contiguous, and the log never holds a
+//! rejected event.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,11 +13,12 @@ use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use domain::{decide, evolve, Command, CommandKind, DomainError, TaskId, TaskState};
-use platform::codec::{self, DecodeError, EventEnvelope, IdempotencyTag};
+use domain::user::{decide_user, evolve_user, UserCommand, UserCommandKind, UserEvent, UserState};
+use domain::{decide, evolve, ids, Command, CommandKind, DomainError, TaskEvent, TaskId, TaskState, UserId};
+use platform::codec::{self, DecodeError, EncodedEvent, EventEnvelope, IdempotencyTag, Record, UserEnvelope};
 use platform::position::Position;
 
-use crate::idempotency::{Answer, IdempotencyCache};
+use crate::idempotency::{Answer, AnswerKind, IdempotencyCache};
 use crate::log::{EventLog, LogError, Offsets};
 
 /// Metadata carried with a command into its events.
@@ -36,8 +38,24 @@ pub enum WriteError {
     Unavailable(String),
 }
 
+/// A command on a task or on a user's own state.
+#[derive(Debug, Clone)]
+pub enum AnyCommand {
+    Task(Command),
+    User(UserCommand),
+}
+
+impl AnyCommand {
+    fn user(&self) -> &UserId {
+        match self {
+            AnyCommand::Task(c) => &c.user,
+            AnyCommand::User(c) => &c.user,
+        }
+    }
+}
+
 struct Submission {
-    cmd: Command,
+    cmd: AnyCommand,
     meta: CommandMeta,
     reply: oneshot::Sender<Result<Answer, WriteError>>,
 }
@@ -54,7 +72,16 @@ impl Writer {
     pub fn spawn<L: EventLog>(log: L, idempotency: IdempotencyCache, max_batch: usize) -> Self {
         let (tx, rx) = mpsc::channel(max_batch * 4);
         let ready = Arc::new(AtomicBool::new(false));
-        let actor = Actor { log, state: HashMap::new(), offsets: Offsets::new(), idempotency, ready: ready.clone(), max_batch, recovering: true };
+        let actor = Actor {
+            log,
+            tasks: HashMap::new(),
+            users: HashMap::new(),
+            offsets: Offsets::new(),
+            idempotency,
+            ready: ready.clone(),
+            max_batch,
+            recovering: true,
+        };
         tokio::spawn(actor.run(rx));
         Self { tx, ready }
     }
@@ -64,6 +91,10 @@ impl Writer {
     }
 
     pub async fn submit(&self, cmd: Command, meta: CommandMeta) -> Result<Answer, WriteError> {
+        self.submit_any(AnyCommand::Task(cmd), meta).await
+    }
+
+    pub async fn submit_any(&self, cmd: AnyCommand, meta: CommandMeta) -> Result<Answer, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Submission { cmd, meta, reply })
@@ -75,13 +106,26 @@ impl Writer {
 
 struct Actor<L> {
     log: L,
-    state: HashMap<TaskId, TaskState>,
+    tasks: HashMap<TaskId, TaskState>,
+    users: HashMap<UserId, UserState>,
     /// Next offset per partition that this writer has seen (restored or appended).
     offsets: Offsets,
     idempotency: IdempotencyCache,
     ready: Arc<AtomicBool>,
     max_batch: usize,
     recovering: bool,
+}
+
+/// A decided command waiting for its batch to be appended.
+struct Pending {
+    sub: Submission,
+    outcome: Result<(Uuid, AnswerKind, u32, bool, Option<Arc<str>>, usize), DomainError>,
+    /// The decision looked at state staged by an earlier command of this batch.
+    saw_staged: bool,
+}
+
+fn webhook_id(user: &UserId) -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("taskstream:webhook:{user}").as_bytes())
 }
 
 impl<L: EventLog> Actor<L> {
@@ -124,20 +168,19 @@ impl<L: EventLog> Actor<L> {
         self.ready.store(false, Ordering::Release);
         self.log.connect().await?;
         let started = Instant::now();
-        let mut seen: Vec<(Position, Result<EventEnvelope, DecodeError>)> = Vec::new();
         let (tx, rx) = std::sync::mpsc::channel();
         let offsets = self
             .log
-            .read_from(self.offsets.clone(), Box::new(move |pos, env| {
-                let _ = tx.send((pos, env));
+            .read_from(self.offsets.clone(), Box::new(move |pos, rec| {
+                let _ = tx.send((pos, rec));
             }))
             .await?;
-        seen.extend(rx.try_iter());
+        let seen: Vec<_> = rx.try_iter().collect();
         let mut applied = 0u64;
-        for (pos, env) in seen {
-            match env {
-                Ok(env) => {
-                    self.apply_restored(pos, &env).await;
+        for (pos, rec) in seen {
+            match rec {
+                Ok(rec) => {
+                    self.apply_restored(pos, &rec).await;
                     applied += 1;
                 }
                 Err(e) => {
@@ -147,20 +190,42 @@ impl<L: EventLog> Actor<L> {
             }
         }
         self.offsets = offsets;
-        tracing::info!(events = applied, tasks = self.state.len(), elapsed_ms = started.elapsed().as_millis() as u64, "state restored from the log");
+        tracing::info!(events = applied, tasks = self.tasks.len(), users = self.users.len(), elapsed_ms = started.elapsed().as_millis() as u64, "state restored from the log");
         Ok(())
     }
 
-    async fn apply_restored(&mut self, pos: Position, env: &EventEnvelope) {
-        let entry = self.state.entry(env.task_id).or_default();
-        let next = evolve(std::mem::take(entry), &env.user_id, &env.event);
-        if next.version() != env.sequence {
-            tracing::warn!(task_id = %env.task_id, expected = env.sequence, got = next.version(), "log sequence differs from replayed version");
-        }
-        *entry = next;
-        if let Some(tag) = &env.idempotency {
-            let answer = Answer { task_id: env.task_id, version: env.sequence, position: pos, created: matches!(env.event, domain::TaskEvent::Created(_)) };
-            self.idempotency.remember(&env.user_id, tag, answer).await;
+    async fn apply_restored(&mut self, pos: Position, rec: &Record) {
+        let (user, tag, answer) = match rec {
+            Record::Task(env) => {
+                let entry = self.tasks.entry(env.task_id).or_default();
+                let next = evolve(std::mem::take(entry), &env.user_id, &env.event);
+                if next.version() != env.sequence {
+                    tracing::warn!(task_id = %env.task_id, expected = env.sequence, got = next.version(), "log sequence differs from replayed version");
+                }
+                *entry = next;
+                if let TaskEvent::ReminderDue(r) = &env.event {
+                    let u = self.users.entry(env.user_id.clone()).or_default();
+                    *u = std::mem::take(u).with_notification(ids::reminder_notification_id(env.task_id, r.remind_at));
+                }
+                let created = matches!(env.event, TaskEvent::Created(_));
+                let answer = Answer::new(*env.task_id.as_uuid(), AnswerKind::Task, env.sequence, pos, created);
+                (&env.user_id, &env.idempotency, answer)
+            }
+            Record::User(env) => {
+                let u = self.users.entry(env.user_id.clone()).or_default();
+                *u = evolve_user(std::mem::take(u), &env.event);
+                let (id, kind, secret) = match &env.event {
+                    UserEvent::NotificationRead(e) => (e.notification_id, AnswerKind::Notification, None),
+                    UserEvent::WebhookRegistered(e) => (webhook_id(&env.user_id), AnswerKind::Webhook, Some(e.secret.as_str().into())),
+                    UserEvent::WebhookRemoved => (webhook_id(&env.user_id), AnswerKind::Webhook, None),
+                };
+                let mut answer = Answer::new(id, kind, env.sequence, pos, false);
+                answer.secret = secret;
+                (&env.user_id, &env.idempotency, answer)
+            }
+        };
+        if let Some(tag) = tag {
+            self.idempotency.remember(user, tag, answer).await;
         }
     }
 
@@ -168,45 +233,83 @@ impl<L: EventLog> Actor<L> {
         let now = Utc::now();
         let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         // State after this batch's accepted commands, not yet durable.
-        let mut staged: HashMap<TaskId, TaskState> = HashMap::new();
-        let mut records = Vec::new();
-        // (reply, outcome before the log decides, index of the command's last record, saw staged state)
-        let mut outcomes: Vec<(Submission, Result<(TaskId, u32, bool, usize), DomainError>, bool)> = Vec::with_capacity(batch.len());
+        let mut staged_tasks: HashMap<TaskId, TaskState> = HashMap::new();
+        let mut staged_users: HashMap<UserId, UserState> = HashMap::new();
+        let mut records: Vec<EncodedEvent> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
         for sub in batch {
-            let id = sub.cmd.task_id;
-            let from_staged = staged.contains_key(&id);
-            let current = staged.get(&id).or_else(|| self.state.get(&id)).cloned().unwrap_or_default();
-            match decide(&sub.cmd, &current) {
-                Err(e) => outcomes.push((sub, Err(e), from_staged)),
-                Ok(events) => {
-                    let mut state = current;
-                    for event in events {
-                        state = evolve(state, &sub.cmd.user, &event);
-                        let env = EventEnvelope {
-                            event_id: Uuid::now_v7(),
-                            task_id: id,
-                            user_id: sub.cmd.user.clone(),
-                            sequence: state.version(),
-                            occurred_at: now,
-                            correlation_id: sub.meta.correlation_id.clone(),
-                            causation_id: sub.meta.causation_id.clone(),
-                            traceparent: sub.meta.traceparent.clone(),
-                            idempotency: sub.meta.idempotency.clone(),
-                            event,
-                        };
-                        records.push(codec::encode(&env));
-                    }
-                    let version = state.version();
-                    staged.insert(id, state);
-                    let created = matches!(sub.cmd.kind, CommandKind::Create(_));
-                    outcomes.push((sub, Ok((id, version, created, records.len() - 1)), from_staged));
+            let meta = sub.meta.clone();
+            let user = sub.cmd.user().clone();
+            let (outcome, saw_staged) = match &sub.cmd {
+                AnyCommand::Task(cmd) => {
+                    let id = cmd.task_id;
+                    let saw = staged_tasks.contains_key(&id);
+                    let current = staged_tasks.get(&id).or_else(|| self.tasks.get(&id)).cloned().unwrap_or_default();
+                    let outcome = decide(cmd, &current).map(|events| {
+                        let mut state = current;
+                        for event in events {
+                            state = evolve(state, &cmd.user, &event);
+                            if let TaskEvent::ReminderDue(r) = &event {
+                                let u = staged_users.entry(user.clone()).or_insert_with(|| self.users.get(&user).cloned().unwrap_or_default());
+                                *u = std::mem::take(u).with_notification(ids::reminder_notification_id(id, r.remind_at));
+                            }
+                            records.push(codec::encode(&EventEnvelope {
+                                event_id: Uuid::now_v7(),
+                                task_id: id,
+                                user_id: user.clone(),
+                                sequence: state.version(),
+                                occurred_at: now,
+                                correlation_id: meta.correlation_id.clone(),
+                                causation_id: meta.causation_id.clone(),
+                                traceparent: meta.traceparent.clone(),
+                                idempotency: meta.idempotency.clone(),
+                                event,
+                            }));
+                        }
+                        let version = state.version();
+                        staged_tasks.insert(id, state);
+                        let created = matches!(cmd.kind, CommandKind::Create(_));
+                        (*id.as_uuid(), AnswerKind::Task, version, created, None, records.len() - 1)
+                    });
+                    (outcome, saw)
                 }
-            }
+                AnyCommand::User(cmd) => {
+                    let saw = staged_users.contains_key(&user);
+                    let current = staged_users.get(&user).or_else(|| self.users.get(&user)).cloned().unwrap_or_default();
+                    let outcome = decide_user(cmd, &current).map(|events| {
+                        let mut state = current;
+                        for event in events {
+                            state = evolve_user(state, &event);
+                            records.push(codec::encode_user(&UserEnvelope {
+                                event_id: Uuid::now_v7(),
+                                user_id: user.clone(),
+                                sequence: state.version,
+                                occurred_at: now,
+                                correlation_id: meta.correlation_id.clone(),
+                                causation_id: meta.causation_id.clone(),
+                                traceparent: meta.traceparent.clone(),
+                                idempotency: meta.idempotency.clone(),
+                                event,
+                            }));
+                        }
+                        let version = state.version;
+                        staged_users.insert(user.clone(), state);
+                        let (id, kind, secret) = match &cmd.kind {
+                            UserCommandKind::MarkNotificationRead(n) => (*n, AnswerKind::Notification, None),
+                            UserCommandKind::SetWebhook { secret, .. } => (webhook_id(&user), AnswerKind::Webhook, Some(secret.as_str().into())),
+                            UserCommandKind::RemoveWebhook => (webhook_id(&user), AnswerKind::Webhook, None),
+                        };
+                        (id, kind, version, false, secret, records.len() - 1)
+                    });
+                    (outcome, saw)
+                }
+            };
+            pending.push(Pending { sub, outcome, saw_staged });
         }
         if records.is_empty() {
-            for (sub, outcome, _) in outcomes {
-                if let Err(e) = outcome {
-                    let _ = sub.reply.send(Err(WriteError::Domain(e)));
+            for p in pending {
+                if let Err(e) = p.outcome {
+                    let _ = p.sub.reply.send(Err(WriteError::Domain(e)));
                 }
             }
             return;
@@ -221,24 +324,30 @@ impl<L: EventLog> Actor<L> {
                     let next = self.offsets.entry(p.partition).or_insert(0);
                     *next = (*next).max(p.offset + 1);
                 }
-                self.state.extend(staged);
-                for (sub, outcome, _) in outcomes {
-                    let answer = outcome
-                        .map(|(task_id, version, created, last)| Answer { task_id, version, position: positions[last], created })
+                self.tasks.extend(staged_tasks);
+                self.users.extend(staged_users);
+                for p in pending {
+                    let answer = p
+                        .outcome
+                        .map(|(id, kind, version, created, secret, last)| {
+                            let mut a = Answer::new(id, kind, version, positions[last], created);
+                            a.secret = secret;
+                            a
+                        })
                         .map_err(WriteError::from);
-                    let _ = sub.reply.send(answer);
+                    let _ = p.sub.reply.send(answer);
                 }
             }
             Err(e) => {
                 tracing::warn!(error.message = %e, events = n, "append failed; nothing acknowledged");
                 let msg = e.to_string();
-                for (sub, outcome, from_staged) in outcomes {
+                for p in pending {
                     // A refusal decided on state that was never made durable is not a real answer.
-                    let reply = match outcome {
-                        Err(d) if !from_staged => Err(WriteError::Domain(d)),
+                    let reply = match p.outcome {
+                        Err(d) if !p.saw_staged => Err(WriteError::Domain(d)),
                         _ => Err(WriteError::Unavailable(msg.clone())),
                     };
-                    let _ = sub.reply.send(reply);
+                    let _ = p.sub.reply.send(reply);
                 }
                 // The outcome of the failed transaction is learnt from the log itself.
                 self.recovering = true;
@@ -246,4 +355,3 @@ impl<L: EventLog> Actor<L> {
         }
     }
 }
-

@@ -105,6 +105,8 @@ pub enum DomainError {
     NotCompleted,
     #[error("no reminder is due for this task at that time (rescheduled, cancelled or already fired)")]
     NoReminderDue,
+    #[error("the notification is already read")]
+    AlreadyRead,
     #[error("the task is at version {actual}, not {expected}")]
     VersionMismatch { expected: u32, actual: u32 },
     #[error("validation failed")]

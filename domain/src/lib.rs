@@ -5,6 +5,7 @@ pub mod decider;
 pub mod events;
 pub mod ids;
 pub mod recurrence;
+pub mod user;
 pub mod values;
 
 pub use decider::{decide, evolve, Command, CommandKind, DomainError, LiveTask, TaskState, TaskStatus};

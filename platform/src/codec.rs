@@ -5,6 +5,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use uuid::Uuid;
 
+use domain::user::UserEvent;
 use domain::{TaskEvent, TaskId, UserId};
 
 /// `ce_source` of events appended by the command API.
@@ -47,35 +48,154 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
 }
 
 pub fn encode(env: &EventEnvelope) -> EncodedEvent {
-    let id = env.event_id.to_string();
     let subject = env.task_id.to_string();
-    let time = env.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true);
-    let sequence = env.sequence.to_string();
-    let dataschema = format!("urn:taskstream:schema:{}:v{}", env.event.event_type(), env.event.schema_version());
+    let headers = encode_parts(
+        env.event_id,
+        env.event.event_type(),
+        env.event.schema_version(),
+        &subject,
+        &env.user_id,
+        env.sequence,
+        env.occurred_at,
+        env.correlation_id.as_deref(),
+        env.causation_id.as_deref(),
+        env.traceparent.as_deref(),
+        env.idempotency.as_ref(),
+    );
+    EncodedEvent { key: subject, payload: env.event.to_json(), headers }
+}
+
+/// A user-level event (notification read state, webhook registration): key and `ce_subject` are
+/// the user id, `ce_sequence` the user stream's version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEnvelope {
+    pub event_id: Uuid,
+    pub user_id: UserId,
+    pub sequence: u32,
+    pub occurred_at: DateTime<Utc>,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    pub traceparent: Option<String>,
+    pub idempotency: Option<IdempotencyTag>,
+    pub event: UserEvent,
+}
+
+/// Any record of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Task(EventEnvelope),
+    User(UserEnvelope),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_parts(
+    event_id: Uuid,
+    event_type: &str,
+    schema_version: u32,
+    subject: &str,
+    user: &UserId,
+    sequence: u32,
+    occurred_at: DateTime<Utc>,
+    correlation_id: Option<&str>,
+    causation_id: Option<&str>,
+    traceparent: Option<&str>,
+    idempotency: Option<&IdempotencyTag>,
+) -> OwnedHeaders {
+    let id = event_id.to_string();
+    let time = occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+    let sequence = sequence.to_string();
+    let dataschema = format!("urn:taskstream:schema:{event_type}:v{schema_version}");
     let mut h = OwnedHeaders::new_with_capacity(16)
         .insert(header("ce_specversion", "1.0"))
         .insert(header("ce_id", &id))
-        .insert(header("ce_type", env.event.event_type()))
+        .insert(header("ce_type", event_type))
         .insert(header("ce_source", SOURCE))
         .insert(header("ce_time", &time))
-        .insert(header("ce_subject", &subject))
+        .insert(header("ce_subject", subject))
         .insert(header("ce_dataschema", &dataschema))
         .insert(header("content-type", CONTENT_TYPE))
-        .insert(header("ce_userid", env.user_id.as_ref()))
+        .insert(header("ce_userid", user.as_ref()))
         .insert(header("ce_sequence", &sequence));
-    if let Some(c) = &env.correlation_id {
+    if let Some(c) = correlation_id {
         h = h.insert(header("ce_correlationid", c));
     }
-    if let Some(c) = &env.causation_id {
+    if let Some(c) = causation_id {
         h = h.insert(header("ce_causationid", c));
     }
-    if let Some(t) = &env.traceparent {
+    if let Some(t) = traceparent {
         h = h.insert(header("traceparent", t));
     }
-    if let Some(i) = &env.idempotency {
+    if let Some(i) = idempotency {
         h = h.insert(header("ce_idempotencykey", &i.key)).insert(header("ce_requestdigest", &i.request_digest));
     }
-    EncodedEvent { key: subject, payload: env.event.to_json(), headers: h }
+    h
+}
+
+pub fn encode_user(env: &UserEnvelope) -> EncodedEvent {
+    let subject = env.user_id.to_string();
+    let headers = encode_parts(
+        env.event_id,
+        env.event.event_type(),
+        env.event.schema_version(),
+        &subject,
+        &env.user_id,
+        env.sequence,
+        env.occurred_at,
+        env.correlation_id.as_deref(),
+        env.causation_id.as_deref(),
+        env.traceparent.as_deref(),
+        env.idempotency.as_ref(),
+    );
+    EncodedEvent { key: subject, payload: env.event.to_json(), headers }
+}
+
+/// Decodes any record: task events (`task.*`) and user-level events.
+pub fn decode_record<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<Record, DecodeError> {
+    let is_task = headers
+        .and_then(|h| h.iter().find(|x| x.key == "ce_type").and_then(|x| x.value))
+        .is_none_or(|t| t.starts_with(b"task."));
+    if is_task {
+        return decode(key, headers, payload).map(Record::Task);
+    }
+    let mut get = HeaderMap::default();
+    if let Some(headers) = headers {
+        for h in headers.iter() {
+            get.set(h.key, h.value);
+        }
+    }
+    let spec = get.required("ce_specversion")?;
+    if spec != "1.0" {
+        return Err(DecodeError::SpecVersion(spec.to_owned()));
+    }
+    let invalid = |name: &'static str, message: String| DecodeError::InvalidHeader { name, message };
+    let event_id = Uuid::parse_str(get.required("ce_id")?).map_err(|e| invalid("ce_id", e.to_string()))?;
+    let event_type = get.required("ce_type")?;
+    let occurred_at = DateTime::parse_from_rfc3339(get.required("ce_time")?)
+        .map_err(|e| invalid("ce_time", e.to_string()))?
+        .with_timezone(&Utc);
+    let user_id = UserId::parse(get.required("ce_userid")?.to_owned()).map_err(|e| invalid("ce_userid", e.0))?;
+    let subject = get.required("ce_subject")?;
+    if subject != user_id.as_ref() || key.is_some_and(|k| k != subject.as_bytes()) {
+        return Err(DecodeError::KeyMismatch);
+    }
+    let sequence: u32 = get.required("ce_sequence")?.parse().map_err(|_| invalid("ce_sequence", "not a number".into()))?;
+    let payload = payload.filter(|p| !p.is_empty()).ok_or(DecodeError::EmptyValue)?;
+    let event = UserEvent::from_json(event_type, payload)?;
+    let idempotency = match (get.optional("ce_idempotencykey"), get.optional("ce_requestdigest")) {
+        (Some(key), Some(d)) => Some(IdempotencyTag { key, request_digest: d }),
+        _ => None,
+    };
+    Ok(Record::User(UserEnvelope {
+        event_id,
+        user_id,
+        sequence,
+        occurred_at,
+        correlation_id: get.optional("ce_correlationid"),
+        causation_id: get.optional("ce_causationid"),
+        traceparent: get.optional("traceparent"),
+        idempotency,
+        event,
+    }))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -190,6 +310,27 @@ mod tests {
         for required in ["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "ce_subject", "content-type", "ce_userid", "ce_sequence", "ce_correlationid"] {
             assert!(names.contains(&required), "{required} missing");
         }
+    }
+
+    #[test]
+    fn user_events_round_trip_and_are_told_apart() {
+        let env = UserEnvelope {
+            event_id: Uuid::now_v7(),
+            user_id: UserId::parse("alice".into()).unwrap(),
+            sequence: 3,
+            occurred_at: DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z").unwrap().with_timezone(&Utc),
+            correlation_id: None,
+            causation_id: None,
+            traceparent: None,
+            idempotency: None,
+            event: UserEvent::NotificationRead(domain::user::NotificationRead { notification_id: Uuid::from_u128(9) }),
+        };
+        let enc = encode_user(&env);
+        assert_eq!(enc.key, "alice");
+        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)), Ok(Record::User(env)));
+        let task = envelope();
+        let enc = encode(&task);
+        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)), Ok(Record::Task(task)));
     }
 
     #[test]

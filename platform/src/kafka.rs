@@ -27,8 +27,11 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     let dlq = settings.dlq_topic();
     let replication = || TopicReplication::Fixed(settings.task_events_replication);
     let topics = [
+        // The log is the source of truth: never delete it by age or size.
         NewTopic::new(&settings.task_events_topic, settings.task_events_partitions, replication())
-            .set("min.insync.replicas", if settings.task_events_replication > 1 { "2" } else { "1" }),
+            .set("min.insync.replicas", if settings.task_events_replication > 1 { "2" } else { "1" })
+            .set("retention.ms", "-1")
+            .set("retention.bytes", "-1"),
         NewTopic::new(&dlq, settings.task_events_partitions, replication()),
     ];
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
@@ -41,6 +44,20 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A client context that logs through `tracing` and keeps quiet about partition EOF, which the
+/// readers that read "to the end of the log" ask for on purpose.
+pub struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            tracing::error!(error.message = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}
 
 /// The partitions of a topic (blocking metadata call; run it off the async threads).
 pub fn partitions<C: ConsumerContext, K: Consumer<C>>(consumer: &K, topic: &str, timeout: Duration) -> anyhow::Result<Vec<i32>> {

@@ -18,7 +18,7 @@ use command_api::idempotency::IdempotencyCache;
 use command_api::log::{EventLog, LogError, Offsets};
 use command_api::AppState;
 use platform::auth::JwtAuth;
-use platform::codec::{self, DecodeError, EncodedEvent, EventEnvelope};
+use platform::codec::{self, DecodeError, EncodedEvent, EventEnvelope, Record};
 use platform::position::Position;
 use platform::secret::Secret;
 
@@ -145,7 +145,7 @@ impl EventLog for FakeLog {
     async fn read_from(
         &mut self,
         from: Offsets,
-        mut apply: Box<dyn FnMut(Position, Result<EventEnvelope, DecodeError>) + Send>,
+        mut apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>,
     ) -> Result<Offsets, LogError> {
         self.check()?;
         let data = self.lock();
@@ -154,7 +154,7 @@ impl EventLog for FakeLog {
             let n = next.entry(r.position.partition).or_insert(0);
             if r.position.offset >= *n {
                 *n = r.position.offset + 1;
-                apply(r.position, r.decode());
+                apply(r.position, codec::decode_record(Some(r.key.as_bytes()), Some(&r.headers), Some(&r.payload)));
             }
         }
         Ok(next)

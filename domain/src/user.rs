@@ -1,0 +1,273 @@
+//! The user-level aggregate: notification read state and the webhook registration. Its events are
+//! keyed by the user id in the log (`ce_subject` = user id), with their own version sequence.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::decider::DomainError;
+use crate::values::{FieldError, UserId, ValidationError};
+
+/// A webhook endpoint: an absolute http(s) URL. Literal loopback, private, link-local, metadata and
+/// other non-public addresses are refused unless `allow_private` (names are checked again after DNS
+/// resolution by the adapters, which can do IO).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WebhookUrl(String);
+
+impl AsRef<str> for WebhookUrl {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Whether an address is one a webhook must never reach (SSRF).
+pub fn is_forbidden_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])) // carrier-grade NAT
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+                || (o[0] == 198 && (o[1] == 18 || o[1] == 19)) // benchmarking
+                || o[0] >= 240
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link local
+                || v6.to_ipv4_mapped().is_some_and(|v4| is_forbidden_address(IpAddr::V4(v4)))
+                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64
+        }
+    }
+}
+
+impl WebhookUrl {
+    pub fn parse(s: String, allow_private: bool) -> Result<Self, ValidationError> {
+        let bad = |m: &str| ValidationError(m.to_owned());
+        if s.len() > 2000 {
+            return Err(bad("must be at most 2000 characters"));
+        }
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| bad("must be an absolute http(s) URL"))?;
+        if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
+            return Err(bad("must use http or https"));
+        }
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if authority.contains('@') {
+            return Err(bad("must not contain credentials"));
+        }
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => authority.rsplit_once(':').map_or(authority, |(h, port)| if port.chars().all(|c| c.is_ascii_digit()) { h } else { authority }),
+        };
+        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("must have a host"));
+        }
+        if !allow_private {
+            let lower = host.to_ascii_lowercase();
+            if lower == "localhost" || lower.ends_with(".localhost") || lower == "metadata.google.internal" {
+                return Err(bad("must not point at a local or metadata address"));
+            }
+            if let Ok(ip) = host.parse::<IpAddr>() {
+                if is_forbidden_address(ip) {
+                    return Err(bad("must not point at a loopback, private, link-local or metadata address"));
+                }
+            }
+        }
+        Ok(Self(s))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookRegistered {
+    pub url: WebhookUrl,
+    /// The HMAC-SHA256 signing secret.
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationRead {
+    pub notification_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserEvent {
+    NotificationRead(NotificationRead),
+    WebhookRegistered(WebhookRegistered),
+    WebhookRemoved,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Empty {}
+
+impl UserEvent {
+    pub const TYPES: [&'static str; 3] = ["notification.read", "webhook.registered", "webhook.removed"];
+
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            UserEvent::NotificationRead(_) => "notification.read",
+            UserEvent::WebhookRegistered(_) => "webhook.registered",
+            UserEvent::WebhookRemoved => "webhook.removed",
+        }
+    }
+
+    pub fn schema_version(&self) -> u32 {
+        1
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        match self {
+            UserEvent::NotificationRead(e) => serde_json::to_vec(e),
+            UserEvent::WebhookRegistered(e) => serde_json::to_vec(e),
+            UserEvent::WebhookRemoved => serde_json::to_vec(&Empty {}),
+        }
+        .expect("event data always serializes")
+    }
+
+    pub fn from_json(event_type: &str, data: &[u8]) -> Result<Self, crate::UnknownEventType> {
+        let err = |e: serde_json::Error| crate::UnknownEventType::Data { event_type: event_type.to_owned(), message: e.to_string() };
+        Ok(match event_type {
+            "notification.read" => UserEvent::NotificationRead(serde_json::from_slice(data).map_err(err)?),
+            "webhook.registered" => UserEvent::WebhookRegistered(serde_json::from_slice(data).map_err(err)?),
+            "webhook.removed" => {
+                let _: serde_json::Value = serde_json::from_slice(data).map_err(err)?;
+                UserEvent::WebhookRemoved
+            }
+            other => return Err(crate::UnknownEventType::Type(other.to_owned())),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserCommandKind {
+    MarkNotificationRead(Uuid),
+    SetWebhook { url: WebhookUrl, secret: String },
+    RemoveWebhook,
+}
+
+impl UserCommandKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            UserCommandKind::MarkNotificationRead(_) => "MarkNotificationRead",
+            UserCommandKind::SetWebhook { .. } => "SetWebhook",
+            UserCommandKind::RemoveWebhook => "RemoveWebhook",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserCommand {
+    pub user: UserId,
+    pub kind: UserCommandKind,
+}
+
+/// What the user-level decider needs: known notifications (from `task.reminder_due` of the user's
+/// tasks; `true` once read) and whether a webhook is registered.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserState {
+    pub version: u32,
+    pub notifications: HashMap<Uuid, bool>,
+    pub webhook: Option<WebhookUrl>,
+}
+
+impl UserState {
+    /// A notification now exists for the user (the writer sees its `task.reminder_due`).
+    pub fn with_notification(mut self, id: Uuid) -> Self {
+        self.notifications.entry(id).or_insert(false);
+        self
+    }
+}
+
+pub fn decide_user(cmd: &UserCommand, state: &UserState) -> Result<Vec<UserEvent>, DomainError> {
+    match &cmd.kind {
+        UserCommandKind::MarkNotificationRead(id) => match state.notifications.get(id) {
+            None => Err(DomainError::NotFound),
+            Some(true) => Err(DomainError::AlreadyRead),
+            Some(false) => Ok(vec![UserEvent::NotificationRead(NotificationRead { notification_id: *id })]),
+        },
+        UserCommandKind::SetWebhook { url, secret } => {
+            if secret.len() < 16 || secret.len() > 256 {
+                return Err(DomainError::Invalid(vec![FieldError::new("secret", "must be 16..=256 characters")]));
+            }
+            Ok(vec![UserEvent::WebhookRegistered(WebhookRegistered { url: url.clone(), secret: secret.clone() })])
+        }
+        UserCommandKind::RemoveWebhook => match state.webhook {
+            Some(_) => Ok(vec![UserEvent::WebhookRemoved]),
+            None => Err(DomainError::NotFound),
+        },
+    }
+}
+
+pub fn evolve_user(mut state: UserState, event: &UserEvent) -> UserState {
+    state.version += 1;
+    match event {
+        UserEvent::NotificationRead(e) => {
+            state.notifications.insert(e.notification_id, true);
+        }
+        UserEvent::WebhookRegistered(e) => state.webhook = Some(e.url.clone()),
+        UserEvent::WebhookRemoved => state.webhook = None,
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(kind: UserCommandKind) -> UserCommand {
+        UserCommand { user: UserId::parse("alice".into()).unwrap(), kind }
+    }
+
+    #[test]
+    fn a_known_notification_is_read_once() {
+        let id = Uuid::from_u128(5);
+        let s = UserState::default().with_notification(id);
+        let events = decide_user(&cmd(UserCommandKind::MarkNotificationRead(id)), &s).unwrap();
+        assert_eq!(events, vec![UserEvent::NotificationRead(NotificationRead { notification_id: id })]);
+        let s = evolve_user(s, &events[0]);
+        assert_eq!(s.version, 1);
+        assert_eq!(decide_user(&cmd(UserCommandKind::MarkNotificationRead(id)), &s), Err(DomainError::AlreadyRead));
+        assert_eq!(decide_user(&cmd(UserCommandKind::MarkNotificationRead(Uuid::from_u128(6))), &s), Err(DomainError::NotFound));
+    }
+
+    #[test]
+    fn webhooks_are_set_and_removed() {
+        let url = WebhookUrl::parse("https://hooks.example.com/taskstream".into(), false).unwrap();
+        let set = cmd(UserCommandKind::SetWebhook { url: url.clone(), secret: "s".repeat(32) });
+        let events = decide_user(&set, &UserState::default()).unwrap();
+        let s = evolve_user(UserState::default(), &events[0]);
+        assert_eq!(s.webhook, Some(url));
+        assert_eq!(decide_user(&cmd(UserCommandKind::RemoveWebhook), &s).unwrap(), vec![UserEvent::WebhookRemoved]);
+        assert_eq!(decide_user(&cmd(UserCommandKind::RemoveWebhook), &UserState::default()), Err(DomainError::NotFound));
+        let short = cmd(UserCommandKind::SetWebhook { url: WebhookUrl::parse("https://a.example".into(), false).unwrap(), secret: "x".into() });
+        assert!(matches!(decide_user(&short, &UserState::default()), Err(DomainError::Invalid(_))));
+    }
+
+    #[test]
+    fn webhook_urls_refuse_ssrf_targets() {
+        for ok in ["https://hooks.example.com/x", "http://93.184.216.34:8080/hook", "https://[2606:4700::1]/h"] {
+            assert!(WebhookUrl::parse(ok.into(), false).is_ok(), "{ok}");
+        }
+        for bad in [
+            "ftp://example.com", "example.com/hook", "http://localhost/x", "http://127.0.0.1:9000/", "http://10.1.2.3/",
+            "http://192.168.1.1/", "http://172.16.0.1/", "http://169.254.169.254/latest/meta-data", "http://[::1]/",
+            "http://[fd00::1]/", "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/", "http://user:pw@example.com/", "http:///nohost",
+            "http://metadata.google.internal/",
+        ] {
+            assert!(WebhookUrl::parse(bad.into(), false).is_err(), "{bad} should be refused");
+        }
+        assert!(WebhookUrl::parse("http://127.0.0.1:9000/".into(), true).is_ok());
+    }
+}
