@@ -6,6 +6,7 @@ pub mod reactor;
 pub mod runner;
 pub mod status;
 pub mod store;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +65,9 @@ pub struct Settings {
     /// Secret of the service identity the reactions act with (shared with the command API only).
     #[arg(long, env = "SERVICE_JWT_SECRET", global = true)]
     pub service_jwt_secret: Option<Secret>,
+    /// Deliver webhooks to loopback/private addresses (local development only; `./dev` sets it).
+    #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE", default_value_t = false, global = true)]
+    pub webhook_allow_private: bool,
 }
 
 #[derive(Clone)]
@@ -118,7 +122,12 @@ impl Application {
         // The service key only signs; user tokens are never verified here.
         let service_auth = JwtAuth::new(&Secret::new(uuid::Uuid::new_v4().to_string()))
             .with_service_secret(self.settings.service_jwt_secret.as_ref());
-        let reactor = reactor::Reactor::new(self.pool.clone(), self.settings.command_api_url.clone(), service_auth)?;
+        let reactor = reactor::Reactor::new(
+            self.pool.clone(),
+            self.settings.command_api_url.clone(),
+            service_auth,
+            self.settings.webhook_allow_private,
+        )?;
         let wake = reactor.wake.clone();
         let reactions = tokio::spawn(reactor.run());
         let runner = Runner::new(

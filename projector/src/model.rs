@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use domain::recurrence::{next_occurrence, NextOccurrence};
 use domain::{ids, Recurrence, RemindBefore, TaskEvent, TaskId, TimeZone};
-use platform::codec::EventEnvelope;
+use platform::codec::{EventEnvelope, UserEnvelope};
 use platform::position::Position;
 
 /// One row of the `tasks` read model.
@@ -54,6 +54,31 @@ impl TaskRow {
 pub struct Recorded {
     pub position: Position,
     pub envelope: EventEnvelope,
+}
+
+/// A decoded user-level record with its place in the log.
+#[derive(Debug, Clone)]
+pub struct RecordedUser {
+    pub position: Position,
+    pub envelope: UserEnvelope,
+}
+
+/// What one transaction applies: task and user-level records, in log order within each partition.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub tasks: Vec<Recorded>,
+    pub users: Vec<RecordedUser>,
+    /// Next offset per partition after this batch (includes skipped, undecodable records).
+    pub to: HashMap<i32, i64>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.tasks.len() + self.users.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.to.is_empty()
+    }
 }
 
 /// What happens to a task row when an event is applied.

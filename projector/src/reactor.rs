@@ -30,6 +30,7 @@ pub struct Reactor {
     auth: JwtAuth,
     /// Woken when a batch recorded reactions (the loops also poll).
     pub wake: Arc<Notify>,
+    allow_private_webhooks: bool,
 }
 
 /// What became of one command.
@@ -40,15 +41,24 @@ enum Outcome {
 }
 
 impl Reactor {
-    pub fn new(pool: PgPool, command_api: String, auth: JwtAuth) -> anyhow::Result<Self> {
+    pub fn new(pool: PgPool, command_api: String, auth: JwtAuth, allow_private_webhooks: bool) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
-        Ok(Self { pool, http, command_api: command_api.trim_end_matches('/').to_owned(), auth, wake: Arc::default() })
+        Ok(Self {
+            pool,
+            http,
+            command_api: command_api.trim_end_matches('/').to_owned(),
+            auth,
+            wake: Arc::default(),
+            allow_private_webhooks,
+        })
     }
 
-    /// Runs both loops until the process stops.
+    /// Runs the loops until the process stops.
     pub async fn run(self) {
         let outbox = self.clone();
         tokio::spawn(async move { outbox.outbox_loop().await });
+        let hooks = crate::webhooks::Deliverer::new(self.pool.clone(), self.allow_private_webhooks, self.wake.clone());
+        tokio::spawn(hooks.run());
         self.reminder_loop().await;
     }
 
@@ -198,7 +208,7 @@ impl Reactor {
 }
 
 /// Exponential backoff with jitter: 1 s, 2 s, 4 s ... capped at 5 minutes, then +-25 %.
-fn backoff(attempts: i32) -> Duration {
+pub fn backoff(attempts: i32) -> Duration {
     let base = Duration::from_secs(1u64 << attempts.clamp(0, 8) as u32).min(Duration::from_secs(300));
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;

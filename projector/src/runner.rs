@@ -15,7 +15,7 @@ use platform::codec;
 use platform::position::Position;
 use platform::settings::KafkaSettings;
 
-use crate::model::Recorded;
+use crate::model::{Batch, Recorded, RecordedUser};
 use crate::store::{self, Applied, ApplyMode, StoreError};
 
 #[derive(Debug, Clone)]
@@ -97,18 +97,15 @@ impl Runner {
             if batch.is_empty() {
                 continue;
             }
-            let mut to = HashMap::new();
-            for r in &batch {
-                to.insert(r.position.partition, r.position.offset + 1);
-            }
+            let to = batch.to.clone();
             let started = Instant::now();
-            match self.apply_with_retry(&topic, &batch, &next, &to).await {
+            match self.apply_with_retry(&topic, &batch, &next).await {
                 Ok(applied) => {
                     metrics::histogram!("projector_batch_apply_seconds").record(started.elapsed().as_secs_f64());
                     metrics::counter!("projector_events_applied_total").increment(batch.len() as u64);
                     next.extend(to);
-                    if applied.reactions > 0 {
-                        self.reactions.notify_one();
+                    if applied.reactions > 0 || applied.deliveries > 0 {
+                        self.reactions.notify_waiters();
                     }
                 }
                 Err(StoreError::Fenced { .. }) => {
@@ -122,8 +119,8 @@ impl Runner {
     }
 
     /// Waits for at least one record, then takes what else arrives within `linger`.
-    async fn next_batch(&self, consumer: &StreamConsumer, topic: &str, next: &HashMap<i32, i64>) -> anyhow::Result<Vec<Recorded>> {
-        let mut batch = Vec::new();
+    async fn next_batch(&self, consumer: &StreamConsumer, topic: &str, next: &HashMap<i32, i64>) -> anyhow::Result<Batch> {
+        let mut batch = Batch::default();
         let first = consumer.recv().await?;
         let deadline = tokio::time::Instant::now() + self.settings.linger;
         let mut msg = Some(first.detach());
@@ -133,8 +130,10 @@ impl Runner {
                     let position = Position { partition: m.partition(), offset: m.offset() };
                     // Already applied (a redelivery after a re-assignment): skip.
                     if position.offset >= *next.get(&position.partition).unwrap_or(&0) {
-                        match codec::decode(m.key(), m.headers(), m.payload()) {
-                            Ok(envelope) => batch.push(Recorded { position, envelope }),
+                        batch.to.insert(position.partition, position.offset + 1);
+                        match codec::decode_record(m.key(), m.headers(), m.payload()) {
+                            Ok(codec::Record::Task(envelope)) => batch.tasks.push(Recorded { position, envelope }),
+                            Ok(codec::Record::User(envelope)) => batch.users.push(RecordedUser { position, envelope }),
                             Err(e) => {
                                 // Dead-lettering with parking of the task's later events is the
                                 // projection-lifecycle work; until then the record is logged and
@@ -161,14 +160,13 @@ impl Runner {
     async fn apply_with_retry(
         &self,
         topic: &str,
-        batch: &[Recorded],
+        batch: &Batch,
         from: &HashMap<i32, i64>,
-        to: &HashMap<i32, i64>,
     ) -> Result<Applied, StoreError> {
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0;
         loop {
-            match store::apply_batch(&self.pool, topic, batch, from, to, ApplyMode::Live).await {
+            match store::apply_batch(&self.pool, topic, batch, from, ApplyMode::Live).await {
                 Ok(applied) => return Ok(applied),
                 Err(StoreError::Db(e)) if attempt < 8 => {
                     attempt += 1;

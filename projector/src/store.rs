@@ -10,7 +10,9 @@ use uuid::Uuid;
 
 use domain::TaskId;
 
-use crate::model::{Effects, NotificationRow, Reaction, Recorded, RowState, TaskRow};
+use domain::user::UserEvent;
+
+use crate::model::{Batch, Effects, NotificationRow, Reaction, Recorded, RecordedUser, RowState, TaskRow};
 
 /// Whether events are applied live (reactions are recorded for the reactor) or replayed (never).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,36 +84,111 @@ async fn load_rows(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> Result<H
 pub struct Applied {
     /// Reaction commands recorded in the outbox (live mode only).
     pub reactions: usize,
+    /// Webhook deliveries enqueued (live mode only).
+    pub deliveries: usize,
 }
 
 /// Applies a batch to every projection and advances their offsets from `from` to `to`
 /// (per partition), all in one transaction. In live mode the reactions the events call for are
 /// recorded in the outbox in the same transaction.
-pub async fn apply_batch(
-    pool: &PgPool,
-    topic: &str,
-    batch: &[Recorded],
-    from: &HashMap<i32, i64>,
-    to: &HashMap<i32, i64>,
-    mode: ApplyMode,
-) -> Result<Applied, StoreError> {
+pub async fn apply_batch(pool: &PgPool, topic: &str, batch: &Batch, from: &HashMap<i32, i64>, mode: ApplyMode) -> Result<Applied, StoreError> {
     let mut tx = pool.begin().await?;
-    let mut ids: Vec<Uuid> = batch.iter().map(|r| *r.envelope.task_id.as_uuid()).collect();
+    let mut ids: Vec<Uuid> = batch.tasks.iter().map(|r| *r.envelope.task_id.as_uuid()).collect();
     ids.sort_unstable();
     ids.dedup();
     let loaded = load_rows(&mut tx, &ids).await?;
-    let (folded, Effects { reactions, notifications }) = crate::model::fold_with_effects(loaded, batch);
+    let (folded, Effects { reactions, notifications }) = crate::model::fold_with_effects(loaded, &batch.tasks);
     write_schedule(&mut tx, &ids, &folded).await?;
     write_tasks(&mut tx, folded).await?;
-    write_history(&mut tx, batch).await?;
+    write_history(&mut tx, &batch.tasks).await?;
+    write_user_events(&mut tx, &batch.users).await?;
     write_notifications(&mut tx, &notifications).await?;
-    let reactions = match mode {
-        ApplyMode::Live => write_outbox(&mut tx, &reactions).await?,
-        ApplyMode::Replay => 0,
+    let applied = match mode {
+        ApplyMode::Live => Applied {
+            reactions: write_outbox(&mut tx, &reactions).await?,
+            deliveries: enqueue_deliveries(&mut tx, &notifications).await?,
+        },
+        ApplyMode::Replay => Applied::default(),
     };
-    advance_offsets(&mut tx, topic, from, to).await?;
+    advance_offsets(&mut tx, topic, from, &batch.to).await?;
     tx.commit().await?;
-    Ok(Applied { reactions })
+    Ok(applied)
+}
+
+/// Notification read marks and webhook registrations.
+async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[RecordedUser]) -> Result<(), sqlx::Error> {
+    for r in users {
+        let e = &r.envelope;
+        let version = i32::try_from(e.sequence).unwrap_or(i32::MAX);
+        match &e.event {
+            UserEvent::NotificationRead(n) => {
+                sqlx::query(
+                    "INSERT INTO notification_reads (notification_id, user_id, read_at) VALUES ($1, $2, $3)
+                     ON CONFLICT ON CONSTRAINT notification_reads_pkey DO NOTHING",
+                )
+                .bind(n.notification_id)
+                .bind(e.user_id.as_ref())
+                .bind(e.occurred_at)
+                .execute(&mut **tx)
+                .await?;
+            }
+            UserEvent::WebhookRegistered(_) | UserEvent::WebhookRemoved => {
+                let (url, secret) = match &e.event {
+                    UserEvent::WebhookRegistered(w) => (Some(w.url.as_ref().to_owned()), Some(w.secret.clone())),
+                    _ => (None, None),
+                };
+                sqlx::query(
+                    "INSERT INTO webhooks (user_id, url, secret, version, updated_at) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT ON CONSTRAINT webhooks_pkey DO UPDATE
+                     SET url = EXCLUDED.url, secret = EXCLUDED.secret, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
+                     WHERE webhooks.version < EXCLUDED.version",
+                )
+                .bind(e.user_id.as_ref())
+                .bind(url)
+                .bind(secret)
+                .bind(version)
+                .bind(e.occurred_at)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One delivery per new notification whose user has a webhook registered.
+async fn enqueue_deliveries(tx: &mut Transaction<'_, Postgres>, rows: &[NotificationRow]) -> Result<usize, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|n| n.id).collect();
+    let users: Vec<&str> = rows.iter().map(|n| n.user_id.as_str()).collect();
+    let payloads: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|n| {
+            json!({
+                "type": "notification.created",
+                "notification": {
+                    "id": n.id, "task_id": n.task_id, "kind": n.kind, "message": n.message, "created_at": n.created_at,
+                },
+                "user_id": n.user_id,
+            })
+        })
+        .collect();
+    let n = sqlx::query(
+        "INSERT INTO webhook_deliveries (id, notification_id, user_id, url, payload)
+         SELECT v.id, v.id, v.user_id, w.url, v.payload
+         FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS v(id, user_id, payload)
+         JOIN webhooks w ON w.user_id = v.user_id AND w.url IS NOT NULL
+         ON CONFLICT ON CONSTRAINT webhook_deliveries_pkey DO NOTHING",
+    )
+    .bind(ids)
+    .bind(users)
+    .bind(payloads)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(n as usize)
 }
 
 /// Keeps `reminder_schedule` in step with the rows: one row per pending reminder.
