@@ -1,10 +1,30 @@
-//! Opaque Relay cursors (base64url). A task cursor carries the keyset position for its order, and
-//! the order itself, so a cursor from another order is refused instead of silently misread.
+//! Opaque Relay cursors: base64url of a small versioned text. A task cursor is the keyset position
+//! (the sort-key values and the id) of a row for one order, and names that order, so a cursor taken
+//! with another `orderBy` is refused instead of being silently misread.
+//!
+//! Timestamps travel as whole microseconds since the epoch, PostgreSQL's own resolution, so a
+//! position round-trips exactly.
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::schema::TaskOrder;
+use crate::store::TaskRow;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid cursor: pass a cursor returned by this field (with the same orderBy) as `after`")]
+pub struct InvalidCursor;
+
+/// Where a page of `tasks` starts: the sort key of the last row of the previous page, per order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyset {
+    DueAtAsc { due_at: Option<DateTime<Utc>>, id: Uuid },
+    DueAtDesc { due_at: Option<DateTime<Utc>>, id: Uuid },
+    CreatedAtAsc { created_at: DateTime<Utc>, id: Uuid },
+    CreatedAtDesc { created_at: DateTime<Utc>, id: Uuid },
+    PriorityDesc { priority: i16, due_at: Option<DateTime<Utc>>, id: Uuid },
+}
 
 fn order_tag(o: TaskOrder) -> &'static str {
     match o {
@@ -16,39 +36,83 @@ fn order_tag(o: TaskOrder) -> &'static str {
     }
 }
 
-fn invalid() -> async_graphql::Error {
-    async_graphql::Error::new("invalid cursor: use a cursor returned by this query with the same orderBy")
+fn micros(t: Option<DateTime<Utc>>) -> String {
+    t.map_or_else(|| "-".to_owned(), |t| t.timestamp_micros().to_string())
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskCursor {
-    pub order: TaskOrder,
-    pub k0: i64,
-    pub k1: i64,
-    pub id: Uuid,
+fn parse_micros(s: &str) -> Result<Option<DateTime<Utc>>, InvalidCursor> {
+    if s == "-" {
+        return Ok(None);
+    }
+    let n: i64 = s.parse().map_err(|_| InvalidCursor)?;
+    DateTime::from_timestamp_micros(n).map(Some).ok_or(InvalidCursor)
 }
 
-impl TaskCursor {
-    pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!("t1:{}:{}:{}:{}", order_tag(self.order), self.k0, self.k1, self.id))
+fn decode_text(s: &str) -> Result<String, InvalidCursor> {
+    let raw = URL_SAFE_NO_PAD.decode(s.trim()).map_err(|_| InvalidCursor)?;
+    String::from_utf8(raw).map_err(|_| InvalidCursor)
+}
+
+impl Keyset {
+    /// The position of `row` in `order`.
+    pub fn of(order: TaskOrder, row: &TaskRow) -> Self {
+        let id = row.id;
+        match order {
+            TaskOrder::DueAtAsc => Keyset::DueAtAsc { due_at: row.due_at, id },
+            TaskOrder::DueAtDesc => Keyset::DueAtDesc { due_at: row.due_at, id },
+            TaskOrder::CreatedAtAsc => Keyset::CreatedAtAsc { created_at: row.created_at, id },
+            TaskOrder::CreatedAtDesc => Keyset::CreatedAtDesc { created_at: row.created_at, id },
+            TaskOrder::PriorityDesc => Keyset::PriorityDesc { priority: row.priority, due_at: row.due_at, id },
+        }
     }
 
-    pub fn decode(s: &str, order: TaskOrder) -> async_graphql::Result<Self> {
-        let raw = URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid())?;
-        let raw = String::from_utf8(raw).map_err(|_| invalid())?;
-        let parts: Vec<&str> = raw.split(':').collect();
-        match parts.as_slice() {
-            ["t1", tag, k0, k1, id] if *tag == order_tag(order) => Ok(Self {
-                order,
-                k0: k0.parse().map_err(|_| invalid())?,
-                k1: k1.parse().map_err(|_| invalid())?,
-                id: Uuid::parse_str(id).map_err(|_| invalid())?,
-            }),
-            _ => Err(invalid()),
+    pub fn order(&self) -> TaskOrder {
+        match self {
+            Keyset::DueAtAsc { .. } => TaskOrder::DueAtAsc,
+            Keyset::DueAtDesc { .. } => TaskOrder::DueAtDesc,
+            Keyset::CreatedAtAsc { .. } => TaskOrder::CreatedAtAsc,
+            Keyset::CreatedAtDesc { .. } => TaskOrder::CreatedAtDesc,
+            Keyset::PriorityDesc { .. } => TaskOrder::PriorityDesc,
+        }
+    }
+
+    /// `k1.<order>.<priority|->.<micros|->.<id>`, base64url.
+    pub fn encode(&self) -> String {
+        let (priority, at, id) = match *self {
+            Keyset::DueAtAsc { due_at, id } | Keyset::DueAtDesc { due_at, id } => (None, due_at, id),
+            Keyset::CreatedAtAsc { created_at, id } | Keyset::CreatedAtDesc { created_at, id } => (None, Some(created_at), id),
+            Keyset::PriorityDesc { priority, due_at, id } => (Some(priority), due_at, id),
+        };
+        let priority = priority.map_or_else(|| "-".to_owned(), |p| p.to_string());
+        URL_SAFE_NO_PAD.encode(format!("k1.{}.{priority}.{}.{id}", order_tag(self.order()), micros(at)))
+    }
+
+    /// Decodes a cursor that must belong to `order`.
+    pub fn decode(s: &str, order: TaskOrder) -> Result<Self, InvalidCursor> {
+        let raw = decode_text(s)?;
+        let parts: Vec<&str> = raw.split('.').collect();
+        let ["k1", tag, priority, at, id] = parts.as_slice() else { return Err(InvalidCursor) };
+        if *tag != order_tag(order) {
+            return Err(InvalidCursor);
+        }
+        let id = Uuid::parse_str(id).map_err(|_| InvalidCursor)?;
+        let at = parse_micros(at)?;
+        let priority = match *priority {
+            "-" => None,
+            p => Some(p.parse::<i16>().ok().filter(|p| (0..=3).contains(p)).ok_or(InvalidCursor)?),
+        };
+        match (order, priority, at) {
+            (TaskOrder::DueAtAsc, None, due_at) => Ok(Keyset::DueAtAsc { due_at, id }),
+            (TaskOrder::DueAtDesc, None, due_at) => Ok(Keyset::DueAtDesc { due_at, id }),
+            (TaskOrder::CreatedAtAsc, None, Some(created_at)) => Ok(Keyset::CreatedAtAsc { created_at, id }),
+            (TaskOrder::CreatedAtDesc, None, Some(created_at)) => Ok(Keyset::CreatedAtDesc { created_at, id }),
+            (TaskOrder::PriorityDesc, Some(priority), due_at) => Ok(Keyset::PriorityDesc { priority, due_at, id }),
+            _ => Err(InvalidCursor),
         }
     }
 }
 
+/// Where a page of `taskHistory` starts: the version of the last event of the previous page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryCursor {
     pub version: i32,
@@ -56,29 +120,127 @@ pub struct HistoryCursor {
 
 impl HistoryCursor {
     pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!("h1:{}", self.version))
+        URL_SAFE_NO_PAD.encode(format!("h1.{}", self.version))
     }
 
-    pub fn decode(s: &str) -> async_graphql::Result<Self> {
-        let raw = URL_SAFE_NO_PAD.decode(s).map_err(|_| invalid())?;
-        let raw = String::from_utf8(raw).map_err(|_| invalid())?;
-        let v = raw.strip_prefix("h1:").ok_or_else(invalid)?;
-        Ok(Self { version: v.parse().map_err(|_| invalid())? })
+    pub fn decode(s: &str) -> Result<Self, InvalidCursor> {
+        let raw = decode_text(s)?;
+        let version = raw.strip_prefix("h1.").ok_or(InvalidCursor)?.parse::<i32>().map_err(|_| InvalidCursor)?;
+        if version < 0 {
+            return Err(InvalidCursor);
+        }
+        Ok(Self { version })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use chrono::TimeZone;
+
     use super::*;
 
+    const ORDERS: [TaskOrder; 5] =
+        [TaskOrder::DueAtAsc, TaskOrder::DueAtDesc, TaskOrder::CreatedAtAsc, TaskOrder::CreatedAtDesc, TaskOrder::PriorityDesc];
+
+    fn at(micros: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(micros).unwrap()
+    }
+
+    fn samples() -> Vec<Keyset> {
+        let id = Uuid::now_v7();
+        let t = at(1_767_225_600_123_456);
+        vec![
+            Keyset::DueAtAsc { due_at: Some(t), id },
+            Keyset::DueAtAsc { due_at: None, id },
+            Keyset::DueAtDesc { due_at: Some(at(-1)), id },
+            Keyset::DueAtDesc { due_at: None, id },
+            Keyset::CreatedAtAsc { created_at: t, id },
+            Keyset::CreatedAtDesc { created_at: at(0), id },
+            Keyset::PriorityDesc { priority: 3, due_at: Some(t), id },
+            Keyset::PriorityDesc { priority: 0, due_at: None, id },
+        ]
+    }
+
     #[test]
-    fn cursors_round_trip_and_refuse_other_orders() {
-        let c = TaskCursor { order: TaskOrder::PriorityDesc, k0: -3, k1: i64::MAX, id: Uuid::now_v7() };
-        assert_eq!(TaskCursor::decode(&c.encode(), TaskOrder::PriorityDesc).unwrap(), c);
-        assert!(TaskCursor::decode(&c.encode(), TaskOrder::DueAtAsc).is_err());
-        assert!(TaskCursor::decode("garbage", TaskOrder::DueAtAsc).is_err());
+    fn task_cursors_round_trip_exactly() {
+        for k in samples() {
+            let s = k.encode();
+            assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "base64url: {s}");
+            assert_eq!(Keyset::decode(&s, k.order()), Ok(k));
+        }
+    }
+
+    #[test]
+    fn a_cursor_of_another_order_is_refused() {
+        for k in samples() {
+            for o in ORDERS.into_iter().filter(|o| *o != k.order()) {
+                assert_eq!(Keyset::decode(&k.encode(), o), Err(InvalidCursor), "{k:?} as {o:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_row_gives_the_key_of_its_order() {
+        let row = TaskRow {
+            id: Uuid::now_v7(),
+            title: "t".into(),
+            description: None,
+            status: "open".into(),
+            priority: 2,
+            due_at: None,
+            timezone: "UTC".into(),
+            recurrence: None,
+            remind_at: None,
+            tags: vec![],
+            version: 1,
+            created_at: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+            updated_at: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+            completed_at: None,
+            recurrence_parent_id: None,
+            occurrence: None,
+        };
+        assert_eq!(Keyset::of(TaskOrder::PriorityDesc, &row), Keyset::PriorityDesc { priority: 2, due_at: None, id: row.id });
+        assert_eq!(Keyset::of(TaskOrder::CreatedAtDesc, &row), Keyset::CreatedAtDesc { created_at: row.created_at, id: row.id });
+        for o in ORDERS {
+            assert_eq!(Keyset::of(o, &row).order(), o);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_invalid_cursor() {
+        let id = Uuid::nil();
+        let b64 = |s: String| URL_SAFE_NO_PAD.encode(s);
+        let bad = [
+            (String::new(), TaskOrder::DueAtAsc),
+            ("garbage!".into(), TaskOrder::DueAtAsc),
+            (b64("k1.da.-.-".into()), TaskOrder::DueAtAsc),
+            (b64(format!("k2.da.-.-.{id}")), TaskOrder::DueAtAsc),
+            (b64("k1.da.-.-.not-a-uuid".into()), TaskOrder::DueAtAsc),
+            (b64(format!("k1.da.-.12x.{id}")), TaskOrder::DueAtAsc),
+            (b64(format!("k1.da.-.{}.{id}", i64::MAX)), TaskOrder::DueAtAsc),
+            (b64(format!("k1.da.1.-.{id}")), TaskOrder::DueAtAsc),
+            (b64(format!("k1.ca.-.-.{id}")), TaskOrder::CreatedAtAsc),
+            (b64(format!("k1.pd.-.-.{id}")), TaskOrder::PriorityDesc),
+            (b64(format!("k1.pd.4.-.{id}")), TaskOrder::PriorityDesc),
+            (b64(format!("k1.pd.1.-.{id}.extra")), TaskOrder::PriorityDesc),
+            (URL_SAFE_NO_PAD.encode([0xff, 0xfe]), TaskOrder::DueAtAsc),
+        ];
+        for (s, order) in bad {
+            assert_eq!(Keyset::decode(&s, order), Err(InvalidCursor), "{s:?}");
+        }
+        // The well-formed counterparts are accepted, so the cases above fail for the stated reason.
+        assert!(Keyset::decode(&b64(format!("k1.da.-.-.{id}")), TaskOrder::DueAtAsc).is_ok());
+        assert!(Keyset::decode(&b64(format!("k1.ca.-.0.{id}")), TaskOrder::CreatedAtAsc).is_ok());
+        assert!(Keyset::decode(&b64(format!("k1.pd.3.-.{id}")), TaskOrder::PriorityDesc).is_ok());
+    }
+
+    #[test]
+    fn history_cursors_round_trip_and_refuse_task_cursors() {
         let h = HistoryCursor { version: 7 };
-        assert_eq!(HistoryCursor::decode(&h.encode()).unwrap(), h);
-        assert!(HistoryCursor::decode(&c.encode()).is_err());
+        assert_eq!(HistoryCursor::decode(&h.encode()), Ok(h));
+        assert_eq!(HistoryCursor::decode(&samples()[0].encode()), Err(InvalidCursor));
+        assert_eq!(HistoryCursor::decode(&URL_SAFE_NO_PAD.encode("h1.-3")), Err(InvalidCursor));
+        assert_eq!(HistoryCursor::decode("h1.3"), Err(InvalidCursor), "not base64url of the text");
+        assert_eq!(Keyset::decode(&h.encode(), TaskOrder::DueAtAsc), Err(InvalidCursor));
     }
 }

@@ -1,5 +1,8 @@
 //! The GraphQL schema (contract §5) over the read models. Every resolver filters by the caller, so
-//! another user's task is answered exactly as a missing one.
+//! another user's task is answered exactly as a missing one, and runs one SQL statement.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use async_graphql::{Context, EmptyMutation, EmptySubscription, Enum, InputObject, Json, Object, Schema, SimpleObject, ID};
 use chrono::{DateTime, Utc};
@@ -7,16 +10,31 @@ use uuid::Uuid;
 
 use domain::UserId;
 
-use crate::cursor::{HistoryCursor, TaskCursor};
+use crate::cursor::{HistoryCursor, Keyset};
+use crate::error::{internal, user_error};
 use crate::store::{self, TaskFilterSql};
 use crate::watermarks::Watermarks;
 
 pub type TaskSchema = Schema<Query, EmptyMutation, EmptySubscription>;
 
+/// The largest page `first` may ask for.
+pub const MAX_PAGE: i32 = 200;
+/// The page size when `first` is not given.
+pub const DEFAULT_PAGE: i32 = 50;
+
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
 pub enum TaskStatus {
     Open,
     Completed,
+}
+
+impl TaskStatus {
+    fn as_db(self) -> &'static str {
+        match self {
+            TaskStatus::Open => "open",
+            TaskStatus::Completed => "completed",
+        }
+    }
 }
 
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
@@ -28,7 +46,8 @@ pub enum Priority {
 }
 
 impl Priority {
-    fn rank(self) -> i16 {
+    /// The stored rank (0 = low .. 3 = urgent).
+    pub fn rank(self) -> i16 {
         match self {
             Priority::Low => 0,
             Priority::Medium => 1,
@@ -36,16 +55,20 @@ impl Priority {
             Priority::Urgent => 3,
         }
     }
-    fn from_rank(r: i16) -> Self {
+
+    pub fn from_rank(r: i16) -> Self {
         match r {
             0 => Priority::Low,
+            1 => Priority::Medium,
             2 => Priority::High,
-            3 => Priority::Urgent,
-            _ => Priority::Medium,
+            // The table's check constraint allows 0..=3 only.
+            _ => Priority::Urgent,
         }
     }
 }
 
+/// Orders of `tasks`; each ends with the task id, so pages never skip or repeat a task. Tasks
+/// without a due date come last in both due-date orders.
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug, Default)]
 pub enum TaskOrder {
     #[default]
@@ -53,21 +76,38 @@ pub enum TaskOrder {
     DueAtDesc,
     CreatedAtAsc,
     CreatedAtDesc,
+    /// Most urgent first; ties by due date (earliest first, undated last).
     PriorityDesc,
 }
 
-#[derive(InputObject, Default)]
+#[derive(InputObject, Default, Debug)]
 pub struct TaskFilter {
     pub status: Option<TaskStatus>,
     pub priority: Option<Priority>,
+    /// Tasks carrying this tag.
     pub tag: Option<String>,
+    /// Tasks due strictly before this instant (undated tasks never match).
     pub due_before: Option<DateTime<Utc>>,
+    /// Tasks due strictly after this instant (undated tasks never match).
     pub due_after: Option<DateTime<Utc>>,
-    /// Case-insensitive substring of the title or description.
+    /// Case-insensitive substring of the title or the description (taken literally).
     pub search: Option<String>,
 }
 
-#[derive(SimpleObject)]
+impl From<TaskFilter> for TaskFilterSql {
+    fn from(f: TaskFilter) -> Self {
+        TaskFilterSql {
+            status: f.status.map(TaskStatus::as_db),
+            priority: f.priority.map(Priority::rank),
+            tag: f.tag,
+            due_before: f.due_before,
+            due_after: f.due_after,
+            search: f.search,
+        }
+    }
+}
+
+#[derive(SimpleObject, Debug)]
 pub struct Task {
     pub id: ID,
     pub title: String,
@@ -77,12 +117,14 @@ pub struct Task {
     pub due_at: Option<DateTime<Utc>>,
     pub timezone: String,
     pub recurrence: Option<String>,
+    /// When the reminder fires (due date minus `remind_before`).
     pub remind_at: Option<DateTime<Utc>>,
     pub tags: Vec<String>,
     pub version: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// For an occurrence of a recurring task: the task it recurs from.
     pub recurrence_parent_id: Option<ID>,
     pub occurrence: Option<i32>,
 }
@@ -110,7 +152,9 @@ impl From<store::TaskRow> for Task {
     }
 }
 
-#[derive(SimpleObject)]
+/// Relay page info. Pagination is forward only (`first`/`after`); `hasPreviousPage` is true when
+/// the page starts after a cursor.
+#[derive(SimpleObject, Debug)]
 pub struct PageInfo {
     pub has_next_page: bool,
     pub has_previous_page: bool,
@@ -118,89 +162,139 @@ pub struct PageInfo {
     pub end_cursor: Option<String>,
 }
 
-#[derive(SimpleObject)]
+impl PageInfo {
+    fn of(cursors: &[String], has_next_page: bool, after: bool) -> Self {
+        PageInfo {
+            has_next_page,
+            has_previous_page: after,
+            start_cursor: cursors.first().cloned(),
+            end_cursor: cursors.last().cloned(),
+        }
+    }
+}
+
+#[derive(SimpleObject, Debug)]
 pub struct TaskEdge {
     pub cursor: String,
     pub node: Task,
 }
 
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Debug)]
 pub struct TaskConnection {
     pub edges: Vec<TaskEdge>,
     pub page_info: PageInfo,
 }
 
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Debug)]
 pub struct TaskEvent {
     pub event_id: ID,
+    /// The CloudEvents type, e.g. `task.created`.
     #[graphql(name = "type")]
     pub kind: String,
+    /// The task version this event produced.
     pub version: i32,
     pub occurred_at: DateTime<Utc>,
+    /// The event data as appended to the log.
     pub data: Json<serde_json::Value>,
     pub correlation_id: Option<String>,
 }
 
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Debug)]
 pub struct TaskEventEdge {
     pub cursor: String,
     pub node: TaskEvent,
 }
 
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Debug)]
 pub struct TaskEventConnection {
     pub edges: Vec<TaskEventEdge>,
     pub page_info: PageInfo,
 }
 
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Debug, PartialEq)]
 pub struct TaskStats {
     pub total: i32,
     pub open: i32,
+    /// Completed tasks (deleted tasks are not counted anywhere).
     pub completed: i32,
+    /// Open tasks whose due date has passed.
     pub overdue: i32,
+    /// completed / total; 0 when there are no tasks.
     pub completion_rate: f64,
+    /// Mean of completedAt - createdAt over completed tasks; null when there are none.
     pub avg_completion_seconds: Option<f64>,
 }
 
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
 pub struct PartitionStatus {
     pub partition: i32,
+    /// The next log offset this projection will apply.
     pub offset: i64,
+    /// The end of the log (committed records) in this partition.
     pub high_watermark: i64,
 }
 
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
 pub struct ProjectionStatus {
     pub name: String,
     pub state: String,
+    /// Records in the log not yet applied, over all partitions.
     pub lag: i64,
     pub partitions: Vec<PartitionStatus>,
 }
 
-/// What every resolver needs.
+/// What the resolvers need besides the caller (a `UserId` in the request data).
 pub struct QueryContext {
     pub pool: sqlx::PgPool,
     pub topic: String,
-    pub watermarks: std::sync::Arc<dyn Watermarks>,
+    pub watermarks: Arc<dyn Watermarks>,
 }
 
-pub const MAX_PAGE: i32 = 200;
-
+/// `first` as a row count, or a clear error.
 fn page_size(first: i32) -> async_graphql::Result<i64> {
     if !(0..=MAX_PAGE).contains(&first) {
-        return Err(async_graphql::Error::new(format!("`first` must be between 0 and {MAX_PAGE}")));
+        return Err(user_error("BAD_USER_INPUT", format!("`first` must be between 0 and {MAX_PAGE}, got {first}")));
     }
     Ok(i64::from(first))
 }
 
-fn internal(e: impl std::fmt::Display) -> async_graphql::Error {
-    tracing::error!(error.message = %e, "query failed");
-    async_graphql::Error::new("internal error; it has been logged")
+fn bad_cursor(e: crate::cursor::InvalidCursor) -> async_graphql::Error {
+    user_error("BAD_USER_INPUT", e.to_string())
 }
 
+/// An id that is not a UUID names no task.
 fn parse_id(id: &ID) -> Option<Uuid> {
     Uuid::parse_str(id.as_str()).ok()
+}
+
+fn caller<'a>(ctx: &Context<'a>) -> async_graphql::Result<(&'a QueryContext, &'a UserId)> {
+    Ok((ctx.data::<QueryContext>()?, ctx.data::<UserId>()?))
+}
+
+/// Statuses of the projections from their stored offsets and the log's high watermarks (`None`
+/// when Kafka could not be asked: then the stored offsets stand in and the lag reads 0). The
+/// projector's projections are always listed (with no partitions before it first runs), first and
+/// in their usual order, then any other name found in the table.
+pub fn projection_statuses(offsets: Vec<(String, i32, i64)>, highs: Option<&HashMap<i32, i64>>) -> Vec<ProjectionStatus> {
+    let mut by_name: BTreeMap<String, Vec<PartitionStatus>> = BTreeMap::new();
+    for name in platform::projections::PROJECTIONS {
+        by_name.entry(name.to_owned()).or_default();
+    }
+    for (name, partition, offset) in offsets {
+        let high_watermark = highs.and_then(|h| h.get(&partition).copied()).unwrap_or(offset);
+        by_name.entry(name).or_default().push(PartitionStatus { partition, offset, high_watermark });
+    }
+    let rank = |n: &str| platform::projections::PROJECTIONS.iter().position(|p| *p == n).unwrap_or(usize::MAX);
+    let mut out: Vec<ProjectionStatus> = by_name
+        .into_iter()
+        .map(|(name, mut partitions)| {
+            partitions.sort_by_key(|p| p.partition);
+            let lag = partitions.iter().map(|p| (p.high_watermark - p.offset).max(0)).sum();
+            ProjectionStatus { name, state: "live".to_owned(), lag, partitions }
+        })
+        .collect();
+    out.sort_by_key(|p| rank(&p.name));
+    out
 }
 
 pub struct Query;
@@ -209,61 +303,47 @@ pub struct Query;
 impl Query {
     /// One of the caller's tasks; `null` when it does not exist, was deleted, or is someone else's.
     async fn task(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<Task>> {
-        let (qc, user) = (ctx.data::<QueryContext>()?, ctx.data::<UserId>()?);
+        let (qc, user) = caller(ctx)?;
         let Some(id) = parse_id(&id) else { return Ok(None) };
         Ok(store::task(&qc.pool, user, id).await.map_err(internal)?.map(Task::from))
     }
 
-    /// The caller's tasks, filtered, ordered and paginated (Relay cursors).
+    /// The caller's tasks, filtered, ordered and paginated forward (Relay cursors, at most 200 a page).
     async fn tasks(
         &self,
         ctx: &Context<'_>,
         filter: Option<TaskFilter>,
-        #[graphql(default)] order_by: TaskOrder,
-        #[graphql(default = 50)] first: i32,
+        #[graphql(default_with = "Some(TaskOrder::DueAtAsc)")] order_by: Option<TaskOrder>,
+        #[graphql(default = 50)] first: Option<i32>,
         after: Option<String>,
     ) -> async_graphql::Result<TaskConnection> {
-        let (qc, user) = (ctx.data::<QueryContext>()?, ctx.data::<UserId>()?);
-        let limit = page_size(first)?;
-        let after = after.map(|c| TaskCursor::decode(&c, order_by)).transpose()?;
-        let f = filter.unwrap_or_default();
-        let sql_filter = TaskFilterSql {
-            status: f.status.map(|s| if s == TaskStatus::Completed { "completed" } else { "open" }),
-            priority: f.priority.map(Priority::rank),
-            tag: f.tag,
-            due_before: f.due_before,
-            due_after: f.due_after,
-            search: f.search,
-        };
-        let mut rows = store::tasks(&qc.pool, user, order_by, &sql_filter, after.as_ref(), limit + 1).await.map_err(internal)?;
+        let (qc, user) = caller(ctx)?;
+        // An explicit `null` means the default, as if the argument were absent.
+        let order_by = order_by.unwrap_or_default();
+        let limit = page_size(first.unwrap_or(DEFAULT_PAGE))?;
+        let after = after.map(|c| Keyset::decode(&c, order_by)).transpose().map_err(bad_cursor)?;
+        let filter = TaskFilterSql::from(filter.unwrap_or_default());
+        let mut rows = store::tasks(&qc.pool, user, order_by, &filter, after.as_ref(), limit + 1).await.map_err(internal)?;
         let has_next_page = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
-        let edges: Vec<TaskEdge> = rows
-            .into_iter()
-            .map(|(r, key)| TaskEdge { cursor: TaskCursor { order: order_by, k0: key.0, k1: key.1, id: r.id }.encode(), node: r.into() })
-            .collect();
-        Ok(TaskConnection {
-            page_info: PageInfo {
-                has_next_page,
-                has_previous_page: after.is_some(),
-                start_cursor: edges.first().map(|e| e.cursor.clone()),
-                end_cursor: edges.last().map(|e| e.cursor.clone()),
-            },
-            edges,
-        })
+        let edges: Vec<TaskEdge> =
+            rows.into_iter().map(|r| TaskEdge { cursor: Keyset::of(order_by, &r).encode(), node: r.into() }).collect();
+        let cursors: Vec<String> = edges.iter().map(|e| e.cursor.clone()).collect();
+        Ok(TaskConnection { page_info: PageInfo::of(&cursors, has_next_page, after.is_some()), edges })
     }
 
-    /// Every event of one of the caller's tasks, oldest first (kept after deletion).
+    /// The events of one of the caller's tasks, oldest first; kept after the task is deleted. Another
+    /// user's task has no history here, exactly like a task that does not exist.
     async fn task_history(
         &self,
         ctx: &Context<'_>,
         task_id: ID,
-        #[graphql(default = 50)] first: i32,
+        #[graphql(default = 50)] first: Option<i32>,
         after: Option<String>,
     ) -> async_graphql::Result<TaskEventConnection> {
-        let (qc, user) = (ctx.data::<QueryContext>()?, ctx.data::<UserId>()?);
-        let limit = page_size(first)?;
-        let after = after.map(|c| HistoryCursor::decode(&c)).transpose()?;
+        let (qc, user) = caller(ctx)?;
+        let limit = page_size(first.unwrap_or(DEFAULT_PAGE))?;
+        let after = after.map(|c| HistoryCursor::decode(&c)).transpose().map_err(bad_cursor)?;
         let mut rows = match parse_id(&task_id) {
             Some(id) => store::history(&qc.pool, user, id, after.map_or(0, |c| c.version), limit + 1).await.map_err(internal)?,
             None => Vec::new(),
@@ -284,33 +364,26 @@ impl Query {
                 },
             })
             .collect();
-        Ok(TaskEventConnection {
-            page_info: PageInfo {
-                has_next_page,
-                has_previous_page: after.is_some(),
-                start_cursor: edges.first().map(|e| e.cursor.clone()),
-                end_cursor: edges.last().map(|e| e.cursor.clone()),
-            },
-            edges,
-        })
+        let cursors: Vec<String> = edges.iter().map(|e| e.cursor.clone()).collect();
+        Ok(TaskEventConnection { page_info: PageInfo::of(&cursors, has_next_page, after.is_some()), edges })
     }
 
-    /// Counts over the caller's tasks.
+    /// Counts over the caller's (existing) tasks.
     async fn stats(&self, ctx: &Context<'_>) -> async_graphql::Result<TaskStats> {
-        let (qc, user) = (ctx.data::<QueryContext>()?, ctx.data::<UserId>()?);
+        let (qc, user) = caller(ctx)?;
         let s = store::stats(&qc.pool, user).await.map_err(internal)?;
-        let clamp = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
+        let int = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
         Ok(TaskStats {
-            total: clamp(s.total),
-            open: clamp(s.open),
-            completed: clamp(s.completed),
-            overdue: clamp(s.overdue),
+            total: int(s.total),
+            open: int(s.open),
+            completed: int(s.completed),
+            overdue: int(s.overdue),
             completion_rate: if s.total == 0 { 0.0 } else { s.completed as f64 / s.total as f64 },
             avg_completion_seconds: s.avg_completion_seconds,
         })
     }
 
-    /// Each projection's position in the log and how far behind it is.
+    /// Each projection's position in the log and how far behind the end of the log it is.
     async fn projections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionStatus>> {
         let qc = ctx.data::<QueryContext>()?;
         let offsets = store::projection_offsets(&qc.pool, &qc.topic).await.map_err(internal)?;
@@ -318,28 +391,94 @@ impl Query {
         partitions.sort_unstable();
         partitions.dedup();
         let highs = match qc.watermarks.high_watermarks(&qc.topic, &partitions).await {
-            Ok(h) => h,
+            Ok(h) => Some(h),
             Err(e) => {
-                tracing::warn!(error.message = %e, "high watermarks unavailable; reporting stored offsets only");
-                Default::default()
+                tracing::warn!(error.message = %e, "log high watermarks unavailable; reporting the stored offsets with no lag");
+                None
             }
         };
-        let mut out: Vec<ProjectionStatus> = platform::projections::PROJECTIONS
-            .iter()
-            .map(|n| ProjectionStatus { name: (*n).to_owned(), state: "live".into(), lag: 0, partitions: Vec::new() })
-            .collect();
-        for (name, partition, offset) in offsets {
-            let high_watermark = highs.get(&partition).copied().unwrap_or(offset).max(offset);
-            let idx = match out.iter().position(|p| p.name == name) {
-                Some(i) => i,
-                None => {
-                    out.push(ProjectionStatus { name: name.clone(), state: "live".into(), lag: 0, partitions: Vec::new() });
-                    out.len() - 1
-                }
-            };
-            out[idx].lag += high_watermark - offset;
-            out[idx].partitions.push(PartitionStatus { partition, offset, high_watermark });
-        }
-        Ok(out)
+        Ok(projection_statuses(offsets, highs.as_ref()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(partition: i32, offset: i64, high_watermark: i64) -> PartitionStatus {
+        PartitionStatus { partition, offset, high_watermark }
+    }
+
+    #[test]
+    fn with_no_offsets_both_projections_are_live_with_no_lag() {
+        let s = projection_statuses(vec![], Some(&HashMap::new()));
+        let names: Vec<&str> = s.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, platform::projections::PROJECTIONS);
+        assert_eq!(names[..2], ["tasks", "task_history"]);
+        assert!(s.iter().all(|p| p.lag == 0 && p.partitions.is_empty() && p.state == "live"));
+    }
+
+    #[test]
+    fn lag_sums_what_each_partition_has_left_never_below_zero() {
+        let offsets = vec![
+            ("task_history".into(), 1, 7),
+            ("tasks".into(), 1, 5),
+            ("tasks".into(), 0, 10),
+            ("zz_new".into(), 0, 3),
+        ];
+        // Partition 1's cached watermark is older than the offset: that is no lag, not negative lag.
+        let highs = HashMap::from([(0, 12), (1, 6)]);
+        let s = projection_statuses(offsets, Some(&highs));
+        assert_eq!(s[0], ProjectionStatus { name: "tasks".into(), state: "live".into(), lag: 3, partitions: vec![part(0, 10, 12), part(1, 5, 6)] });
+        assert_eq!(s[1], ProjectionStatus { name: "task_history".into(), state: "live".into(), lag: 0, partitions: vec![part(1, 7, 6)] });
+        let last = s.last().unwrap();
+        assert_eq!((last.name.as_str(), last.lag), ("zz_new", 9));
+        assert_eq!(s.len(), platform::projections::PROJECTIONS.len() + 1);
+    }
+
+    #[test]
+    fn without_watermarks_the_stored_offsets_stand_in() {
+        let s = projection_statuses(vec![("tasks".into(), 0, 10)], None);
+        assert_eq!(s[0].partitions, vec![part(0, 10, 10)]);
+        assert_eq!(s[0].lag, 0);
+    }
+
+    #[test]
+    fn page_size_is_bounded() {
+        assert_eq!(page_size(0).unwrap(), 0);
+        assert_eq!(page_size(200).unwrap(), 200);
+        for bad in [-1, 201, i32::MAX] {
+            assert!(page_size(bad).unwrap_err().message.contains("between 0 and 200"));
+        }
+    }
+
+    #[test]
+    fn filters_map_to_the_stored_representation() {
+        let f = TaskFilterSql::from(TaskFilter { status: Some(TaskStatus::Completed), priority: Some(Priority::Urgent), ..Default::default() });
+        assert_eq!((f.status, f.priority), (Some("completed"), Some(3)));
+        for p in [Priority::Low, Priority::Medium, Priority::High, Priority::Urgent] {
+            assert_eq!(Priority::from_rank(p.rank()), p);
+        }
+    }
+
+    #[test]
+    fn the_schema_has_the_contract_names() {
+        let sdl = Schema::build(Query, EmptyMutation, EmptySubscription).finish().sdl();
+        for want in [
+            "task(id: ID!): Task",
+            "tasks(filter: TaskFilter, orderBy: TaskOrder = DUE_AT_ASC, first: Int = 50, after: String): TaskConnection!",
+            "taskHistory(taskId: ID!, first: Int = 50, after: String): TaskEventConnection!",
+            "stats: TaskStats!",
+            "projections: [ProjectionStatus!]!",
+            "remindAt: DateTime",
+            "recurrenceParentId: ID",
+            "data: JSON!",
+            "type: String!",
+            "highWatermark: Int!",
+            "avgCompletionSeconds: Float",
+        ] {
+            assert!(sdl.contains(want), "missing `{want}` in\n{sdl}");
+        }
+    }
+}
+

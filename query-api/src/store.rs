@@ -1,16 +1,19 @@
-//! SQL over the read models. Values are always bound; the only text assembled is the choice among
-//! fixed sort-key fragments for the requested order.
+//! SQL over the read models: one statement per resolver call. Values are always bound; the only
+//! text assembled is a choice among the fixed fragments below (one per filter that is present, the
+//! ORDER BY and keyset predicate of the order), so the planner sees plain column and row
+//! comparisons that the `(user_id, due_at, id)` and `(user_id, created_at, id)` indexes serve as
+//! range scans: a page costs the same however deep it is.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use domain::UserId;
 
-use crate::cursor::TaskCursor;
+use crate::cursor::Keyset;
 use crate::schema::TaskOrder;
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct TaskRow {
     pub id: Uuid,
     pub title: String,
@@ -30,34 +33,11 @@ pub struct TaskRow {
     pub occurrence: Option<i32>,
 }
 
-#[derive(sqlx::FromRow)]
-struct KeyedRow {
-    #[sqlx(flatten)]
-    row: TaskRow,
-    k0: i64,
-    k1: i64,
-}
+const TASK_COLUMNS: &str = "id, title, description, status, priority, due_at, timezone, recurrence, remind_at, tags, \
+                            version, created_at, updated_at, completed_at, recurrence_parent_id, occurrence";
 
-const COLUMNS: &str = "id, title, description, status, priority, due_at, timezone, recurrence, remind_at, tags, \
-                       version, created_at, updated_at, completed_at, recurrence_parent_id, occurrence";
-
-const DUE_ASC: &str = "COALESCE((extract(epoch FROM due_at) * 1000000)::bigint, 9223372036854775807)";
-const DUE_DESC: &str = "COALESCE(-(extract(epoch FROM due_at) * 1000000)::bigint, 9223372036854775807)";
-const CREATED_ASC: &str = "(extract(epoch FROM created_at) * 1000000)::bigint";
-const CREATED_DESC: &str = "-(extract(epoch FROM created_at) * 1000000)::bigint";
-
-/// Sort key (k0, k1, id), ascending, for each order; NULL due dates sort last.
-fn sort_keys(order: TaskOrder) -> (&'static str, &'static str) {
-    match order {
-        TaskOrder::DueAtAsc => (DUE_ASC, "0::bigint"),
-        TaskOrder::DueAtDesc => (DUE_DESC, "0::bigint"),
-        TaskOrder::CreatedAtAsc => (CREATED_ASC, "0::bigint"),
-        TaskOrder::CreatedAtDesc => (CREATED_DESC, "0::bigint"),
-        TaskOrder::PriorityDesc => ("(-priority)::bigint", DUE_ASC),
-    }
-}
-
-#[derive(Debug, Default)]
+/// The filter of `tasks` in the read model's terms (status text, priority rank).
+#[derive(Debug, Default, Clone)]
 pub struct TaskFilterSql {
     pub status: Option<&'static str>,
     pub priority: Option<i16>,
@@ -67,7 +47,157 @@ pub struct TaskFilterSql {
     pub search: Option<String>,
 }
 
-fn like_pattern(s: &str) -> String {
+/// `ORDER BY` of each order; every one ends with `id` so the order is total.
+fn order_by(order: TaskOrder) -> &'static str {
+    match order {
+        TaskOrder::DueAtAsc => " ORDER BY due_at ASC NULLS LAST, id ASC",
+        TaskOrder::DueAtDesc => " ORDER BY due_at DESC NULLS LAST, id DESC",
+        TaskOrder::CreatedAtAsc => " ORDER BY created_at ASC, id ASC",
+        TaskOrder::CreatedAtDesc => " ORDER BY created_at DESC, id DESC",
+        TaskOrder::PriorityDesc => " ORDER BY priority DESC, due_at ASC NULLS LAST, id ASC",
+    }
+}
+
+/// A keyset predicate: which rows of the order come after a cursor (or a part of the order).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pred {
+    All,
+    Dated,
+    Undated,
+    DueAfter(DateTime<Utc>, Uuid),
+    DueBefore(DateTime<Utc>, Uuid),
+    UndatedAfter(Uuid),
+    UndatedBefore(Uuid),
+    CreatedAfter(DateTime<Utc>, Uuid),
+    CreatedBefore(DateTime<Utc>, Uuid),
+    /// Lower priority, or the same priority and later by (due date, undated last; id).
+    PriorityAfter(i16, Option<DateTime<Utc>>, Uuid),
+}
+
+/// One index range scan: the rows matching `pred`, in `order_by`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Segment {
+    pred: Pred,
+    order_by: &'static str,
+}
+
+/// How to read one page. Undated tasks come last in both due-date orders, which the
+/// `(user_id, due_at, id)` index can serve directly only for the first page of DUE_AT_ASC; so a page
+/// of a due-date order that may cross from dated into undated tasks is read as two range scans (the
+/// dated rows, then the undated ones, each limited) merged in the page's order. Each other order is
+/// one scan.
+fn plan(order: TaskOrder, after: Option<&Keyset>) -> Vec<Segment> {
+    const DUE_ASC: &str = " ORDER BY due_at ASC, id ASC";
+    const DUE_DESC: &str = " ORDER BY due_at DESC, id DESC";
+    const ID_ASC: &str = " ORDER BY id ASC";
+    const ID_DESC: &str = " ORDER BY id DESC";
+    let one = |pred| vec![Segment { pred, order_by: order_by(order) }];
+    match (order, after.copied()) {
+        (TaskOrder::DueAtAsc, Some(Keyset::DueAtAsc { due_at: Some(d), id })) => {
+            vec![Segment { pred: Pred::DueAfter(d, id), order_by: DUE_ASC }, Segment { pred: Pred::Undated, order_by: ID_ASC }]
+        }
+        (TaskOrder::DueAtAsc, Some(Keyset::DueAtAsc { due_at: None, id })) => {
+            vec![Segment { pred: Pred::UndatedAfter(id), order_by: ID_ASC }]
+        }
+        (TaskOrder::DueAtDesc, None) => {
+            vec![Segment { pred: Pred::Dated, order_by: DUE_DESC }, Segment { pred: Pred::Undated, order_by: ID_DESC }]
+        }
+        (TaskOrder::DueAtDesc, Some(Keyset::DueAtDesc { due_at: Some(d), id })) => {
+            vec![Segment { pred: Pred::DueBefore(d, id), order_by: DUE_DESC }, Segment { pred: Pred::Undated, order_by: ID_DESC }]
+        }
+        (TaskOrder::DueAtDesc, Some(Keyset::DueAtDesc { due_at: None, id })) => {
+            vec![Segment { pred: Pred::UndatedBefore(id), order_by: ID_DESC }]
+        }
+        (TaskOrder::CreatedAtAsc, Some(Keyset::CreatedAtAsc { created_at, id })) => one(Pred::CreatedAfter(created_at, id)),
+        (TaskOrder::CreatedAtDesc, Some(Keyset::CreatedAtDesc { created_at, id })) => one(Pred::CreatedBefore(created_at, id)),
+        (TaskOrder::PriorityDesc, Some(Keyset::PriorityDesc { priority, due_at, id })) => one(Pred::PriorityAfter(priority, due_at, id)),
+        // First pages (a cursor is always decoded for its own order).
+        _ => one(Pred::All),
+    }
+}
+
+fn push_pred(qb: &mut QueryBuilder<'_, Postgres>, pred: Pred) {
+    match pred {
+        Pred::All => {}
+        Pred::Dated => {
+            qb.push(" AND due_at IS NOT NULL");
+        }
+        Pred::Undated => {
+            qb.push(" AND due_at IS NULL");
+        }
+        Pred::DueAfter(d, id) => {
+            qb.push(" AND (due_at, id) > (").push_bind(d).push(", ").push_bind(id).push(")");
+        }
+        Pred::DueBefore(d, id) => {
+            qb.push(" AND (due_at, id) < (").push_bind(d).push(", ").push_bind(id).push(")");
+        }
+        Pred::UndatedAfter(id) => {
+            qb.push(" AND due_at IS NULL AND id > ").push_bind(id);
+        }
+        Pred::UndatedBefore(id) => {
+            qb.push(" AND due_at IS NULL AND id < ").push_bind(id);
+        }
+        Pred::CreatedAfter(t, id) => {
+            qb.push(" AND (created_at, id) > (").push_bind(t).push(", ").push_bind(id).push(")");
+        }
+        Pred::CreatedBefore(t, id) => {
+            qb.push(" AND (created_at, id) < (").push_bind(t).push(", ").push_bind(id).push(")");
+        }
+        Pred::PriorityAfter(p, Some(d), id) => {
+            qb.push(" AND (priority < ")
+                .push_bind(p)
+                .push(" OR (priority = ")
+                .push_bind(p)
+                .push(" AND ((due_at, id) > (")
+                .push_bind(d)
+                .push(", ")
+                .push_bind(id)
+                .push(") OR due_at IS NULL)))");
+        }
+        Pred::PriorityAfter(p, None, id) => {
+            qb.push(" AND (priority < ")
+                .push_bind(p)
+                .push(" OR (priority = ")
+                .push_bind(p)
+                .push(" AND due_at IS NULL AND id > ")
+                .push_bind(id)
+                .push("))");
+        }
+    }
+}
+
+/// `SELECT <columns> FROM tasks WHERE user_id = $ AND <filters> AND <pred> <order> LIMIT $`.
+fn push_scan<'a>(qb: &mut QueryBuilder<'a, Postgres>, user: &'a UserId, f: &'a TaskFilterSql, seg: Segment, limit: i64) {
+    qb.push("SELECT ").push(TASK_COLUMNS).push(" FROM tasks WHERE user_id = ").push_bind(user.as_ref());
+    if let Some(status) = f.status {
+        qb.push(" AND status = ").push_bind(status);
+    }
+    if let Some(priority) = f.priority {
+        qb.push(" AND priority = ").push_bind(priority);
+    }
+    if let Some(tag) = &f.tag {
+        qb.push(" AND tags @> ARRAY[").push_bind(tag.as_str()).push("::text]");
+    }
+    if let Some(before) = f.due_before {
+        qb.push(" AND due_at < ").push_bind(before);
+    }
+    if let Some(after) = f.due_after {
+        qb.push(" AND due_at > ").push_bind(after);
+    }
+    if let Some(search) = &f.search {
+        let pattern = like_pattern(search);
+        qb.push(" AND (title ILIKE ")
+            .push_bind(pattern.clone())
+            .push(" ESCAPE '\\' OR description ILIKE ")
+            .push_bind(pattern)
+            .push(" ESCAPE '\\')");
+    }
+    push_pred(qb, seg.pred);
+    qb.push(seg.order_by).push(" LIMIT ").push_bind(limit);
+}
+
+/// `%s%` for a case-insensitive substring match, with LIKE's wildcards and escape taken literally.
+pub fn like_pattern(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('%');
     for c in s.chars() {
@@ -80,12 +210,29 @@ fn like_pattern(s: &str) -> String {
     out
 }
 
-pub async fn task(pool: &PgPool, user: &UserId, id: Uuid) -> Result<Option<TaskRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM tasks WHERE id = $1 AND user_id = $2"))
-        .bind(id)
-        .bind(user.as_ref())
-        .fetch_optional(pool)
-        .await
+/// One page of the caller's tasks: at most `limit` rows after `after` (whose order must be `order`).
+pub fn tasks_query<'a>(
+    user: &'a UserId,
+    order: TaskOrder,
+    f: &'a TaskFilterSql,
+    after: Option<&Keyset>,
+    limit: i64,
+) -> QueryBuilder<'a, Postgres> {
+    debug_assert!(after.is_none_or(|k| k.order() == order), "a cursor is decoded for its order");
+    let mut qb = QueryBuilder::new("");
+    match plan(order, after).as_slice() {
+        [seg] => push_scan(&mut qb, user, f, *seg, limit),
+        segments => {
+            qb.push("SELECT ").push(TASK_COLUMNS).push(" FROM (");
+            for (i, seg) in segments.iter().enumerate() {
+                qb.push(if i == 0 { "(" } else { " UNION ALL (" });
+                push_scan(&mut qb, user, f, *seg, limit);
+                qb.push(")");
+            }
+            qb.push(") AS page").push(order_by(order)).push(" LIMIT ").push_bind(limit);
+        }
+    }
+    qb
 }
 
 pub async fn tasks(
@@ -93,40 +240,16 @@ pub async fn tasks(
     user: &UserId,
     order: TaskOrder,
     f: &TaskFilterSql,
-    after: Option<&TaskCursor>,
+    after: Option<&Keyset>,
     limit: i64,
-) -> Result<Vec<(TaskRow, (i64, i64))>, sqlx::Error> {
-    let (k0, k1) = sort_keys(order);
-    let sql = format!(
-        "SELECT * FROM (
-            SELECT {COLUMNS}, {k0} AS k0, {k1} AS k1 FROM tasks
-            WHERE user_id = $1
-              AND ($2::text IS NULL OR status = $2)
-              AND ($3::int2 IS NULL OR priority = $3)
-              AND ($4::text IS NULL OR tags @> ARRAY[$4::text])
-              AND ($5::timestamptz IS NULL OR due_at < $5)
-              AND ($6::timestamptz IS NULL OR due_at > $6)
-              AND ($7::text IS NULL OR title ILIKE $7 OR description ILIKE $7)
-         ) s
-         WHERE ($8::bigint IS NULL OR (k0, k1, id) > ($8, $9, $10))
-         ORDER BY k0, k1, id
-         LIMIT $11"
-    );
-    let rows: Vec<KeyedRow> = sqlx::query_as(&sql)
-        .bind(user.as_ref())
-        .bind(f.status)
-        .bind(f.priority)
-        .bind(f.tag.as_deref())
-        .bind(f.due_before)
-        .bind(f.due_after)
-        .bind(f.search.as_deref().map(like_pattern))
-        .bind(after.map(|c| c.k0))
-        .bind(after.map(|c| c.k1))
-        .bind(after.map(|c| c.id))
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(|r| (r.row, (r.k0, r.k1))).collect())
+) -> Result<Vec<TaskRow>, sqlx::Error> {
+    tasks_query(user, order, f, after, limit).build_query_as::<TaskRow>().fetch_all(pool).await
+}
+
+pub async fn task(pool: &PgPool, user: &UserId, id: Uuid) -> Result<Option<TaskRow>, sqlx::Error> {
+    let mut qb = QueryBuilder::new("SELECT ");
+    qb.push(TASK_COLUMNS).push(" FROM tasks WHERE id = ").push_bind(id).push(" AND user_id = ").push_bind(user.as_ref());
+    qb.build_query_as().fetch_optional(pool).await
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -139,10 +262,19 @@ pub struct HistoryRow {
     pub correlation_id: Option<String>,
 }
 
-pub async fn history(pool: &PgPool, user: &UserId, task: Uuid, after_version: i32, limit: i64) -> Result<Vec<HistoryRow>, sqlx::Error> {
+/// The caller's events of one task (kept after the task is deleted), by version, after `after_version`.
+pub async fn history(
+    pool: &PgPool,
+    user: &UserId,
+    task: Uuid,
+    after_version: i32,
+    limit: i64,
+) -> Result<Vec<HistoryRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT event_id, event_type, version, occurred_at, data, correlation_id FROM task_history
-         WHERE task_id = $1 AND user_id = $2 AND version > $3 ORDER BY version LIMIT $4",
+         WHERE task_id = $1 AND user_id = $2 AND version > $3
+         ORDER BY version
+         LIMIT $4",
     )
     .bind(task)
     .bind(user.as_ref())
@@ -176,7 +308,7 @@ pub async fn stats(pool: &PgPool, user: &UserId) -> Result<Stats, sqlx::Error> {
     .await
 }
 
-/// (projection, partition, next_offset) for the topic.
+/// `(projection, partition, next_offset)` of every projection on `topic`.
 pub async fn projection_offsets(pool: &PgPool, topic: &str) -> Result<Vec<(String, i32, i64)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT projection, partition, next_offset FROM projection_offsets WHERE topic = $1 ORDER BY projection, partition",
@@ -186,20 +318,153 @@ pub async fn projection_offsets(pool: &PgPool, topic: &str) -> Result<Vec<(Strin
     .await
 }
 
+/// PostgreSQL answers and every migration this build knows has been applied successfully.
+pub async fn is_ready(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(pool).await?;
+    Ok(platform::db::MIGRATOR.iter().filter(|m| m.migration_type.is_up_migration()).all(|m| applied.contains(&m.version)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn like_wildcards_are_escaped() {
-        assert_eq!(like_pattern("50%_off\\"), "%50\\%\\_off\\\\%");
+    const ORDERS: [TaskOrder; 5] =
+        [TaskOrder::DueAtAsc, TaskOrder::DueAtDesc, TaskOrder::CreatedAtAsc, TaskOrder::CreatedAtDesc, TaskOrder::PriorityDesc];
+
+    fn user() -> UserId {
+        UserId::parse("alice".to_owned()).unwrap()
+    }
+
+    /// The SQL after `FROM tasks` (the column list is the same for every query).
+    fn tail(qb: &QueryBuilder<'_, Postgres>) -> String {
+        let sql = qb.sql();
+        sql[sql.find(" FROM tasks").expect("FROM tasks")..].to_owned()
     }
 
     #[test]
-    fn every_order_has_fixed_keys() {
-        for o in [TaskOrder::DueAtAsc, TaskOrder::DueAtDesc, TaskOrder::CreatedAtAsc, TaskOrder::CreatedAtDesc, TaskOrder::PriorityDesc] {
-            let (a, b) = sort_keys(o);
-            assert!(!a.contains('$') && !b.contains('$'));
+    fn like_wildcards_are_escaped() {
+        assert_eq!(like_pattern("50%_off\\"), "%50\\%\\_off\\\\%");
+        assert_eq!(like_pattern("plain"), "%plain%");
+    }
+
+    #[test]
+    fn first_pages_are_one_scan_in_the_order_except_due_descending() {
+        let (u, f) = (user(), TaskFilterSql::default());
+        let want = [
+            (TaskOrder::DueAtAsc, " ORDER BY due_at ASC NULLS LAST, id ASC"),
+            (TaskOrder::CreatedAtAsc, " ORDER BY created_at ASC, id ASC"),
+            (TaskOrder::CreatedAtDesc, " ORDER BY created_at DESC, id DESC"),
+            (TaskOrder::PriorityDesc, " ORDER BY priority DESC, due_at ASC NULLS LAST, id ASC"),
+        ];
+        for (o, order_by) in want {
+            assert_eq!(tail(&tasks_query(&u, o, &f, None, 51)), format!(" FROM tasks WHERE user_id = $1{order_by} LIMIT $2"), "{o:?}");
+        }
+        // Undated tasks come last: dated ones backwards on the index, then the undated ones.
+        assert_eq!(
+            tasks_query(&u, TaskOrder::DueAtDesc, &f, None, 51).sql(),
+            format!(
+                "SELECT {TASK_COLUMNS} FROM (\
+                 (SELECT {TASK_COLUMNS} FROM tasks WHERE user_id = $1 AND due_at IS NOT NULL ORDER BY due_at DESC, id DESC LIMIT $2) \
+                 UNION ALL (SELECT {TASK_COLUMNS} FROM tasks WHERE user_id = $3 AND due_at IS NULL ORDER BY id DESC LIMIT $4)\
+                 ) AS page ORDER BY due_at DESC NULLS LAST, id DESC LIMIT $5"
+            )
+        );
+    }
+
+    #[test]
+    fn each_present_filter_adds_one_bound_predicate() {
+        let u = user();
+        let t = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let f = TaskFilterSql {
+            status: Some("open"),
+            priority: Some(3),
+            tag: Some("x'; DROP TABLE tasks; --".into()),
+            due_before: Some(t),
+            due_after: Some(t),
+            search: Some("50%".into()),
+        };
+        assert_eq!(
+            tail(&tasks_query(&u, TaskOrder::CreatedAtAsc, &f, None, 10)),
+            " FROM tasks WHERE user_id = $1 AND status = $2 AND priority = $3 AND tags @> ARRAY[$4::text] \
+             AND due_at < $5 AND due_at > $6 AND (title ILIKE $7 ESCAPE '\\' OR description ILIKE $8 ESCAPE '\\') \
+             ORDER BY created_at ASC, id ASC LIMIT $9"
+        );
+        let only_tag = TaskFilterSql { tag: Some("home".into()), ..Default::default() };
+        assert_eq!(
+            tail(&tasks_query(&u, TaskOrder::DueAtAsc, &only_tag, None, 10)),
+            " FROM tasks WHERE user_id = $1 AND tags @> ARRAY[$2::text] ORDER BY due_at ASC NULLS LAST, id ASC LIMIT $3"
+        );
+        // Both scans of a two-scan page carry the filters.
+        let sql = tasks_query(&u, TaskOrder::DueAtDesc, &only_tag, None, 10).sql().to_owned();
+        assert_eq!(sql.matches("tags @> ARRAY[").count(), 2, "{sql}");
+    }
+
+    #[test]
+    fn each_order_continues_after_its_cursor_on_index_ranges() {
+        let (id, d) = (Uuid::nil(), DateTime::from_timestamp(0, 0).unwrap());
+        let seg = |pred, order_by| Segment { pred, order_by };
+        let cases = [
+            (
+                Keyset::DueAtAsc { due_at: Some(d), id },
+                vec![seg(Pred::DueAfter(d, id), " ORDER BY due_at ASC, id ASC"), seg(Pred::Undated, " ORDER BY id ASC")],
+            ),
+            (Keyset::DueAtAsc { due_at: None, id }, vec![seg(Pred::UndatedAfter(id), " ORDER BY id ASC")]),
+            (
+                Keyset::DueAtDesc { due_at: Some(d), id },
+                vec![seg(Pred::DueBefore(d, id), " ORDER BY due_at DESC, id DESC"), seg(Pred::Undated, " ORDER BY id DESC")],
+            ),
+            (Keyset::DueAtDesc { due_at: None, id }, vec![seg(Pred::UndatedBefore(id), " ORDER BY id DESC")]),
+            (Keyset::CreatedAtAsc { created_at: d, id }, vec![seg(Pred::CreatedAfter(d, id), order_by(TaskOrder::CreatedAtAsc))]),
+            (Keyset::CreatedAtDesc { created_at: d, id }, vec![seg(Pred::CreatedBefore(d, id), order_by(TaskOrder::CreatedAtDesc))]),
+            (
+                Keyset::PriorityDesc { priority: 2, due_at: Some(d), id },
+                vec![seg(Pred::PriorityAfter(2, Some(d), id), order_by(TaskOrder::PriorityDesc))],
+            ),
+            (
+                Keyset::PriorityDesc { priority: 2, due_at: None, id },
+                vec![seg(Pred::PriorityAfter(2, None, id), order_by(TaskOrder::PriorityDesc))],
+            ),
+        ];
+        for (k, want) in cases {
+            assert_eq!(plan(k.order(), Some(&k)), want, "{k:?}");
+        }
+    }
+
+    #[test]
+    fn keyset_predicates_bind_every_value() {
+        let (u, f) = (user(), TaskFilterSql::default());
+        let (id, d) = (Uuid::nil(), Some(DateTime::from_timestamp(0, 0).unwrap()));
+        let cases = [
+            (Keyset::DueAtAsc { due_at: None, id }, " AND due_at IS NULL AND id > $2 ORDER BY id ASC LIMIT $3"),
+            (Keyset::CreatedAtAsc { created_at: d.unwrap(), id }, " AND (created_at, id) > ($2, $3) ORDER BY created_at ASC, id ASC LIMIT $4"),
+            (Keyset::CreatedAtDesc { created_at: d.unwrap(), id }, " AND (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $4"),
+            (
+                Keyset::PriorityDesc { priority: 2, due_at: d, id },
+                " AND (priority < $2 OR (priority = $3 AND ((due_at, id) > ($4, $5) OR due_at IS NULL))) \
+                 ORDER BY priority DESC, due_at ASC NULLS LAST, id ASC LIMIT $6",
+            ),
+            (
+                Keyset::PriorityDesc { priority: 2, due_at: None, id },
+                " AND (priority < $2 OR (priority = $3 AND due_at IS NULL AND id > $4)) \
+                 ORDER BY priority DESC, due_at ASC NULLS LAST, id ASC LIMIT $5",
+            ),
+        ];
+        for (k, rest) in cases {
+            assert_eq!(tail(&tasks_query(&u, k.order(), &f, Some(&k), 5)), format!(" FROM tasks WHERE user_id = $1{rest}"), "{k:?}");
+        }
+        let sql = tasks_query(&u, TaskOrder::DueAtAsc, &f, Some(&Keyset::DueAtAsc { due_at: d, id }), 5).sql().to_owned();
+        assert!(sql.contains(" AND (due_at, id) > ($2, $3) ORDER BY due_at ASC, id ASC LIMIT $4) UNION ALL ("), "{sql}");
+        assert!(sql.ends_with(" AND due_at IS NULL ORDER BY id ASC LIMIT $6)) AS page ORDER BY due_at ASC NULLS LAST, id ASC LIMIT $7"), "{sql}");
+    }
+
+    #[test]
+    fn values_never_reach_the_sql_text() {
+        let u = UserId::parse("o'brien".to_owned()).unwrap();
+        let f = TaskFilterSql { tag: Some("secret-tag".into()), search: Some("needle".into()), ..Default::default() };
+        for o in ORDERS {
+            let sql = tasks_query(&u, o, &f, None, 5).sql().to_owned();
+            assert!(!sql.contains("o'brien") && !sql.contains("secret-tag") && !sql.contains("needle"), "{sql}");
         }
     }
 }

@@ -1,32 +1,36 @@
-//! A query API over a fresh database of its own (random name), driven with `oneshot`.
+//! A query API over a fresh database of its own (random name), driven with `oneshot`; read models
+//! are seeded directly, as the projector would write them.
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::Request;
+use axum::http::{HeaderMap, Request};
 use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tower::ServiceExt;
 use uuid::Uuid;
 
 use platform::auth::JwtAuth;
 use platform::secret::Secret;
-use query_api::progress::ProgressTracker;
 use query_api::watermarks::Watermarks;
-use query_api::AppState;
+use query_api::{AppState, Limits, ProgressTracker};
 
 pub const TOPIC: &str = "task-events";
 
-pub struct FakeWatermarks(pub HashMap<i32, i64>);
+/// The log's end as the test says it is; `None` plays an unreachable Kafka.
+pub struct FakeWatermarks(pub Option<HashMap<i32, i64>>);
 
 #[async_trait::async_trait]
 impl Watermarks for FakeWatermarks {
-    async fn high_watermarks(&self, _topic: &str, _partitions: &[i32]) -> anyhow::Result<HashMap<i32, i64>> {
-        Ok(self.0.clone())
+    async fn high_watermarks(&self, _topic: &str, partitions: &[i32]) -> anyhow::Result<HashMap<i32, i64>> {
+        let all = self.0.as_ref().ok_or_else(|| anyhow::anyhow!("fake Kafka is down"))?;
+        Ok(partitions.iter().filter_map(|p| all.get(p).map(|h| (*p, *h))).collect())
     }
 }
 
@@ -35,33 +39,66 @@ pub struct TestApp {
     pub router: axum::Router,
     pub auth: JwtAuth,
     pub progress: ProgressTracker,
+    admin: PgConnectOptions,
+    database: String,
 }
 
-pub async fn spawn_app(consistency_wait: Duration, watermarks: HashMap<i32, i64>) -> Option<TestApp> {
-    let Ok(admin) = std::env::var("DATABASE_URL") else {
-        eprintln!("DATABASE_URL is not set: skipping (run with ./dev test)");
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    /// `errors[0].extensions.code`.
+    pub fn code(&self) -> Option<&str> {
+        self.body["errors"][0]["extensions"]["code"].as_str()
+    }
+
+    pub fn message(&self) -> &str {
+        self.body["errors"][0]["message"].as_str().unwrap_or("")
+    }
+}
+
+/// `None` (after saying so loudly) when `DATABASE_URL` is not set.
+pub async fn spawn_app() -> Option<TestApp> {
+    spawn_app_with(Limits::default(), FakeWatermarks(Some(HashMap::new()))).await
+}
+
+pub async fn spawn_app_with(limits: Limits, watermarks: FakeWatermarks) -> Option<TestApp> {
+    // The process-wide Prometheus recorder, so that `/metrics` shows what the tests did.
+    platform::http::metrics_handle();
+    if std::env::var("TEST_LOG").is_ok() {
+        platform::telemetry::init("query-api-test");
+    }
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        eprintln!("\n*** DATABASE_URL is not set: SKIPPING this query-api integration test (run it with ./dev test) ***\n");
         return None;
     };
-    let name = format!("ts_q_{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let mut conn = PgConnection::connect(&admin).await.expect("connect admin");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
-    let url = match admin.rfind('/') {
-        Some(i) if admin[..i].contains("://") && admin[..i].matches('/').count() >= 2 => format!("{}/{}", &admin[..i], name),
-        _ => format!("{admin}/{name}"),
-    };
-    let pool = PgPool::connect(&url).await.expect("connect test db");
+    let admin = PgConnectOptions::from_str(&url).expect("DATABASE_URL is a PostgreSQL URL");
+    let database = format!("qa_test_{}", Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect_with(&admin).await.expect("connect to DATABASE_URL");
+    // A generated identifier, not input: DDL cannot take a bound parameter.
+    sqlx::query(&format!(r#"CREATE DATABASE "{database}""#)).execute(&mut conn).await.expect("create the test database");
+    conn.close().await.ok();
+    let pool = PgPool::connect_with(admin.clone().database(&database)).await.expect("connect to the test database");
     platform::db::migrate(&pool).await.expect("migrate");
-    let auth = JwtAuth::new(&Secret::new("test-secret"));
+
+    let auth = JwtAuth::new(&Secret::new("query-api-test-secret"));
     let progress = ProgressTracker::new(TOPIC);
     progress.spawn(pool.clone());
-    let state = AppState::new(pool.clone(), auth.clone(), TOPIC, Arc::new(FakeWatermarks(watermarks)), progress.clone(), consistency_wait, (8, 300));
-    let router = query_api::router(state, Duration::from_secs(10));
-    Some(TestApp { pool, router, auth, progress })
+    tokio::time::timeout(Duration::from_secs(10), progress.listening()).await.expect("the progress listener starts");
+    let state = AppState::new(pool.clone(), auth.clone(), progress.clone(), Arc::new(watermarks), limits);
+    let router = query_api::router(state);
+    Some(TestApp { pool, router, auth, progress, admin, database })
 }
 
+#[derive(Debug, Clone)]
 pub struct SeedTask {
+    pub id: Uuid,
     pub user: &'static str,
     pub title: String,
+    pub description: Option<String>,
     pub status: &'static str,
     pub priority: i16,
     pub due_at: Option<DateTime<Utc>>,
@@ -69,16 +106,35 @@ pub struct SeedTask {
     pub tags: Vec<String>,
 }
 
+impl SeedTask {
+    pub fn new(user: &'static str, title: impl Into<String>, created_at: DateTime<Utc>) -> Self {
+        SeedTask {
+            id: Uuid::new_v4(),
+            user,
+            title: title.into(),
+            description: None,
+            status: "open",
+            priority: 1,
+            due_at: None,
+            created_at,
+            tags: Vec::new(),
+        }
+    }
+}
+
 impl TestApp {
+    /// Inserts a task row; a completed one was completed an hour after its creation.
     pub async fn seed(&self, t: &SeedTask) -> Uuid {
-        let id = Uuid::now_v7();
         sqlx::query(
-            "INSERT INTO tasks (id, user_id, title, status, priority, due_at, timezone, tags, version, created_at, updated_at, completed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, 'UTC', $7, 1, $8, $8, CASE WHEN $4 = 'completed' THEN $8 + interval '1 hour' END)",
+            "INSERT INTO tasks (id, user_id, title, description, status, priority, due_at, timezone, tags, version,
+                                created_at, updated_at, completed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'UTC', $8, 1, $9, $9,
+                     CASE WHEN $5 = 'completed' THEN $9 + interval '1 hour' END)",
         )
-        .bind(id)
+        .bind(t.id)
         .bind(t.user)
         .bind(&t.title)
+        .bind(&t.description)
         .bind(t.status)
         .bind(t.priority)
         .bind(t.due_at)
@@ -87,28 +143,102 @@ impl TestApp {
         .execute(&self.pool)
         .await
         .expect("seed task");
-        id
+        t.id
     }
 
-    pub async fn post(&self, user: Option<&str>, query: &str, variables: Value, token: Option<&str>) -> (u16, Value) {
+    /// Inserts one `task_history` row.
+    pub async fn seed_event(&self, task: Uuid, user: &str, version: i32, event_type: &str, data: Value) {
+        sqlx::query(
+            "INSERT INTO task_history (event_id, task_id, user_id, version, event_type, schema_version, occurred_at, data,
+                                       correlation_id, log_partition, log_offset)
+             VALUES ($1, $2, $3, $4, $5, 1, now(), $6, 'corr-1', 0, $4)",
+        )
+        .bind(Uuid::new_v4())
+        .bind(task)
+        .bind(user)
+        .bind(version)
+        .bind(event_type)
+        .bind(data)
+        .execute(&self.pool)
+        .await
+        .expect("seed event");
+    }
+
+    /// Sets `next_offset` of `(projection, partition)` on the topic.
+    pub async fn set_offset(&self, projection: &str, partition: i32, next_offset: i64) {
+        sqlx::query(
+            "INSERT INTO projection_offsets (projection, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
+             ON CONFLICT ON CONSTRAINT projection_offsets_pkey DO UPDATE SET next_offset = EXCLUDED.next_offset",
+        )
+        .bind(projection)
+        .bind(TOPIC)
+        .bind(partition)
+        .bind(next_offset)
+        .execute(&self.pool)
+        .await
+        .expect("set offset");
+    }
+
+    pub fn bearer(&self, user: &str) -> String {
+        format!("Bearer {}", self.auth.issue(user, 60))
+    }
+
+    pub async fn send(&self, req: Request<Body>) -> Answer {
+        let res = self.router.clone().oneshot(req).await.expect("the router answers");
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.expect("body").to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Answer { status, headers, body }
+    }
+
+    /// POST /graphql with optional `Authorization` and `X-Consistency-Token` values.
+    pub async fn post_raw(&self, authorization: Option<&str>, consistency: Option<&str>, body: impl Into<Body>) -> Answer {
         let mut req = Request::post("/graphql").header("content-type", "application/json");
-        if let Some(u) = user {
-            req = req.header("authorization", format!("Bearer {}", self.auth.issue(u, 60)));
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
         }
-        if let Some(t) = token {
+        if let Some(t) = consistency {
             req = req.header("x-consistency-token", t);
         }
-        let body = Body::from(json!({"query": query, "variables": variables}).to_string());
-        let res = self.router.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-        let status = res.status().as_u16();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        self.send(req.body(body.into()).unwrap()).await
     }
 
+    pub async fn post(&self, user: &str, query: &str, variables: Value, consistency: Option<&str>) -> Answer {
+        let body = json!({"query": query, "variables": variables}).to_string();
+        self.post_raw(Some(&self.bearer(user)), consistency, body).await
+    }
+
+    /// The `data` of a query that must succeed.
     pub async fn data(&self, user: &str, query: &str, variables: Value) -> Value {
-        let (status, body) = self.post(Some(user), query, variables, None).await;
-        assert_eq!(status, 200, "{body}");
-        assert!(body.get("errors").is_none(), "{body}");
-        body["data"].clone()
+        let a = self.post(user, query, variables, None).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert!(a.body.get("errors").is_none(), "{}", a.body);
+        a.body["data"].clone()
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Request::get(path).body(Body::empty()).unwrap()).await
+    }
+
+}
+
+impl Drop for TestApp {
+    /// Drops the test database, also when the test failed (on a thread of its own, since the
+    /// test's runtime may be unwinding).
+    fn drop(&mut self) {
+        let (admin, database) = (self.admin.clone(), self.database.clone());
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let mut conn = PgConnection::connect_with(&admin).await?;
+                sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{database}" WITH (FORCE)"#)).execute(&mut conn).await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}: {dropped:?}", self.database);
+        }
     }
 }

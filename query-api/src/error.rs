@@ -1,0 +1,80 @@
+//! Errors. A request refused before the query runs is answered with an HTTP status and a
+//! GraphQL-shaped body, `{"errors": [{"message": .., "extensions": {"code": ..}}]}`; errors inside
+//! the query become GraphQL errors with the same `extensions.code`. Internal causes are logged with
+//! their chain and never sent to the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use async_graphql::ErrorExtensions;
+use axum::Json;
+use serde_json::json;
+
+use platform::auth::AuthError;
+
+use crate::progress::NotYetApplied;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthenticated(#[from] AuthError),
+    #[error("X-Consistency-Token is not a position returned by the command API")]
+    BadConsistencyToken,
+    #[error(transparent)]
+    ConsistencyTimeout(#[from] NotYetApplied),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::BadConsistencyToken | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::ConsistencyTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    /// `extensions.code` of the error, also the `result` label of `graphql_requests_total`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
+            ApiError::BadConsistencyToken => "BAD_CONSISTENCY_TOKEN",
+            ApiError::ConsistencyTimeout(_) => "CONSISTENCY_TIMEOUT",
+            ApiError::BadRequest(_) => "BAD_REQUEST",
+            ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "errors": [{ "message": self.to_string(), "extensions": { "code": self.code() } }] });
+        let mut res = (self.status_code(), Json(body)).into_response();
+        match self {
+            ApiError::Unauthenticated(_) => {
+                res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::ConsistencyTimeout(_) => {
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        res
+    }
+}
+
+/// A GraphQL error the caller can fix, with `extensions.code`.
+pub fn user_error(code: &'static str, message: impl Into<String>) -> async_graphql::Error {
+    async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code))
+}
+
+/// A failed read-model query: logged with its cause chain, answered as a generic internal error.
+pub fn internal(e: sqlx::Error) -> async_graphql::Error {
+    let e = anyhow::Error::from(e);
+    tracing::error!(error.message = %e, error.cause_chain = ?e, "read-model query failed");
+    user_error("INTERNAL_SERVER_ERROR", "internal error")
+}
+

@@ -1,0 +1,178 @@
+//! HTTP: `POST /graphql` (authenticated queries, optionally as of a consistency token), `GET
+//! /graphql` (GraphiQL), `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_graphql::http::GraphiQLSource;
+use async_graphql::parser::types::Selection;
+use async_graphql::{EmptyMutation, EmptySubscription, Schema};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use sqlx::PgPool;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use platform::auth::JwtAuth;
+use platform::position::Position;
+
+use crate::error::ApiError;
+use crate::progress::ProgressTracker;
+use crate::schema::{Query, QueryContext, TaskSchema};
+use crate::watermarks::Watermarks;
+
+/// The header that makes a query wait for a command's position.
+pub const CONSISTENCY_HEADER: &str = "x-consistency-token";
+
+/// Limits of a query API; `Default` is the settings' defaults.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Longest wait for the projections to reach an `X-Consistency-Token`.
+    pub consistency_wait: Duration,
+    pub max_depth: usize,
+    pub max_complexity: usize,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            consistency_wait: Duration::from_millis(5_000),
+            max_depth: 12,
+            max_complexity: 500,
+            request_timeout: Duration::from_millis(10_000),
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Depth limit of documents that only introspect the schema (`__schema`, `__type`): GraphiQL's
+/// introspection query nests `ofType` to depth 13, deeper than any data query here can go (4) and
+/// than the default limit (12) meant for data. Introspection is answered from the schema in memory.
+pub const INTROSPECTION_MIN_DEPTH: usize = 16;
+
+#[derive(Clone)]
+pub struct AppState {
+    schema: TaskSchema,
+    /// The same schema with the introspection depth limit.
+    introspection: TaskSchema,
+    auth: JwtAuth,
+    pool: PgPool,
+    progress: ProgressTracker,
+    limits: Arc<Limits>,
+}
+
+impl AppState {
+    /// The state of a query API over `pool`. The topic whose positions consistency tokens name is
+    /// the tracker's; start the tracker with [`ProgressTracker::spawn`] (or feed it otherwise).
+    pub fn new(pool: PgPool, auth: JwtAuth, progress: ProgressTracker, watermarks: Arc<dyn Watermarks>, limits: Limits) -> Self {
+        let build = |depth: usize| {
+            Schema::build(Query, EmptyMutation, EmptySubscription)
+                .data(QueryContext { pool: pool.clone(), topic: progress.topic().to_owned(), watermarks: watermarks.clone() })
+                .limit_depth(depth)
+                .limit_complexity(limits.max_complexity)
+                .finish()
+        };
+        let (schema, introspection) = (build(limits.max_depth), build(limits.max_depth.max(INTROSPECTION_MIN_DEPTH)));
+        Self { schema, introspection, auth, pool, progress, limits: Arc::new(limits) }
+    }
+
+    pub fn schema(&self) -> &TaskSchema {
+        &self.schema
+    }
+}
+
+/// The full router; tests drive it with `tower::ServiceExt::oneshot`.
+pub fn router(state: AppState) -> Router {
+    let limits = state.limits.clone();
+    Router::new()
+        .route("/graphql", get(graphiql).post(graphql))
+        .route("/healthz", get(platform::http::healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(platform::http::metrics))
+        .with_state(state)
+        // `Bytes` honours the same limit, answering 413 when a body without a length runs over.
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limits.request_timeout))
+        .layer(TraceLayer::new_for_http())
+}
+
+#[tracing::instrument(name = "graphql", skip_all, fields(user = tracing::field::Empty, result = tracing::field::Empty))]
+async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let (result, response) = match execute(&state, &headers, body).await {
+        Ok(res) => {
+            let result = if res.is_ok() { "ok" } else { "error" };
+            let body = serde_json::to_vec(&res).unwrap_or_else(|_| br#"{"errors":[{"message":"internal error"}]}"#.to_vec());
+            (result, ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response())
+        }
+        Err(e) => {
+            tracing::debug!(error.message = %e, "request refused");
+            (e.code(), e.into_response())
+        }
+    };
+    tracing::Span::current().record("result", result);
+    metrics::counter!("graphql_requests_total", "result" => result).increment(1);
+    metrics::histogram!("graphql_request_duration_seconds").record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn execute(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<async_graphql::Response, ApiError> {
+    // A header that is not visible ASCII cannot be a valid bearer token.
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+    let user = state.auth.authenticate(authorization)?;
+    tracing::Span::current().record("user", user.as_ref());
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(state.limits.max_body_bytes),
+        _ => ApiError::BadRequest(e.body_text()),
+    })?;
+    let mut request: async_graphql::Request = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not a GraphQL request ({{\"query\": ..., \"variables\": ...}}): {e}")))?;
+    if let Some(token) = headers.get(CONSISTENCY_HEADER) {
+        let position = token.to_str().ok().and_then(|t| Position::from_token(t).ok()).ok_or(ApiError::BadConsistencyToken)?;
+        state.progress.wait_for(position, state.limits.consistency_wait).await?;
+    }
+    let schema = if introspection_only(&mut request) { &state.introspection } else { &state.schema };
+    Ok(schema.execute(request.data(user)).await)
+}
+
+/// Whether every operation of the document selects only introspection fields at its root. (The
+/// parsed document is kept in the request, so it is parsed once.)
+fn introspection_only(request: &mut async_graphql::Request) -> bool {
+    let Ok(doc) = request.parsed_query() else { return false };
+    doc.operations.iter().all(|(_, op)| {
+        op.node.selection_set.node.items.iter().all(|item| match &item.node {
+            Selection::Field(f) => matches!(f.node.name.node.as_str(), "__schema" | "__type" | "__typename"),
+            Selection::FragmentSpread(_) | Selection::InlineFragment(_) => false,
+        })
+    })
+}
+
+async fn graphiql() -> Html<String> {
+    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish())
+}
+
+/// 200 when PostgreSQL answers and every migration is applied; 503 otherwise.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    match tokio::time::timeout(Duration::from_secs(3), crate::store::is_ready(&state.pool)).await {
+        Ok(Ok(true)) => (StatusCode::OK, "ready"),
+        Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: migrations are pending"),
+        Ok(Err(e)) => {
+            tracing::warn!(error.message = %e, "readiness: PostgreSQL unavailable");
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready: PostgreSQL is unavailable")
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: PostgreSQL did not answer in time"),
+    }
+}
