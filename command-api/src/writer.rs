@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use domain::user::{decide_user, evolve_user, UserCommand, UserCommandKind, UserEvent, UserState};
 use domain::{decide, evolve, ids, Command, CommandKind, DomainError, TaskEvent, TaskId, TaskState, UserId};
-use platform::codec::{self, DecodeError, EncodedEvent, EventEnvelope, IdempotencyTag, Record, UserEnvelope};
+use platform::codec::{self, EncodedEvent, EventEnvelope, IdempotencyTag, Record, UserEnvelope};
 use platform::position::Position;
 
 use crate::idempotency::{Answer, AnswerKind, IdempotencyCache};

@@ -6,3 +6,10 @@ pub const PROJECTIONS: [&str; 4] = ["tasks", "task_history", "notifications", "r
 /// The NOTIFY channel on which the projector announces committed progress, one notification per
 /// projection and batch, payload `{"topic": .., "projection": .., "offsets": [[partition, next_offset], ..]}`.
 pub const PROGRESS_CHANNEL: &str = "projection_progress";
+
+/// NOTIFY channel for committed task changes (payload: a JSON array of
+/// `{"user": .., "task_id": .., "kind": "created" | "updated" | .., "version": n}`), for subscriptions.
+pub const TASK_CHANGES_CHANNEL: &str = "task_changes";
+
+/// NOTIFY channel for committed notifications (payload: a JSON array of `{"user": .., "id": ..}`).
+pub const NOTIFICATIONS_CHANNEL: &str = "notifications_created";

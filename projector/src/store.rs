@@ -21,7 +21,7 @@ pub enum ApplyMode {
     Replay,
 }
 
-pub use platform::projections::{PROGRESS_CHANNEL, PROJECTIONS};
+pub use platform::projections::{NOTIFICATIONS_CHANNEL, PROGRESS_CHANNEL, PROJECTIONS, TASK_CHANGES_CHANNEL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -110,9 +110,46 @@ pub async fn apply_batch(pool: &PgPool, topic: &str, batch: &Batch, from: &HashM
         },
         ApplyMode::Replay => Applied::default(),
     };
+    announce_changes(&mut tx, &batch.tasks, &notifications).await?;
     advance_offsets(&mut tx, topic, from, &batch.to).await?;
     tx.commit().await?;
     Ok(applied)
+}
+
+/// NOTIFYs (delivered at commit, so a subscriber that re-queries sees the change) for live updates.
+async fn announce_changes(tx: &mut Transaction<'_, Postgres>, tasks: &[Recorded], notifications: &[NotificationRow]) -> Result<(), sqlx::Error> {
+    let changes: Vec<serde_json::Value> = tasks
+        .iter()
+        .map(|r| {
+            let e = &r.envelope;
+            let kind = e.event.event_type().trim_start_matches("task.");
+            json!({"user": e.user_id.as_ref(), "task_id": e.task_id, "kind": kind, "version": e.sequence})
+        })
+        .collect();
+    let created: Vec<serde_json::Value> = notifications.iter().map(|n| json!({"user": n.user_id, "id": n.id})).collect();
+    // NOTIFY payloads are limited to 8000 bytes: send JSON arrays of at most ~7000.
+    for (channel, items) in [(TASK_CHANGES_CHANNEL, changes), (NOTIFICATIONS_CHANNEL, created)] {
+        let mut payloads: Vec<String> = Vec::new();
+        let mut current = String::new();
+        for item in items {
+            let text = item.to_string();
+            if !current.is_empty() && current.len() + text.len() + 2 > 7000 {
+                payloads.push(format!("[{current}]"));
+                current.clear();
+            }
+            if !current.is_empty() {
+                current.push(',');
+            }
+            current.push_str(&text);
+        }
+        if !current.is_empty() {
+            payloads.push(format!("[{current}]"));
+        }
+        if !payloads.is_empty() {
+            sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p").bind(channel).bind(&payloads).execute(&mut **tx).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Notification read marks and webhook registrations.

@@ -133,6 +133,30 @@ impl HistoryCursor {
     }
 }
 
+/// Where a page of `notifications` starts: (created_at, id) of the last one (newest first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotificationCursor {
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub id: uuid::Uuid,
+}
+
+impl NotificationCursor {
+    pub fn encode(&self) -> String {
+        URL_SAFE_NO_PAD.encode(format!("n1.{}.{}", self.created_at.timestamp_micros(), self.id))
+    }
+
+    pub fn decode(s: &str) -> Result<Self, InvalidCursor> {
+        let raw = decode_text(s)?;
+        let rest = raw.strip_prefix("n1.").ok_or(InvalidCursor)?;
+        let (micros, id) = rest.split_once('.').ok_or(InvalidCursor)?;
+        let micros: i64 = micros.parse().map_err(|_| InvalidCursor)?;
+        Ok(Self {
+            created_at: chrono::DateTime::from_timestamp_micros(micros).ok_or(InvalidCursor)?,
+            id: uuid::Uuid::parse_str(id).map_err(|_| InvalidCursor)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
@@ -236,6 +260,9 @@ mod tests {
 
     #[test]
     fn history_cursors_round_trip_and_refuse_task_cursors() {
+        let n = NotificationCursor { created_at: chrono::Utc.timestamp_micros(1_700_000_000_123_456).unwrap(), id: uuid::Uuid::now_v7() };
+        assert_eq!(NotificationCursor::decode(&n.encode()), Ok(n));
+        assert_eq!(NotificationCursor::decode("x"), Err(InvalidCursor));
         let h = HistoryCursor { version: 7 };
         assert_eq!(HistoryCursor::decode(&h.encode()), Ok(h));
         assert_eq!(HistoryCursor::decode(&samples()[0].encode()), Err(InvalidCursor));

@@ -6,6 +6,7 @@
 
 pub mod cursor;
 pub mod error;
+pub mod live;
 pub mod progress;
 pub mod routes;
 pub mod schema;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_graphql::{EmptyMutation, EmptySubscription, Schema};
+use async_graphql::{EmptyMutation, Schema};
 use axum::Router;
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -82,12 +83,13 @@ impl Application {
         let progress = ProgressTracker::new(&settings.kafka.task_events_topic);
         progress.spawn(pool.clone());
         let state = AppState::new(
-            pool,
+            pool.clone(),
             JwtAuth::new(&settings.auth.auth_jwt_secret),
             progress,
             Arc::new(KafkaWatermarks::new(&settings.kafka)?),
             Limits::from(&settings),
         );
+        state.hub().spawn(pool);
         let listener = TcpListener::bind(settings.addr).await.with_context(|| format!("binding {}", settings.addr))?;
         tracing::info!(addr = %listener.local_addr()?, "query API listening");
         Ok(Self { listener, router: router(state) })
@@ -106,5 +108,5 @@ impl Application {
 
 /// The schema's SDL (no data needed), e.g. for documentation.
 pub fn sdl() -> String {
-    Schema::build(Query, EmptyMutation, EmptySubscription).finish().sdl()
+    Schema::build(Query, EmptyMutation, crate::live::Subscription).finish().sdl()
 }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::Selection;
-use async_graphql::{EmptyMutation, EmptySubscription, Schema};
+use async_graphql::{EmptyMutation, Schema};
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
+use axum::extract::WebSocketUpgrade;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -67,21 +69,29 @@ pub struct AppState {
     pool: PgPool,
     progress: ProgressTracker,
     limits: Arc<Limits>,
+    hub: crate::live::Hub,
 }
 
 impl AppState {
     /// The state of a query API over `pool`. The topic whose positions consistency tokens name is
     /// the tracker's; start the tracker with [`ProgressTracker::spawn`] (or feed it otherwise).
     pub fn new(pool: PgPool, auth: JwtAuth, progress: ProgressTracker, watermarks: Arc<dyn Watermarks>, limits: Limits) -> Self {
+        let hub = crate::live::Hub::default();
         let build = |depth: usize| {
-            Schema::build(Query, EmptyMutation, EmptySubscription)
+            Schema::build(Query, EmptyMutation, crate::live::Subscription)
                 .data(QueryContext { pool: pool.clone(), topic: progress.topic().to_owned(), watermarks: watermarks.clone() })
+                .data(crate::live::LiveContext { pool: pool.clone(), hub: hub.clone() })
                 .limit_depth(depth)
                 .limit_complexity(limits.max_complexity)
                 .finish()
         };
         let (schema, introspection) = (build(limits.max_depth), build(limits.max_depth.max(INTROSPECTION_MIN_DEPTH)));
-        Self { schema, introspection, auth, pool, progress, limits: Arc::new(limits) }
+        Self { schema, introspection, auth, pool, progress, limits: Arc::new(limits), hub }
+    }
+
+    /// The fan-out of committed changes to subscriptions; start it with [`crate::live::Hub::spawn`].
+    pub fn hub(&self) -> &crate::live::Hub {
+        &self.hub
     }
 
     pub fn schema(&self) -> &TaskSchema {
@@ -94,6 +104,7 @@ pub fn router(state: AppState) -> Router {
     let limits = state.limits.clone();
     Router::new()
         .route("/graphql", get(graphiql).post(graphql))
+        .route("/graphql/ws", get(graphql_ws))
         .route("/healthz", get(platform::http::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(platform::http::metrics))
@@ -103,6 +114,31 @@ pub fn router(state: AppState) -> Router {
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limits.request_timeout))
         .layer(TraceLayer::new_for_http())
+}
+
+/// WebSocket subscriptions (`graphql-transport-ws` or `graphql-ws`); the token goes in the
+/// `connection_init` payload as `{"Authorization": "Bearer <token>"}` (or `{"token": "<token>"}`).
+async fn graphql_ws(State(state): State<AppState>, protocol: GraphQLProtocol, upgrade: WebSocketUpgrade) -> Response {
+    let schema = state.schema.clone();
+    let auth = state.auth.clone();
+    upgrade
+        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| {
+            GraphQLWebSocket::new(stream, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let header = payload
+                        .get("Authorization")
+                        .or_else(|| payload.get("authorization"))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                        .or_else(|| payload.get("token").and_then(|v| v.as_str()).map(|t| format!("Bearer {t}")));
+                    let user = auth.authenticate(header.as_deref()).map_err(|e| async_graphql::Error::new(e.to_string()))?;
+                    let mut data = async_graphql::Data::default();
+                    data.insert(user);
+                    Ok(data)
+                })
+                .serve()
+        })
 }
 
 #[tracing::instrument(name = "graphql", skip_all, fields(user = tracing::field::Empty, result = tracing::field::Empty))]

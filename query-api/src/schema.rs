@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use async_graphql::{Context, EmptyMutation, EmptySubscription, Enum, InputObject, Json, Object, Schema, SimpleObject, ID};
+use async_graphql::{Context, EmptyMutation, Enum, InputObject, Json, Object, Schema, SimpleObject, ID};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -15,7 +15,7 @@ use crate::error::{internal, user_error};
 use crate::store::{self, TaskFilterSql};
 use crate::watermarks::Watermarks;
 
-pub type TaskSchema = Schema<Query, EmptyMutation, EmptySubscription>;
+pub type TaskSchema = Schema<Query, EmptyMutation, crate::live::Subscription>;
 
 /// The largest page `first` may ask for.
 pub const MAX_PAGE: i32 = 200;
@@ -250,6 +250,100 @@ pub struct QueryContext {
     pub watermarks: Arc<dyn Watermarks>,
 }
 
+/// A notification (one per fired reminder).
+#[derive(SimpleObject, Clone)]
+#[graphql(complex)]
+pub struct Notification {
+    pub id: ID,
+    pub task_id: ID,
+    pub kind: String,
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+    pub read_at: Option<DateTime<Utc>>,
+    #[graphql(skip)]
+    pub uuid: Uuid,
+}
+
+impl From<store::NotificationRow> for Notification {
+    fn from(r: store::NotificationRow) -> Self {
+        Notification {
+            id: ID(r.id.to_string()),
+            task_id: ID(r.task_id.to_string()),
+            kind: r.kind,
+            message: r.message,
+            created_at: r.created_at,
+            read_at: r.read_at,
+            uuid: r.id,
+        }
+    }
+}
+
+/// One POST of a notification to the user's webhook.
+#[derive(SimpleObject, Clone)]
+pub struct WebhookAttempt {
+    pub attempt: i32,
+    pub attempted_at: DateTime<Utc>,
+    /// The receiver's HTTP status, when it answered.
+    pub status_code: Option<i32>,
+    /// Why there was no answer (timeout, connection refused, refused address ...).
+    pub error: Option<String>,
+    pub duration_ms: i32,
+}
+
+/// The delivery of a notification to the user's webhook.
+#[derive(SimpleObject, Clone)]
+pub struct WebhookDelivery {
+    pub id: ID,
+    pub url: String,
+    /// pending, delivered, failed (given up) or cancelled (webhook removed).
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub attempts: Vec<WebhookAttempt>,
+}
+
+#[async_graphql::ComplexObject]
+impl Notification {
+    /// Deliveries of this notification to the user's webhook, with every attempt.
+    async fn webhook_deliveries(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<WebhookDelivery>> {
+        let (qc, user) = caller(ctx)?;
+        let (deliveries, attempts) = store::deliveries(&qc.pool, user, &[self.uuid]).await.map_err(internal)?;
+        Ok(deliveries
+            .into_iter()
+            .map(|d| WebhookDelivery {
+                id: ID(d.id.to_string()),
+                url: d.url,
+                status: d.status,
+                created_at: d.created_at,
+                finished_at: d.finished_at,
+                attempts: attempts
+                    .iter()
+                    .filter(|a| a.delivery_id == d.id)
+                    .map(|a| WebhookAttempt {
+                        attempt: a.attempt,
+                        attempted_at: a.attempted_at,
+                        status_code: a.status_code,
+                        error: a.error.clone(),
+                        duration_ms: a.duration_ms,
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct NotificationEdge {
+    pub cursor: String,
+    pub node: Notification,
+}
+
+#[derive(SimpleObject)]
+pub struct NotificationConnection {
+    pub edges: Vec<NotificationEdge>,
+    pub page_info: PageInfo,
+}
+
 /// `first` as a row count, or a clear error.
 fn page_size(first: i32) -> async_graphql::Result<i64> {
     if !(0..=MAX_PAGE).contains(&first) {
@@ -368,6 +462,33 @@ impl Query {
         Ok(TaskEventConnection { page_info: PageInfo::of(&cursors, has_next_page, after.is_some()), edges })
     }
 
+    /// The caller's notifications, newest first.
+    async fn notifications(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default_with = "Some(false)")] unread_only: Option<bool>,
+        #[graphql(default = 50)] first: Option<i32>,
+        after: Option<String>,
+    ) -> async_graphql::Result<NotificationConnection> {
+        let (qc, user) = caller(ctx)?;
+        let limit = page_size(first.unwrap_or(DEFAULT_PAGE))?;
+        let after = after.map(|c| crate::cursor::NotificationCursor::decode(&c)).transpose().map_err(bad_cursor)?;
+        let mut rows = store::notifications(&qc.pool, user, unread_only.unwrap_or(false), after.map(|c| (c.created_at, c.id)), limit + 1)
+            .await
+            .map_err(internal)?;
+        let has_next_page = rows.len() as i64 > limit;
+        rows.truncate(limit as usize);
+        let edges: Vec<NotificationEdge> = rows
+            .into_iter()
+            .map(|r| NotificationEdge {
+                cursor: crate::cursor::NotificationCursor { created_at: r.created_at, id: r.id }.encode(),
+                node: r.into(),
+            })
+            .collect();
+        let cursors: Vec<String> = edges.iter().map(|e| e.cursor.clone()).collect();
+        Ok(NotificationConnection { page_info: PageInfo::of(&cursors, has_next_page, after.is_some()), edges })
+    }
+
     /// Counts over the caller's (existing) tasks.
     async fn stats(&self, ctx: &Context<'_>) -> async_graphql::Result<TaskStats> {
         let (qc, user) = caller(ctx)?;
@@ -463,7 +584,7 @@ mod tests {
 
     #[test]
     fn the_schema_has_the_contract_names() {
-        let sdl = Schema::build(Query, EmptyMutation, EmptySubscription).finish().sdl();
+        let sdl = Schema::build(Query, EmptyMutation, crate::live::Subscription).finish().sdl();
         for want in [
             "task(id: ID!): Task",
             "tasks(filter: TaskFilter, orderBy: TaskOrder = DUE_AT_ASC, first: Int = 50, after: String): TaskConnection!",
