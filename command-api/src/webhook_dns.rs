@@ -2,23 +2,7 @@
 
 use std::net::IpAddr;
 
-use domain::user::is_forbidden_address;
-
-/// The host and port of an absolute http(s) URL (already checked by `WebhookUrl::parse`).
-pub fn host_port(url: &str) -> Option<(String, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let default = if scheme.eq_ignore_ascii_case("https") { 443 } else { 80 };
-    let authority = rest.split(['/', '?', '#']).next()?;
-    if let Some(v6) = authority.strip_prefix('[') {
-        let (host, after) = v6.split_once(']')?;
-        let port = after.strip_prefix(':').and_then(|p| p.parse().ok()).unwrap_or(default);
-        return Some((host.to_owned(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() => Some((h.to_owned(), p.parse().ok()?)),
-        _ => Some((authority.to_owned(), default)),
-    }
-}
+use domain::user::{host_port, is_forbidden_address};
 
 /// Resolves the URL's host; refuses it when it does not resolve or any address is not public.
 pub async fn check_resolves_publicly(url: &str) -> Result<Vec<IpAddr>, String> {
@@ -44,13 +28,6 @@ pub async fn check_resolves_publicly(url: &str) -> Result<Vec<IpAddr>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_and_port_are_found() {
-        assert_eq!(host_port("https://a.example/x"), Some(("a.example".into(), 443)));
-        assert_eq!(host_port("http://a.example:8080/x?y"), Some(("a.example".into(), 8080)));
-        assert_eq!(host_port("http://[::1]:9/x"), Some(("::1".into(), 9)));
-    }
 
     #[tokio::test]
     async fn names_that_resolve_to_loopback_are_refused() {

@@ -54,6 +54,21 @@ pub fn is_forbidden_address(ip: IpAddr) -> bool {
     }
 }
 
+/// The host and port of an absolute http(s) URL (default port by scheme; IPv6 without brackets).
+pub fn host_port(url: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let default = if scheme.eq_ignore_ascii_case("https") { 443 } else { 80 };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        return Some((host.to_owned(), after.strip_prefix(':').and_then(|p| p.parse().ok()).unwrap_or(default)));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => Some((h.to_owned(), p.parse().ok()?)),
+        _ => Some((authority.to_owned(), default)),
+    }
+}
+
 impl WebhookUrl {
     pub fn parse(s: String, allow_private: bool) -> Result<Self, ValidationError> {
         let bad = |m: &str| ValidationError(m.to_owned());
@@ -253,6 +268,13 @@ mod tests {
         assert_eq!(decide_user(&cmd(UserCommandKind::RemoveWebhook), &UserState::default()), Err(DomainError::NotFound));
         let short = cmd(UserCommandKind::SetWebhook { url: WebhookUrl::parse("https://a.example".into(), false).unwrap(), secret: "x".into() });
         assert!(matches!(decide_user(&short, &UserState::default()), Err(DomainError::Invalid(_))));
+    }
+
+    #[test]
+    fn host_and_port_are_found() {
+        assert_eq!(host_port("https://a.example/x"), Some(("a.example".into(), 443)));
+        assert_eq!(host_port("http://a.example:8080/x?y"), Some(("a.example".into(), 8080)));
+        assert_eq!(host_port("http://[::1]:9/x"), Some(("::1".into(), 9)));
     }
 
     #[test]

@@ -149,14 +149,21 @@ pub fn encode_user(env: &UserEnvelope) -> EncodedEvent {
     EncodedEvent { key: subject, payload: env.event.to_json(), headers }
 }
 
-/// Decodes any record: task events (`task.*`) and user-level events.
-pub fn decode_record<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<Record, DecodeError> {
-    let is_task = headers
-        .and_then(|h| h.iter().find(|x| x.key == "ce_type").and_then(|x| x.value))
-        .is_none_or(|t| t.starts_with(b"task."));
-    if is_task {
-        return decode(key, headers, payload).map(Record::Task);
-    }
+/// The CloudEvents attributes every record carries, parsed and checked.
+struct Common {
+    event_id: Uuid,
+    event_type: String,
+    occurred_at: DateTime<Utc>,
+    subject: String,
+    user_id: UserId,
+    sequence: u32,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    traceparent: Option<String>,
+    idempotency: Option<IdempotencyTag>,
+}
+
+fn decode_common<H: Headers>(key: Option<&[u8]>, headers: Option<&H>) -> Result<Common, DecodeError> {
     let mut get = HeaderMap::default();
     if let Some(headers) = headers {
         for h in headers.iter() {
@@ -168,32 +175,65 @@ pub fn decode_record<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payloa
         return Err(DecodeError::SpecVersion(spec.to_owned()));
     }
     let invalid = |name: &'static str, message: String| DecodeError::InvalidHeader { name, message };
-    let event_id = Uuid::parse_str(get.required("ce_id")?).map_err(|e| invalid("ce_id", e.to_string()))?;
-    let event_type = get.required("ce_type")?;
-    let occurred_at = DateTime::parse_from_rfc3339(get.required("ce_time")?)
-        .map_err(|e| invalid("ce_time", e.to_string()))?
-        .with_timezone(&Utc);
-    let user_id = UserId::parse(get.required("ce_userid")?.to_owned()).map_err(|e| invalid("ce_userid", e.0))?;
     let subject = get.required("ce_subject")?;
-    if subject != user_id.as_ref() || key.is_some_and(|k| k != subject.as_bytes()) {
+    if key.is_some_and(|k| k != subject.as_bytes()) {
         return Err(DecodeError::KeyMismatch);
     }
-    let sequence: u32 = get.required("ce_sequence")?.parse().map_err(|_| invalid("ce_sequence", "not a number".into()))?;
-    let payload = payload.filter(|p| !p.is_empty()).ok_or(DecodeError::EmptyValue)?;
-    let event = UserEvent::from_json(event_type, payload)?;
-    let idempotency = match (get.optional("ce_idempotencykey"), get.optional("ce_requestdigest")) {
-        (Some(key), Some(d)) => Some(IdempotencyTag { key, request_digest: d }),
-        _ => None,
-    };
-    Ok(Record::User(UserEnvelope {
-        event_id,
-        user_id,
-        sequence,
-        occurred_at,
+    Ok(Common {
+        event_id: Uuid::parse_str(get.required("ce_id")?).map_err(|e| invalid("ce_id", e.to_string()))?,
+        event_type: get.required("ce_type")?.to_owned(),
+        occurred_at: DateTime::parse_from_rfc3339(get.required("ce_time")?)
+            .map_err(|e| invalid("ce_time", e.to_string()))?
+            .with_timezone(&Utc),
+        subject: subject.to_owned(),
+        user_id: UserId::parse(get.required("ce_userid")?.to_owned()).map_err(|e| invalid("ce_userid", e.0))?,
+        sequence: get.required("ce_sequence")?.parse().map_err(|_| invalid("ce_sequence", "not a number".into()))?,
         correlation_id: get.optional("ce_correlationid"),
         causation_id: get.optional("ce_causationid"),
         traceparent: get.optional("traceparent"),
-        idempotency,
+        idempotency: match (get.optional("ce_idempotencykey"), get.optional("ce_requestdigest")) {
+            (Some(key), Some(d)) => Some(IdempotencyTag { key, request_digest: d }),
+            _ => None,
+        },
+    })
+}
+
+/// Decodes any record: task events (`task.*`) and user-level events.
+pub fn decode_record<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<Record, DecodeError> {
+    let c = decode_common(key, headers)?;
+    let payload = payload.filter(|p| !p.is_empty()).ok_or(DecodeError::EmptyValue)?;
+    if c.event_type.starts_with("task.") {
+        let task_id: TaskId = c
+            .subject
+            .parse()
+            .map_err(|e: domain::ValidationError| DecodeError::InvalidHeader { name: "ce_subject", message: e.0 })?;
+        let event = TaskEvent::from_json(&c.event_type, payload)?;
+        return Ok(Record::Task(EventEnvelope {
+            event_id: c.event_id,
+            task_id,
+            user_id: c.user_id,
+            sequence: c.sequence,
+            occurred_at: c.occurred_at,
+            correlation_id: c.correlation_id,
+            causation_id: c.causation_id,
+            traceparent: c.traceparent,
+            idempotency: c.idempotency,
+            event,
+        }));
+    }
+    if c.subject != c.user_id.as_ref() {
+        return Err(DecodeError::KeyMismatch);
+    }
+    let event = UserEvent::from_json(&c.event_type, payload)?;
+    Ok(Record::User(UserEnvelope {
+        event_id: c.event_id,
+        user_id: c.user_id,
+        sequence: c.sequence,
+        occurred_at: c.occurred_at,
+        correlation_id: c.correlation_id,
+        causation_id: c.causation_id,
+        traceparent: c.traceparent,
+        idempotency: c.idempotency,
         event,
     }))
 }
@@ -214,49 +254,12 @@ pub enum DecodeError {
     Data(#[from] domain::UnknownEventType),
 }
 
-/// Decodes a record (key, headers, value) into an envelope.
+/// Decodes a record that must be a task event.
 pub fn decode<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<EventEnvelope, DecodeError> {
-    let mut get = HeaderMap::default();
-    if let Some(headers) = headers {
-        for h in headers.iter() {
-            get.set(h.key, h.value);
-        }
+    match decode_record(key, headers, payload)? {
+        Record::Task(env) => Ok(env),
+        Record::User(env) => Err(DecodeError::Data(domain::UnknownEventType::Type(env.event.event_type().to_owned()))),
     }
-    let spec = get.required("ce_specversion")?;
-    if spec != "1.0" {
-        return Err(DecodeError::SpecVersion(spec.to_owned()));
-    }
-    let invalid = |name: &'static str, message: String| DecodeError::InvalidHeader { name, message };
-    let event_id = Uuid::parse_str(get.required("ce_id")?).map_err(|e| invalid("ce_id", e.to_string()))?;
-    let event_type = get.required("ce_type")?;
-    let occurred_at = DateTime::parse_from_rfc3339(get.required("ce_time")?)
-        .map_err(|e| invalid("ce_time", e.to_string()))?
-        .with_timezone(&Utc);
-    let subject = get.required("ce_subject")?;
-    let task_id: TaskId = subject.parse().map_err(|e: domain::ValidationError| invalid("ce_subject", e.0))?;
-    if key.is_some_and(|k| k != subject.as_bytes()) {
-        return Err(DecodeError::KeyMismatch);
-    }
-    let user_id = UserId::parse(get.required("ce_userid")?.to_owned()).map_err(|e| invalid("ce_userid", e.0))?;
-    let sequence: u32 = get.required("ce_sequence")?.parse().map_err(|_| invalid("ce_sequence", "not a number".into()))?;
-    let payload = payload.filter(|p| !p.is_empty()).ok_or(DecodeError::EmptyValue)?;
-    let event = TaskEvent::from_json(event_type, payload)?;
-    let idempotency = match (get.optional("ce_idempotencykey"), get.optional("ce_requestdigest")) {
-        (Some(key), Some(d)) => Some(IdempotencyTag { key, request_digest: d }),
-        _ => None,
-    };
-    Ok(EventEnvelope {
-        event_id,
-        task_id,
-        user_id,
-        sequence,
-        occurred_at,
-        correlation_id: get.optional("ce_correlationid"),
-        causation_id: get.optional("ce_causationid"),
-        traceparent: get.optional("traceparent"),
-        idempotency,
-        event,
-    })
 }
 
 #[derive(Default)]

@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
-use domain::user::is_forbidden_address;
+use domain::user::{host_port, is_forbidden_address};
 
 pub const MAX_ATTEMPTS: i32 = 8;
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -199,20 +199,6 @@ impl Deliverer {
     }
 }
 
-fn host_port(url: &str) -> Option<(String, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let default = if scheme.eq_ignore_ascii_case("https") { 443 } else { 80 };
-    let authority = rest.split(['/', '?', '#']).next()?;
-    if let Some(v6) = authority.strip_prefix('[') {
-        let (host, after) = v6.split_once(']')?;
-        return Some((host.to_owned(), after.strip_prefix(':').and_then(|p| p.parse().ok()).unwrap_or(default)));
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => Some((h.to_owned(), p.parse().ok()?)),
-        _ => Some((authority.to_owned(), default)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,11 +209,5 @@ mod tests {
         assert_eq!(signature("whsec_test", 1_700_000_000, br#"{"a":1}"#), "t=1700000000,v1=38877139021993b830af32feea6e18a8da83eb2f6e49ee50bd9e4cf4ca4d3789");
         assert_ne!(signature("a", 1, b"x"), signature("b", 1, b"x"));
         assert_ne!(signature("a", 1, b"x"), signature("a", 2, b"x"));
-    }
-
-    #[test]
-    fn host_and_port() {
-        assert_eq!(host_port("http://127.0.0.1:9000/hook"), Some(("127.0.0.1".into(), 9000)));
-        assert_eq!(host_port("https://hooks.example.com"), Some(("hooks.example.com".into(), 443)));
     }
 }
