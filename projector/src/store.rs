@@ -110,7 +110,9 @@ pub async fn apply_batch(pool: &PgPool, topic: &str, batch: &Batch, from: &HashM
         },
         ApplyMode::Replay => Applied::default(),
     };
-    announce_changes(&mut tx, &batch.tasks, &notifications).await?;
+    if mode == ApplyMode::Live {
+        announce_changes(&mut tx, &batch.tasks, &notifications).await?;
+    }
     advance_offsets(&mut tx, topic, from, &batch.to).await?;
     tx.commit().await?;
     Ok(applied)
