@@ -185,26 +185,46 @@ async fn next_json(ws: &mut Ws) -> anyhow::Result<Value> {
     }
 }
 
+/// The next pushed change that is not about a probe task.
+async fn next_change(ws: &mut Ws) -> anyhow::Result<Value> {
+    loop {
+        let m = next_json(ws).await?;
+        if m["payload"]["data"]["taskChanged"]["task"]["title"] != "probe" {
+            return Ok(m);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_push_committed_changes_to_their_owner_only() -> anyhow::Result<()> {
     let stack = Stack::start().await?;
     let q = "subscription { taskChanged { kind task { id title version } } }";
     let mut alice = subscribe(&stack, "alice", q).await?;
     let mut bob = subscribe(&stack, "bob", q).await?;
-    // Give the subscriptions a moment to be registered server-side: wait until a probe arrives.
-    let probe = stack.create("alice", json!({"title": "probe"})).await?;
-    let first = next_json(&mut alice).await?;
-    assert_eq!(first["payload"]["data"]["taskChanged"]["task"]["id"], probe["task_id"]);
-    assert_eq!(first["payload"]["data"]["taskChanged"]["kind"], "created");
+    // The server registers a subscription asynchronously: send probes until one arrives for each.
+    for (user, ws) in [("alice", &mut alice), ("bob", &mut bob)] {
+        let mut arrived = false;
+        for _ in 0..20 {
+            let probe = stack.create(user, json!({"title": "probe"})).await?;
+            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), next_json(ws)).await {
+                assert_eq!(m["payload"]["data"]["taskChanged"]["kind"], "created");
+                assert_eq!(m["payload"]["data"]["taskChanged"]["task"]["title"], "probe");
+                let _ = probe;
+                arrived = true;
+                break;
+            }
+        }
+        anyhow::ensure!(arrived, "the subscription of {user} never delivered");
+    }
 
     let bobs = stack.create("bob", json!({"title": "bob's task"})).await?;
     let a2 = stack.create("alice", json!({"title": "alice's task"})).await?;
     let id = a2["task_id"].as_str().unwrap().to_owned();
     let (s, _, done) = stack.command("alice", Method::POST, &format!("/v1/tasks/{id}/complete"), None, &[]).await?;
     assert_eq!(s, 200);
-    // Alice sees her own two changes, in order, and never Bob's.
-    let m1 = next_json(&mut alice).await?;
-    let m2 = next_json(&mut alice).await?;
+    // Alice sees her own two changes, in order, and never Bob's (late probes are skipped).
+    let m1 = next_change(&mut alice).await?;
+    let m2 = next_change(&mut alice).await?;
     assert_eq!(m1["payload"]["data"]["taskChanged"]["task"]["id"], id.as_str(), "{m1}");
     assert_eq!(m2["payload"]["data"]["taskChanged"]["kind"], "completed", "{m2}");
     assert_eq!(m2["payload"]["data"]["taskChanged"]["task"]["version"], done["version"]);
@@ -212,12 +232,12 @@ async fn subscriptions_push_committed_changes_to_their_owner_only() -> anyhow::R
     let t = stack.query("alice", "query($id: ID!) { task(id: $id) { version } }", json!({"id": id}), None).await?;
     assert_eq!(t["task"]["version"], 2);
     // Bob sees only his.
-    let b1 = next_json(&mut bob).await?;
+    let b1 = next_change(&mut bob).await?;
     assert_eq!(b1["payload"]["data"]["taskChanged"]["task"]["id"], bobs["task_id"], "{b1}");
     // A deleted task is announced with task = null.
     let (s, _, _) = stack.command("alice", Method::DELETE, &format!("/v1/tasks/{id}"), None, &[]).await?;
     assert_eq!(s, 200);
-    let m3 = next_json(&mut alice).await?;
+    let m3 = next_change(&mut alice).await?;
     assert_eq!(m3["payload"]["data"]["taskChanged"], json!({"kind": "deleted", "task": null}));
     stack.cleanup().await
 }

@@ -85,6 +85,7 @@ impl Default for StackOptions {
 /// Three running services plus their private database and topic.
 pub struct Stack {
     pub topic: String,
+    pub brokers: String,
     pub database_url: String,
     admin_url: String,
     db_name: String,
@@ -116,6 +117,7 @@ impl Stack {
         for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
             ports.insert(s, free_port());
         }
+        let brokers_for_stack = brokers.clone();
         let mut env = vec![
             ("KAFKA_BROKERS".to_owned(), brokers),
             ("DATABASE_URL".to_owned(), database_url.clone()),
@@ -134,7 +136,7 @@ impl Stack {
         env.extend(opts.extra_env);
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
         let auth = platform::auth::JwtAuth::new(&platform::secret::Secret::new(JWT_SECRET));
-        let mut stack = Stack { topic, database_url, admin_url, db_name, env, ports, children: HashMap::new(), http, auth };
+        let mut stack = Stack { topic, brokers: brokers_for_stack, database_url, admin_url, db_name, env, ports, children: HashMap::new(), http, auth };
         for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
             stack.spawn(s)?;
         }
@@ -266,6 +268,40 @@ impl Stack {
             bail!("GraphQL answered {status}: {body}");
         }
         Ok(body["data"].clone())
+    }
+
+    /// The end of the log (high watermark) per partition.
+    pub async fn log_end(&self) -> anyhow::Result<std::collections::BTreeMap<i32, i64>> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?;
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let mut out = std::collections::BTreeMap::new();
+            for p in md.topics()[0].partitions() {
+                let (_, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                out.insert(p.id(), high);
+            }
+            Ok(out)
+        })
+        .await?
+    }
+
+    /// The offsets every projection has applied (the minimum over projections) per partition.
+    pub async fn applied(&self) -> anyhow::Result<std::collections::BTreeMap<i32, i64>> {
+        let mut db = self.db().await?;
+        let rows: Vec<(i32, i64)> =
+            sqlx::query_as("SELECT partition, min(next_offset) FROM projection_offsets GROUP BY partition").fetch_all(&mut db).await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Whether the projections have applied the whole log (read-committed ends may sit one
+    /// transaction marker past the last record, which is applied too).
+    pub async fn caught_up(&self) -> anyhow::Result<Option<std::collections::BTreeMap<i32, i64>>> {
+        let end = self.log_end().await?;
+        let applied = self.applied().await?;
+        let ok = end.iter().all(|(p, high)| applied.get(p).copied().unwrap_or(0) + 1 >= *high);
+        Ok(ok.then_some(applied))
     }
 
     /// A connection to this stack's own database.
