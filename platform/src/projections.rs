@@ -13,3 +13,23 @@ pub const TASK_CHANGES_CHANNEL: &str = "task_changes";
 
 /// NOTIFY channel for committed notifications (payload: a JSON array of `{"user": .., "id": ..}`).
 pub const NOTIFICATIONS_CHANNEL: &str = "notifications_created";
+
+/// How far a projection at `next_offset` is behind a partition whose high watermark is
+/// `high_watermark`. Every write to the log is transactional, so the last offset before the high
+/// watermark is always a transaction marker that a read_committed consumer never sees: a projection
+/// that applied everything sits one short of the high watermark. Pending transactions count their
+/// marker too, so the lag is in offsets, an upper bound of the records still to apply.
+pub fn lag(next_offset: i64, high_watermark: i64) -> i64 {
+    (high_watermark - next_offset - 1).max(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_caught_up_projection_has_no_lag() {
+        assert_eq!(super::lag(0, 0), 0);
+        assert_eq!(super::lag(5, 6), 0, "only the commit marker is left");
+        assert_eq!(super::lag(5, 7), 1);
+        assert_eq!(super::lag(9, 6), 0);
+    }
+}

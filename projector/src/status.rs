@@ -18,7 +18,7 @@ pub struct PartitionStatus {
 
 impl PartitionStatus {
     pub fn lag(&self) -> i64 {
-        (self.high_watermark - self.offset).max(0)
+        platform::projections::lag(self.offset, self.high_watermark)
     }
 }
 

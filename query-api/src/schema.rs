@@ -383,7 +383,7 @@ pub fn projection_statuses(offsets: Vec<(String, i32, i64)>, highs: Option<&Hash
         .into_iter()
         .map(|(name, mut partitions)| {
             partitions.sort_by_key(|p| p.partition);
-            let lag = partitions.iter().map(|p| (p.high_watermark - p.offset).max(0)).sum();
+            let lag = partitions.iter().map(|p| platform::projections::lag(p.offset, p.high_watermark)).sum();
             ProjectionStatus { name, state: "live".to_owned(), lag, partitions }
         })
         .collect();
@@ -548,12 +548,13 @@ mod tests {
             ("zz_new".into(), 0, 3),
         ];
         // Partition 1's cached watermark is older than the offset: that is no lag, not negative lag.
+        // The last offset before a high watermark is a transaction marker (see platform::projections::lag).
         let highs = HashMap::from([(0, 12), (1, 6)]);
         let s = projection_statuses(offsets, Some(&highs));
-        assert_eq!(s[0], ProjectionStatus { name: "tasks".into(), state: "live".into(), lag: 3, partitions: vec![part(0, 10, 12), part(1, 5, 6)] });
+        assert_eq!(s[0], ProjectionStatus { name: "tasks".into(), state: "live".into(), lag: 1, partitions: vec![part(0, 10, 12), part(1, 5, 6)] });
         assert_eq!(s[1], ProjectionStatus { name: "task_history".into(), state: "live".into(), lag: 0, partitions: vec![part(1, 7, 6)] });
         let last = s.last().unwrap();
-        assert_eq!((last.name.as_str(), last.lag), ("zz_new", 9));
+        assert_eq!((last.name.as_str(), last.lag), ("zz_new", 8));
         assert_eq!(s.len(), platform::projections::PROJECTIONS.len() + 1);
     }
 
