@@ -1,6 +1,7 @@
 //! End-to-end tests: the three real binaries against the real Kafka broker and PostgreSQL that
 //! `./dev test` provisions. No sleeps stand in for waiting: every wait polls a condition.
 
+mod bench_smoke;
 mod live;
 mod reactions;
 

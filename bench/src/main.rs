@@ -1,0 +1,417 @@
+//! `loadgen`: measures taskstream against the local stack and writes the numbers as JSON.
+//!
+//! Subcommands measure one thing each; `all` runs the suite in order. Latency is measured
+//! open-loop: requests are sent at their scheduled times whatever the answers do, and each latency
+//! is taken from the scheduled send time (no coordinated omission), into an HdrHistogram.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "loadgen", about = "taskstream benchmarks")]
+struct Cli {
+    #[arg(long, env = "COMMAND_API_URL", default_value = "http://127.0.0.1:8080")]
+    command_api: String,
+    #[arg(long, env = "QUERY_API_URL", default_value = "http://127.0.0.1:8081")]
+    query_api: String,
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[arg(long, env = "AUTH_JWT_SECRET", default_value = "taskstream-dev-secret")]
+    secret: String,
+    /// Scale every run down (smoke runs in tests): 1.0 = the full suite.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Also write the results here as JSON.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+    /// Also write a Markdown report here (BENCHMARKS.md).
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+    /// The process ids to read resident memory from after the run: NAME=PID (repeatable).
+    #[arg(long = "rss", value_parser = parse_kv)]
+    rss: Vec<(String, String)>,
+    /// Lines about the machine and the command, copied into the report (repeatable).
+    #[arg(long = "about")]
+    about: Vec<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum Cmd {
+    /// Raw rdkafka produce (idempotent, acks=all) of event-sized records.
+    KafkaRaw,
+    /// Accepted commands per second at saturation (40% create, 40% update, 15% complete, 5% delete).
+    Commands,
+    /// Command latency and command -> visible-in-GraphQL latency at an open-loop 1 000/s.
+    Latency,
+    /// GraphQL queries per second: a 50-item tasks page, and task(id).
+    Graphql,
+    /// Everything above, in order; prints one JSON object.
+    All,
+}
+
+struct Ctx {
+    http: reqwest::Client,
+    cli: Cli,
+    auth: platform::auth::JwtAuth,
+}
+
+impl Ctx {
+    fn token(&self, user: &str) -> String {
+        self.auth.issue(user, 7200)
+    }
+    fn n(&self, full: usize) -> usize {
+        ((full as f64 * self.cli.scale) as usize).max(1)
+    }
+    fn secs(&self, full: f64) -> Duration {
+        Duration::from_secs_f64((full * self.cli.scale).max(0.5))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let auth = platform::auth::JwtAuth::new(&platform::secret::Secret::new(cli.secret.clone()));
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_secs(30)).build()?;
+    let cmd = cli.cmd;
+    let ctx = Arc::new(Ctx { http, cli, auth });
+    let mut out = BTreeMap::new();
+    let run = |c: Cmd| matches!(cmd, Cmd::All) || std::mem::discriminant(&cmd) == std::mem::discriminant(&c);
+    if run(Cmd::KafkaRaw) {
+        out.extend(kafka_raw(&ctx).await?);
+    }
+    if run(Cmd::Commands) {
+        out.extend(commands(&ctx).await?);
+    }
+    if run(Cmd::Latency) {
+        out.extend(latency(&ctx).await?);
+    }
+    if run(Cmd::Graphql) {
+        out.extend(graphql(&ctx).await?);
+    }
+    for (name, pid) in &ctx.cli.rss {
+        if let Some(mb) = rss_mb(pid) {
+            out.insert(format!("rss_mb_{name}"), round(mb));
+        }
+    }
+    let text = serde_json::to_string_pretty(&out)?;
+    println!("{text}");
+    if let Some(p) = &ctx.cli.json_out {
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(p, &text)?;
+    }
+    if let Some(p) = &ctx.cli.report {
+        std::fs::write(p, report(&out, &ctx.cli.about))?;
+    }
+    Ok(())
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected NAME=VALUE, got {s}"))
+}
+
+/// Resident memory of a process in MiB (Linux).
+fn rss_mb(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn report(out: &BTreeMap<String, Value>, about: &[String]) -> String {
+    let goals: &[(&str, &str)] = &[
+        ("kafka_raw_produce_per_s", "the limit (raw rdkafka, idempotent, acks=all)"),
+        ("command_throughput_per_s", "goal: >= 20 000 and >= 25% of the raw limit"),
+        ("command_p50_ms_at_1k", ""),
+        ("command_p99_ms_at_1k", "goal: <= 10"),
+        ("command_p999_ms_at_1k", ""),
+        ("e2e_p50_ms_at_1k", ""),
+        ("e2e_p99_ms_at_1k", "goal: <= 50"),
+        ("graphql_list_queries_per_s", "goal: >= 5 000"),
+        ("graphql_task_queries_per_s", ""),
+    ];
+    let mut md = String::from("# Benchmarks\n\n");
+    for line in about {
+        md.push_str(&format!("- {line}\n"));
+    }
+    md.push_str("\n| key | value | note |\n| --- | --- | --- |\n");
+    for (k, v) in out {
+        let note = goals.iter().find(|(g, _)| g == k).map(|(_, n)| *n).unwrap_or("");
+        md.push_str(&format!("| `{k}` | {v} | {note} |\n"));
+    }
+    if let (Some(c), Some(r)) = (out.get("command_throughput_per_s").and_then(Value::as_f64), out.get("kafka_raw_produce_per_s").and_then(Value::as_f64)) {
+        md.push_str(&format!("\nCommands reach {:.1}% of the raw produce limit.\n", 100.0 * c / r));
+    }
+    md
+}
+
+fn round(v: f64) -> Value {
+    json!((v * 100.0).round() / 100.0)
+}
+
+async fn kafka_raw(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
+    let topic = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
+    let settings = platform::settings::KafkaSettings {
+        kafka_brokers: ctx.cli.brokers.clone(),
+        task_events_topic: topic.clone(),
+        task_events_partitions: 12,
+        task_events_replication: 1,
+    };
+    platform::kafka::ensure_topics(&settings).await?;
+    let producer: FutureProducer = platform::kafka::client_config(&settings, "bench-raw")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()?;
+    // A task.created value with CloudEvents headers is about 350 bytes; send the same size.
+    let payload = vec![b'x'; 350];
+    let n = ctx.n(300_000);
+    let started = Instant::now();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let key = (i % 10_000).to_string();
+        loop {
+            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload)) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err(_) => {
+                    use futures::StreamExt;
+                    pending.next().await;
+                }
+            }
+        }
+    }
+    use futures::StreamExt;
+    while let Some(r) = pending.next().await {
+        if !matches!(r, Ok(Ok(_))) {
+            anyhow::bail!("a raw produce failed");
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    eprintln!("kafka_raw_produce_per_s = {rate:.0} ({n} records)");
+    Ok(BTreeMap::from([("kafka_raw_produce_per_s".into(), round(rate))]))
+}
+
+/// Creates `n` tasks for `user`; returns their ids.
+async fn seed(ctx: &Arc<Ctx>, user: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let token = ctx.token(user);
+    let ids = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(n)));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..32 {
+        let (ctx, ids, next, token) = (ctx.clone(), ids.clone(), next.clone(), token.clone());
+        workers.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let r: Value = ctx
+                    .http
+                    .post(format!("{}/v1/tasks", ctx.cli.command_api))
+                    .bearer_auth(&token)
+                    .json(&json!({"title": "seeded", "due_at": "2030-01-01T00:00:00Z", "tags": ["bench"]}))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                ids.lock().await.push(r["task_id"].as_str().context("no task_id")?.to_owned());
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
+    let ids = ids.lock().await.clone();
+    Ok(ids)
+}
+
+/// One command of the realistic mix; returns (accepted, position).
+async fn mixed_command(ctx: &Ctx, token: &str, ids: &[String], i: u64) -> anyhow::Result<(bool, Option<String>)> {
+    let id = &ids[(i as usize * 7919) % ids.len()];
+    let base = &ctx.cli.command_api;
+    let req = match i % 20 {
+        0..=7 => ctx.http.post(format!("{base}/v1/tasks")).json(&json!({"title": format!("task {i}"), "priority": "high", "tags": ["a", "b"]})),
+        8..=15 => ctx.http.patch(format!("{base}/v1/tasks/{id}")).json(&json!({"title": format!("edit {i}")})),
+        16..=18 => {
+            if i % 2 == 0 {
+                ctx.http.post(format!("{base}/v1/tasks/{id}/complete"))
+            } else {
+                ctx.http.post(format!("{base}/v1/tasks/{id}/reopen"))
+            }
+        }
+        _ => ctx.http.post(format!("{base}/v1/tasks")).json(&json!({"title": "short-lived"})),
+    };
+    let res = req.bearer_auth(token).send().await?;
+    let status = res.status();
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    // 409s (completing a completed task) are correct refusals of the mix, not errors.
+    Ok((status.is_success(), body["position"].as_str().map(str::to_owned)))
+}
+
+async fn commands(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
+    let ids = seed(ctx, "bench-sat", ctx.n(2_000)).await?;
+    let ids = Arc::new(ids);
+    let token = ctx.token("bench-sat");
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    let duration = ctx.secs(20.0);
+    let deadline = Instant::now() + duration;
+    let mut workers = Vec::new();
+    for _ in 0..256 {
+        let (ctx, ids, token, accepted, counter) = (ctx.clone(), ids.clone(), token.clone(), accepted.clone(), counter.clone());
+        workers.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let i = counter.fetch_add(1, Ordering::Relaxed);
+                if let Ok((true, _)) = mixed_command(&ctx, &token, &ids, i).await {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    let rate = accepted.load(Ordering::Relaxed) as f64 / duration.as_secs_f64();
+    eprintln!("command_throughput_per_s = {rate:.0} (256 connections, {duration:?})");
+    Ok(BTreeMap::from([("command_throughput_per_s".into(), round(rate))]))
+}
+
+async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
+    let ids = Arc::new(seed(ctx, "bench-lat", ctx.n(1_000)).await?);
+    let token = ctx.token("bench-lat");
+    let rate = 1_000.0;
+    let duration = ctx.secs(30.0);
+    let n = (rate * duration.as_secs_f64()) as u64;
+    let cmd_hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let e2e_hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(scheduled).await;
+        let (ctx, ids, token, cmd_hist, e2e_hist, errors) =
+            (ctx.clone(), ids.clone(), token.clone(), cmd_hist.clone(), e2e_hist.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            match mixed_command(&ctx, &token, &ids, i).await {
+                Ok((_, position)) => {
+                    let us = scheduled.elapsed().as_micros() as u64;
+                    let _ = cmd_hist.lock().map(|mut h| h.record(us.max(1)));
+                    if let Some(p) = position {
+                        // Visible through GraphQL: a query carrying the command's position.
+                        let r = ctx
+                            .http
+                            .post(format!("{}/graphql", ctx.cli.query_api))
+                            .bearer_auth(&token)
+                            .header("X-Consistency-Token", p)
+                            .json(&json!({"query": "{ stats { total } }"}))
+                            .send()
+                            .await;
+                        match r {
+                            Ok(r) if r.status().is_success() => {
+                                let us = scheduled.elapsed().as_micros() as u64;
+                                let _ = e2e_hist.lock().map(|mut h| h.record(us.max(1)));
+                            }
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                Err(_) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let c = cmd_hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let e = e2e_hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let ms = |h: &Histogram<u64>, q: f64| round(h.value_at_quantile(q) as f64 / 1000.0);
+    eprintln!(
+        "at 1000/s: command p50 {} p99 {} p999 {} ms; e2e p50 {} p99 {} ms; errors {}",
+        ms(&c, 0.5), ms(&c, 0.99), ms(&c, 0.999), ms(&e, 0.5), ms(&e, 0.99), errors.load(Ordering::Relaxed)
+    );
+    Ok(BTreeMap::from([
+        ("command_p50_ms_at_1k".into(), ms(&c, 0.5)),
+        ("command_p99_ms_at_1k".into(), ms(&c, 0.99)),
+        ("command_p999_ms_at_1k".into(), ms(&c, 0.999)),
+        ("e2e_p50_ms_at_1k".into(), ms(&e, 0.5)),
+        ("e2e_p99_ms_at_1k".into(), ms(&e, 0.99)),
+        ("latency_errors_at_1k".into(), json!(errors.load(Ordering::Relaxed))),
+    ]))
+}
+
+async fn graphql(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
+    let ids = Arc::new(seed(ctx, "bench-q", ctx.n(500)).await?);
+    let token = ctx.token("bench-q");
+    // Wait until the seeded tasks are visible.
+    let probe: Value = ctx
+        .http
+        .post(format!("{}/v1/tasks", ctx.cli.command_api))
+        .bearer_auth(&token)
+        .json(&json!({"title": "probe"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ctx.http
+        .post(format!("{}/graphql", ctx.cli.query_api))
+        .bearer_auth(&token)
+        .header("X-Consistency-Token", probe["position"].as_str().unwrap_or_default())
+        .json(&json!({"query": "{ stats { total } }"}))
+        .send()
+        .await?;
+    let mut out = BTreeMap::new();
+    for (key, list) in [("graphql_list_queries_per_s", true), ("graphql_task_queries_per_s", false)] {
+        let done = Arc::new(AtomicU64::new(0));
+        let duration = ctx.secs(10.0);
+        let deadline = Instant::now() + duration;
+        let mut workers = Vec::new();
+        for w in 0..64u64 {
+            let (ctx, ids, token, done) = (ctx.clone(), ids.clone(), token.clone(), done.clone());
+            workers.push(tokio::spawn(async move {
+                let mut i = w;
+                while Instant::now() < deadline {
+                    let body = if list {
+                        json!({"query": "{ tasks(first: 50) { edges { node { id title status priority dueAt tags version } } pageInfo { hasNextPage endCursor } } }"})
+                    } else {
+                        json!({"query": "query($id: ID!) { task(id: $id) { id title status priority dueAt tags version } }", "variables": {"id": ids[(i as usize) % ids.len()]}})
+                    };
+                    i += 64;
+                    let ok = ctx
+                        .http
+                        .post(format!("{}/graphql", ctx.cli.query_api))
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false);
+                    if ok {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for w in workers {
+            w.await?;
+        }
+        let rate = done.load(Ordering::Relaxed) as f64 / duration.as_secs_f64();
+        eprintln!("{key} = {rate:.0}");
+        out.insert(key.to_owned(), round(rate));
+    }
+    Ok(out)
+}

@@ -1,0 +1,30 @@
+//! The benchmark tool, run with tiny sizes so that it keeps working (no timing is asserted).
+
+use e2e::{bin_dir, Stack, Svc};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadgen_measures_every_key_against_a_real_stack() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let out = tokio::process::Command::new(bin_dir().join("loadgen"))
+        .args(["--command-api", &stack.url(Svc::CommandApi, ""), "--query-api", &stack.url(Svc::QueryApi, "")])
+        .args(["--brokers", &stack.brokers, "--secret", e2e::JWT_SECRET, "--scale", "0.01", "all"])
+        .output()
+        .await?;
+    assert!(out.status.success(), "loadgen failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    for key in [
+        "kafka_raw_produce_per_s",
+        "command_throughput_per_s",
+        "command_p50_ms_at_1k",
+        "command_p99_ms_at_1k",
+        "command_p999_ms_at_1k",
+        "e2e_p50_ms_at_1k",
+        "e2e_p99_ms_at_1k",
+        "graphql_list_queries_per_s",
+        "graphql_task_queries_per_s",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} missing or zero in {v}");
+    }
+    assert_eq!(v["latency_errors_at_1k"], 0, "{v}");
+    stack.cleanup().await
+}
