@@ -57,6 +57,8 @@ enum Cmd {
     Graphql,
     /// Everything above, in order; prints one JSON object.
     All,
+    /// Timings of the phases of small Kafka transactions (diagnostics, not part of `all`).
+    TxnProbe,
 }
 
 struct Ctx {
@@ -86,6 +88,9 @@ async fn main() -> anyhow::Result<()> {
     let ctx = Arc::new(Ctx { http, cli, auth });
     let mut out = BTreeMap::new();
     let run = |c: Cmd| matches!(cmd, Cmd::All) || std::mem::discriminant(&cmd) == std::mem::discriminant(&c);
+    if matches!(cmd, Cmd::TxnProbe) {
+        return txn_probe(&ctx).await;
+    }
     if run(Cmd::KafkaRaw) {
         out.extend(kafka_raw(&ctx).await?);
     }
@@ -157,6 +162,51 @@ fn report(out: &BTreeMap<String, Value>, about: &[String]) -> String {
 
 fn round(v: f64) -> Value {
     json!((v * 100.0).round() / 100.0)
+}
+
+async fn txn_probe(ctx: &Ctx) -> anyhow::Result<()> {
+    use rdkafka::producer::Producer;
+    let topic = format!("bench-txn-{}", uuid::Uuid::new_v4().simple());
+    let settings = platform::settings::KafkaSettings {
+        kafka_brokers: ctx.cli.brokers.clone(),
+        task_events_topic: topic.clone(),
+        task_events_partitions: 12,
+        task_events_replication: 1,
+    };
+    platform::kafka::ensure_topics(&settings).await?;
+    let mut cfg = platform::kafka::client_config(&settings, "bench-txn");
+    cfg.set("transactional.id", format!("probe-{}", uuid::Uuid::new_v4())).set("linger.ms", "1");
+    if let Ok(d) = std::env::var("PROBE_DEBUG") {
+        platform::telemetry::init("loadgen");
+        cfg.set("debug", d);
+    }
+    for kv in std::env::var("PROBE_CONFIG").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
+        if let Some((k, v)) = kv.split_once('=') {
+            cfg.set(k, v);
+        }
+    }
+    let producer: FutureProducer = cfg.create()?;
+    producer.init_transactions(Duration::from_secs(10))?;
+    for i in 0..10 {
+        let t0 = Instant::now();
+        producer.begin_transaction()?;
+        let per_txn: usize = std::env::var("PROBE_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let mut fs = Vec::new();
+        for j in 0..per_txn {
+            let key = format!("k{j}");
+            fs.push(producer.send_result(FutureRecord::to(&topic).key(&key).payload("v")).map_err(|(e, _)| e)?);
+        }
+        let f = futures::future::join_all(fs);
+        let t1 = t0.elapsed();
+        let _ = f.await;
+        let t2 = t0.elapsed();
+        producer.flush(Duration::from_secs(10))?;
+        let t3 = t0.elapsed();
+        producer.commit_transaction(Duration::from_secs(10))?;
+        let t4 = t0.elapsed();
+        eprintln!("txn {i}: send {t1:?} delivered {t2:?} flushed {t3:?} committed {t4:?}");
+    }
+    Ok(())
 }
 
 async fn kafka_raw(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
