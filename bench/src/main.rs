@@ -98,9 +98,11 @@ async fn main() -> anyhow::Result<()> {
         out.extend(commands(&ctx).await?);
     }
     if run(Cmd::Latency) {
+        wait_caught_up(&ctx).await?;
         out.extend(latency(&ctx).await?);
     }
     if run(Cmd::Graphql) {
+        wait_caught_up(&ctx).await?;
         out.extend(graphql(&ctx).await?);
     }
     for (name, pid) in &ctx.cli.rss {
@@ -120,6 +122,31 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(p, report(&out, &ctx.cli.about))?;
     }
     Ok(())
+}
+
+/// Waits until the projector has applied the whole log (a phase must not measure the backlog
+/// the previous phase left behind).
+async fn wait_caught_up(ctx: &Ctx) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let token = ctx.token("bench-probe");
+    loop {
+        let v: Value = ctx
+            .http
+            .post(format!("{}/graphql", ctx.cli.query_api))
+            .bearer_auth(&token)
+            .json(&json!({"query": "{ projections { lag } }"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let lag: i64 = v["data"]["projections"].as_array().map(|a| a.iter().filter_map(|p| p["lag"].as_i64()).max().unwrap_or(0)).unwrap_or(0);
+        if lag == 0 {
+            eprintln!("projector caught up after {:?}", started.elapsed());
+            return Ok(());
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "the projector did not catch up within 10 minutes (lag {lag})");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
