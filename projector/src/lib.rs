@@ -1,8 +1,10 @@
 //! taskstream projector: builds the PostgreSQL read models from the `task-events` log,
 //! exactly-once (each batch and its per-partition offsets are committed in one transaction).
 
+pub mod dlq;
 pub mod model;
 pub mod reactor;
+pub mod rebuild;
 pub mod runner;
 pub mod status;
 pub mod store;
@@ -42,6 +44,45 @@ pub enum Command {
     Run,
     /// Print per projection: state, per-partition offset, high watermark and lag.
     Status,
+    /// Replay the log from offset zero into fresh tables while the live ones keep serving, then
+    /// switch to them atomically (progress on stderr; Ctrl-C aborts and leaves the live tables).
+    Rebuild {
+        /// Rebuild only this projection (repeatable; default: all).
+        #[arg(long = "projection", value_name = "NAME")]
+        projections: Vec<String>,
+        /// Do not ask for confirmation (without a terminal it never asks).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Inspect and re-drive dead letters (records that could not be decoded or applied).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqCommand {
+    /// List open dead letters: id, key, type, original position, parked records, error.
+    List {
+        /// Also list replayed and discarded ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Apply a dead letter again (after a fix), then the records parked behind it.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
+    Replay {
+        /// The dead letter's id (see `dlq list`).
+        id: Option<i64>,
+        /// Every open dead letter, oldest first.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Drop a dead letter and apply the records parked behind it.
+    Discard {
+        /// The dead letter's id (see `dlq list`).
+        id: i64,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -120,26 +161,21 @@ impl Application {
             tracing::warn!("SERVICE_JWT_SECRET is not set: reactions (next occurrences, reminders) cannot be sent");
         }
         // The service key only signs; user tokens are never verified here.
-        let service_auth = JwtAuth::new(&Secret::new(uuid::Uuid::new_v4().to_string()))
-            .with_service_secret(self.settings.service_jwt_secret.as_ref());
-        let reactor = reactor::Reactor::new(
-            self.pool.clone(),
-            self.settings.command_api_url.clone(),
-            service_auth,
-            self.settings.webhook_allow_private,
-        )?;
+        let service_auth = JwtAuth::new(&Secret::new(uuid::Uuid::new_v4().to_string())).with_service_secret(self.settings.service_jwt_secret.as_ref());
+        let reactor = reactor::Reactor::new(self.pool.clone(), self.settings.command_api_url.clone(), service_auth, self.settings.webhook_allow_private)?;
         let wake = reactor.wake.clone();
         let reactions = tokio::spawn(reactor.run());
         let runner = Runner::new(
             RunSettings {
                 kafka: self.settings.kafka.clone(),
+                database: self.settings.database.clone(),
                 max_batch: self.settings.max_batch,
                 linger: Duration::from_millis(self.settings.linger_ms),
             },
             self.pool.clone(),
             ready.clone(),
             wake,
-        );
+        )?;
         let runner = tokio::spawn(runner.run(stop_rx));
         let lag = tokio::spawn(status::export_lag(self.pool.clone(), self.settings.kafka.clone(), Duration::from_secs(5)));
         let app = router(self.pool.clone(), ready);
@@ -152,6 +188,78 @@ impl Application {
         self.pool.close().await;
         Ok(())
     }
+}
+
+/// `projector rebuild`.
+pub async fn rebuild_cli(settings: Settings, projections: Vec<String>, yes: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let selected = rebuild::select(&projections)?;
+    if !yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        eprint!(
+            "Rebuild {} from offset zero of {}? The live tables keep serving until the switch. [y/N] ",
+            selected.join(", "),
+            settings.kafka.task_events_topic
+        );
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("nothing done");
+            return Ok(());
+        }
+    }
+    let opts = rebuild::Options {
+        kafka: settings.kafka,
+        database: settings.database,
+        projections: selected,
+        max_batch: settings.max_batch,
+        report: rebuild::Report::Cli,
+        requested_by: "cli",
+    };
+    let summary = rebuild::run(opts, async {
+        platform::http::shutdown_signal().await;
+        eprintln!("\nstopping: dropping the partial copies; the live tables are untouched");
+    })
+    .await?;
+    println!("{}", summary.line());
+    Ok(())
+}
+
+/// `projector dlq ...`.
+pub async fn dlq_cli(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {
+    let pool = platform::db::pool(&settings.database)?;
+    platform::db::migrate(&pool).await?;
+    let topic = settings.kafka.task_events_topic.clone();
+    let ids: Vec<(i64, dlq::Release)> = match command {
+        DlqCommand::List { all } => {
+            print!("{}", dlq::render(&dlq::list(&pool, &topic, all).await?));
+            return Ok(());
+        }
+        DlqCommand::Replay { id: Some(id), .. } => vec![(id, dlq::Release::Replay)],
+        DlqCommand::Replay { id: None, .. } => dlq::list(&pool, &topic, false).await?.into_iter().map(|d| (d.id, dlq::Release::Replay)).collect(),
+        DlqCommand::Discard { id } => vec![(id, dlq::Release::Discard)],
+    };
+    if ids.is_empty() {
+        println!("no open dead letters");
+        return Ok(());
+    }
+    let sink = dlq::DeadLetterSink::new(&settings.kafka)?;
+    let mut failures = 0;
+    for (id, how) in ids {
+        match dlq::release(&pool, &sink, id, how).await {
+            Ok(r) => {
+                let verb = if how == dlq::Release::Replay { "replayed" } else { "discarded" };
+                let extra = r.new_dead_letter.map(|n| format!("; a parked record failed in turn and is dead letter {n}")).unwrap_or_default();
+                println!("dead letter {id} {verb}; {} record(s) applied{extra}", r.applied);
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!("dead letter {id}: {e}");
+            }
+        }
+    }
+    anyhow::ensure!(failures == 0, "{failures} dead letter(s) could not be released");
+    Ok(())
 }
 
 /// `projector status`.

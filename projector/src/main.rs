@@ -2,13 +2,37 @@ use clap::Parser;
 use projector::{Application, Cli, Command};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
+    let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             platform::telemetry::init("projector");
-            Application::build(cli.settings).await?.run_until_stopped().await
+            match Application::build(cli.settings).await {
+                Ok(app) => app.run_until_stopped().await,
+                Err(e) => Err(e),
+            }
         }
-        Command::Status => projector::print_status(cli.settings).await,
+        command => {
+            // Command-line tools: warnings and errors only, readable, on stderr.
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).compact().try_init();
+            match command {
+                Command::Status => projector::print_status(cli.settings).await,
+                Command::Rebuild { projections, yes } => projector::rebuild_cli(cli.settings, projections, yes).await,
+                Command::Dlq { command } => projector::dlq_cli(cli.settings, command).await,
+                Command::Run => unreachable!("handled above"),
+            }
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if matches!(e.downcast_ref::<projector::rebuild::RebuildError>(), Some(projector::rebuild::RebuildError::Aborted)) {
+                std::process::ExitCode::from(130)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
     }
 }

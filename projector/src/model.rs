@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use domain::recurrence::{next_occurrence, NextOccurrence};
 use domain::{ids, Recurrence, RemindBefore, TaskEvent, TaskId, TimeZone};
-use platform::codec::{EventEnvelope, UserEnvelope};
+use platform::codec::{self, EventEnvelope, UserEnvelope};
 use platform::position::Position;
 
 /// One row of the `tasks` read model.
@@ -63,21 +63,119 @@ pub struct RecordedUser {
     pub envelope: UserEnvelope,
 }
 
+/// A record as it is in the log (key, headers, payload), kept for the records that are dead-lettered
+/// or parked, and re-decoded when they are replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    pub position: Position,
+    pub key: Option<Vec<u8>>,
+    pub header_names: Vec<String>,
+    pub header_values: Vec<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+impl RawRecord {
+    pub fn from_message<M: rdkafka::message::Message>(m: &M) -> Self {
+        use rdkafka::message::Headers;
+        let (mut header_names, mut header_values) = (Vec::new(), Vec::new());
+        if let Some(h) = m.headers() {
+            for h in h.iter() {
+                header_names.push(h.key.to_owned());
+                header_values.push(h.value.map(<[u8]>::to_vec).unwrap_or_default());
+            }
+        }
+        Self {
+            position: Position { partition: m.partition(), offset: m.offset() },
+            key: m.key().map(<[u8]>::to_vec),
+            header_names,
+            header_values,
+            payload: m.payload().map(<[u8]>::to_vec),
+        }
+    }
+
+    /// The record's key as text (task or user id); lossy for a key that is not UTF-8.
+    pub fn key_text(&self) -> String {
+        self.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()
+    }
+
+    /// The `ce_type` header, if any.
+    pub fn event_type(&self) -> Option<String> {
+        let i = self.header_names.iter().position(|n| n == "ce_type")?;
+        Some(String::from_utf8_lossy(&self.header_values[i]).into_owned())
+    }
+
+    pub fn decode(&self) -> Result<codec::Record, codec::DecodeError> {
+        let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(self.header_names.len());
+        for (key, value) in self.header_names.iter().zip(&self.header_values) {
+            headers = headers.insert(rdkafka::message::Header { key: key.as_str(), value: Some(value.as_slice()) });
+        }
+        codec::decode_record(self.key.as_deref(), Some(&headers), self.payload.as_deref())
+    }
+}
+
+/// A record that could not be decoded or applied, on its way to the dead letters.
+#[derive(Debug, Clone)]
+pub struct FailedRecord {
+    pub raw: RawRecord,
+    pub error: String,
+}
+
 /// What one transaction applies: task and user-level records, in log order within each partition.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub tasks: Vec<Recorded>,
     pub users: Vec<RecordedUser>,
-    /// Next offset per partition after this batch (includes skipped, undecodable records).
+    /// Records that could not be decoded (or applied): dead-lettered in live mode.
+    pub failed: Vec<FailedRecord>,
+    /// The decoded records as read (live mode only), for parking them behind a dead letter.
+    pub raw: Vec<rdkafka::message::OwnedMessage>,
+    /// Next offset per partition after this batch (includes skipped records).
     pub to: HashMap<i32, i64>,
 }
 
 impl Batch {
+    /// Decoded records.
     pub fn len(&self) -> usize {
         self.tasks.len() + self.users.len()
     }
     pub fn is_empty(&self) -> bool {
         self.to.is_empty()
+    }
+
+    /// Adds a stored record (a dead letter or a parked record being released).
+    pub fn push(&mut self, raw: RawRecord) {
+        let position = raw.position;
+        self.to.insert(position.partition, position.offset + 1);
+        match raw.decode() {
+            Ok(codec::Record::Task(envelope)) => self.tasks.push(Recorded { position, envelope }),
+            Ok(codec::Record::User(envelope)) => self.users.push(RecordedUser { position, envelope }),
+            Err(e) => self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw }),
+        }
+    }
+
+    /// Adds a record read from the log; `keep_raw` keeps the message for parking (live mode).
+    pub fn push_message(&mut self, m: rdkafka::message::OwnedMessage, keep_raw: bool) {
+        use rdkafka::message::Message;
+        let position = Position { partition: m.partition(), offset: m.offset() };
+        self.to.insert(position.partition, position.offset + 1);
+        match codec::decode_record(m.key(), m.headers(), m.payload()) {
+            Ok(codec::Record::Task(envelope)) => self.tasks.push(Recorded { position, envelope }),
+            Ok(codec::Record::User(envelope)) => self.users.push(RecordedUser { position, envelope }),
+            Err(e) => {
+                self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw: RawRecord::from_message(&m) });
+                return;
+            }
+        }
+        if keep_raw {
+            self.raw.push(m);
+        }
+    }
+
+    /// The key (task or user id) of every decoded record with its position.
+    pub fn keys(&self) -> impl Iterator<Item = (String, Position)> + '_ {
+        let tasks = self.tasks.iter().map(|r| (r.envelope.task_id.to_string(), r.position));
+        let users = self.users.iter().map(|r| (r.envelope.user_id.to_string(), r.position));
+        tasks.chain(users)
     }
 }
 
@@ -367,8 +465,14 @@ mod tests {
                 for s in steps {
                     seq += 1;
                     let e = match (s, done) {
-                        (0, false) => { done = true; TaskEvent::Completed }
-                        (0, true) | (1, true) => { done = false; TaskEvent::Reopened }
+                        (0, false) => {
+                            done = true;
+                            TaskEvent::Completed
+                        }
+                        (0, true) | (1, true) => {
+                            done = false;
+                            TaskEvent::Reopened
+                        }
                         _ => TaskEvent::Updated(TaskPatch { title: Some(Title::parse(format!("v{seq}")).unwrap()), ..Default::default() }),
                     };
                     out.push(env(id, seq, e));
@@ -379,7 +483,12 @@ mod tests {
     }
 
     fn materialise(rows: HashMap<TaskId, Option<RowState>>) -> HashMap<TaskId, TaskRow> {
-        rows.into_iter().filter_map(|(k, v)| match v { Some(RowState::Present(r)) => Some((k, r)), _ => None }).collect()
+        rows.into_iter()
+            .filter_map(|(k, v)| match v {
+                Some(RowState::Present(r)) => Some((k, r)),
+                _ => None,
+            })
+            .collect()
     }
 
     proptest! {

@@ -11,16 +11,17 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 
-use platform::codec;
 use platform::position::Position;
 use platform::settings::KafkaSettings;
 
-use crate::model::{Batch, Recorded, RecordedUser};
-use crate::store::{self, Applied, ApplyMode, StoreError};
+use crate::dlq::DeadLetterSink;
+use crate::model::{Batch, FailedRecord, RawRecord};
+use crate::store::{self, ApplyMode, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct RunSettings {
     pub kafka: KafkaSettings,
+    pub database: platform::settings::DatabaseSettings,
     pub max_batch: usize,
     pub linger: Duration,
 }
@@ -31,11 +32,15 @@ pub struct Runner {
     ready: Arc<AtomicBool>,
     /// Woken after a batch recorded reactions.
     reactions: Arc<tokio::sync::Notify>,
+    dead_letters: DeadLetterSink,
+    /// Set once a rebuild of projections without stored offsets has been started.
+    rebuilding: Arc<AtomicBool>,
 }
 
 impl Runner {
-    pub fn new(settings: RunSettings, pool: PgPool, ready: Arc<AtomicBool>, reactions: Arc<tokio::sync::Notify>) -> Self {
-        Self { settings, pool, ready, reactions }
+    pub fn new(settings: RunSettings, pool: PgPool, ready: Arc<AtomicBool>, reactions: Arc<tokio::sync::Notify>) -> anyhow::Result<Self> {
+        let dead_letters = DeadLetterSink::new(&settings.kafka)?;
+        Ok(Self { settings, pool, ready, reactions, dead_letters, rebuilding: Arc::default() })
     }
 
     /// Runs until `stop` resolves; transient failures (Kafka or PostgreSQL away) are retried with
@@ -83,105 +88,196 @@ impl Runner {
         let consumer = Arc::new(self.consumer()?);
         let c = consumer.clone();
         let t = topic.clone();
-        let partitions = tokio::task::spawn_blocking(move || {
-            platform::kafka::partitions(c.as_ref(), &t, Duration::from_secs(10))
-        })
-        .await??;
+        let partitions = tokio::task::spawn_blocking(move || platform::kafka::partitions(c.as_ref(), &t, Duration::from_secs(10))).await??;
+        self.rebuild_new_projections(&topic).await?;
         let mut next = store::init_offsets(&self.pool, &topic, &partitions).await?;
         assign(&consumer, &topic, &next)?;
         self.ready.store(true, Ordering::Release);
         tracing::info!(partitions = partitions.len(), "projector consuming from stored offsets");
 
         loop {
-            let batch = self.next_batch(&consumer, &topic, &next).await?;
+            let batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, true).await?;
             if batch.is_empty() {
                 continue;
             }
-            let to = batch.to.clone();
+            if let Outcome::Fenced = self.apply(&topic, batch, &mut next).await? {
+                tracing::warn!("offsets moved under us (another projector instance, or a rebuild switched tables); re-reading them");
+                next = store::init_offsets(&self.pool, &topic, &partitions).await?;
+                assign(&consumer, &topic, &next)?;
+            }
+        }
+    }
+
+    /// A projection added in code (no stored offsets) is rebuilt from offset zero in the
+    /// background, while the live projector goes on for every projection.
+    async fn rebuild_new_projections(&self, topic: &str) -> anyhow::Result<()> {
+        if self.rebuilding.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let pending = crate::rebuild::new_projections(&self.pool, topic).await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.rebuilding.store(true, Ordering::Release);
+        let opts = crate::rebuild::Options {
+            kafka: self.settings.kafka.clone(),
+            database: self.settings.database.clone(),
+            projections: pending,
+            max_batch: self.settings.max_batch,
+            report: crate::rebuild::Report::Log,
+            requested_by: "new-projection",
+        };
+        let flag = self.rebuilding.clone();
+        tokio::spawn(async move {
+            match crate::rebuild::run(opts, std::future::pending()).await {
+                Ok(summary) => tracing::info!("{}", summary.line()),
+                Err(e) => {
+                    tracing::error!(error.message = %e, "rebuilding the new projections failed; retried at the next restart")
+                }
+            }
+            flag.store(false, Ordering::Release);
+        });
+        Ok(())
+    }
+
+    /// Applies a batch; a batch that fails for good (bad data, a violated constraint) is applied
+    /// record by record, and the records that fail alone become dead letters.
+    async fn apply(&self, topic: &str, batch: Batch, next: &mut HashMap<i32, i64>) -> anyhow::Result<Outcome> {
+        match self.apply_with_retry(topic, &batch, next).await {
+            Ok(Outcome::Applied) => {
+                next.extend(batch.to);
+                Ok(Outcome::Applied)
+            }
+            Ok(Outcome::Fenced) => Ok(Outcome::Fenced),
+            Err(e) if e.is_deterministic() && batch.len() > 0 => {
+                tracing::warn!(error.message = %e, records = batch.len(), "a batch fails for good; applying it record by record to isolate the cause");
+                self.apply_one_by_one(topic, batch, next).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn apply_one_by_one(&self, topic: &str, batch: Batch, next: &mut HashMap<i32, i64>) -> anyhow::Result<Outcome> {
+        let mut singles: Vec<Batch> = Vec::with_capacity(batch.len() + batch.failed.len());
+        let mut raw: HashMap<Position, rdkafka::message::OwnedMessage> =
+            batch.raw.into_iter().map(|m| (Position { partition: m.partition(), offset: m.offset() }, m)).collect();
+        let single = |position: Position| Batch { to: HashMap::from([(position.partition, position.offset + 1)]), ..Batch::default() };
+        for r in batch.tasks {
+            let mut b = single(r.position);
+            b.raw.extend(raw.remove(&r.position));
+            b.tasks.push(r);
+            singles.push(b);
+        }
+        for r in batch.users {
+            let mut b = single(r.position);
+            b.raw.extend(raw.remove(&r.position));
+            b.users.push(r);
+            singles.push(b);
+        }
+        for f in batch.failed {
+            let mut b = single(f.raw.position);
+            b.failed.push(f);
+            singles.push(b);
+        }
+        singles.sort_by_key(|b| b.to.iter().next().map(|(p, o)| (*p, *o)));
+        for b in singles {
+            match self.apply_with_retry(topic, &b, next).await {
+                Ok(Outcome::Applied) => next.extend(b.to),
+                Ok(Outcome::Fenced) => return Ok(Outcome::Fenced),
+                Err(e) if e.is_deterministic() => {
+                    let Some(message) = b.raw.first() else {
+                        return Err(e.into());
+                    };
+                    let failed = FailedRecord { raw: RawRecord::from_message(message), error: format!("cannot apply: {e}") };
+                    let letter = Batch { failed: vec![failed], to: b.to, ..Batch::default() };
+                    match self.apply_with_retry(topic, &letter, next).await? {
+                        Outcome::Applied => next.extend(letter.to),
+                        Outcome::Fenced => return Ok(Outcome::Fenced),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Past the records: the batch's end may lie beyond them (transaction markers).
+        let rest = Batch { to: batch.to, ..Batch::default() };
+        let outcome = self.apply_with_retry(topic, &rest, next).await?;
+        if let Outcome::Applied = outcome {
+            next.extend(rest.to);
+        }
+        Ok(outcome)
+    }
+
+    /// Transient failures (PostgreSQL or Kafka away, timeouts, deadlocks) are retried with
+    /// exponential backoff and jitter for as long as they last; a failure that repeats on the same
+    /// records (bad data) is returned after a few attempts.
+    async fn apply_with_retry(&self, topic: &str, batch: &Batch, from: &HashMap<i32, i64>) -> Result<Outcome, StoreError> {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
             let started = Instant::now();
-            match self.apply_with_retry(&topic, &batch, &next).await {
+            match store::apply_batch(&self.pool, topic, batch, from, ApplyMode::Live, Some(&self.dead_letters)).await {
                 Ok(applied) => {
+                    self.ready.store(true, Ordering::Release);
                     metrics::histogram!("projector_batch_apply_seconds").record(started.elapsed().as_secs_f64());
-                    metrics::counter!("projector_events_applied_total").increment(batch.len() as u64);
-                    next.extend(to);
+                    metrics::counter!("projector_events_applied_total").increment(applied.records as u64);
                     if applied.reactions > 0 || applied.deliveries > 0 {
                         self.reactions.notify_waiters();
                     }
+                    return Ok(Outcome::Applied);
                 }
-                Err(StoreError::Fenced { .. }) => {
-                    tracing::warn!("offsets moved under us (another projector instance?); re-reading them");
-                    next = store::init_offsets(&self.pool, &topic, &partitions).await?;
-                    assign(&consumer, &topic, &next)?;
-                }
-                Err(StoreError::Db(e)) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Waits for at least one record, then takes what else arrives within `linger`.
-    async fn next_batch(&self, consumer: &StreamConsumer, topic: &str, next: &HashMap<i32, i64>) -> anyhow::Result<Batch> {
-        let mut batch = Batch::default();
-        let first = consumer.recv().await?;
-        let deadline = tokio::time::Instant::now() + self.settings.linger;
-        let mut msg = Some(first.detach());
-        loop {
-            if let Some(m) = msg.take() {
-                if m.topic() == topic {
-                    let position = Position { partition: m.partition(), offset: m.offset() };
-                    // Already applied (a redelivery after a re-assignment): skip.
-                    if position.offset >= *next.get(&position.partition).unwrap_or(&0) {
-                        batch.to.insert(position.partition, position.offset + 1);
-                        match codec::decode_record(m.key(), m.headers(), m.payload()) {
-                            Ok(codec::Record::Task(envelope)) => batch.tasks.push(Recorded { position, envelope }),
-                            Ok(codec::Record::User(envelope)) => batch.users.push(RecordedUser { position, envelope }),
-                            Err(e) => {
-                                // Dead-lettering with parking of the task's later events is the
-                                // projection-lifecycle work; until then the record is logged and
-                                // counted, and its offset still advances.
-                                metrics::counter!("projector_undecodable_total").increment(1);
-                                tracing::error!(partition = position.partition, offset = position.offset, error.message = %e, "skipping an undecodable record");
-                            }
-                        }
-                    }
-                }
-            }
-            if batch.len() >= self.settings.max_batch {
-                break;
-            }
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => msg = Some(m.detach()),
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_) => break,
-            }
-        }
-        Ok(batch)
-    }
-
-    async fn apply_with_retry(
-        &self,
-        topic: &str,
-        batch: &Batch,
-        from: &HashMap<i32, i64>,
-    ) -> Result<Applied, StoreError> {
-        let mut backoff = Duration::from_millis(100);
-        let mut attempt = 0;
-        loop {
-            match store::apply_batch(&self.pool, topic, batch, from, ApplyMode::Live).await {
-                Ok(applied) => return Ok(applied),
-                Err(StoreError::Db(e)) if attempt < 8 => {
+                Err(StoreError::Fenced { .. }) => return Ok(Outcome::Fenced),
+                Err(e) if e.is_deterministic() && attempt >= 2 => return Err(e),
+                Err(e) => {
                     attempt += 1;
-                    self.ready.store(false, Ordering::Release);
-                    tracing::warn!(error.message = %e, attempt, "applying a batch failed; retrying the same batch");
+                    if !e.is_deterministic() {
+                        self.ready.store(false, Ordering::Release);
+                    }
+                    metrics::counter!("projector_apply_retries_total").increment(1);
+                    tracing::warn!(error.message = %e, attempt, retry_in_ms = backoff.as_millis() as u64, "applying a batch failed; retrying the same batch");
                     tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                other => {
-                    self.ready.store(true, Ordering::Release);
-                    return other;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
     }
+}
+
+/// Whether a batch was applied, or the stored offsets moved under this instance.
+enum Outcome {
+    Applied,
+    Fenced,
+}
+
+/// Waits for at least one record, then takes what else arrives within `linger` (records below
+/// `next` were applied already and are skipped).
+pub(crate) async fn read_batch(
+    consumer: &StreamConsumer,
+    topic: &str,
+    next: &HashMap<i32, i64>,
+    max_batch: usize,
+    linger: Duration,
+    keep_raw: bool,
+) -> anyhow::Result<Batch> {
+    let mut batch = Batch::default();
+    let first = consumer.recv().await?;
+    let deadline = tokio::time::Instant::now() + linger;
+    let mut msg = Some(first.detach());
+    loop {
+        if let Some(m) = msg.take() {
+            if m.topic() == topic && m.offset() >= *next.get(&m.partition()).unwrap_or(&0) {
+                batch.push_message(m, keep_raw);
+            }
+        }
+        if batch.len() + batch.failed.len() >= max_batch {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => msg = Some(m.detach()),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => break,
+        }
+    }
+    Ok(batch)
 }
 
 fn assign(consumer: &StreamConsumer, topic: &str, next: &HashMap<i32, i64>) -> anyhow::Result<()> {

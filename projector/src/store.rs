@@ -29,16 +29,32 @@ pub enum StoreError {
     Fenced { topic: String },
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    #[error("could not produce to the dead-letter topic: {0}")]
+    DeadLetterTopic(String),
 }
 
-/// Makes sure every (projection, partition) has an offset row (0 for a new projection) and returns
+impl StoreError {
+    /// A failure that the same records would meet again (bad data or a violated constraint), as
+    /// opposed to a transient one (connection lost, database restarting, timeout, deadlock).
+    pub fn is_deterministic(&self) -> bool {
+        match self {
+            StoreError::Db(sqlx::Error::Database(e)) => e.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        }
+    }
+}
+
+/// Makes sure every (projection, partition) has an offset row (a new partition starts at 0; a new
+/// projection at the others' offsets, and `rebuild::new_projections` rebuilds it) and returns
 /// the next offset to apply per partition (the minimum across projections).
 pub async fn init_offsets(pool: &PgPool, topic: &str, partitions: &[i32]) -> Result<HashMap<i32, i64>, sqlx::Error> {
     let names: Vec<String> = PROJECTIONS.iter().map(|s| s.to_string()).collect();
     sqlx::query(
         "INSERT INTO projection_offsets (projection, topic, partition, next_offset)
-         SELECT n, $2, p, 0 FROM UNNEST($1::text[]) AS n CROSS JOIN UNNEST($3::int4[]) AS p
-         ON CONFLICT ON CONSTRAINT projection_offsets_pkey DO NOTHING",
+         SELECT n, $2, p, COALESCE((SELECT min(o.next_offset) FROM projection_offsets o
+                                    WHERE o.topic = $2 AND o.partition = p AND o.projection = ANY($1)), 0)
+         FROM UNNEST($1::text[]) AS n CROSS JOIN UNNEST($3::int4[]) AS p
+         ON CONFLICT (projection, topic, partition) DO NOTHING",
     )
     .bind(&names)
     .bind(topic)
@@ -86,35 +102,64 @@ pub struct Applied {
     pub reactions: usize,
     /// Webhook deliveries enqueued (live mode only).
     pub deliveries: usize,
+    /// Decoded records in the batch.
+    pub records: usize,
+    /// Records that became dead letters (live mode only).
+    pub dead_lettered: usize,
+    /// Records held back behind an open dead letter of their task (live mode only).
+    pub parked: usize,
 }
 
 /// Applies a batch to every projection and advances their offsets from `from` to `to`
 /// (per partition), all in one transaction. In live mode the reactions the events call for are
-/// recorded in the outbox in the same transaction.
-pub async fn apply_batch(pool: &PgPool, topic: &str, batch: &Batch, from: &HashMap<i32, i64>, mode: ApplyMode) -> Result<Applied, StoreError> {
+/// recorded in the outbox in the same transaction, and records that failed (or whose task has an
+/// open dead letter) are dead-lettered or parked through `dead_letters` before the commit.
+pub async fn apply_batch(
+    pool: &PgPool,
+    topic: &str,
+    batch: &Batch,
+    from: &HashMap<i32, i64>,
+    mode: ApplyMode,
+    dead_letters: Option<&crate::dlq::DeadLetterSink>,
+) -> Result<Applied, StoreError> {
     let mut tx = pool.begin().await?;
+    let mut applied = match (mode, dead_letters) {
+        (ApplyMode::Live, Some(sink)) => {
+            let (admitted, parked) = crate::dlq::park(&mut tx, topic, batch, sink).await?;
+            let mut applied = apply_records(&mut tx, &admitted, mode).await?;
+            applied.dead_lettered = parked.dead_lettered;
+            applied.parked = parked.parked;
+            applied
+        }
+        _ => apply_records(&mut tx, batch, mode).await?,
+    };
+    advance_offsets(&mut tx, topic, from, &batch.to, mode).await?;
+    tx.commit().await?;
+    applied.records = batch.len();
+    Ok(applied)
+}
+
+/// Writes the decoded records of a batch to every projection (no offsets).
+pub async fn apply_records(tx: &mut Transaction<'_, Postgres>, batch: &Batch, mode: ApplyMode) -> Result<Applied, sqlx::Error> {
     let mut ids: Vec<Uuid> = batch.tasks.iter().map(|r| *r.envelope.task_id.as_uuid()).collect();
     ids.sort_unstable();
     ids.dedup();
-    let loaded = load_rows(&mut tx, &ids).await?;
+    let loaded = load_rows(tx, &ids).await?;
     let (folded, Effects { reactions, notifications }) = crate::model::fold_with_effects(loaded, &batch.tasks);
-    write_schedule(&mut tx, &ids, &folded).await?;
-    write_tasks(&mut tx, folded).await?;
-    write_history(&mut tx, &batch.tasks).await?;
-    write_user_events(&mut tx, &batch.users).await?;
-    write_notifications(&mut tx, &notifications).await?;
+    write_schedule(tx, &ids, &folded).await?;
+    write_tasks(tx, folded).await?;
+    write_history(tx, &batch.tasks).await?;
+    write_user_events(tx, &batch.users).await?;
+    write_notifications(tx, &notifications).await?;
     let applied = match mode {
-        ApplyMode::Live => Applied {
-            reactions: write_outbox(&mut tx, &reactions).await?,
-            deliveries: enqueue_deliveries(&mut tx, &notifications).await?,
-        },
+        ApplyMode::Live => {
+            Applied { reactions: write_outbox(tx, &reactions).await?, deliveries: enqueue_deliveries(tx, &notifications).await?, ..Applied::default() }
+        }
         ApplyMode::Replay => Applied::default(),
     };
     if mode == ApplyMode::Live {
-        announce_changes(&mut tx, &batch.tasks, &notifications).await?;
+        announce_changes(tx, &batch.tasks, &notifications).await?;
     }
-    advance_offsets(&mut tx, topic, from, &batch.to).await?;
-    tx.commit().await?;
     Ok(applied)
 }
 
@@ -163,7 +208,7 @@ async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[Recorded
             UserEvent::NotificationRead(n) => {
                 sqlx::query(
                     "INSERT INTO notification_reads (notification_id, user_id, read_at) VALUES ($1, $2, $3)
-                     ON CONFLICT ON CONSTRAINT notification_reads_pkey DO NOTHING",
+                     ON CONFLICT (notification_id) DO NOTHING",
                 )
                 .bind(n.notification_id)
                 .bind(e.user_id.as_ref())
@@ -178,7 +223,7 @@ async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[Recorded
                 };
                 sqlx::query(
                     "INSERT INTO webhooks (user_id, url, secret, version, updated_at) VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT ON CONSTRAINT webhooks_pkey DO UPDATE
+                     ON CONFLICT (user_id) DO UPDATE
                      SET url = EXCLUDED.url, secret = EXCLUDED.secret, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
                      WHERE webhooks.version < EXCLUDED.version",
                 )
@@ -219,7 +264,7 @@ async fn enqueue_deliveries(tx: &mut Transaction<'_, Postgres>, rows: &[Notifica
          SELECT v.id, v.id, v.user_id, w.url, v.payload
          FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS v(id, user_id, payload)
          JOIN webhooks w ON w.user_id = v.user_id AND w.url IS NOT NULL
-         ON CONFLICT ON CONSTRAINT webhook_deliveries_pkey DO NOTHING",
+         ON CONFLICT (id) DO NOTHING",
     )
     .bind(ids)
     .bind(users)
@@ -231,11 +276,7 @@ async fn enqueue_deliveries(tx: &mut Transaction<'_, Postgres>, rows: &[Notifica
 }
 
 /// Keeps `reminder_schedule` in step with the rows: one row per pending reminder.
-async fn write_schedule(
-    tx: &mut Transaction<'_, Postgres>,
-    touched: &[Uuid],
-    folded: &HashMap<TaskId, Option<RowState>>,
-) -> Result<(), sqlx::Error> {
+async fn write_schedule(tx: &mut Transaction<'_, Postgres>, touched: &[Uuid], folded: &HashMap<TaskId, Option<RowState>>) -> Result<(), sqlx::Error> {
     let mut ids = Vec::new();
     let mut users = Vec::new();
     let mut ats = Vec::new();
@@ -248,16 +289,12 @@ async fn write_schedule(
             }
         }
     }
-    sqlx::query("DELETE FROM reminder_schedule WHERE task_id = ANY($1) AND NOT (task_id = ANY($2))")
-        .bind(touched)
-        .bind(&ids)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query("DELETE FROM reminder_schedule WHERE task_id = ANY($1) AND NOT (task_id = ANY($2))").bind(touched).bind(&ids).execute(&mut **tx).await?;
     if !ids.is_empty() {
         sqlx::query(
             "INSERT INTO reminder_schedule (task_id, user_id, remind_at)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[])
-             ON CONFLICT ON CONSTRAINT reminder_schedule_pkey DO UPDATE SET remind_at = EXCLUDED.remind_at",
+             ON CONFLICT (task_id) DO UPDATE SET remind_at = EXCLUDED.remind_at",
         )
         .bind(&ids)
         .bind(&users)
@@ -282,7 +319,7 @@ async fn write_notifications(tx: &mut Transaction<'_, Postgres>, rows: &[Notific
     sqlx::query(
         "INSERT INTO notifications (id, user_id, task_id, kind, message, created_at, event_id)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[], $7::uuid[])
-         ON CONFLICT ON CONSTRAINT notifications_pkey DO NOTHING",
+         ON CONFLICT (id) DO NOTHING",
     )
     .bind(ids)
     .bind(users)
@@ -311,7 +348,7 @@ async fn write_outbox(tx: &mut Transaction<'_, Postgres>, reactions: &[Reaction]
     let n = sqlx::query(
         "INSERT INTO reaction_outbox (id, kind, user_id, task_id, payload, causation_id, correlation_id, traceparent)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::uuid[], $7::text[], $8::text[])
-         ON CONFLICT ON CONSTRAINT reaction_outbox_pkey DO NOTHING",
+         ON CONFLICT (id) DO NOTHING",
     )
     .bind(ids)
     .bind(kinds)
@@ -363,7 +400,7 @@ async fn write_tasks(tx: &mut Transaction<'_, Postgres>, folded: HashMap<TaskId,
                      $19::timestamptz[])
               AS v(id, user_id, title, description, status, priority, due_at, timezone, recurrence, remind_before,
                    remind_at, tags, version, created_at, updated_at, completed_at, parent, occurrence, reminded_for)
-         ON CONFLICT ON CONSTRAINT tasks_pkey DO UPDATE SET
+         ON CONFLICT (id) DO UPDATE SET
             user_id = EXCLUDED.user_id, title = EXCLUDED.title, description = EXCLUDED.description,
             status = EXCLUDED.status, priority = EXCLUDED.priority, due_at = EXCLUDED.due_at,
             timezone = EXCLUDED.timezone, recurrence = EXCLUDED.recurrence, remind_before = EXCLUDED.remind_before,
@@ -504,7 +541,11 @@ async fn advance_offsets(
     topic: &str,
     from: &HashMap<i32, i64>,
     to: &HashMap<i32, i64>,
+    mode: ApplyMode,
 ) -> Result<(), StoreError> {
+    if to.is_empty() {
+        return Ok(());
+    }
     let mut parts = Vec::new();
     let mut olds = Vec::new();
     let mut news = Vec::new();
@@ -529,6 +570,10 @@ async fn advance_offsets(
     .rows_affected();
     if updated != (parts.len() * PROJECTIONS.len()) as u64 {
         return Err(StoreError::Fenced { topic: topic.to_owned() });
+    }
+    if mode == ApplyMode::Replay {
+        // A replay writes copies that nobody reads yet: nothing to announce.
+        return Ok(());
     }
     let offsets: Vec<[i64; 2]> = parts.iter().zip(&news).map(|(p, n)| [i64::from(*p), *n]).collect();
     for name in PROJECTIONS {

@@ -24,7 +24,7 @@ async fn scalar(stack: &Stack, sql: &str) -> anyhow::Result<i64> {
 
 /// Waits until the projections have applied the whole log and no reaction is pending, with no
 /// batch committed in between, so that nothing is still on its way when the test counts.
-async fn settled(stack: &Stack) -> anyhow::Result<()> {
+pub(crate) async fn settled(stack: &Stack) -> anyhow::Result<()> {
     eventually("reactions to settle", Duration::from_secs(60), || async {
         let before = stack.caught_up().await.ok()??;
         let failed = scalar(stack, "SELECT count(*) FROM reaction_outbox WHERE failed").await.ok()?;
@@ -38,11 +38,8 @@ async fn settled(stack: &Stack) -> anyhow::Result<()> {
 
 async fn occurrence_rows(stack: &Stack) -> anyhow::Result<Vec<(String, Option<String>, Option<i32>, DateTime<Utc>)>> {
     let mut db = stack.db().await?;
-    let rows: Vec<(uuid::Uuid, Option<uuid::Uuid>, Option<i32>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT id, recurrence_parent_id, occurrence, due_at FROM tasks WHERE user_id = 'alice' ORDER BY due_at",
-    )
-    .fetch_all(&mut db)
-    .await?;
+    let rows: Vec<(uuid::Uuid, Option<uuid::Uuid>, Option<i32>, DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, recurrence_parent_id, occurrence, due_at FROM tasks WHERE user_id = 'alice' ORDER BY due_at").fetch_all(&mut db).await?;
     Ok(rows.into_iter().map(|(i, p, o, d)| (i.to_string(), p.map(|p| p.to_string()), o, d)).collect())
 }
 
@@ -79,7 +76,12 @@ async fn a_series_completed_with_retries_and_reopens_yields_exactly_its_occurren
 
     // The occurrence carries the series: same title, tags, priority, recurrence; next day 09:00.
     let d = stack
-        .query("alice", "query($id: ID!) { task(id: $id) { title tags priority recurrence occurrence recurrenceParentId dueAt status } }", json!({"id": second_id}), None)
+        .query(
+            "alice",
+            "query($id: ID!) { task(id: $id) { title tags priority recurrence occurrence recurrenceParentId dueAt status } }",
+            json!({"id": second_id}),
+            None,
+        )
         .await?;
     let t = &d["task"];
     assert_eq!((t["title"].as_str(), t["priority"].as_str(), t["status"].as_str()), (Some("water the plants"), Some("HIGH"), Some("OPEN")));
@@ -149,10 +151,7 @@ async fn a_reminder_fires_once_and_notifies() -> anyhow::Result<()> {
     let t = stack.create("alice", json!({"title": "call the bank", "due_at": due, "remind_before": "PT3S"})).await?;
     let id = id_of(&t);
     let remind_at = due - chrono::Duration::seconds(3);
-    let fired_at = eventually("the reminder", Duration::from_secs(30), || async {
-        (reminder_events(&stack, &id).await.ok()? == 1).then(Utc::now)
-    })
-    .await?;
+    let fired_at = eventually("the reminder", Duration::from_secs(30), || async { (reminder_events(&stack, &id).await.ok()? == 1).then(Utc::now) }).await?;
     assert!(fired_at >= remind_at, "fired before its time");
     let mut db = stack.db().await?;
     let (kind, message, task_id): (String, String, uuid::Uuid) =
@@ -184,12 +183,15 @@ async fn reminders_follow_reschedules_cancellations_and_projector_downtime() -> 
 
     // Due while the projector is down: fires once when it is back.
     stack.stop(Svc::Projector).await?;
-    let while_down = id_of(&stack.create("alice", json!({"title": "while down", "due_at": Utc::now() + chrono::Duration::seconds(2), "remind_before": "PT1S"})).await?);
+    let while_down =
+        id_of(&stack.create("alice", json!({"title": "while down", "due_at": Utc::now() + chrono::Duration::seconds(2), "remind_before": "PT1S"})).await?);
     let remind_at = Utc::now() + chrono::Duration::seconds(1);
-    eventually("the remind time to pass", Duration::from_secs(10), || async { (Utc::now() > remind_at + chrono::Duration::milliseconds(500)).then_some(()) }).await?;
+    eventually("the remind time to pass", Duration::from_secs(10), || async { (Utc::now() > remind_at + chrono::Duration::milliseconds(500)).then_some(()) })
+        .await?;
     assert_eq!(reminder_events(&stack, &while_down).await?, 0);
     stack.restart(Svc::Projector).await?;
-    eventually("the reminder after downtime", Duration::from_secs(30), || async { (reminder_events(&stack, &while_down).await.ok()? == 1).then_some(()) }).await?;
+    eventually("the reminder after downtime", Duration::from_secs(30), || async { (reminder_events(&stack, &while_down).await.ok()? == 1).then_some(()) })
+        .await?;
     settled(&stack).await?;
     for (id, want) in [(&moved, 1), (&done, 0), (&gone, 0), (&while_down, 1)] {
         assert_eq!(reminder_events(&stack, id).await?, want, "task {id}");

@@ -247,11 +247,8 @@ impl Stack {
 
     /// Runs a GraphQL query; with `token`, as of that consistency position.
     pub async fn graphql(&self, user: &str, query: &str, variables: Value, consistency: Option<&str>) -> anyhow::Result<(u16, Value)> {
-        let mut req = self
-            .http
-            .post(self.url(Svc::QueryApi, "/graphql"))
-            .bearer_auth(self.token(user))
-            .json(&json!({ "query": query, "variables": variables }));
+        let mut req =
+            self.http.post(self.url(Svc::QueryApi, "/graphql")).bearer_auth(self.token(user)).json(&json!({ "query": query, "variables": variables }));
         if let Some(t) = consistency {
             req = req.header("X-Consistency-Token", t);
         }
@@ -290,8 +287,7 @@ impl Stack {
     /// The offsets every projection has applied (the minimum over projections) per partition.
     pub async fn applied(&self) -> anyhow::Result<std::collections::BTreeMap<i32, i64>> {
         let mut db = self.db().await?;
-        let rows: Vec<(i32, i64)> =
-            sqlx::query_as("SELECT partition, min(next_offset) FROM projection_offsets GROUP BY partition").fetch_all(&mut db).await?;
+        let rows: Vec<(i32, i64)> = sqlx::query_as("SELECT partition, min(next_offset) FROM projection_offsets GROUP BY partition").fetch_all(&mut db).await?;
         Ok(rows.into_iter().collect())
     }
 
@@ -302,6 +298,20 @@ impl Stack {
         let applied = self.applied().await?;
         let ok = end.iter().all(|(p, high)| applied.get(p).copied().unwrap_or(0) + 1 >= *high);
         Ok(ok.then_some(applied))
+    }
+
+    /// The projector's command line (`rebuild`, `status`, `dlq ...`) against this stack, without a
+    /// terminal; output captured.
+    pub fn projector_cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join(Svc::Projector.binary()));
+        c.args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
     }
 
     /// A connection to this stack's own database.

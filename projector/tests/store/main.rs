@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
-use domain::{NewTask, Recurrence, ReminderDue, RemindBefore, TaskEvent, TaskId, Title, UserId};
+use domain::{NewTask, Recurrence, RemindBefore, ReminderDue, TaskEvent, TaskId, Title, UserId};
 use platform::codec::EventEnvelope;
 use platform::position::Position;
 use projector::model::{Batch, Recorded};
@@ -76,12 +76,14 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 #[tokio::test]
 async fn live_mode_records_reactions_and_replay_never_does() {
     for (mode, outbox) in [(ApplyMode::Live, 1), (ApplyMode::Replay, 0)] {
-        let Some((pool, admin, name)) = fresh_db().await else { return };
+        let Some((pool, admin, name)) = fresh_db().await else {
+            return;
+        };
         sqlx::query("INSERT INTO webhooks (user_id, url, secret, version, updated_at) VALUES ('alice', 'https://hooks.example.com/x', 's', 1, now())")
             .execute(&pool)
             .await
             .unwrap();
-        let applied = store::apply_batch(&pool, TOPIC, &history(TaskId::new_v7()), &HashMap::from([(0, 0)]), mode).await.unwrap();
+        let applied = store::apply_batch(&pool, TOPIC, &history(TaskId::new_v7()), &HashMap::from([(0, 0)]), mode, None).await.unwrap();
         assert_eq!((applied.reactions, applied.deliveries), (outbox as usize, outbox as usize), "{mode:?}");
         // The read models are the same either way...
         assert_eq!(count(&pool, "SELECT count(*) FROM tasks WHERE status = 'completed'").await, 1);
@@ -97,12 +99,14 @@ async fn live_mode_records_reactions_and_replay_never_does() {
 
 #[tokio::test]
 async fn offsets_move_only_with_the_rows_and_a_second_writer_is_fenced() {
-    let Some((pool, admin, name)) = fresh_db().await else { return };
+    let Some((pool, admin, name)) = fresh_db().await else {
+        return;
+    };
     let batch = history(TaskId::new_v7());
-    store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live).await.unwrap();
+    store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live, None).await.unwrap();
     assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, 3);
     // Another instance that still believes the partition is at 0 cannot apply the batch again.
-    let again = store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live).await;
+    let again = store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live, None).await;
     assert!(matches!(again, Err(StoreError::Fenced { .. })), "{again:?}");
     assert_eq!(count(&pool, "SELECT count(*) FROM task_history").await, 3);
     assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox").await, 1);

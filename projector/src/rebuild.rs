@@ -1,0 +1,545 @@
+//! `projector rebuild`: replays the log from offset zero into fresh copies of the read-model tables
+//! (schema `ts_rebuild`) while the live tables keep serving queries and the live projector keeps
+//! applying new records. The copies never get ahead of the live projector; once they have caught up
+//! with it, the live tables and the stored offsets are locked for a moment, the last records are
+//! applied to the copies, and the copies replace the live tables in one transaction. The live
+//! projector then continues from the same offsets, into the new tables. Replays never trigger
+//! reactions (`ApplyMode::Replay`): no outbox rows, no webhook deliveries, no notifications sent.
+//!
+//! A replay skips what the live projection skipped: records of open or discarded dead letters and
+//! parked records, so the copy is what the live projection holds.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+use platform::position::Position;
+use platform::settings::{DatabaseSettings, KafkaSettings};
+
+use crate::model::Batch;
+use crate::store::{self, ApplyMode, PROJECTIONS};
+
+/// The advisory lock a rebuild holds (exclusively) and a dead-letter release takes (shared).
+pub const LOCK_KEY: i64 = 0x7473_7265_6275_696c;
+/// Where the copies are built.
+pub const SCHEMA: &str = "ts_rebuild";
+
+/// The tables of each projection, in the order the live projector writes them (the switch locks
+/// them in the same order, so it cannot deadlock with a live batch).
+const TABLES: [(&str, &[&str]); 4] = [
+    ("tasks", &["tasks"]),
+    ("reminder_schedule", &["reminder_schedule"]),
+    ("task_history", &["task_history"]),
+    ("notifications", &["notification_reads", "webhooks", "notifications"]),
+];
+
+/// How a rebuild reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Progress bars on stderr when it is a terminal, else a line every few seconds.
+    Cli,
+    /// Log lines only (a rebuild started by the live projector).
+    Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub kafka: KafkaSettings,
+    pub database: DatabaseSettings,
+    /// The projections to rebuild (all when empty).
+    pub projections: Vec<String>,
+    pub max_batch: usize,
+    pub report: Report,
+    /// Who asked: `cli` or `new-projection` (a projection without stored offsets).
+    pub requested_by: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub projections: Vec<String>,
+    pub events: u64,
+    pub elapsed: Duration,
+    pub offsets: HashMap<i32, i64>,
+}
+
+impl Summary {
+    pub fn line(&self) -> String {
+        let secs = self.elapsed.as_secs_f64();
+        format!(
+            "rebuilt {} from offset zero: {} events in {:.1} s ({:.0} events/s); switched to the new tables at the live offsets, old tables dropped",
+            self.projections.join(", "),
+            self.events,
+            secs,
+            self.events as f64 / secs.max(1e-3)
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("unknown projection {0:?} (known: {known})", known = PROJECTIONS.join(", "))]
+    UnknownProjection(String),
+    #[error("another rebuild is running, or a dead letter is being replayed; try again when it has finished")]
+    Busy,
+    #[error("rebuild aborted; the live tables are untouched")]
+    Aborted,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Checks projection names; empty means all.
+pub fn select(names: &[String]) -> Result<Vec<String>, RebuildError> {
+    if names.is_empty() {
+        return Ok(PROJECTIONS.iter().map(|s| s.to_string()).collect());
+    }
+    let mut out = Vec::new();
+    for n in names {
+        if !PROJECTIONS.contains(&n.as_str()) {
+            return Err(RebuildError::UnknownProjection(n.clone()));
+        }
+        if !out.contains(n) {
+            out.push(n.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a rebuild until it has switched, or until `cancel` resolves (then the copies are dropped
+/// and the live tables are untouched).
+pub async fn run(opts: Options, cancel: impl Future<Output = ()>) -> Result<Summary, RebuildError> {
+    let projections = select(&opts.projections)?;
+    let options: PgConnectOptions = opts.database.database_url.expose().parse().map_err(anyhow::Error::from)?;
+    let options = options.application_name("taskstream-rebuild");
+    let pool = PgPoolOptions::new().max_connections(4).connect_with(options.clone()).await.map_err(anyhow::Error::from)?;
+    platform::db::migrate(&pool).await?;
+    // The lock lives as long as this connection.
+    let mut lock = options.connect().await.map_err(anyhow::Error::from)?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut lock).await.map_err(anyhow::Error::from)?;
+    if !locked {
+        return Err(RebuildError::Busy);
+    }
+    let work = Rebuild { opts: &opts, projections: projections.clone(), pool: pool.clone(), options: options.clone() };
+    let result = tokio::select! {
+        r = work.run() => r.map_err(RebuildError::Other),
+        () = cancel => Err(RebuildError::Aborted),
+    };
+    if result.is_err() {
+        // The copies go; the live tables were never touched (a switch in flight is rolled back
+        // with its connection).
+        let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).execute(&pool).await;
+        let forgotten = sqlx::query("DELETE FROM projection_rebuilds WHERE projection = ANY($1) AND requested_by = $2")
+            .bind(&projections)
+            .bind(opts.requested_by)
+            .execute(&pool)
+            .await;
+        if let Some(e) = dropped.err().or(forgotten.err()) {
+            tracing::warn!(error.message = %e, "could not drop the partial copies (the next rebuild drops them)");
+        }
+    }
+    let _ = lock.close().await;
+    pool.close().await;
+    result
+}
+
+struct Rebuild<'a> {
+    opts: &'a Options,
+    projections: Vec<String>,
+    pool: PgPool,
+    options: PgConnectOptions,
+}
+
+/// Where the live projection is (per partition: the next offset it will apply) and what it skipped.
+struct Live {
+    caps: HashMap<i32, i64>,
+    skip: HashSet<Position>,
+}
+
+/// The live offsets and skipped records, in one snapshot.
+async fn live_position(conn: &mut PgConnection, topic: &str) -> anyhow::Result<Live> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
+    let live = read_live(&mut tx, topic).await?;
+    tx.commit().await?;
+    Ok(live)
+}
+
+async fn read_live(tx: &mut PgConnection, topic: &str) -> anyhow::Result<Live> {
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, min(next_offset) FROM public.projection_offsets WHERE topic = $1 AND projection = ANY($2) GROUP BY partition")
+            .bind(topic)
+            .bind(PROJECTIONS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+    let skip = crate::dlq::skipped_positions(&mut *tx, topic).await?;
+    Ok(Live { caps: rows.into_iter().collect(), skip })
+}
+
+impl Rebuild<'_> {
+    async fn run(&self) -> anyhow::Result<Summary> {
+        let started = Instant::now();
+        let topic = self.opts.kafka.task_events_topic.clone();
+        self.create_copies().await?;
+        let shadow = PgPoolOptions::new().max_connections(2).connect_with(self.options.clone().options([("search_path", SCHEMA)])).await?;
+        platform::kafka::ensure_topics(&self.opts.kafka).await?;
+        let consumer = self.consumer()?;
+        let mut conn = self.pool.acquire().await?;
+        let live = live_position(&mut conn, &topic).await?;
+        let partitions: Vec<i32> = {
+            let mut p: Vec<i32> = live.caps.keys().copied().collect();
+            p.sort_unstable();
+            p
+        };
+        store::init_offsets(&shadow, &topic, &partitions).await?;
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+
+        let mut replay = Replay {
+            topic: topic.clone(),
+            shadow: shadow.clone(),
+            consumer,
+            pending: HashMap::new(),
+            at: partitions.iter().map(|p| (*p, 0)).collect(),
+            max_batch: self.opts.max_batch,
+            events: 0,
+            undecodable: 0,
+        };
+        let mut progress = Progress::new(self.opts.report, &self.projections);
+        let mut last_saved = Instant::now();
+        loop {
+            let live = live_position(&mut conn, &topic).await?;
+            let gap = replay.gap(&live.caps);
+            progress.show(replay.done(), replay.done() + gap);
+            if last_saved.elapsed() > Duration::from_secs(1) {
+                self.save_progress(replay.done(), replay.done() + gap).await?;
+                last_saved = Instant::now();
+            }
+            if gap <= self.opts.max_batch as u64 {
+                // Close to the live head: switch (or, if the live projection ran ahead meanwhile,
+                // keep catching up).
+                if let Some(offsets) = self.try_switch(&mut replay, &topic).await? {
+                    progress.finish();
+                    shadow.close().await;
+                    sqlx::query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).execute(&self.pool).await?;
+                    if replay.undecodable > 0 {
+                        tracing::warn!(records = replay.undecodable, "undecodable records that the live projection had not dead-lettered were skipped");
+                    }
+                    return Ok(Summary { projections: self.projections.clone(), events: replay.events, elapsed: started.elapsed(), offsets });
+                }
+            }
+            replay.step(&live, Duration::from_millis(200)).await?;
+        }
+    }
+
+    fn consumer(&self) -> anyhow::Result<StreamConsumer> {
+        let mut cfg = platform::kafka::client_config(&self.opts.kafka, "taskstream-projector-rebuild");
+        cfg.set("group.id", "taskstream-projector-rebuild")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "50")
+            .set("fetch.max.bytes", "52428800")
+            .set("queued.min.messages", "200000");
+        Ok(cfg.create()?)
+    }
+
+    /// Empty copies of every projection's tables (all of them: the projections are folded
+    /// together, so each one is built from the same replay), and the rebuild registered for status.
+    async fn create_copies(&self) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).execute(&mut *tx).await?;
+        sqlx::query(&format!("CREATE SCHEMA {SCHEMA}")).execute(&mut *tx).await?;
+        for table in TABLES.iter().flat_map(|(_, t)| t.iter()).chain(std::iter::once(&"projection_offsets")) {
+            sqlx::query(&format!("CREATE TABLE {SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)")).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM projection_rebuilds WHERE projection = ANY($1)").bind(&self.projections).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO projection_rebuilds (projection, requested_by) SELECT p, $2 FROM UNNEST($1::text[]) AS p")
+            .bind(&self.projections)
+            .bind(self.opts.requested_by)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn save_progress(&self, done: u64, total: u64) -> anyhow::Result<()> {
+        sqlx::query("UPDATE projection_rebuilds SET events_done = $2, events_total = $3 WHERE projection = ANY($1)")
+            .bind(&self.projections)
+            .bind(done as i64)
+            .bind(total as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Locks the live tables of the rebuilt projections and the stored offsets (the live projector
+    /// waits), applies the last records to the copies, and swaps them in. `None` when the copies
+    /// could not catch up within a few seconds (the locks are released and the rebuild goes on).
+    async fn try_switch(&self, replay: &mut Replay, topic: &str) -> anyhow::Result<Option<HashMap<i32, i64>>> {
+        let tables: Vec<&str> = TABLES.iter().filter(|(p, _)| self.projections.iter().any(|s| s == p)).flat_map(|(_, t)| t.iter().copied()).collect();
+        let mut conn = self.options.connect().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *tx).await?;
+        let list = tables.iter().map(|t| format!("public.{t}")).collect::<Vec<_>>().join(", ");
+        if let Err(e) = sqlx::query(&format!("LOCK TABLE {list} IN ACCESS EXCLUSIVE MODE")).execute(&mut *tx).await {
+            tracing::info!(error.message = %e, "could not lock the live tables yet; catching up further");
+            return Ok(None);
+        }
+        sqlx::query("LOCK TABLE public.projection_offsets IN EXCLUSIVE MODE").execute(&mut *tx).await?;
+        // The live offsets cannot move now.
+        let live = read_live(&mut tx, topic).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while replay.gap(&live.caps) > 0 {
+            if Instant::now() > deadline {
+                tracing::info!(gap = replay.gap(&live.caps), "the copies did not catch up within 10 s under the switch lock; releasing it");
+                return Ok(None);
+            }
+            replay.step(&live, Duration::from_millis(100)).await?;
+        }
+        if replay.at != live.caps {
+            anyhow::bail!("internal: the copies stand at {:?}, the live projection at {:?}", replay.at, live.caps);
+        }
+        let old_indexes = indexes(&mut tx, "public", &tables).await?;
+        for t in &tables {
+            sqlx::query(&format!("DROP TABLE public.{t}")).execute(&mut *tx).await?;
+            sqlx::query(&format!("ALTER TABLE {SCHEMA}.{t} SET SCHEMA public")).execute(&mut *tx).await?;
+        }
+        // Keep the index names the migrations gave (LIKE generates its own).
+        let new_indexes = indexes(&mut tx, "public", &tables).await?;
+        for (shape, new_name) in &new_indexes {
+            if let Some(old_name) = old_indexes.get(shape) {
+                if old_name != new_name {
+                    sqlx::query(&format!("ALTER INDEX public.{new_name} RENAME TO {old_name}")).execute(&mut *tx).await?;
+                }
+            }
+        }
+        sqlx::query("DELETE FROM projection_rebuilds WHERE projection = ANY($1)").bind(&self.projections).execute(&mut *tx).await?;
+        tx.commit().await?;
+        let _ = conn.close().await;
+        Ok(Some(live.caps))
+    }
+}
+
+/// Index shape (table, unique, definition after the name) -> index name.
+async fn indexes(conn: &mut PgConnection, schema: &str, tables: &[&str]) -> anyhow::Result<HashMap<(String, String), String>> {
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = ANY($2)")
+            .bind(schema)
+            .bind(tables.iter().map(|t| t.to_string()).collect::<Vec<_>>())
+            .fetch_all(conn)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(table, name, def)| {
+            let unique = def.starts_with("CREATE UNIQUE");
+            let shape = def.split_once(" USING ").map(|(_, rest)| rest.to_owned()).unwrap_or(def.clone());
+            ((table, format!("{unique} {shape}")), name)
+        })
+        .collect())
+}
+
+/// The replay: reads the log from zero and applies it to the copies, never past the live offsets.
+struct Replay {
+    topic: String,
+    shadow: PgPool,
+    consumer: StreamConsumer,
+    /// Records read but not applied yet (at or past the live offsets when they were read).
+    pending: HashMap<i32, VecDeque<OwnedMessage>>,
+    /// Next offset to apply, per partition.
+    at: HashMap<i32, i64>,
+    max_batch: usize,
+    events: u64,
+    undecodable: u64,
+}
+
+impl Replay {
+    fn done(&self) -> u64 {
+        self.at.values().map(|o| *o as u64).sum()
+    }
+
+    fn gap(&self, caps: &HashMap<i32, i64>) -> u64 {
+        caps.iter().map(|(p, cap)| (cap - self.at.get(p).copied().unwrap_or(0)).max(0) as u64).sum()
+    }
+
+    /// Reads what arrives within `wait` (or until a batch is full) and applies the records below
+    /// the live offsets.
+    async fn step(&mut self, live: &Live, wait: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.ready(&live.caps) < self.max_batch {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(m)) => {
+                    if m.topic() == self.topic {
+                        self.pending.entry(m.partition()).or_default().push_back(m.detach());
+                    }
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Batch::default();
+        for (p, queue) in &mut self.pending {
+            let cap = live.caps.get(p).copied().unwrap_or(0);
+            while batch.len() + batch.failed.len() < self.max_batch && queue.front().is_some_and(|m| m.offset() < cap) {
+                let m = queue.pop_front().expect("front checked");
+                let position = Position { partition: m.partition(), offset: m.offset() };
+                if live.skip.contains(&position) {
+                    batch.to.insert(position.partition, position.offset + 1);
+                } else {
+                    batch.push_message(m, false);
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if !batch.failed.is_empty() {
+            self.undecodable += batch.failed.len() as u64;
+            for f in &batch.failed {
+                tracing::warn!(partition = f.raw.position.partition, offset = f.raw.position.offset, error.message = %f.error, "rebuild skips an undecodable record");
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match store::apply_batch(&self.shadow, &self.topic, &batch, &self.at, ApplyMode::Replay, None).await {
+                Ok(_) => break,
+                Err(e) if e.is_deterministic() => {
+                    anyhow::bail!("the replay cannot apply a batch: {e}")
+                }
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "rebuild batch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.events += batch.len() as u64;
+        self.at.extend(batch.to);
+        Ok(())
+    }
+
+    fn ready(&self, caps: &HashMap<i32, i64>) -> usize {
+        self.pending
+            .iter()
+            .map(|(p, q)| {
+                let cap = caps.get(p).copied().unwrap_or(0);
+                q.iter().take_while(|m| m.offset() < cap).count()
+            })
+            .sum()
+    }
+}
+
+/// Progress on stderr: bars on a terminal, a line every 5 s otherwise.
+struct Progress {
+    bars: Option<(indicatif::MultiProgress, Vec<indicatif::ProgressBar>)>,
+    report: Report,
+    started: Instant,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn new(report: Report, projections: &[String]) -> Self {
+        let bars = (report == Report::Cli && std::io::stderr().is_terminal()).then(|| {
+            let multi = indicatif::MultiProgress::new();
+            let style = indicatif::ProgressStyle::with_template("{prefix:>18} [{bar:30.cyan/blue}] {human_pos}/{human_len} events  {per_sec}  ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> ");
+            let bars = projections
+                .iter()
+                .map(|p| {
+                    let bar = multi.add(indicatif::ProgressBar::new(0));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(p.clone());
+                    bar
+                })
+                .collect();
+            (multi, bars)
+        });
+        Self { bars, report, started: Instant::now(), last_line: Instant::now() }
+    }
+
+    fn show(&mut self, done: u64, total: u64) {
+        if let Some((_, bars)) = &self.bars {
+            for b in bars {
+                b.set_length(total);
+                b.set_position(done);
+            }
+            return;
+        }
+        if self.last_line.elapsed() >= Duration::from_secs(5) {
+            self.last_line = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+            let rate = done as f64 / secs;
+            let eta = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { 0.0 };
+            let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 100.0 };
+            let line = format!("rebuild: {done}/{total} events ({pct:.0}%), {rate:.0} events/s, ETA {eta:.0} s");
+            match self.report {
+                Report::Cli => eprintln!("{line}"),
+                Report::Log => tracing::info!("{line}"),
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some((_, bars)) = &self.bars {
+            for b in bars {
+                b.finish();
+            }
+        }
+    }
+}
+
+/// At start of the live projector: a projection added in code has no stored offsets while the
+/// others have. It gets offset rows at the others' offsets (so live batches go on for every
+/// projection) and a rebuild from offset zero is registered for it; rebuilds registered that way
+/// and not finished (the process stopped) are returned too. Stale rows of command-line rebuilds
+/// that died are cleared.
+pub async fn new_projections(pool: &PgPool, topic: &str) -> anyhow::Result<Vec<String>> {
+    let mut tx = pool.begin().await?;
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(LOCK_KEY).fetch_one(&mut *tx).await?;
+    if !free {
+        // A command-line rebuild is running; it owns its rows.
+        return Ok(Vec::new());
+    }
+    sqlx::query("DELETE FROM projection_rebuilds WHERE requested_by = 'cli'").execute(&mut *tx).await?;
+    let names: Vec<String> = PROJECTIONS.iter().map(|s| s.to_string()).collect();
+    let present: Vec<String> = sqlx::query_scalar("SELECT DISTINCT projection FROM projection_offsets WHERE topic = $1 AND projection = ANY($2)")
+        .bind(topic)
+        .bind(&names)
+        .fetch_all(&mut *tx)
+        .await?;
+    let missing: Vec<String> = names.iter().filter(|n| !present.contains(n)).cloned().collect();
+    if !present.is_empty() && !missing.is_empty() {
+        tracing::info!(projections = ?missing, "projections without stored offsets: rebuilding them from offset zero");
+        sqlx::query(
+            "INSERT INTO projection_offsets (projection, topic, partition, next_offset)
+             SELECT n, $2, partition, min(next_offset) FROM projection_offsets CROSS JOIN UNNEST($1::text[]) AS n
+             WHERE topic = $2 GROUP BY n, partition
+             ON CONFLICT (projection, topic, partition) DO NOTHING",
+        )
+        .bind(&missing)
+        .bind(topic)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO projection_rebuilds (projection, requested_by) SELECT p, 'new-projection' FROM UNNEST($1::text[]) AS p
+             ON CONFLICT (projection) DO NOTHING",
+        )
+        .bind(&missing)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let pending: Vec<String> =
+        sqlx::query_scalar("SELECT projection FROM projection_rebuilds WHERE requested_by = 'new-projection' ORDER BY projection").fetch_all(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(pending)
+}
