@@ -267,5 +267,10 @@ pub async fn print_status(settings: Settings) -> anyhow::Result<()> {
     let pool = platform::db::pool(&settings.database)?;
     let statuses = status::collect(&pool, &settings.kafka).await?;
     print!("{}", status::render(&statuses));
+    let open = dlq::list(&pool, &settings.kafka.task_events_topic, false).await?;
+    if !open.is_empty() {
+        let parked: i64 = open.iter().map(|d| d.parked).sum();
+        println!("dead letters: {} open, {parked} record(s) parked behind them (projector dlq list)", open.len());
+    }
     Ok(())
 }

@@ -25,7 +25,8 @@ impl PartitionStatus {
 #[derive(Debug, Clone)]
 pub struct ProjectionStatus {
     pub name: String,
-    pub state: &'static str,
+    /// `live`, or `rebuilding (done/total events)`.
+    pub state: String,
     pub partitions: Vec<PartitionStatus>,
 }
 
@@ -36,12 +37,11 @@ impl ProjectionStatus {
 }
 
 pub async fn collect(pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<Vec<ProjectionStatus>> {
-    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
-        "SELECT projection, partition, next_offset FROM projection_offsets WHERE topic = $1 ORDER BY projection, partition",
-    )
-    .bind(&kafka.task_events_topic)
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT projection, partition, next_offset FROM projection_offsets WHERE topic = $1 ORDER BY projection, partition")
+            .bind(&kafka.task_events_topic)
+            .fetch_all(pool)
+            .await?;
     let consumer: BaseConsumer = platform::kafka::client_config(kafka, "taskstream-projector-status").create()?;
     let topic = kafka.task_events_topic.clone();
     let partitions: Vec<i32> = {
@@ -65,7 +65,23 @@ pub async fn collect(pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<Vec
         let high_watermark = highs.get(&partition).copied().unwrap_or(offset);
         by_name.entry(name).or_default().push(PartitionStatus { partition, offset, high_watermark });
     }
-    Ok(by_name.into_iter().map(|(name, partitions)| ProjectionStatus { name, state: "live", partitions }).collect())
+    let rebuilding: BTreeMap<String, (i64, i64)> =
+        sqlx::query_as::<_, (String, i64, i64)>("SELECT projection, events_done, events_total FROM projection_rebuilds")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|(p, done, total)| (p, (done, total)))
+            .collect();
+    Ok(by_name
+        .into_iter()
+        .map(|(name, partitions)| {
+            let state = match rebuilding.get(&name) {
+                Some((done, total)) => format!("rebuilding ({done}/{total} events)"),
+                None => "live".to_owned(),
+            };
+            ProjectionStatus { name, state, partitions }
+        })
+        .collect())
 }
 
 /// Renders the status table printed by `projector status`.
@@ -88,12 +104,16 @@ pub async fn export_lag(pool: PgPool, kafka: KafkaSettings, every: Duration) {
             Ok(statuses) => {
                 for s in &statuses {
                     for p in &s.partitions {
-                        metrics::gauge!("projection_lag", "projection" => s.name.clone(), "partition" => p.partition.to_string())
-                            .set(p.lag() as f64);
+                        metrics::gauge!("projection_lag", "projection" => s.name.clone(), "partition" => p.partition.to_string()).set(p.lag() as f64);
                     }
                 }
             }
             Err(e) => tracing::debug!(error.message = %format!("{e:#}"), "could not compute projection lag"),
+        }
+        let open: Result<i64, _> =
+            sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE topic = $1 AND status = 'open'").bind(&kafka.task_events_topic).fetch_one(&pool).await;
+        if let Ok(open) = open {
+            metrics::gauge!("projector_dead_letters").set(open as f64);
         }
         tokio::time::sleep(every).await;
     }

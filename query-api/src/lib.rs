@@ -82,13 +82,10 @@ impl Application {
         platform::db::migrate(&pool).await.context("applying migrations")?;
         let progress = ProgressTracker::new(&settings.kafka.task_events_topic);
         progress.spawn(pool.clone());
-        let state = AppState::new(
-            pool.clone(),
-            JwtAuth::new(&settings.auth.auth_jwt_secret),
-            progress,
-            Arc::new(KafkaWatermarks::new(&settings.kafka)?),
-            Limits::from(&settings),
-        );
+        let watermarks: Arc<dyn crate::watermarks::Watermarks> = Arc::new(KafkaWatermarks::new(&settings.kafka)?);
+        let lag = schema::QueryContext { pool: pool.clone(), topic: settings.kafka.task_events_topic.clone(), watermarks: watermarks.clone() };
+        tokio::spawn(schema::export_lag(lag, Duration::from_secs(2)));
+        let state = AppState::new(pool.clone(), JwtAuth::new(&settings.auth.auth_jwt_secret), progress, watermarks, Limits::from(&settings));
         state.hub().spawn(pool);
         let listener = TcpListener::bind(settings.addr).await.with_context(|| format!("binding {}", settings.addr))?;
         tracing::info!(addr = %listener.local_addr()?, "query API listening");

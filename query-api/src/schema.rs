@@ -244,6 +244,7 @@ pub struct ProjectionStatus {
 }
 
 /// What the resolvers need besides the caller (a `UserId` in the request data).
+#[derive(Clone)]
 pub struct QueryContext {
     pub pool: sqlx::PgPool,
     pub topic: String,
@@ -507,7 +508,14 @@ impl Query {
     /// Each projection's position in the log and how far behind the end of the log it is.
     async fn projections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionStatus>> {
         let qc = ctx.data::<QueryContext>()?;
-        let offsets = store::projection_offsets(&qc.pool, &qc.topic).await.map_err(internal)?;
+        current_projections(qc).await.map_err(internal)
+    }
+}
+
+/// The projections' statuses now (also exported as the `projection_lag` gauge).
+pub async fn current_projections(qc: &QueryContext) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
+    {
+        let offsets = store::projection_offsets(&qc.pool, &qc.topic).await?;
         let mut partitions: Vec<i32> = offsets.iter().map(|o| o.1).collect();
         partitions.sort_unstable();
         partitions.dedup();
@@ -518,7 +526,33 @@ impl Query {
                 None
             }
         };
-        Ok(projection_statuses(offsets, highs.as_ref()))
+        let mut statuses = projection_statuses(offsets, highs.as_ref());
+        let rebuilding = store::rebuilding(&qc.pool).await?;
+        for s in &mut statuses {
+            if rebuilding.contains(&s.name) {
+                s.state = "rebuilding".to_owned();
+            }
+        }
+        Ok(statuses)
+    }
+}
+
+/// Publishes `projection_lag{projection,partition}` (high watermark minus the offset stored in
+/// PostgreSQL) every few seconds, so the lag is visible even while the projector is down.
+pub async fn export_lag(qc: QueryContext, every: std::time::Duration) {
+    loop {
+        match current_projections(&qc).await {
+            Ok(statuses) => {
+                for s in &statuses {
+                    for p in &s.partitions {
+                        let lag = platform::projections::lag(p.offset, p.high_watermark);
+                        metrics::gauge!("projection_lag", "projection" => s.name.clone(), "partition" => p.partition.to_string()).set(lag as f64);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error.message = %e, "could not compute projection lag"),
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -318,6 +318,11 @@ pub async fn projection_offsets(pool: &PgPool, topic: &str) -> Result<Vec<(Strin
     .await
 }
 
+/// The projections being rebuilt (`projector rebuild`, or a projection added without offsets).
+pub async fn rebuilding(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT projection FROM projection_rebuilds").fetch_all(pool).await
+}
+
 /// PostgreSQL answers and every migration this build knows has been applied successfully.
 pub async fn is_ready(pool: &PgPool) -> Result<bool, sqlx::Error> {
     sqlx::query("SELECT 1").execute(pool).await?;

@@ -370,3 +370,77 @@ async fn a_projection_without_stored_offsets_is_built_from_offset_zero() -> anyh
     assert_eq!(scalar(&stack, "SELECT count(*) FROM task_history WHERE user_id = 'bob'").await?, 1);
     stack.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_while_events_flow_loses_nothing() -> anyhow::Result<()> {
+    let pg = e2e::postgres::PrivatePostgres::start().await?;
+    let mut stack = Stack::start_with(StackOptions { database_url: Some(pg.url("postgres")), ..Default::default() }).await?;
+    let stack_ref = &stack;
+    let sent = AtomicUsize::new(0);
+    let writer = async {
+        for i in 0..400 {
+            let t = stack_ref.create("ann", json!({"title": format!("t{i}")})).await?;
+            let (s, _, b) = stack_ref.command("ann", Method::POST, &format!("/v1/tasks/{}/complete", id_of(&t)), None, &[]).await?;
+            anyhow::ensure!(s == 200, "{b}");
+            sent.fetch_add(1, Ordering::Relaxed);
+        }
+        anyhow::Ok(())
+    };
+    let restarter = async {
+        eventually("some events to flow", Duration::from_secs(60), || async { (sent.load(Ordering::Relaxed) >= 100).then_some(()) }).await?;
+        pg.restart()?;
+        eventually("more events after the restart", Duration::from_secs(60), || async { (sent.load(Ordering::Relaxed) >= 200).then_some(()) }).await?;
+        pg.restart()
+    };
+    let (w, r) = tokio::join!(writer, restarter);
+    w?;
+    r?;
+    settled(&stack).await?;
+    assert!(stack.is_running(Svc::Projector), "the projector exited instead of retrying");
+    let mut db = stack.db().await?;
+    let (n, v): (i64, i64) =
+        sqlx::query_as("SELECT count(*), sum(version) FROM tasks WHERE user_id = 'ann' AND status = 'completed'").fetch_one(&mut db).await?;
+    assert_eq!((n, v), (400, 800), "every task created and completed, once");
+    assert_eq!(scalar(&stack, "SELECT count(*) FROM task_history").await?, 800);
+    stack.cleanup().await?;
+    drop(pg);
+    Ok(())
+}
+
+/// The sum of `projection_lag` for `tasks` on a service's /metrics.
+async fn lag_metric(stack: &Stack, svc: Svc) -> Option<f64> {
+    let text = stack.http.get(stack.url(svc, "/metrics")).send().await.ok()?.text().await.ok()?;
+    let lines: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("projection_lag{") && l.contains("projection=\"tasks\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!lines.is_empty()).then(|| lines.iter().sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_rises_while_the_projector_is_stopped_and_returns_to_zero() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.create("ann", json!({"title": "first"})).await?;
+    settled(&stack).await?;
+    eventually("no lag", Duration::from_secs(30), || async { (lag_metric(&stack, Svc::QueryApi).await? == 0.0).then_some(()) }).await?;
+    stack.stop(Svc::Projector).await?;
+    let commands = (0..50).map(|i| ("ann".to_owned(), Method::POST, "/v1/tasks".to_owned(), Some(json!({"title": format!("t{i}")})))).collect();
+    run_commands(&stack, commands, 8).await?;
+    let lag = eventually("the lag to rise", Duration::from_secs(30), || async {
+        let lag = lag_metric(&stack, Svc::QueryApi).await?;
+        (lag >= 50.0).then_some(lag)
+    })
+    .await?;
+    let data = stack.query("ann", "{ projections { name lag } }", json!({}), None).await?;
+    assert!(data["projections"][0]["lag"].as_i64().unwrap_or(0) >= 50, "{data}");
+    stack.restart(Svc::Projector).await?;
+    eventually("the lag to return to zero", Duration::from_secs(60), || async {
+        let q = lag_metric(&stack, Svc::QueryApi).await?;
+        let p = lag_metric(&stack, Svc::Projector).await?;
+        (q == 0.0 && p == 0.0).then_some(())
+    })
+    .await?;
+    eprintln!("lag while the projector was stopped: {lag}");
+    stack.cleanup().await
+}

@@ -369,6 +369,7 @@ async fn kafka_down_gives_503_and_the_service_recovers() -> anyhow::Result<()> {
         kafka_brokers: Some(broker.brokers()),
         partitions: 2,
         extra_env: vec![("KAFKA_TRANSACTION_TIMEOUT_MS".into(), "6000".into())],
+        ..Default::default()
     })
     .await?;
     let created = stack.create("alice", json!({"title": "before the outage"})).await?;

@@ -4,6 +4,7 @@
 //! state.
 
 pub mod kafka;
+pub mod postgres;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -72,13 +73,15 @@ impl Svc {
 
 pub struct StackOptions {
     pub kafka_brokers: Option<String>,
+    /// An admin URL of another PostgreSQL than `DATABASE_URL` (a private one).
+    pub database_url: Option<String>,
     pub partitions: i32,
     pub extra_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
-        Self { kafka_brokers: None, partitions: 4, extra_env: Vec::new() }
+        Self { kafka_brokers: None, database_url: None, partitions: 4, extra_env: Vec::new() }
     }
 }
 
@@ -102,7 +105,10 @@ impl Stack {
     }
 
     pub async fn start_with(opts: StackOptions) -> anyhow::Result<Self> {
-        let admin_url = env_required("DATABASE_URL")?;
+        let admin_url = match opts.database_url {
+            Some(u) => u,
+            None => env_required("DATABASE_URL")?,
+        };
         let brokers = match opts.kafka_brokers {
             Some(b) => b,
             None => env_required("KAFKA_BROKERS")?,
@@ -298,6 +304,11 @@ impl Stack {
         let applied = self.applied().await?;
         let ok = end.iter().all(|(p, high)| applied.get(p).copied().unwrap_or(0) + 1 >= *high);
         Ok(ok.then_some(applied))
+    }
+
+    /// Whether the service is still running (it did not exit by itself).
+    pub fn is_running(&mut self, svc: Svc) -> bool {
+        self.children.get_mut(&svc).is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
     }
 
     /// The projector's command line (`rebuild`, `status`, `dlq ...`) against this stack, without a
