@@ -254,7 +254,7 @@ async fn cli(stack: &Stack, args: &[&str]) -> anyhow::Result<(bool, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_records_are_dead_lettered_their_task_parked_and_released() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let mut stack = Stack::start().await?;
     // 1. A record that cannot be decoded.
     let a = stack.create("ann", json!({"title": "a"})).await?;
     let a_id = id_of(&a);
@@ -294,6 +294,11 @@ async fn poison_records_are_dead_lettered_their_task_parked_and_released() -> an
     assert_eq!(version_of(&stack, &a_id).await?, Some(2));
     let (_, out) = cli(&stack, &["dlq", "discard", &id]).await?;
     assert!(out.contains("discarded already"), "{out}");
+    // The command API restores its state from a log that holds the undecodable record.
+    stack.kill(Svc::CommandApi).await?;
+    stack.restart(Svc::CommandApi).await?;
+    let (s, _, b) = stack.command("ann", Method::POST, &format!("/v1/tasks/{a_id}/complete"), None, &[]).await?;
+    assert_eq!((s, b["version"].as_i64()), (200, Some(3)), "{b}");
 
     // 2. A record that cannot be applied (a constraint the data violates), replayed after the fix.
     let mut db = stack.db().await?;
