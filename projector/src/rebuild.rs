@@ -188,7 +188,7 @@ impl Rebuild<'_> {
         self.create_copies().await?;
         let shadow = PgPoolOptions::new().max_connections(2).connect_with(self.options.clone().options([("search_path", SCHEMA)])).await?;
         platform::kafka::ensure_topics(&self.opts.kafka).await?;
-        let consumer = self.consumer()?;
+        let consumer = crate::runner::log_consumer(&self.opts.kafka, "taskstream-projector-rebuild")?;
         let mut conn = self.pool.acquire().await?;
         let live = live_position(&mut conn, &topic).await?;
         let partitions: Vec<i32> = {
@@ -238,19 +238,6 @@ impl Rebuild<'_> {
             }
             replay.step(&live, Duration::from_millis(200)).await?;
         }
-    }
-
-    fn consumer(&self) -> anyhow::Result<StreamConsumer> {
-        let mut cfg = platform::kafka::client_config(&self.opts.kafka, "taskstream-projector-rebuild");
-        cfg.set("group.id", "taskstream-projector-rebuild")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "50")
-            .set("fetch.max.bytes", "52428800")
-            .set("queued.min.messages", "200000");
-        Ok(cfg.create()?)
     }
 
     /// Empty copies of every projection's tables (all of them: the projections are folded
@@ -375,10 +362,14 @@ impl Replay {
     /// the live offsets.
     async fn step(&mut self, live: &Live, wait: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + wait;
-        while self.ready(&live.caps) < self.max_batch {
+        let mut ready = self.ready(&live.caps);
+        while ready < self.max_batch {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Ok(Ok(m)) => {
                     if m.topic() == self.topic {
+                        if m.offset() < live.caps.get(&m.partition()).copied().unwrap_or(0) {
+                            ready += 1;
+                        }
                         self.pending.entry(m.partition()).or_default().push_back(m.detach());
                     }
                 }

@@ -70,22 +70,10 @@ impl Runner {
         }
     }
 
-    fn consumer(&self) -> anyhow::Result<StreamConsumer> {
-        let mut cfg = platform::kafka::client_config(&self.settings.kafka, "taskstream-projector");
-        cfg.set("group.id", "taskstream-projector")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "50")
-            .set("fetch.max.bytes", "52428800");
-        Ok(cfg.create()?)
-    }
-
     async fn run_once(&self) -> anyhow::Result<()> {
         platform::kafka::ensure_topics(&self.settings.kafka).await?;
         let topic = self.settings.kafka.task_events_topic.clone();
-        let consumer = Arc::new(self.consumer()?);
+        let consumer = Arc::new(log_consumer(&self.settings.kafka, "taskstream-projector")?);
         let c = consumer.clone();
         let t = topic.clone();
         let partitions = tokio::task::spawn_blocking(move || platform::kafka::partitions(c.as_ref(), &t, Duration::from_secs(10))).await??;
@@ -246,6 +234,19 @@ impl Runner {
 enum Outcome {
     Applied,
     Fenced,
+}
+
+/// A read_committed consumer of the log, assigned by hand (offsets live in PostgreSQL).
+pub(crate) fn log_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamConsumer> {
+    let mut cfg = platform::kafka::client_config(kafka, group);
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        .set("fetch.max.bytes", "52428800");
+    Ok(cfg.create()?)
 }
 
 /// Waits for at least one record, then takes what else arrives within `linger` (records below
