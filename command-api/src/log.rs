@@ -88,9 +88,10 @@ impl EventLog for KafkaLog {
             // txn-probe`: commits of 100 ms with linger.ms=1, 2-30 ms with 0).
             .set("linger.ms", "0")
             // Back-to-back transactions meet CONCURRENT_TRANSACTIONS while the coordinator still
-            // writes the previous markers; retry that quickly rather than after 100 ms.
+            // writes the previous markers; retry that quickly, and never wait long between tries
+            // (max 100 ms put p99 command latency at 1 000/s at ~130 ms, max 10 ms at ~65-95 ms).
             .set("retry.backoff.ms", "5")
-            .set("retry.backoff.max.ms", "100")
+            .set("retry.backoff.max.ms", "10")
             .set("transaction.timeout.ms", &txn_ms)
             .set("message.timeout.ms", &txn_ms)
             .set("queue.buffering.max.messages", "200000");
