@@ -181,7 +181,7 @@ fn append_in_transaction(
     *producer.context().reports.lock().map_err(|_| LogError::Unavailable("poisoned".into()))? = vec![None; n];
     producer.begin_transaction()?;
     for (i, r) in records.into_iter().enumerate() {
-        let EncodedEvent { key, payload, headers } = r;
+        let EncodedEvent { key, payload, headers, .. } = r;
         let mut record = BaseRecord::with_opaque_to(topic, Box::new(i)).key(key.as_str()).payload(payload.as_slice()).headers(headers);
         let deadline = Instant::now() + timeout;
         loop {

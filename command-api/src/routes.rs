@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use domain::{
@@ -216,7 +217,31 @@ enum Target {
     User(UserCommandKind),
 }
 
-async fn execute(state: &AppState, caller: AuthUser, headers: CommandHeaders, target: Target, digest: String) -> Result<Response, ApiError> {
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Task(_, kind) => kind.name(),
+            Target::User(kind) => kind.name(),
+        }
+    }
+}
+
+/// Every command is a span: it continues the caller's W3C trace (`traceparent`) or starts one, and
+/// its trace context is what the events carry into the log.
+async fn execute(state: &AppState, caller: AuthUser, mut headers: CommandHeaders, target: Target, digest: String) -> Result<Response, ApiError> {
+    let span = tracing::info_span!(
+        "command",
+        command = target.name(),
+        user = %caller.0,
+        trace_id = tracing::field::Empty,
+        correlation_id = tracing::field::Empty
+    );
+    platform::telemetry::continue_trace(&span, headers.traceparent.as_deref());
+    headers.traceparent = platform::telemetry::traceparent(&span).or(headers.traceparent);
+    run_command(state, caller, headers, target, digest).instrument(span).await
+}
+
+async fn run_command(state: &AppState, caller: AuthUser, headers: CommandHeaders, target: Target, digest: String) -> Result<Response, ApiError> {
     let request_id = Uuid::new_v4().to_string();
     let causation_id = headers.causation_id.filter(|_| caller.is_service()).unwrap_or_else(|| request_id.clone());
     let user = caller.0;
@@ -226,6 +251,9 @@ async fn execute(state: &AppState, caller: AuthUser, headers: CommandHeaders, ta
         traceparent: headers.traceparent,
         idempotency: headers.idempotency_key.clone().map(|key| IdempotencyTag { key, request_digest: digest.clone() }),
     };
+    if let Some(c) = &meta.correlation_id {
+        tracing::Span::current().record("correlation_id", c.as_str());
+    }
     let (name, cmd) = match target {
         Target::Task(task_id, kind) => {
             (kind.name(), AnyCommand::Task(Command { task_id, user: user.clone(), expected_version: headers.if_match, kind }))

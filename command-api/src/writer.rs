@@ -316,10 +316,17 @@ impl<L: EventLog> Actor<L> {
         }
         let started = Instant::now();
         let n = records.len();
+        let mut types: HashMap<&'static str, u64> = HashMap::new();
+        for r in &records {
+            *types.entry(r.event_type).or_default() += 1;
+        }
         match self.log.append(records).await {
             Ok(positions) => {
                 metrics::histogram!("command_api_append_seconds").record(started.elapsed().as_secs_f64());
                 metrics::counter!("command_api_events_appended_total").increment(n as u64);
+                for (t, count) in types {
+                    metrics::counter!("events_published_total", "type" => t).increment(count);
+                }
                 for p in &positions {
                     let next = self.offsets.entry(p.partition).or_insert(0);
                     *next = (*next).max(p.offset + 1);

@@ -41,6 +41,8 @@ pub struct EncodedEvent {
     pub key: String,
     pub payload: Vec<u8>,
     pub headers: OwnedHeaders,
+    /// `ce_type`, for metrics.
+    pub event_type: &'static str,
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
@@ -62,7 +64,7 @@ pub fn encode(env: &EventEnvelope) -> EncodedEvent {
         env.traceparent.as_deref(),
         env.idempotency.as_ref(),
     );
-    EncodedEvent { key: subject, payload: env.event.to_json(), headers }
+    EncodedEvent { key: subject, payload: env.event.to_json(), headers, event_type: env.event.event_type() }
 }
 
 /// A user-level event (notification read state, webhook registration): key and `ce_subject` are
@@ -146,7 +148,7 @@ pub fn encode_user(env: &UserEnvelope) -> EncodedEvent {
         env.traceparent.as_deref(),
         env.idempotency.as_ref(),
     );
-    EncodedEvent { key: subject, payload: env.event.to_json(), headers }
+    EncodedEvent { key: subject, payload: env.event.to_json(), headers, event_type: env.event.event_type() }
 }
 
 /// The CloudEvents attributes every record carries, parsed and checked.

@@ -12,7 +12,16 @@ static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn metrics_handle() -> PrometheusHandle {
     METRICS
         .get_or_init(|| {
-            PrometheusBuilder::new().install_recorder().unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+            // Latency metrics (names ending in `_seconds`) are histograms with these buckets.
+            let builder = || {
+                PrometheusBuilder::new()
+                    .set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                        &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+                    )
+                    .expect("non-empty buckets")
+            };
+            builder().install_recorder().unwrap_or_else(|_| builder().build_recorder().handle())
         })
         .clone()
 }

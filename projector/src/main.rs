@@ -6,7 +6,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
-            platform::telemetry::init("projector");
+            let _telemetry = platform::telemetry::init("projector");
             match Application::build(cli.settings).await {
                 Ok(app) => app.run_until_stopped().await,
                 Err(e) => Err(e),

@@ -13,6 +13,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::Notify;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use domain::UserId;
@@ -114,11 +115,14 @@ impl Reactor {
             if let Some(c) = correlation {
                 headers.push(("X-Correlation-Id", c));
             }
-            if let Some(t) = traceparent {
+            // The reaction continues the trace of the event that called for it.
+            let span = tracing::info_span!("reaction", kind = %kind, reaction = %id, trace_id = tracing::field::Empty, correlation_id = ?correlation_of(&headers));
+            platform::telemetry::continue_trace(&span, traceparent.as_deref());
+            if let Some(t) = platform::telemetry::traceparent(&span).or(traceparent) {
                 headers.push(("traceparent", t));
             }
             let outcome = match kind.as_str() {
-                "spawn_occurrence" => self.send(&user, "/v1/tasks", &payload, &headers).await,
+                "spawn_occurrence" => self.send(&user, "/v1/tasks", &payload, &headers).instrument(span).await,
                 other => Outcome::Failed(format!("unknown reaction kind {other}")),
             };
             match outcome {
@@ -205,6 +209,10 @@ impl Reactor {
         tx.commit().await?;
         Ok(n)
     }
+}
+
+fn correlation_of<'a>(headers: &'a [(&str, String)]) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| *k == "X-Correlation-Id").map(|(_, v)| v.as_str())
 }
 
 /// Exponential backoff with jitter: 1 s, 2 s, 4 s ... capped at 5 minutes, then +-25 %.

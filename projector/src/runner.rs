@@ -10,6 +10,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
+use tracing::Instrument;
 
 use platform::position::Position;
 use platform::settings::KafkaSettings;
@@ -131,8 +132,19 @@ impl Runner {
     /// Applies a batch; a batch that fails for good (bad data, a violated constraint) is applied
     /// record by record, and the records that fail alone become dead letters.
     async fn apply(&self, topic: &str, batch: Batch, next: &mut HashMap<i32, i64>) -> anyhow::Result<Outcome> {
+        // One span per batch: it continues the trace of the batch's first record and links to the
+        // others (a span per record would cost more than applying it).
+        let span = tracing::info_span!("apply", records = batch.len(), trace_id = tracing::field::Empty);
+        let mut traces = batch.tasks.iter().filter_map(|r| r.envelope.traceparent.as_deref());
+        platform::telemetry::continue_trace(&span, traces.next());
+        platform::telemetry::link_traces(&span, traces.take(127));
+        self.apply_in_span(topic, batch, next).instrument(span).await
+    }
+
+    async fn apply_in_span(&self, topic: &str, batch: Batch, next: &mut HashMap<i32, i64>) -> anyhow::Result<Outcome> {
         match self.apply_with_retry(topic, &batch, next).await {
             Ok(Outcome::Applied) => {
+                count_consumed(&batch);
                 next.extend(batch.to);
                 Ok(Outcome::Applied)
             }
@@ -226,6 +238,22 @@ impl Runner {
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
+        }
+    }
+}
+
+/// `projector_events_consumed_total{projection,type}`: every projection consumes every record.
+fn count_consumed(batch: &Batch) {
+    let mut types: HashMap<&'static str, u64> = HashMap::new();
+    for r in &batch.tasks {
+        *types.entry(r.envelope.event.event_type()).or_default() += 1;
+    }
+    for r in &batch.users {
+        *types.entry(r.envelope.event.event_type()).or_default() += 1;
+    }
+    for projection in store::PROJECTIONS {
+        for (t, n) in &types {
+            metrics::counter!("projector_events_consumed_total", "projection" => projection, "type" => *t).increment(*n);
         }
     }
 }

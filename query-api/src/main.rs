@@ -3,6 +3,6 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = query_api::Settings::parse();
-    platform::telemetry::init("query-api");
+    let _telemetry = platform::telemetry::init("query-api");
     query_api::Application::build(settings).await?.run_until_stopped().await
 }

@@ -5,6 +5,7 @@ mod bench_smoke;
 mod lifecycle;
 mod live;
 mod reactions;
+mod observability;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

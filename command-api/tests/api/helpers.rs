@@ -131,7 +131,7 @@ impl EventLog for FakeLog {
         // All or nothing, like the Kafka transaction it stands in for.
         let mut data = self.lock();
         let mut positions = Vec::with_capacity(records.len());
-        for EncodedEvent { key, payload, headers } in records {
+        for EncodedEvent { key, payload, headers, .. } in records {
             let partition = partition_for(&key);
             let next = data.next_offset.entry(partition).or_insert(0);
             let position = Position { partition, offset: *next };
