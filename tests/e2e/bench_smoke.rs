@@ -7,7 +7,8 @@ async fn loadgen_measures_every_key_against_a_real_stack() -> anyhow::Result<()>
     let stack = Stack::start().await?;
     let out = tokio::process::Command::new(bin_dir().join("loadgen"))
         .args(["--command-api", &stack.url(Svc::CommandApi, ""), "--query-api", &stack.url(Svc::QueryApi, "")])
-        .args(["--brokers", &stack.brokers, "--secret", e2e::JWT_SECRET, "--scale", "0.01", "all"])
+        .args(["--brokers", &stack.brokers, "--secret", e2e::JWT_SECRET, "--database-url", &stack.database_url])
+        .args(["--scale", "0.01", "--repeat", "2", "all"])
         .output()
         .await?;
     assert!(out.status.success(), "loadgen failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -22,9 +23,17 @@ async fn loadgen_measures_every_key_against_a_real_stack() -> anyhow::Result<()>
         "e2e_p99_ms_at_1k",
         "graphql_list_queries_per_s",
         "graphql_task_queries_per_s",
+        "pg_raw_copy_rows_per_s",
+        "projector_events_per_s",
+        "rebuild_1m_seconds",
+        "command_api_restore_1m_seconds",
+        "rss_mb_projector",
+        "rss_mb_command_api_1m_tasks",
     ] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} missing or zero in {v}");
     }
-    assert_eq!(v["latency_errors_at_1k"], 0, "{v}");
+    assert_eq!(v["latency_errors_at_1k"].as_f64(), Some(0.0), "{v}");
+    assert_eq!(v["runs"], 2, "{v}");
+    assert!(v["spread"]["command_throughput_per_s"].as_array().is_some_and(|r| r.len() == 2), "{v}");
     stack.cleanup().await
 }
