@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 #[command(name = "loadgen", about = "taskstream benchmarks")]
 struct Cli {
     #[arg(long, env = "COMMAND_API_URL", default_value = "http://127.0.0.1:8080")]
@@ -66,6 +66,8 @@ enum Cmd {
     Graphql,
     /// The PostgreSQL limit: binary COPY of read-model-shaped rows.
     PgCopy,
+    /// The peer: the same aggregate on cqrs-es + postgres-es (bin `peer-cqrs-es`), same load.
+    Peer,
     /// A backlog of 1 000 000 events: projector catch-up, rebuild, command API restore, memory.
     Backlog,
     /// Everything above, in order; prints one JSON object.
@@ -125,6 +127,9 @@ async fn main() -> anyhow::Result<()> {
             wait_caught_up(&ctx).await?;
             one.extend(graphql(&ctx).await?);
         }
+        if run(Cmd::Peer) {
+            one.extend(peer(&ctx).await?);
+        }
         runs.push(one);
     }
     let (mut out, spread) = medians(&runs);
@@ -152,6 +157,44 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(p, report(&out, &ctx.cli.about))?;
     }
     Ok(())
+}
+
+/// The peer (cqrs-es + postgres-es) on a fresh database, driven by the same saturation and open-loop
+/// phases as the command API.
+async fn peer(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
+    use sqlx::Connection;
+    let admin = ctx.cli.database_url.clone().context("--database-url (DATABASE_URL) is needed for the peer")?;
+    let db = format!("bench_peer_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let mut conn = sqlx::PgConnection::connect(&admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut conn).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let exe = std::env::current_exe()?.with_file_name("peer-cqrs-es");
+    let mut child = tokio::process::Command::new(&exe)
+        .env("DATABASE_URL", format!("{}/{db}", admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b)))
+        .env("PEER_ADDR", format!("127.0.0.1:{port}"))
+        .env("AUTH_JWT_SECRET", &ctx.cli.secret)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    while !ctx.http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "the peer did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut cli = ctx.cli.clone();
+    cli.command_api = url;
+    let peer_ctx = Arc::new(Ctx { http: ctx.http.clone(), cli, auth: ctx.auth.clone() });
+    let sat = commands(&peer_ctx).await?;
+    let lat = latency(&peer_ctx).await?;
+    child.kill().await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&mut conn).await?;
+    let mut out = BTreeMap::new();
+    out.insert("peer_cqrs_es_commands_per_s".into(), sat["command_throughput_per_s"].clone());
+    out.insert("peer_cqrs_es_p50_ms_at_1k".into(), lat["command_p50_ms_at_1k"].clone());
+    out.insert("peer_cqrs_es_p99_ms_at_1k".into(), lat["command_p99_ms_at_1k"].clone());
+    eprintln!("peer (cqrs-es + postgres-es): {out:?}");
+    Ok(out)
 }
 
 /// The median of each key over the runs, and its spread (min, max) when there was more than one.

@@ -29,6 +29,8 @@ async fn loadgen_measures_every_key_against_a_real_stack() -> anyhow::Result<()>
         "command_api_restore_1m_seconds",
         "rss_mb_projector",
         "rss_mb_command_api_1m_tasks",
+        "peer_cqrs_es_commands_per_s",
+        "peer_cqrs_es_p99_ms_at_1k",
     ] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} missing or zero in {v}");
     }
