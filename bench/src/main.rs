@@ -433,8 +433,17 @@ async fn seed(ctx: &Arc<Ctx>, user: &str, n: usize) -> anyhow::Result<Vec<String
     Ok(ids)
 }
 
-/// One command of the realistic mix; returns (accepted, position).
-async fn mixed_command(ctx: &Ctx, token: &str, ids: &[String], i: u64) -> anyhow::Result<(bool, Option<String>)> {
+/// What a command of the mix answered.
+struct Sent {
+    accepted: bool,
+    /// The consistency token of the answer.
+    position: Option<String>,
+    /// The task the command was about.
+    task_id: Option<String>,
+}
+
+/// One command of the realistic mix.
+async fn mixed_command(ctx: &Ctx, token: &str, ids: &[String], i: u64) -> anyhow::Result<Sent> {
     let id = &ids[(i as usize * 7919) % ids.len()];
     let base = &ctx.cli.command_api;
     let req = match i % 20 {
@@ -453,13 +462,18 @@ async fn mixed_command(ctx: &Ctx, token: &str, ids: &[String], i: u64) -> anyhow
     let status = res.status();
     let body: Value = res.json().await.unwrap_or(Value::Null);
     // 409s (completing a completed task) are correct refusals of the mix, not errors.
-    Ok((status.is_success(), body["position"].as_str().map(str::to_owned)))
+    Ok(Sent {
+        accepted: status.is_success(),
+        position: body["position"].as_str().map(str::to_owned),
+        task_id: body["task_id"].as_str().map(str::to_owned),
+    })
 }
 
 async fn commands(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
-    let ids = seed(ctx, "bench-sat", ctx.n(2_000)).await?;
+    let user = format!("bench-sat-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let ids = seed(ctx, &user, ctx.n(2_000)).await?;
     let ids = Arc::new(ids);
-    let token = ctx.token("bench-sat");
+    let token = ctx.token(&user);
     let accepted = Arc::new(AtomicU64::new(0));
     let counter = Arc::new(AtomicU64::new(0));
     let duration = ctx.secs(20.0);
@@ -470,7 +484,7 @@ async fn commands(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
         workers.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 let i = counter.fetch_add(1, Ordering::Relaxed);
-                if let Ok((true, _)) = mixed_command(&ctx, &token, &ids, i).await {
+                if mixed_command(&ctx, &token, &ids, i).await.is_ok_and(|s| s.accepted) {
                     accepted.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -485,8 +499,9 @@ async fn commands(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
 }
 
 async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
-    let ids = Arc::new(seed(ctx, "bench-lat", ctx.n(1_000)).await?);
-    let token = ctx.token("bench-lat");
+    let user = format!("bench-lat-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let ids = Arc::new(seed(ctx, &user, ctx.n(1_000)).await?);
+    let token = ctx.token(&user);
     let rate = 1_000.0;
     let duration = ctx.secs(30.0);
     let n = (rate * duration.as_secs_f64()) as u64;
@@ -502,17 +517,18 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
             (ctx.clone(), ids.clone(), token.clone(), cmd_hist.clone(), e2e_hist.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             match mixed_command(&ctx, &token, &ids, i).await {
-                Ok((_, position)) => {
+                Ok(sent) => {
                     let us = scheduled.elapsed().as_micros() as u64;
                     let _ = cmd_hist.lock().map(|mut h| h.record(us.max(1)));
-                    if let Some(p) = position {
-                        // Visible through GraphQL: a query carrying the command's position.
+                    if let (Some(p), Some(task)) = (sent.position, sent.task_id) {
+                        // Visible through GraphQL: the command's task, read as of the command's
+                        // position (a query whose cost does not grow with the user's tasks).
                         let r = ctx
                             .http
                             .post(format!("{}/graphql", ctx.cli.query_api))
                             .bearer_auth(&token)
                             .header("X-Consistency-Token", p)
-                            .json(&json!({"query": "{ stats { total } }"}))
+                            .json(&json!({"query": "query($id: ID!) { task(id: $id) { version } }", "variables": {"id": task}}))
                             .send()
                             .await;
                         match r {
