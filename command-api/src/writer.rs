@@ -164,69 +164,40 @@ impl<L: EventLog> Actor<L> {
     }
 
     /// Connects to the log and reads everything this writer has not seen yet.
+    /// Reads the log from the offsets restored so far and applies every record to the state as it
+    /// streams in (nothing is buffered, so memory follows the number of tasks, not of events). A
+    /// failure part-way keeps what was applied and the offsets it reached: the retry goes on from
+    /// there.
     async fn recover(&mut self) -> Result<(), LogError> {
         self.ready.store(false, Ordering::Release);
         self.log.connect().await?;
         let started = Instant::now();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let offsets = self
+        let restoring = Arc::new(std::sync::Mutex::new(Restoring {
+            tasks: std::mem::take(&mut self.tasks),
+            users: std::mem::take(&mut self.users),
+            next: self.offsets.clone(),
+            ..Restoring::default()
+        }));
+        let sink = restoring.clone();
+        let result = self
             .log
-            .read_from(self.offsets.clone(), Box::new(move |pos, rec| {
-                let _ = tx.send((pos, rec));
-            }))
-            .await?;
-        let seen: Vec<_> = rx.try_iter().collect();
-        let mut applied = 0u64;
-        for (pos, rec) in seen {
-            match rec {
-                Ok(rec) => {
-                    self.apply_restored(pos, &rec).await;
-                    applied += 1;
-                }
-                Err(e) => {
-                    metrics::counter!("command_api_restore_undecodable_total").increment(1);
-                    tracing::error!(partition = pos.partition, offset = pos.offset, error.message = %e, "skipping an undecodable record in the log");
-                }
+            .read_from(self.offsets.clone(), Box::new(move |pos, rec| sink.lock().unwrap_or_else(|e| e.into_inner()).apply(pos, rec)))
+            .await;
+        let restored = std::mem::take(&mut *restoring.lock().unwrap_or_else(|e| e.into_inner()));
+        self.tasks = restored.tasks;
+        self.users = restored.users;
+        for (user, tag, answer) in restored.keyed {
+            self.idempotency.remember(&user, &tag, answer).await;
+        }
+        match result {
+            Ok(offsets) => self.offsets = offsets,
+            Err(e) => {
+                self.offsets = restored.next;
+                return Err(e);
             }
         }
-        self.offsets = offsets;
-        tracing::info!(events = applied, tasks = self.tasks.len(), users = self.users.len(), elapsed_ms = started.elapsed().as_millis() as u64, "state restored from the log");
+        tracing::info!(events = restored.applied, tasks = self.tasks.len(), users = self.users.len(), elapsed_ms = started.elapsed().as_millis() as u64, "state restored from the log");
         Ok(())
-    }
-
-    async fn apply_restored(&mut self, pos: Position, rec: &Record) {
-        let (user, tag, answer) = match rec {
-            Record::Task(env) => {
-                let entry = self.tasks.entry(env.task_id).or_default();
-                let next = evolve(std::mem::take(entry), &env.user_id, &env.event);
-                if next.version() != env.sequence {
-                    tracing::warn!(task_id = %env.task_id, expected = env.sequence, got = next.version(), "log sequence differs from replayed version");
-                }
-                *entry = next;
-                if let TaskEvent::ReminderDue(r) = &env.event {
-                    let u = self.users.entry(env.user_id.clone()).or_default();
-                    *u = std::mem::take(u).with_notification(ids::reminder_notification_id(env.task_id, r.remind_at));
-                }
-                let created = matches!(env.event, TaskEvent::Created(_));
-                let answer = Answer::new(*env.task_id.as_uuid(), AnswerKind::Task, env.sequence, pos, created);
-                (&env.user_id, &env.idempotency, answer)
-            }
-            Record::User(env) => {
-                let u = self.users.entry(env.user_id.clone()).or_default();
-                *u = evolve_user(std::mem::take(u), &env.event);
-                let (id, kind, secret) = match &env.event {
-                    UserEvent::NotificationRead(e) => (e.notification_id, AnswerKind::Notification, None),
-                    UserEvent::WebhookRegistered(e) => (webhook_id(&env.user_id), AnswerKind::Webhook, Some(e.secret.as_str().into())),
-                    UserEvent::WebhookRemoved => (webhook_id(&env.user_id), AnswerKind::Webhook, None),
-                };
-                let mut answer = Answer::new(id, kind, env.sequence, pos, false);
-                answer.secret = secret;
-                (&env.user_id, &env.idempotency, answer)
-            }
-        };
-        if let Some(tag) = tag {
-            self.idempotency.remember(user, tag, answer).await;
-        }
     }
 
     async fn process(&mut self, batch: Vec<Submission>) {
@@ -359,6 +330,66 @@ impl<L: EventLog> Actor<L> {
                 // The outcome of the failed transaction is learnt from the log itself.
                 self.recovering = true;
             }
+        }
+    }
+}
+
+/// The state being rebuilt from the log during a restore.
+#[derive(Default)]
+struct Restoring {
+    tasks: HashMap<TaskId, TaskState>,
+    users: HashMap<UserId, UserState>,
+    /// Next offset per partition after the records applied so far.
+    next: Offsets,
+    /// Answers of commands sent with an Idempotency-Key, to remember once restored.
+    keyed: Vec<(UserId, IdempotencyTag, Answer)>,
+    applied: u64,
+}
+
+impl Restoring {
+    fn apply(&mut self, pos: Position, rec: Result<Record, codec::DecodeError>) {
+        let next = self.next.entry(pos.partition).or_insert(0);
+        *next = (*next).max(pos.offset + 1);
+        let rec = match rec {
+            Ok(rec) => rec,
+            Err(e) => {
+                metrics::counter!("command_api_restore_undecodable_total").increment(1);
+                tracing::error!(partition = pos.partition, offset = pos.offset, error.message = %e, "skipping an undecodable record in the log");
+                return;
+            }
+        };
+        self.applied += 1;
+        let (user, tag, answer) = match &rec {
+            Record::Task(env) => {
+                let entry = self.tasks.entry(env.task_id).or_default();
+                let next = evolve(std::mem::take(entry), &env.user_id, &env.event);
+                if next.version() != env.sequence {
+                    tracing::warn!(task_id = %env.task_id, expected = env.sequence, got = next.version(), "log sequence differs from replayed version");
+                }
+                *entry = next;
+                if let TaskEvent::ReminderDue(r) = &env.event {
+                    let u = self.users.entry(env.user_id.clone()).or_default();
+                    *u = std::mem::take(u).with_notification(ids::reminder_notification_id(env.task_id, r.remind_at));
+                }
+                let created = matches!(env.event, TaskEvent::Created(_));
+                let answer = Answer::new(*env.task_id.as_uuid(), AnswerKind::Task, env.sequence, pos, created);
+                (&env.user_id, &env.idempotency, answer)
+            }
+            Record::User(env) => {
+                let u = self.users.entry(env.user_id.clone()).or_default();
+                *u = evolve_user(std::mem::take(u), &env.event);
+                let (id, kind, secret) = match &env.event {
+                    UserEvent::NotificationRead(e) => (e.notification_id, AnswerKind::Notification, None),
+                    UserEvent::WebhookRegistered(e) => (webhook_id(&env.user_id), AnswerKind::Webhook, Some(e.secret.as_str().into())),
+                    UserEvent::WebhookRemoved => (webhook_id(&env.user_id), AnswerKind::Webhook, None),
+                };
+                let mut answer = Answer::new(id, kind, env.sequence, pos, false);
+                answer.secret = secret;
+                (&env.user_id, &env.idempotency, answer)
+            }
+        };
+        if let Some(tag) = tag {
+            self.keyed.push((user.clone(), tag.clone(), answer));
         }
     }
 }
