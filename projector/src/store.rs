@@ -506,7 +506,8 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
         event_type.push(e.event.event_type());
         schema_version.push(e.event.schema_version() as i32);
         occurred_at.push(e.occurred_at);
-        data.push(serde_json::from_slice::<serde_json::Value>(&e.event.to_json()).unwrap_or(serde_json::Value::Null));
+        // The event's JSON as text, cast to jsonb by PostgreSQL (no parse into a Value here).
+        data.push(String::from_utf8(e.event.to_json()).unwrap_or_else(|_| "null".to_owned()));
         correlation.push(e.correlation_id.clone());
         causation.push(e.causation_id.clone());
         partition.push(r.position.partition);
@@ -516,7 +517,7 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
         "INSERT INTO task_history (event_id, task_id, user_id, version, event_type, schema_version, occurred_at, data,
                                    correlation_id, causation_id, log_partition, log_offset)
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::int4[], $7::timestamptz[],
-                              $8::jsonb[], $9::text[], $10::text[], $11::int4[], $12::int8[])
+                              $8::text[]::jsonb[], $9::text[], $10::text[], $11::int4[], $12::int8[])
          ON CONFLICT DO NOTHING",
     )
     .bind(event_id)
