@@ -204,12 +204,18 @@ fn append_in_transaction(
     // 100 ms, one flush slice. Polling here makes the commit's own flush a no-op.)
     let t0 = Instant::now();
     let deadline = t0 + timeout;
+    // BaseProducer::poll(t) keeps polling until t has passed, and waits in whole milliseconds: a
+    // poll(1 ms) spun on the CPU for the whole wait (45% of the command API's CPU at saturation in a
+    // perf profile). Serve what is there without waiting, then sleep briefly.
     while producer.in_flight_count() > 0 {
         if Instant::now() > deadline {
             let _ = producer.abort_transaction(timeout);
             return Err(LogError::Unavailable("timed out waiting for the broker to acknowledge the records".into()));
         }
-        producer.poll(Duration::from_millis(1));
+        producer.poll(Duration::ZERO);
+        if producer.in_flight_count() > 0 {
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
     let t1 = t0.elapsed();
     if let Err(e) = producer.commit_transaction(timeout) {
