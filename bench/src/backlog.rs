@@ -90,12 +90,7 @@ fn free_port() -> u16 {
 /// reopened or, one in five, deleted), round by round so that each task's events are spread over the
 /// log, produced in large Kafka transactions exactly as the command API encodes them.
 async fn produce_backlog(ctx: &Ctx, topic: &str, events: usize) -> anyhow::Result<()> {
-    let settings = platform::settings::KafkaSettings {
-        kafka_brokers: ctx.cli.brokers.clone(),
-        task_events_topic: topic.to_owned(),
-        task_events_partitions: 12,
-        task_events_replication: 1,
-    };
+    let settings = crate::kafka_settings(ctx, topic);
     platform::kafka::ensure_topics(&settings).await?;
     let producer: FutureProducer = platform::kafka::client_config(&settings, "bench-backlog")
         .set("transactional.id", format!("bench-backlog-{}", Uuid::new_v4()))

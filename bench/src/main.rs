@@ -308,6 +308,16 @@ fn report(out: &BTreeMap<String, Value>, about: &[String]) -> String {
     md
 }
 
+/// A 12-partition topic on the benchmark's broker.
+fn kafka_settings(ctx: &Ctx, topic: &str) -> platform::settings::KafkaSettings {
+    platform::settings::KafkaSettings {
+        kafka_brokers: ctx.cli.brokers.clone(),
+        task_events_topic: topic.to_owned(),
+        task_events_partitions: 12,
+        task_events_replication: 1,
+    }
+}
+
 fn round(v: f64) -> Value {
     json!((v * 100.0).round() / 100.0)
 }
@@ -315,12 +325,7 @@ fn round(v: f64) -> Value {
 async fn txn_probe(ctx: &Ctx) -> anyhow::Result<()> {
     use rdkafka::producer::Producer;
     let topic = format!("bench-txn-{}", uuid::Uuid::new_v4().simple());
-    let settings = platform::settings::KafkaSettings {
-        kafka_brokers: ctx.cli.brokers.clone(),
-        task_events_topic: topic.clone(),
-        task_events_partitions: 12,
-        task_events_replication: 1,
-    };
+    let settings = kafka_settings(ctx, &topic);
     platform::kafka::ensure_topics(&settings).await?;
     let mut cfg = platform::kafka::client_config(&settings, "bench-txn");
     cfg.set("transactional.id", format!("probe-{}", uuid::Uuid::new_v4())).set("linger.ms", "1");
@@ -359,12 +364,7 @@ async fn txn_probe(ctx: &Ctx) -> anyhow::Result<()> {
 
 async fn kafka_raw(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
     let topic = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
-    let settings = platform::settings::KafkaSettings {
-        kafka_brokers: ctx.cli.brokers.clone(),
-        task_events_topic: topic.clone(),
-        task_events_partitions: 12,
-        task_events_replication: 1,
-    };
+    let settings = kafka_settings(ctx, &topic);
     platform::kafka::ensure_topics(&settings).await?;
     let producer: FutureProducer = platform::kafka::client_config(&settings, "bench-raw")
         .set("enable.idempotence", "true")
