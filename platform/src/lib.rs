@@ -1,6 +1,10 @@
 //! The thin, non-pure pieces that more than one taskstream service needs: settings shared by all
 //! binaries, the CloudEvents codec for Kafka records, Kafka client set-up, JWT auth, the consistency
 //! position token, database set-up and telemetry. Nothing here holds business rules.
+//!
+//! Read side, shared by the projector (writer) and the query API (reader): `readmodel` holds the
+//! read-model rows (`TaskRow`) as PostgreSQL stores them; `projections` the projection names, the
+//! NOTIFY channels and the projection status (stored offsets + high watermarks -> lag, state).
 
 pub mod auth;
 pub mod codec;
@@ -9,6 +13,7 @@ pub mod http;
 pub mod kafka;
 pub mod position;
 pub mod projections;
+pub mod readmodel;
 pub mod secret;
 pub mod settings;
 pub mod telemetry;
