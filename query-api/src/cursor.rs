@@ -4,17 +4,35 @@
 //!
 //! Timestamps travel as whole microseconds since the epoch, PostgreSQL's own resolution, so a
 //! position round-trips exactly.
+//!
+//! The bottom of the crate: it imports no other module. [`Order`] is the read model's list of task
+//! orders (the store builds its SQL from it; the schema maps the GraphQL `Order` onto it).
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::schema::TaskOrder;
-use crate::store::TaskRow;
+use platform::readmodel::TaskRow;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid cursor: pass a cursor returned by this field (with the same orderBy) as `after`")]
 pub struct InvalidCursor;
+
+/// The orders of `tasks`; each ends with the task id, so pages never skip or repeat a task. Tasks
+/// without a due date come last in both due-date orders; `PriorityDesc` ties by due date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    #[default]
+    DueAtAsc,
+    DueAtDesc,
+    CreatedAtAsc,
+    CreatedAtDesc,
+    PriorityDesc,
+}
+
+impl Order {
+    pub const ALL: [Order; 5] = [Order::DueAtAsc, Order::DueAtDesc, Order::CreatedAtAsc, Order::CreatedAtDesc, Order::PriorityDesc];
+}
 
 /// Where a page of `tasks` starts: the sort key of the last row of the previous page, per order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,13 +44,13 @@ pub enum Keyset {
     PriorityDesc { priority: i16, due_at: Option<DateTime<Utc>>, id: Uuid },
 }
 
-fn order_tag(o: TaskOrder) -> &'static str {
+fn order_tag(o: Order) -> &'static str {
     match o {
-        TaskOrder::DueAtAsc => "da",
-        TaskOrder::DueAtDesc => "dd",
-        TaskOrder::CreatedAtAsc => "ca",
-        TaskOrder::CreatedAtDesc => "cd",
-        TaskOrder::PriorityDesc => "pd",
+        Order::DueAtAsc => "da",
+        Order::DueAtDesc => "dd",
+        Order::CreatedAtAsc => "ca",
+        Order::CreatedAtDesc => "cd",
+        Order::PriorityDesc => "pd",
     }
 }
 
@@ -55,24 +73,24 @@ fn decode_text(s: &str) -> Result<String, InvalidCursor> {
 
 impl Keyset {
     /// The position of `row` in `order`.
-    pub fn of(order: TaskOrder, row: &TaskRow) -> Self {
+    pub fn of(order: Order, row: &TaskRow) -> Self {
         let id = row.id;
         match order {
-            TaskOrder::DueAtAsc => Keyset::DueAtAsc { due_at: row.due_at, id },
-            TaskOrder::DueAtDesc => Keyset::DueAtDesc { due_at: row.due_at, id },
-            TaskOrder::CreatedAtAsc => Keyset::CreatedAtAsc { created_at: row.created_at, id },
-            TaskOrder::CreatedAtDesc => Keyset::CreatedAtDesc { created_at: row.created_at, id },
-            TaskOrder::PriorityDesc => Keyset::PriorityDesc { priority: row.priority, due_at: row.due_at, id },
+            Order::DueAtAsc => Keyset::DueAtAsc { due_at: row.due_at, id },
+            Order::DueAtDesc => Keyset::DueAtDesc { due_at: row.due_at, id },
+            Order::CreatedAtAsc => Keyset::CreatedAtAsc { created_at: row.created_at, id },
+            Order::CreatedAtDesc => Keyset::CreatedAtDesc { created_at: row.created_at, id },
+            Order::PriorityDesc => Keyset::PriorityDesc { priority: row.priority, due_at: row.due_at, id },
         }
     }
 
-    pub fn order(&self) -> TaskOrder {
+    pub fn order(&self) -> Order {
         match self {
-            Keyset::DueAtAsc { .. } => TaskOrder::DueAtAsc,
-            Keyset::DueAtDesc { .. } => TaskOrder::DueAtDesc,
-            Keyset::CreatedAtAsc { .. } => TaskOrder::CreatedAtAsc,
-            Keyset::CreatedAtDesc { .. } => TaskOrder::CreatedAtDesc,
-            Keyset::PriorityDesc { .. } => TaskOrder::PriorityDesc,
+            Keyset::DueAtAsc { .. } => Order::DueAtAsc,
+            Keyset::DueAtDesc { .. } => Order::DueAtDesc,
+            Keyset::CreatedAtAsc { .. } => Order::CreatedAtAsc,
+            Keyset::CreatedAtDesc { .. } => Order::CreatedAtDesc,
+            Keyset::PriorityDesc { .. } => Order::PriorityDesc,
         }
     }
 
@@ -88,7 +106,7 @@ impl Keyset {
     }
 
     /// Decodes a cursor that must belong to `order`.
-    pub fn decode(s: &str, order: TaskOrder) -> Result<Self, InvalidCursor> {
+    pub fn decode(s: &str, order: Order) -> Result<Self, InvalidCursor> {
         let raw = decode_text(s)?;
         let parts: Vec<&str> = raw.split('.').collect();
         let ["k1", tag, priority, at, id] = parts.as_slice() else { return Err(InvalidCursor) };
@@ -102,11 +120,11 @@ impl Keyset {
             p => Some(p.parse::<i16>().ok().filter(|p| (0..=3).contains(p)).ok_or(InvalidCursor)?),
         };
         match (order, priority, at) {
-            (TaskOrder::DueAtAsc, None, due_at) => Ok(Keyset::DueAtAsc { due_at, id }),
-            (TaskOrder::DueAtDesc, None, due_at) => Ok(Keyset::DueAtDesc { due_at, id }),
-            (TaskOrder::CreatedAtAsc, None, Some(created_at)) => Ok(Keyset::CreatedAtAsc { created_at, id }),
-            (TaskOrder::CreatedAtDesc, None, Some(created_at)) => Ok(Keyset::CreatedAtDesc { created_at, id }),
-            (TaskOrder::PriorityDesc, Some(priority), due_at) => Ok(Keyset::PriorityDesc { priority, due_at, id }),
+            (Order::DueAtAsc, None, due_at) => Ok(Keyset::DueAtAsc { due_at, id }),
+            (Order::DueAtDesc, None, due_at) => Ok(Keyset::DueAtDesc { due_at, id }),
+            (Order::CreatedAtAsc, None, Some(created_at)) => Ok(Keyset::CreatedAtAsc { created_at, id }),
+            (Order::CreatedAtDesc, None, Some(created_at)) => Ok(Keyset::CreatedAtDesc { created_at, id }),
+            (Order::PriorityDesc, Some(priority), due_at) => Ok(Keyset::PriorityDesc { priority, due_at, id }),
             _ => Err(InvalidCursor),
         }
     }
@@ -163,9 +181,6 @@ mod tests {
 
     use super::*;
 
-    const ORDERS: [TaskOrder; 5] =
-        [TaskOrder::DueAtAsc, TaskOrder::DueAtDesc, TaskOrder::CreatedAtAsc, TaskOrder::CreatedAtDesc, TaskOrder::PriorityDesc];
-
     fn at(micros: i64) -> DateTime<Utc> {
         DateTime::from_timestamp_micros(micros).unwrap()
     }
@@ -197,7 +212,7 @@ mod tests {
     #[test]
     fn a_cursor_of_another_order_is_refused() {
         for k in samples() {
-            for o in ORDERS.into_iter().filter(|o| *o != k.order()) {
+            for o in Order::ALL.into_iter().filter(|o| *o != k.order()) {
                 assert_eq!(Keyset::decode(&k.encode(), o), Err(InvalidCursor), "{k:?} as {o:?}");
             }
         }
@@ -207,6 +222,7 @@ mod tests {
     fn the_row_gives_the_key_of_its_order() {
         let row = TaskRow {
             id: Uuid::now_v7(),
+            user_id: "alice".into(),
             title: "t".into(),
             description: None,
             status: "open".into(),
@@ -214,6 +230,7 @@ mod tests {
             due_at: None,
             timezone: "UTC".into(),
             recurrence: None,
+            remind_before: None,
             remind_at: None,
             tags: vec![],
             version: 1,
@@ -222,10 +239,11 @@ mod tests {
             completed_at: None,
             recurrence_parent_id: None,
             occurrence: None,
+            reminded_for: None,
         };
-        assert_eq!(Keyset::of(TaskOrder::PriorityDesc, &row), Keyset::PriorityDesc { priority: 2, due_at: None, id: row.id });
-        assert_eq!(Keyset::of(TaskOrder::CreatedAtDesc, &row), Keyset::CreatedAtDesc { created_at: row.created_at, id: row.id });
-        for o in ORDERS {
+        assert_eq!(Keyset::of(Order::PriorityDesc, &row), Keyset::PriorityDesc { priority: 2, due_at: None, id: row.id });
+        assert_eq!(Keyset::of(Order::CreatedAtDesc, &row), Keyset::CreatedAtDesc { created_at: row.created_at, id: row.id });
+        for o in Order::ALL {
             assert_eq!(Keyset::of(o, &row).order(), o);
         }
     }
@@ -235,27 +253,27 @@ mod tests {
         let id = Uuid::nil();
         let b64 = |s: String| URL_SAFE_NO_PAD.encode(s);
         let bad = [
-            (String::new(), TaskOrder::DueAtAsc),
-            ("garbage!".into(), TaskOrder::DueAtAsc),
-            (b64("k1.da.-.-".into()), TaskOrder::DueAtAsc),
-            (b64(format!("k2.da.-.-.{id}")), TaskOrder::DueAtAsc),
-            (b64("k1.da.-.-.not-a-uuid".into()), TaskOrder::DueAtAsc),
-            (b64(format!("k1.da.-.12x.{id}")), TaskOrder::DueAtAsc),
-            (b64(format!("k1.da.-.{}.{id}", i64::MAX)), TaskOrder::DueAtAsc),
-            (b64(format!("k1.da.1.-.{id}")), TaskOrder::DueAtAsc),
-            (b64(format!("k1.ca.-.-.{id}")), TaskOrder::CreatedAtAsc),
-            (b64(format!("k1.pd.-.-.{id}")), TaskOrder::PriorityDesc),
-            (b64(format!("k1.pd.4.-.{id}")), TaskOrder::PriorityDesc),
-            (b64(format!("k1.pd.1.-.{id}.extra")), TaskOrder::PriorityDesc),
-            (URL_SAFE_NO_PAD.encode([0xff, 0xfe]), TaskOrder::DueAtAsc),
+            (String::new(), Order::DueAtAsc),
+            ("garbage!".into(), Order::DueAtAsc),
+            (b64("k1.da.-.-".into()), Order::DueAtAsc),
+            (b64(format!("k2.da.-.-.{id}")), Order::DueAtAsc),
+            (b64("k1.da.-.-.not-a-uuid".into()), Order::DueAtAsc),
+            (b64(format!("k1.da.-.12x.{id}")), Order::DueAtAsc),
+            (b64(format!("k1.da.-.{}.{id}", i64::MAX)), Order::DueAtAsc),
+            (b64(format!("k1.da.1.-.{id}")), Order::DueAtAsc),
+            (b64(format!("k1.ca.-.-.{id}")), Order::CreatedAtAsc),
+            (b64(format!("k1.pd.-.-.{id}")), Order::PriorityDesc),
+            (b64(format!("k1.pd.4.-.{id}")), Order::PriorityDesc),
+            (b64(format!("k1.pd.1.-.{id}.extra")), Order::PriorityDesc),
+            (URL_SAFE_NO_PAD.encode([0xff, 0xfe]), Order::DueAtAsc),
         ];
         for (s, order) in bad {
             assert_eq!(Keyset::decode(&s, order), Err(InvalidCursor), "{s:?}");
         }
         // The well-formed counterparts are accepted, so the cases above fail for the stated reason.
-        assert!(Keyset::decode(&b64(format!("k1.da.-.-.{id}")), TaskOrder::DueAtAsc).is_ok());
-        assert!(Keyset::decode(&b64(format!("k1.ca.-.0.{id}")), TaskOrder::CreatedAtAsc).is_ok());
-        assert!(Keyset::decode(&b64(format!("k1.pd.3.-.{id}")), TaskOrder::PriorityDesc).is_ok());
+        assert!(Keyset::decode(&b64(format!("k1.da.-.-.{id}")), Order::DueAtAsc).is_ok());
+        assert!(Keyset::decode(&b64(format!("k1.ca.-.0.{id}")), Order::CreatedAtAsc).is_ok());
+        assert!(Keyset::decode(&b64(format!("k1.pd.3.-.{id}")), Order::PriorityDesc).is_ok());
     }
 
     #[test]
@@ -268,6 +286,6 @@ mod tests {
         assert_eq!(HistoryCursor::decode(&samples()[0].encode()), Err(InvalidCursor));
         assert_eq!(HistoryCursor::decode(&URL_SAFE_NO_PAD.encode("h1.-3")), Err(InvalidCursor));
         assert_eq!(HistoryCursor::decode("h1.3"), Err(InvalidCursor), "not base64url of the text");
-        assert_eq!(Keyset::decode(&h.encode(), TaskOrder::DueAtAsc), Err(InvalidCursor));
+        assert_eq!(Keyset::decode(&h.encode(), Order::DueAtAsc), Err(InvalidCursor));
     }
 }

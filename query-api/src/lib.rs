@@ -3,11 +3,30 @@
 //!
 //! `main.rs` only wires: it parses [`Settings`], builds the [`Application`] and runs it. Tests build
 //! an [`AppState`] themselves and drive [`router`] with `oneshot`.
+//!
+//! Modules, each importing only the ones below it (no module imports one that imports it back):
+//!
+//! ```text
+//! routes        HTTP: /graphql (queries, consistency-token waits, WebSocket), health, metrics; assembles the schema
+//!   live        subscriptions: NOTIFY fan-out (Hub), taskChanged / notificationReceived
+//!     schema    the GraphQL types and queries; maps GraphQL enums/filters onto the store's terms
+//!       store        SQL over the read models (platform::readmodel::TaskRow), keyset page plans
+//!         cursor     opaque cursors, the task orders (Order) and keyset positions; imports nothing
+//!       projections  projection statuses and the projection_lag gauge (platform::projections + watermarks)
+//!         watermarks the log's high watermarks (Kafka, cached; a trait so tests can fake it)
+//!   error       GraphQL/HTTP error shapes
+//!     progress  how far the projections have applied the log (LISTEN + poll), for consistency tokens
+//! ```
+//!
+//! `routes` also uses `progress`, `watermarks` and `store` (readiness); `schema` also uses `error`
+//! and `cursor`. The read-side facts shared with the projector (the `tasks` row, projection status)
+//! live in `platform`.
 
 pub mod cursor;
 pub mod error;
 pub mod live;
 pub mod progress;
+pub mod projections;
 pub mod routes;
 pub mod schema;
 pub mod store;
@@ -18,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_graphql::{EmptyMutation, Schema};
+use async_graphql::EmptyMutation;
 use axum::Router;
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -27,7 +46,7 @@ use platform::auth::JwtAuth;
 use platform::settings::{AuthSettings, DatabaseSettings, KafkaSettings};
 
 pub use crate::progress::ProgressTracker;
-pub use crate::routes::{router, AppState, Limits};
+pub use crate::routes::{router, AppState, Limits, TaskSchema};
 use crate::schema::Query;
 use crate::watermarks::KafkaWatermarks;
 
@@ -83,8 +102,7 @@ impl Application {
         let progress = ProgressTracker::new(&settings.kafka.task_events_topic);
         progress.spawn(pool.clone());
         let watermarks: Arc<dyn crate::watermarks::Watermarks> = Arc::new(KafkaWatermarks::new(&settings.kafka)?);
-        let lag = schema::QueryContext { pool: pool.clone(), topic: settings.kafka.task_events_topic.clone(), watermarks: watermarks.clone() };
-        tokio::spawn(schema::export_lag(lag, Duration::from_secs(2)));
+        tokio::spawn(projections::export_lag(pool.clone(), settings.kafka.task_events_topic.clone(), watermarks.clone(), Duration::from_secs(2)));
         let state = AppState::new(pool.clone(), JwtAuth::new(&settings.auth.auth_jwt_secret), progress, watermarks, Limits::from(&settings));
         state.hub().spawn(pool);
         let listener = TcpListener::bind(settings.addr).await.with_context(|| format!("binding {}", settings.addr))?;
@@ -105,5 +123,28 @@ impl Application {
 
 /// The schema's SDL (no data needed), e.g. for documentation.
 pub fn sdl() -> String {
-    Schema::build(Query, EmptyMutation, crate::live::Subscription).finish().sdl()
+    TaskSchema::build(Query, EmptyMutation, crate::live::Subscription).finish().sdl()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_schema_has_the_contract_names() {
+        let sdl = super::sdl();
+        for want in [
+            "task(id: ID!): Task",
+            "tasks(filter: TaskFilter, orderBy: TaskOrder = DUE_AT_ASC, first: Int = 50, after: String): TaskConnection!",
+            "taskHistory(taskId: ID!, first: Int = 50, after: String): TaskEventConnection!",
+            "stats: TaskStats!",
+            "projections: [ProjectionStatus!]!",
+            "remindAt: DateTime",
+            "recurrenceParentId: ID",
+            "data: JSON!",
+            "type: String!",
+            "highWatermark: Int!",
+            "avgCompletionSeconds: Float",
+        ] {
+            assert!(sdl.contains(want), "missing `{want}` in\n{sdl}");
+        }
+    }
 }

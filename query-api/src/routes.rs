@@ -25,9 +25,13 @@ use platform::auth::JwtAuth;
 use platform::position::Position;
 
 use crate::error::ApiError;
+use crate::live::{Hub, LiveContext, Subscription};
 use crate::progress::ProgressTracker;
-use crate::schema::{Query, QueryContext, TaskSchema};
+use crate::schema::{Query, QueryContext};
 use crate::watermarks::Watermarks;
+
+/// The whole GraphQL schema: the queries (`schema.rs`) and the subscriptions (`live.rs`).
+pub type TaskSchema = Schema<Query, EmptyMutation, Subscription>;
 
 /// The header that makes a query wait for a command's position.
 pub const CONSISTENCY_HEADER: &str = "x-consistency-token";
@@ -69,18 +73,18 @@ pub struct AppState {
     pool: PgPool,
     progress: ProgressTracker,
     limits: Arc<Limits>,
-    hub: crate::live::Hub,
+    hub: Hub,
 }
 
 impl AppState {
     /// The state of a query API over `pool`. The topic whose positions consistency tokens name is
     /// the tracker's; start the tracker with [`ProgressTracker::spawn`] (or feed it otherwise).
     pub fn new(pool: PgPool, auth: JwtAuth, progress: ProgressTracker, watermarks: Arc<dyn Watermarks>, limits: Limits) -> Self {
-        let hub = crate::live::Hub::default();
+        let hub = Hub::default();
         let build = |depth: usize| {
-            Schema::build(Query, EmptyMutation, crate::live::Subscription)
+            TaskSchema::build(Query, EmptyMutation, Subscription)
                 .data(QueryContext { pool: pool.clone(), topic: progress.topic().to_owned(), watermarks: watermarks.clone() })
-                .data(crate::live::LiveContext { pool: pool.clone(), hub: hub.clone() })
+                .data(LiveContext { pool: pool.clone(), hub: hub.clone() })
                 .limit_depth(depth)
                 .limit_complexity(limits.max_complexity)
                 .finish()
@@ -89,8 +93,8 @@ impl AppState {
         Self { schema, introspection, auth, pool, progress, limits: Arc::new(limits), hub }
     }
 
-    /// The fan-out of committed changes to subscriptions; start it with [`crate::live::Hub::spawn`].
-    pub fn hub(&self) -> &crate::live::Hub {
+    /// The fan-out of committed changes to subscriptions; start it with [`Hub::spawn`].
+    pub fn hub(&self) -> &Hub {
         &self.hub
     }
 

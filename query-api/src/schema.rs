@@ -1,21 +1,22 @@
 //! The GraphQL schema (contract §5) over the read models. Every resolver filters by the caller, so
 //! another user's task is answered exactly as a missing one, and runs one SQL statement.
+//!
+//! Queries only: the subscriptions (`live.rs`) build on the types here, and `routes.rs` puts both
+//! together. Below: `store` (SQL), `cursor` (page positions), `projections` (status and lag).
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use async_graphql::{Context, EmptyMutation, Enum, InputObject, Json, Object, Schema, SimpleObject, ID};
+use async_graphql::{Context, Enum, InputObject, Json, Object, SimpleObject, ID};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use domain::UserId;
+use platform::readmodel::{self, TaskRow};
 
-use crate::cursor::{HistoryCursor, Keyset};
+use crate::cursor::{self, HistoryCursor, Keyset, NotificationCursor};
 use crate::error::{internal, user_error};
 use crate::store::{self, TaskFilterSql};
 use crate::watermarks::Watermarks;
-
-pub type TaskSchema = Schema<Query, EmptyMutation, crate::live::Subscription>;
 
 /// The largest page `first` may ask for.
 pub const MAX_PAGE: i32 = 200;
@@ -31,13 +32,15 @@ pub enum TaskStatus {
 impl TaskStatus {
     fn as_db(self) -> &'static str {
         match self {
-            TaskStatus::Open => "open",
-            TaskStatus::Completed => "completed",
+            TaskStatus::Open => readmodel::status::OPEN,
+            TaskStatus::Completed => readmodel::status::COMPLETED,
         }
     }
 }
 
+// The domain's priorities (stored as their rank), converted both ways.
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(remote = "domain::Priority")]
 pub enum Priority {
     Low,
     Medium,
@@ -45,31 +48,10 @@ pub enum Priority {
     Urgent,
 }
 
-impl Priority {
-    /// The stored rank (0 = low .. 3 = urgent).
-    pub fn rank(self) -> i16 {
-        match self {
-            Priority::Low => 0,
-            Priority::Medium => 1,
-            Priority::High => 2,
-            Priority::Urgent => 3,
-        }
-    }
-
-    pub fn from_rank(r: i16) -> Self {
-        match r {
-            0 => Priority::Low,
-            1 => Priority::Medium,
-            2 => Priority::High,
-            // The table's check constraint allows 0..=3 only.
-            _ => Priority::Urgent,
-        }
-    }
-}
-
 /// Orders of `tasks`; each ends with the task id, so pages never skip or repeat a task. Tasks
 /// without a due date come last in both due-date orders.
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug, Default)]
+#[graphql(remote = "crate::cursor::Order")]
 pub enum TaskOrder {
     #[default]
     DueAtAsc,
@@ -98,7 +80,7 @@ impl From<TaskFilter> for TaskFilterSql {
     fn from(f: TaskFilter) -> Self {
         TaskFilterSql {
             status: f.status.map(TaskStatus::as_db),
-            priority: f.priority.map(Priority::rank),
+            priority: f.priority.map(|p| domain::Priority::from(p).rank()),
             tag: f.tag,
             due_before: f.due_before,
             due_after: f.due_after,
@@ -129,14 +111,14 @@ pub struct Task {
     pub occurrence: Option<i32>,
 }
 
-impl From<store::TaskRow> for Task {
-    fn from(r: store::TaskRow) -> Self {
+impl From<TaskRow> for Task {
+    fn from(r: TaskRow) -> Self {
         Task {
+            status: if r.is_completed() { TaskStatus::Completed } else { TaskStatus::Open },
+            priority: r.priority().into(),
             id: ID(r.id.to_string()),
             title: r.title,
             description: r.description,
-            status: if r.status == "completed" { TaskStatus::Completed } else { TaskStatus::Open },
-            priority: Priority::from_rank(r.priority),
             due_at: r.due_at,
             timezone: r.timezone,
             recurrence: r.recurrence,
@@ -241,6 +223,21 @@ pub struct ProjectionStatus {
     /// Records in the log not yet applied, over all partitions.
     pub lag: i64,
     pub partitions: Vec<PartitionStatus>,
+}
+
+impl From<platform::projections::ProjectionStatus> for ProjectionStatus {
+    fn from(s: platform::projections::ProjectionStatus) -> Self {
+        ProjectionStatus {
+            lag: s.lag(),
+            state: s.state.name().to_owned(),
+            name: s.name,
+            partitions: s
+                .partitions
+                .into_iter()
+                .map(|p| PartitionStatus { partition: p.partition, offset: p.offset, high_watermark: p.high_watermark })
+                .collect(),
+        }
+    }
 }
 
 /// What the resolvers need besides the caller (a `UserId` in the request data).
@@ -353,7 +350,7 @@ fn page_size(first: i32) -> async_graphql::Result<i64> {
     Ok(i64::from(first))
 }
 
-fn bad_cursor(e: crate::cursor::InvalidCursor) -> async_graphql::Error {
+fn bad_cursor(e: cursor::InvalidCursor) -> async_graphql::Error {
     user_error("BAD_USER_INPUT", e.to_string())
 }
 
@@ -364,32 +361,6 @@ fn parse_id(id: &ID) -> Option<Uuid> {
 
 fn caller<'a>(ctx: &Context<'a>) -> async_graphql::Result<(&'a QueryContext, &'a UserId)> {
     Ok((ctx.data::<QueryContext>()?, ctx.data::<UserId>()?))
-}
-
-/// Statuses of the projections from their stored offsets and the log's high watermarks (`None`
-/// when Kafka could not be asked: then the stored offsets stand in and the lag reads 0). The
-/// projector's projections are always listed (with no partitions before it first runs), first and
-/// in their usual order, then any other name found in the table.
-pub fn projection_statuses(offsets: Vec<(String, i32, i64)>, highs: Option<&HashMap<i32, i64>>) -> Vec<ProjectionStatus> {
-    let mut by_name: BTreeMap<String, Vec<PartitionStatus>> = BTreeMap::new();
-    for name in platform::projections::PROJECTIONS {
-        by_name.entry(name.to_owned()).or_default();
-    }
-    for (name, partition, offset) in offsets {
-        let high_watermark = highs.and_then(|h| h.get(&partition).copied()).unwrap_or(offset);
-        by_name.entry(name).or_default().push(PartitionStatus { partition, offset, high_watermark });
-    }
-    let rank = |n: &str| platform::projections::PROJECTIONS.iter().position(|p| *p == n).unwrap_or(usize::MAX);
-    let mut out: Vec<ProjectionStatus> = by_name
-        .into_iter()
-        .map(|(name, mut partitions)| {
-            partitions.sort_by_key(|p| p.partition);
-            let lag = partitions.iter().map(|p| platform::projections::lag(p.offset, p.high_watermark)).sum();
-            ProjectionStatus { name, state: "live".to_owned(), lag, partitions }
-        })
-        .collect();
-    out.sort_by_key(|p| rank(&p.name));
-    out
 }
 
 pub struct Query;
@@ -414,7 +385,7 @@ impl Query {
     ) -> async_graphql::Result<TaskConnection> {
         let (qc, user) = caller(ctx)?;
         // An explicit `null` means the default, as if the argument were absent.
-        let order_by = order_by.unwrap_or_default();
+        let order_by = cursor::Order::from(order_by.unwrap_or_default());
         let limit = page_size(first.unwrap_or(DEFAULT_PAGE))?;
         let after = after.map(|c| Keyset::decode(&c, order_by)).transpose().map_err(bad_cursor)?;
         let filter = TaskFilterSql::from(filter.unwrap_or_default());
@@ -473,7 +444,7 @@ impl Query {
     ) -> async_graphql::Result<NotificationConnection> {
         let (qc, user) = caller(ctx)?;
         let limit = page_size(first.unwrap_or(DEFAULT_PAGE))?;
-        let after = after.map(|c| crate::cursor::NotificationCursor::decode(&c)).transpose().map_err(bad_cursor)?;
+        let after = after.map(|c| NotificationCursor::decode(&c)).transpose().map_err(bad_cursor)?;
         let mut rows = store::notifications(&qc.pool, user, unread_only.unwrap_or(false), after.map(|c| (c.created_at, c.id)), limit + 1)
             .await
             .map_err(internal)?;
@@ -482,7 +453,7 @@ impl Query {
         let edges: Vec<NotificationEdge> = rows
             .into_iter()
             .map(|r| NotificationEdge {
-                cursor: crate::cursor::NotificationCursor { created_at: r.created_at, id: r.id }.encode(),
+                cursor: NotificationCursor { created_at: r.created_at, id: r.id }.encode(),
                 node: r.into(),
             })
             .collect();
@@ -508,51 +479,8 @@ impl Query {
     /// Each projection's position in the log and how far behind the end of the log it is.
     async fn projections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionStatus>> {
         let qc = ctx.data::<QueryContext>()?;
-        current_projections(qc).await.map_err(internal)
-    }
-}
-
-/// The projections' statuses now (also exported as the `projection_lag` gauge).
-pub async fn current_projections(qc: &QueryContext) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
-    {
-        let offsets = store::projection_offsets(&qc.pool, &qc.topic).await?;
-        let mut partitions: Vec<i32> = offsets.iter().map(|o| o.1).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
-        let highs = match qc.watermarks.high_watermarks(&qc.topic, &partitions).await {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::warn!(error.message = %e, "log high watermarks unavailable; reporting the stored offsets with no lag");
-                None
-            }
-        };
-        let mut statuses = projection_statuses(offsets, highs.as_ref());
-        let rebuilding = store::rebuilding(&qc.pool).await?;
-        for s in &mut statuses {
-            if rebuilding.contains(&s.name) {
-                s.state = "rebuilding".to_owned();
-            }
-        }
-        Ok(statuses)
-    }
-}
-
-/// Publishes `projection_lag{projection,partition}` (high watermark minus the offset stored in
-/// PostgreSQL) every few seconds, so the lag is visible even while the projector is down.
-pub async fn export_lag(qc: QueryContext, every: std::time::Duration) {
-    loop {
-        match current_projections(&qc).await {
-            Ok(statuses) => {
-                for s in &statuses {
-                    for p in &s.partitions {
-                        let lag = platform::projections::lag(p.offset, p.high_watermark);
-                        metrics::gauge!("projection_lag", "projection" => s.name.clone(), "partition" => p.partition.to_string()).set(lag as f64);
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error.message = %e, "could not compute projection lag"),
-        }
-        tokio::time::sleep(every).await;
+        let statuses = crate::projections::current(&qc.pool, &qc.topic, qc.watermarks.as_ref()).await.map_err(internal)?;
+        Ok(statuses.into_iter().map(ProjectionStatus::from).collect())
     }
 }
 
@@ -560,43 +488,26 @@ pub async fn export_lag(qc: QueryContext, every: std::time::Duration) {
 mod tests {
     use super::*;
 
-    fn part(partition: i32, offset: i64, high_watermark: i64) -> PartitionStatus {
-        PartitionStatus { partition, offset, high_watermark }
-    }
-
     #[test]
-    fn with_no_offsets_both_projections_are_live_with_no_lag() {
-        let s = projection_statuses(vec![], Some(&HashMap::new()));
-        let names: Vec<&str> = s.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, platform::projections::PROJECTIONS);
-        assert_eq!(names[..2], ["tasks", "task_history"]);
-        assert!(s.iter().all(|p| p.lag == 0 && p.partitions.is_empty() && p.state == "live"));
-    }
-
-    #[test]
-    fn lag_sums_what_each_partition_has_left_never_below_zero() {
-        let offsets = vec![
-            ("task_history".into(), 1, 7),
-            ("tasks".into(), 1, 5),
-            ("tasks".into(), 0, 10),
-            ("zz_new".into(), 0, 3),
-        ];
-        // Partition 1's cached watermark is older than the offset: that is no lag, not negative lag.
-        // The last offset before a high watermark is a transaction marker (see platform::projections::lag).
-        let highs = HashMap::from([(0, 12), (1, 6)]);
-        let s = projection_statuses(offsets, Some(&highs));
-        assert_eq!(s[0], ProjectionStatus { name: "tasks".into(), state: "live".into(), lag: 1, partitions: vec![part(0, 10, 12), part(1, 5, 6)] });
-        assert_eq!(s[1], ProjectionStatus { name: "task_history".into(), state: "live".into(), lag: 0, partitions: vec![part(1, 7, 6)] });
-        let last = s.last().unwrap();
-        assert_eq!((last.name.as_str(), last.lag), ("zz_new", 8));
-        assert_eq!(s.len(), platform::projections::PROJECTIONS.len() + 1);
-    }
-
-    #[test]
-    fn without_watermarks_the_stored_offsets_stand_in() {
-        let s = projection_statuses(vec![("tasks".into(), 0, 10)], None);
-        assert_eq!(s[0].partitions, vec![part(0, 10, 10)]);
-        assert_eq!(s[0].lag, 0);
+    fn projection_statuses_answer_the_state_by_name_and_the_lag_summed() {
+        use platform::projections as p;
+        let status = p::ProjectionStatus {
+            name: "tasks".into(),
+            state: p::ProjectionState::Rebuilding { events_done: 1, events_total: 2 },
+            partitions: vec![p::PartitionStatus { partition: 0, offset: 10, high_watermark: 12 }, p::PartitionStatus { partition: 1, offset: 5, high_watermark: 6 }],
+        };
+        assert_eq!(
+            ProjectionStatus::from(status),
+            ProjectionStatus {
+                name: "tasks".into(),
+                state: "rebuilding".into(),
+                lag: 1,
+                partitions: vec![
+                    PartitionStatus { partition: 0, offset: 10, high_watermark: 12 },
+                    PartitionStatus { partition: 1, offset: 5, high_watermark: 6 }
+                ],
+            }
+        );
     }
 
     #[test]
@@ -613,28 +524,8 @@ mod tests {
         let f = TaskFilterSql::from(TaskFilter { status: Some(TaskStatus::Completed), priority: Some(Priority::Urgent), ..Default::default() });
         assert_eq!((f.status, f.priority), (Some("completed"), Some(3)));
         for p in [Priority::Low, Priority::Medium, Priority::High, Priority::Urgent] {
-            assert_eq!(Priority::from_rank(p.rank()), p);
-        }
-    }
-
-    #[test]
-    fn the_schema_has_the_contract_names() {
-        let sdl = Schema::build(Query, EmptyMutation, crate::live::Subscription).finish().sdl();
-        for want in [
-            "task(id: ID!): Task",
-            "tasks(filter: TaskFilter, orderBy: TaskOrder = DUE_AT_ASC, first: Int = 50, after: String): TaskConnection!",
-            "taskHistory(taskId: ID!, first: Int = 50, after: String): TaskEventConnection!",
-            "stats: TaskStats!",
-            "projections: [ProjectionStatus!]!",
-            "remindAt: DateTime",
-            "recurrenceParentId: ID",
-            "data: JSON!",
-            "type: String!",
-            "highWatermark: Int!",
-            "avgCompletionSeconds: Float",
-        ] {
-            assert!(sdl.contains(want), "missing `{want}` in\n{sdl}");
+            let rank = domain::Priority::from(p).rank();
+            assert_eq!(Priority::from(domain::Priority::from_rank(rank).unwrap()), p);
         }
     }
 }
-

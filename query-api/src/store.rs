@@ -9,32 +9,9 @@ use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use domain::UserId;
+use platform::readmodel::TaskRow;
 
-use crate::cursor::Keyset;
-use crate::schema::TaskOrder;
-
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct TaskRow {
-    pub id: Uuid,
-    pub title: String,
-    pub description: Option<String>,
-    pub status: String,
-    pub priority: i16,
-    pub due_at: Option<DateTime<Utc>>,
-    pub timezone: String,
-    pub recurrence: Option<String>,
-    pub remind_at: Option<DateTime<Utc>>,
-    pub tags: Vec<String>,
-    pub version: i32,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub completed_at: Option<DateTime<Utc>>,
-    pub recurrence_parent_id: Option<Uuid>,
-    pub occurrence: Option<i32>,
-}
-
-const TASK_COLUMNS: &str = "id, title, description, status, priority, due_at, timezone, recurrence, remind_at, tags, \
-                            version, created_at, updated_at, completed_at, recurrence_parent_id, occurrence";
+use crate::cursor::{Keyset, Order};
 
 /// The filter of `tasks` in the read model's terms (status text, priority rank).
 #[derive(Debug, Default, Clone)]
@@ -48,13 +25,13 @@ pub struct TaskFilterSql {
 }
 
 /// `ORDER BY` of each order; every one ends with `id` so the order is total.
-fn order_by(order: TaskOrder) -> &'static str {
+fn order_by(order: Order) -> &'static str {
     match order {
-        TaskOrder::DueAtAsc => " ORDER BY due_at ASC NULLS LAST, id ASC",
-        TaskOrder::DueAtDesc => " ORDER BY due_at DESC NULLS LAST, id DESC",
-        TaskOrder::CreatedAtAsc => " ORDER BY created_at ASC, id ASC",
-        TaskOrder::CreatedAtDesc => " ORDER BY created_at DESC, id DESC",
-        TaskOrder::PriorityDesc => " ORDER BY priority DESC, due_at ASC NULLS LAST, id ASC",
+        Order::DueAtAsc => " ORDER BY due_at ASC NULLS LAST, id ASC",
+        Order::DueAtDesc => " ORDER BY due_at DESC NULLS LAST, id DESC",
+        Order::CreatedAtAsc => " ORDER BY created_at ASC, id ASC",
+        Order::CreatedAtDesc => " ORDER BY created_at DESC, id DESC",
+        Order::PriorityDesc => " ORDER BY priority DESC, due_at ASC NULLS LAST, id ASC",
     }
 }
 
@@ -86,31 +63,31 @@ struct Segment {
 /// of a due-date order that may cross from dated into undated tasks is read as two range scans (the
 /// dated rows, then the undated ones, each limited) merged in the page's order. Each other order is
 /// one scan.
-fn plan(order: TaskOrder, after: Option<&Keyset>) -> Vec<Segment> {
+fn plan(order: Order, after: Option<&Keyset>) -> Vec<Segment> {
     const DUE_ASC: &str = " ORDER BY due_at ASC, id ASC";
     const DUE_DESC: &str = " ORDER BY due_at DESC, id DESC";
     const ID_ASC: &str = " ORDER BY id ASC";
     const ID_DESC: &str = " ORDER BY id DESC";
     let one = |pred| vec![Segment { pred, order_by: order_by(order) }];
     match (order, after.copied()) {
-        (TaskOrder::DueAtAsc, Some(Keyset::DueAtAsc { due_at: Some(d), id })) => {
+        (Order::DueAtAsc, Some(Keyset::DueAtAsc { due_at: Some(d), id })) => {
             vec![Segment { pred: Pred::DueAfter(d, id), order_by: DUE_ASC }, Segment { pred: Pred::Undated, order_by: ID_ASC }]
         }
-        (TaskOrder::DueAtAsc, Some(Keyset::DueAtAsc { due_at: None, id })) => {
+        (Order::DueAtAsc, Some(Keyset::DueAtAsc { due_at: None, id })) => {
             vec![Segment { pred: Pred::UndatedAfter(id), order_by: ID_ASC }]
         }
-        (TaskOrder::DueAtDesc, None) => {
+        (Order::DueAtDesc, None) => {
             vec![Segment { pred: Pred::Dated, order_by: DUE_DESC }, Segment { pred: Pred::Undated, order_by: ID_DESC }]
         }
-        (TaskOrder::DueAtDesc, Some(Keyset::DueAtDesc { due_at: Some(d), id })) => {
+        (Order::DueAtDesc, Some(Keyset::DueAtDesc { due_at: Some(d), id })) => {
             vec![Segment { pred: Pred::DueBefore(d, id), order_by: DUE_DESC }, Segment { pred: Pred::Undated, order_by: ID_DESC }]
         }
-        (TaskOrder::DueAtDesc, Some(Keyset::DueAtDesc { due_at: None, id })) => {
+        (Order::DueAtDesc, Some(Keyset::DueAtDesc { due_at: None, id })) => {
             vec![Segment { pred: Pred::UndatedBefore(id), order_by: ID_DESC }]
         }
-        (TaskOrder::CreatedAtAsc, Some(Keyset::CreatedAtAsc { created_at, id })) => one(Pred::CreatedAfter(created_at, id)),
-        (TaskOrder::CreatedAtDesc, Some(Keyset::CreatedAtDesc { created_at, id })) => one(Pred::CreatedBefore(created_at, id)),
-        (TaskOrder::PriorityDesc, Some(Keyset::PriorityDesc { priority, due_at, id })) => one(Pred::PriorityAfter(priority, due_at, id)),
+        (Order::CreatedAtAsc, Some(Keyset::CreatedAtAsc { created_at, id })) => one(Pred::CreatedAfter(created_at, id)),
+        (Order::CreatedAtDesc, Some(Keyset::CreatedAtDesc { created_at, id })) => one(Pred::CreatedBefore(created_at, id)),
+        (Order::PriorityDesc, Some(Keyset::PriorityDesc { priority, due_at, id })) => one(Pred::PriorityAfter(priority, due_at, id)),
         // First pages (a cursor is always decoded for its own order).
         _ => one(Pred::All),
     }
@@ -168,7 +145,7 @@ fn push_pred(qb: &mut QueryBuilder<'_, Postgres>, pred: Pred) {
 
 /// `SELECT <columns> FROM tasks WHERE user_id = $ AND <filters> AND <pred> <order> LIMIT $`.
 fn push_scan<'a>(qb: &mut QueryBuilder<'a, Postgres>, user: &'a UserId, f: &'a TaskFilterSql, seg: Segment, limit: i64) {
-    qb.push("SELECT ").push(TASK_COLUMNS).push(" FROM tasks WHERE user_id = ").push_bind(user.as_ref());
+    qb.push("SELECT ").push(TaskRow::COLUMNS).push(" FROM tasks WHERE user_id = ").push_bind(user.as_ref());
     if let Some(status) = f.status {
         qb.push(" AND status = ").push_bind(status);
     }
@@ -213,7 +190,7 @@ pub fn like_pattern(s: &str) -> String {
 /// One page of the caller's tasks: at most `limit` rows after `after` (whose order must be `order`).
 pub fn tasks_query<'a>(
     user: &'a UserId,
-    order: TaskOrder,
+    order: Order,
     f: &'a TaskFilterSql,
     after: Option<&Keyset>,
     limit: i64,
@@ -223,7 +200,7 @@ pub fn tasks_query<'a>(
     match plan(order, after).as_slice() {
         [seg] => push_scan(&mut qb, user, f, *seg, limit),
         segments => {
-            qb.push("SELECT ").push(TASK_COLUMNS).push(" FROM (");
+            qb.push("SELECT ").push(TaskRow::COLUMNS).push(" FROM (");
             for (i, seg) in segments.iter().enumerate() {
                 qb.push(if i == 0 { "(" } else { " UNION ALL (" });
                 push_scan(&mut qb, user, f, *seg, limit);
@@ -238,7 +215,7 @@ pub fn tasks_query<'a>(
 pub async fn tasks(
     pool: &PgPool,
     user: &UserId,
-    order: TaskOrder,
+    order: Order,
     f: &TaskFilterSql,
     after: Option<&Keyset>,
     limit: i64,
@@ -248,7 +225,7 @@ pub async fn tasks(
 
 pub async fn task(pool: &PgPool, user: &UserId, id: Uuid) -> Result<Option<TaskRow>, sqlx::Error> {
     let mut qb = QueryBuilder::new("SELECT ");
-    qb.push(TASK_COLUMNS).push(" FROM tasks WHERE id = ").push_bind(id).push(" AND user_id = ").push_bind(user.as_ref());
+    qb.push(TaskRow::COLUMNS).push(" FROM tasks WHERE id = ").push_bind(id).push(" AND user_id = ").push_bind(user.as_ref());
     qb.build_query_as().fetch_optional(pool).await
 }
 
@@ -308,21 +285,6 @@ pub async fn stats(pool: &PgPool, user: &UserId) -> Result<Stats, sqlx::Error> {
     .await
 }
 
-/// `(projection, partition, next_offset)` of every projection on `topic`.
-pub async fn projection_offsets(pool: &PgPool, topic: &str) -> Result<Vec<(String, i32, i64)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT projection, partition, next_offset FROM projection_offsets WHERE topic = $1 ORDER BY projection, partition",
-    )
-    .bind(topic)
-    .fetch_all(pool)
-    .await
-}
-
-/// The projections being rebuilt (`projector rebuild`, or a projection added without offsets).
-pub async fn rebuilding(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT projection FROM projection_rebuilds").fetch_all(pool).await
-}
-
 /// PostgreSQL answers and every migration this build knows has been applied successfully.
 pub async fn is_ready(pool: &PgPool) -> Result<bool, sqlx::Error> {
     sqlx::query("SELECT 1").execute(pool).await?;
@@ -334,8 +296,7 @@ pub async fn is_ready(pool: &PgPool) -> Result<bool, sqlx::Error> {
 mod tests {
     use super::*;
 
-    const ORDERS: [TaskOrder; 5] =
-        [TaskOrder::DueAtAsc, TaskOrder::DueAtDesc, TaskOrder::CreatedAtAsc, TaskOrder::CreatedAtDesc, TaskOrder::PriorityDesc];
+    const TASK_COLUMNS: &str = TaskRow::COLUMNS;
 
     fn user() -> UserId {
         UserId::parse("alice".to_owned()).unwrap()
@@ -357,17 +318,17 @@ mod tests {
     fn first_pages_are_one_scan_in_the_order_except_due_descending() {
         let (u, f) = (user(), TaskFilterSql::default());
         let want = [
-            (TaskOrder::DueAtAsc, " ORDER BY due_at ASC NULLS LAST, id ASC"),
-            (TaskOrder::CreatedAtAsc, " ORDER BY created_at ASC, id ASC"),
-            (TaskOrder::CreatedAtDesc, " ORDER BY created_at DESC, id DESC"),
-            (TaskOrder::PriorityDesc, " ORDER BY priority DESC, due_at ASC NULLS LAST, id ASC"),
+            (Order::DueAtAsc, " ORDER BY due_at ASC NULLS LAST, id ASC"),
+            (Order::CreatedAtAsc, " ORDER BY created_at ASC, id ASC"),
+            (Order::CreatedAtDesc, " ORDER BY created_at DESC, id DESC"),
+            (Order::PriorityDesc, " ORDER BY priority DESC, due_at ASC NULLS LAST, id ASC"),
         ];
         for (o, order_by) in want {
             assert_eq!(tail(&tasks_query(&u, o, &f, None, 51)), format!(" FROM tasks WHERE user_id = $1{order_by} LIMIT $2"), "{o:?}");
         }
         // Undated tasks come last: dated ones backwards on the index, then the undated ones.
         assert_eq!(
-            tasks_query(&u, TaskOrder::DueAtDesc, &f, None, 51).sql(),
+            tasks_query(&u, Order::DueAtDesc, &f, None, 51).sql(),
             format!(
                 "SELECT {TASK_COLUMNS} FROM (\
                  (SELECT {TASK_COLUMNS} FROM tasks WHERE user_id = $1 AND due_at IS NOT NULL ORDER BY due_at DESC, id DESC LIMIT $2) \
@@ -390,18 +351,18 @@ mod tests {
             search: Some("50%".into()),
         };
         assert_eq!(
-            tail(&tasks_query(&u, TaskOrder::CreatedAtAsc, &f, None, 10)),
+            tail(&tasks_query(&u, Order::CreatedAtAsc, &f, None, 10)),
             " FROM tasks WHERE user_id = $1 AND status = $2 AND priority = $3 AND tags @> ARRAY[$4::text] \
              AND due_at < $5 AND due_at > $6 AND (title ILIKE $7 ESCAPE '\\' OR description ILIKE $8 ESCAPE '\\') \
              ORDER BY created_at ASC, id ASC LIMIT $9"
         );
         let only_tag = TaskFilterSql { tag: Some("home".into()), ..Default::default() };
         assert_eq!(
-            tail(&tasks_query(&u, TaskOrder::DueAtAsc, &only_tag, None, 10)),
+            tail(&tasks_query(&u, Order::DueAtAsc, &only_tag, None, 10)),
             " FROM tasks WHERE user_id = $1 AND tags @> ARRAY[$2::text] ORDER BY due_at ASC NULLS LAST, id ASC LIMIT $3"
         );
         // Both scans of a two-scan page carry the filters.
-        let sql = tasks_query(&u, TaskOrder::DueAtDesc, &only_tag, None, 10).sql().to_owned();
+        let sql = tasks_query(&u, Order::DueAtDesc, &only_tag, None, 10).sql().to_owned();
         assert_eq!(sql.matches("tags @> ARRAY[").count(), 2, "{sql}");
     }
 
@@ -420,15 +381,15 @@ mod tests {
                 vec![seg(Pred::DueBefore(d, id), " ORDER BY due_at DESC, id DESC"), seg(Pred::Undated, " ORDER BY id DESC")],
             ),
             (Keyset::DueAtDesc { due_at: None, id }, vec![seg(Pred::UndatedBefore(id), " ORDER BY id DESC")]),
-            (Keyset::CreatedAtAsc { created_at: d, id }, vec![seg(Pred::CreatedAfter(d, id), order_by(TaskOrder::CreatedAtAsc))]),
-            (Keyset::CreatedAtDesc { created_at: d, id }, vec![seg(Pred::CreatedBefore(d, id), order_by(TaskOrder::CreatedAtDesc))]),
+            (Keyset::CreatedAtAsc { created_at: d, id }, vec![seg(Pred::CreatedAfter(d, id), order_by(Order::CreatedAtAsc))]),
+            (Keyset::CreatedAtDesc { created_at: d, id }, vec![seg(Pred::CreatedBefore(d, id), order_by(Order::CreatedAtDesc))]),
             (
                 Keyset::PriorityDesc { priority: 2, due_at: Some(d), id },
-                vec![seg(Pred::PriorityAfter(2, Some(d), id), order_by(TaskOrder::PriorityDesc))],
+                vec![seg(Pred::PriorityAfter(2, Some(d), id), order_by(Order::PriorityDesc))],
             ),
             (
                 Keyset::PriorityDesc { priority: 2, due_at: None, id },
-                vec![seg(Pred::PriorityAfter(2, None, id), order_by(TaskOrder::PriorityDesc))],
+                vec![seg(Pred::PriorityAfter(2, None, id), order_by(Order::PriorityDesc))],
             ),
         ];
         for (k, want) in cases {
@@ -458,7 +419,7 @@ mod tests {
         for (k, rest) in cases {
             assert_eq!(tail(&tasks_query(&u, k.order(), &f, Some(&k), 5)), format!(" FROM tasks WHERE user_id = $1{rest}"), "{k:?}");
         }
-        let sql = tasks_query(&u, TaskOrder::DueAtAsc, &f, Some(&Keyset::DueAtAsc { due_at: d, id }), 5).sql().to_owned();
+        let sql = tasks_query(&u, Order::DueAtAsc, &f, Some(&Keyset::DueAtAsc { due_at: d, id }), 5).sql().to_owned();
         assert!(sql.contains(" AND (due_at, id) > ($2, $3) ORDER BY due_at ASC, id ASC LIMIT $4) UNION ALL ("), "{sql}");
         assert!(sql.ends_with(" AND due_at IS NULL ORDER BY id ASC LIMIT $6)) AS page ORDER BY due_at ASC NULLS LAST, id ASC LIMIT $7"), "{sql}");
     }
@@ -467,7 +428,7 @@ mod tests {
     fn values_never_reach_the_sql_text() {
         let u = UserId::parse("o'brien".to_owned()).unwrap();
         let f = TaskFilterSql { tag: Some("secret-tag".into()), search: Some("needle".into()), ..Default::default() };
-        for o in ORDERS {
+        for o in Order::ALL {
             let sql = tasks_query(&u, o, &f, None, 5).sql().to_owned();
             assert!(!sql.contains("o'brien") && !sql.contains("secret-tag") && !sql.contains("needle"), "{sql}");
         }
