@@ -1,87 +1,34 @@
-//! Per projection and partition: stored offset, high watermark, lag. Used by `projector status`
-//! and by the lag gauge on `/metrics`.
+//! `projector status` and the lag gauges on `/metrics`. The status itself (stored offset, high
+//! watermark, lag and state per projection and partition) is computed by
+//! [`platform::projections`], the same for the query API; this module only asks Kafka for the high
+//! watermarks and prints.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::PgPool;
 
+use platform::projections::Stored;
+pub use platform::projections::{PartitionStatus, ProjectionStatus};
 use platform::settings::KafkaSettings;
 
-#[derive(Debug, Clone)]
-pub struct PartitionStatus {
-    pub partition: i32,
-    pub offset: i64,
-    pub high_watermark: i64,
-}
-
-impl PartitionStatus {
-    pub fn lag(&self) -> i64 {
-        platform::projections::lag(self.offset, self.high_watermark)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ProjectionStatus {
-    pub name: String,
-    /// `live`, or `rebuilding (done/total events)`.
-    pub state: String,
-    pub partitions: Vec<PartitionStatus>,
-}
-
-impl ProjectionStatus {
-    pub fn lag(&self) -> i64 {
-        self.partitions.iter().map(PartitionStatus::lag).sum()
-    }
-}
-
+/// The projections' statuses now, by name; fails when Kafka does not answer.
 pub async fn collect(pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<Vec<ProjectionStatus>> {
-    let rows: Vec<(String, i32, i64)> =
-        sqlx::query_as("SELECT projection, partition, next_offset FROM projection_offsets WHERE topic = $1 ORDER BY projection, partition")
-            .bind(&kafka.task_events_topic)
-            .fetch_all(pool)
-            .await?;
+    let stored = Stored::read(pool, &kafka.task_events_topic).await?;
     let consumer: BaseConsumer = platform::kafka::client_config(kafka, "taskstream-projector-status").create()?;
     let topic = kafka.task_events_topic.clone();
-    let partitions: Vec<i32> = {
-        let mut ps: Vec<i32> = rows.iter().map(|r| r.1).collect();
-        ps.sort_unstable();
-        ps.dedup();
-        ps
-    };
+    let partitions = stored.partitions();
     let highs = tokio::task::spawn_blocking(move || {
         partitions
             .into_iter()
             .map(|p| consumer.fetch_watermarks(&topic, p, Duration::from_secs(5)).map(|(_, h)| (p, h)))
-            .collect::<Result<BTreeMap<i32, i64>, _>>()
+            .collect::<Result<HashMap<i32, i64>, _>>()
     })
     .await??;
-    let mut by_name: BTreeMap<String, Vec<PartitionStatus>> = BTreeMap::new();
-    for name in crate::store::PROJECTIONS {
-        by_name.entry(name.to_owned()).or_default();
-    }
-    for (name, partition, offset) in rows {
-        let high_watermark = highs.get(&partition).copied().unwrap_or(offset);
-        by_name.entry(name).or_default().push(PartitionStatus { partition, offset, high_watermark });
-    }
-    let rebuilding: BTreeMap<String, (i64, i64)> =
-        sqlx::query_as::<_, (String, i64, i64)>("SELECT projection, events_done, events_total FROM projection_rebuilds")
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .map(|(p, done, total)| (p, (done, total)))
-            .collect();
-    Ok(by_name
-        .into_iter()
-        .map(|(name, partitions)| {
-            let state = match rebuilding.get(&name) {
-                Some((done, total)) => format!("rebuilding ({done}/{total} events)"),
-                None => "live".to_owned(),
-            };
-            ProjectionStatus { name, state, partitions }
-        })
-        .collect())
+    let mut statuses = stored.statuses(Some(&highs));
+    statuses.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(statuses)
 }
 
 /// Renders the status table printed by `projector status`.
@@ -97,17 +44,11 @@ pub fn render(statuses: &[ProjectionStatus]) -> String {
     out
 }
 
-/// Publishes `projection_lag{projection,partition}` every few seconds.
+/// Publishes `projection_lag{projection,partition}` and `projector_dead_letters` every few seconds.
 pub async fn export_lag(pool: PgPool, kafka: KafkaSettings, every: Duration) {
     loop {
         match collect(&pool, &kafka).await {
-            Ok(statuses) => {
-                for s in &statuses {
-                    for p in &s.partitions {
-                        metrics::gauge!("projection_lag", "projection" => s.name.clone(), "partition" => p.partition.to_string()).set(p.lag() as f64);
-                    }
-                }
-            }
+            Ok(statuses) => platform::projections::publish_lag(&statuses),
             Err(e) => tracing::debug!(error.message = %format!("{e:#}"), "could not compute projection lag"),
         }
         let open: Result<i64, _> =
@@ -116,5 +57,36 @@ pub async fn export_lag(pool: PgPool, kafka: KafkaSettings, every: Duration) {
             metrics::gauge!("projector_dead_letters").set(open as f64);
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use platform::projections::ProjectionState;
+
+    use super::*;
+
+    #[test]
+    fn the_table_shows_state_and_lag_per_projection_and_partition() {
+        let statuses = [
+            ProjectionStatus { name: "task_history".into(), state: ProjectionState::Rebuilding { events_done: 40, events_total: 100 }, partitions: vec![] },
+            ProjectionStatus {
+                name: "tasks".into(),
+                state: ProjectionState::Live,
+                partitions: vec![
+                    PartitionStatus { partition: 0, offset: 10, high_watermark: 12 },
+                    PartitionStatus { partition: 1, offset: 5, high_watermark: 6 },
+                ],
+            },
+        ];
+        assert_eq!(
+            render(&statuses),
+            "task_history  state=rebuilding (40/100 events)  lag=0\n\
+             \x20 partition       offset  high_watermark         lag\n\
+             tasks  state=live  lag=1\n\
+             \x20 partition       offset  high_watermark         lag\n\
+             \x20         0           10              12           1\n\
+             \x20         1            5               6           0\n"
+        );
     }
 }
