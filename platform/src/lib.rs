@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod position;
 pub mod projections;
 pub mod readmodel;
+pub mod retry;
 pub mod secret;
 pub mod settings;
 pub mod telemetry;
