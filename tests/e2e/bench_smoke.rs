@@ -7,7 +7,7 @@ async fn loadgen_measures_every_key_against_a_real_stack() -> anyhow::Result<()>
     let stack = Stack::start().await?;
     let out = tokio::process::Command::new(bin_dir().join("loadgen"))
         .args(["--command-api", &stack.url(Svc::CommandApi, ""), "--query-api", &stack.url(Svc::QueryApi, "")])
-        .args(["--brokers", &stack.brokers, "--secret", e2e::JWT_SECRET, "--database-url", &stack.database_url])
+        .args(["--brokers", &stack.brokers, "--secret", test_support::tokens::USER_SECRET, "--database-url", &stack.database_url])
         .args(["--scale", "0.01", "--repeat", "2", "all"])
         .output()
         .await?;

@@ -10,7 +10,8 @@ use rdkafka::message::{Headers, Message};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use e2e::{eventually, Stack, StackOptions, Svc};
+use e2e::{Stack, StackOptions, Svc};
+use test_support::eventually;
 
 use crate::reactions::settled;
 

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio_tungstenite::tungstenite::Message;
 
-use e2e::{eventually, Stack, StackOptions, Svc};
+use e2e::{Stack, StackOptions, Svc};
+use test_support::eventually;
 
 #[derive(Clone, Default)]
 struct Receiver {
@@ -71,18 +72,15 @@ const NOTIFICATIONS: &str = "query($unread: Boolean) { notifications(unreadOnly:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reminder_notifies_in_app_and_through_a_signed_retried_webhook() -> anyhow::Result<()> {
-    let stack = Stack::start_with(StackOptions {
-        extra_env: vec![("WEBHOOK_ALLOW_PRIVATE".into(), "true".into())],
-        ..Default::default()
-    })
-    .await?;
+    let stack = Stack::start_with(StackOptions { extra_env: vec![("WEBHOOK_ALLOW_PRIVATE".into(), "true".into())], ..Default::default() }).await?;
     let (base, receiver) = start_receiver(2).await?;
     let (s, _, hook) = stack.command("alice", Method::PUT, "/v1/webhook", Some(json!({"url": format!("{base}/hook")})), &[]).await?;
     assert_eq!(s, 200, "{hook}");
     let secret = hook["secret"].as_str().expect("a generated secret is returned").to_owned();
     assert!(hook["webhook_id"].is_string());
     // Bob's receiver hangs: it must not hold up Alice's delivery.
-    let (s, _, _) = stack.command("bob", Method::PUT, "/v1/webhook", Some(json!({"url": format!("{base}/hang"), "secret": "bob-secret-0123456789"})), &[]).await?;
+    let (s, _, _) =
+        stack.command("bob", Method::PUT, "/v1/webhook", Some(json!({"url": format!("{base}/hang"), "secret": "bob-secret-0123456789"})), &[]).await?;
     assert_eq!(s, 200);
     let due = Utc::now() + chrono::Duration::seconds(3);
     let task = stack.create("alice", json!({"title": "renew passport", "due_at": due, "remind_before": "PT2S"})).await?;

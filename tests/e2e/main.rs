@@ -4,20 +4,22 @@
 mod bench_smoke;
 mod lifecycle;
 mod live;
-mod reactions;
 mod observability;
+mod reactions;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::{eventually, kafka::PrivateBroker, Stack, StackOptions, Svc};
+use e2e::{kafka::PrivateBroker, Stack, StackOptions, Svc};
 use reqwest::Method;
 use serde_json::{json, Value};
+use test_support::eventually;
 
 const TASK: &str = "query($id: ID!) { task(id: $id) { id title description status priority dueAt timezone tags version completedAt remindAt } }";
-const HISTORY: &str = "query($id: ID!) { taskHistory(taskId: $id, first: 200) { edges { node { type version data correlationId } } pageInfo { hasNextPage } } }";
+const HISTORY: &str =
+    "query($id: ID!) { taskHistory(taskId: $id, first: 200) { edges { node { type version data correlationId } } pageInfo { hasNextPage } } }";
 const LIST: &str = "query { tasks(first: 200) { edges { node { id version } } } }";
 const STATS: &str = "query { stats { total open completed overdue completionRate } }";
 
@@ -51,9 +53,8 @@ async fn task_lifecycle_is_visible_through_graphql_with_consistency_tokens() -> 
     let remind_at = chrono::DateTime::parse_from_rfc3339(t["remindAt"].as_str().expect("remindAt")).expect("RFC 3339");
     assert_eq!(remind_at, chrono::DateTime::parse_from_rfc3339("2030-01-15T08:30:00Z").unwrap());
 
-    let (s, _, updated) = stack
-        .command("alice", Method::PATCH, &format!("/v1/tasks/{id}"), Some(json!({"title": "Write the final report", "description": null})), &[])
-        .await?;
+    let (s, _, updated) =
+        stack.command("alice", Method::PATCH, &format!("/v1/tasks/{id}"), Some(json!({"title": "Write the final report", "description": null})), &[]).await?;
     assert_eq!((s, updated["version"].as_i64()), (200, Some(2)));
     let t = stack.query("alice", TASK, json!({"id": id}), Some(&pos(&updated))).await?["task"].clone();
     assert_eq!((t["title"].as_str(), t["description"].is_null(), t["version"].as_i64()), (Some("Write the final report"), true, Some(2)));
@@ -83,13 +84,7 @@ async fn task_lifecycle_is_visible_through_graphql_with_consistency_tokens() -> 
         .collect();
     assert_eq!(
         types,
-        vec![
-            ("task.created".into(), 1),
-            ("task.updated".into(), 2),
-            ("task.completed".into(), 3),
-            ("task.reopened".into(), 4),
-            ("task.deleted".into(), 5)
-        ]
+        vec![("task.created".into(), 1), ("task.updated".into(), 2), ("task.completed".into(), 3), ("task.reopened".into(), 4), ("task.deleted".into(), 5)]
     );
     // Commands on the deleted task conflict.
     let (s, _, _) = stack.command("alice", Method::POST, &format!("/v1/tasks/{id}/complete"), None, &[]).await?;
@@ -162,9 +157,7 @@ async fn concurrent_updates_on_one_task_get_contiguous_versions() -> anyhow::Res
     for i in 0..40 {
         let stack = stack.clone();
         let path = format!("/v1/tasks/{id}");
-        handles.push(tokio::spawn(async move {
-            stack.command("alice", Method::PATCH, &path, Some(json!({"title": format!("edit {i}")})), &[]).await
-        }));
+        handles.push(tokio::spawn(async move { stack.command("alice", Method::PATCH, &path, Some(json!({"title": format!("edit {i}")})), &[]).await }));
     }
     let mut answers = Vec::new();
     for h in handles {
@@ -195,11 +188,7 @@ async fn bad_input_gets_the_contract_4xx_never_5xx() -> anyhow::Result<()> {
         ("no token", stack.http.post(url("/v1/tasks")).json(&json!({"title": "x"})), 401),
         ("garbage token", stack.http.post(url("/v1/tasks")).bearer_auth("nope").json(&json!({"title": "x"})), 401),
         ("not json", stack.http.post(url("/v1/tasks")).bearer_auth(&token).body("title=x"), 415),
-        (
-            "malformed json",
-            stack.http.post(url("/v1/tasks")).bearer_auth(&token).header("content-type", "application/json").body("{\"title\":"),
-            400,
-        ),
+        ("malformed json", stack.http.post(url("/v1/tasks")).bearer_auth(&token).header("content-type", "application/json").body("{\"title\":"), 400),
         ("empty title", stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": ""})), 422),
         ("long title", stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": "x".repeat(201)})), 422),
         ("bad priority", stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": "x", "priority": "asap"})), 422),
@@ -207,11 +196,19 @@ async fn bad_input_gets_the_contract_4xx_never_5xx() -> anyhow::Result<()> {
         ("bad zone", stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": "x", "timezone": "Moon/Base"})), 422),
         (
             "bad rrule",
-            stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": "x", "due_at": "2030-01-01T00:00:00Z", "recurrence": "FREQ=SOMETIMES"})),
+            stack
+                .http
+                .post(url("/v1/tasks"))
+                .bearer_auth(&token)
+                .json(&json!({"title": "x", "due_at": "2030-01-01T00:00:00Z", "recurrence": "FREQ=SOMETIMES"})),
             422,
         ),
         ("remind without due", stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": "x", "remind_before": "PT5M"})), 422),
-        ("too many tags", stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": "x", "tags": (0..21).map(|i| i.to_string()).collect::<Vec<_>>()})), 422),
+        (
+            "too many tags",
+            stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": "x", "tags": (0..21).map(|i| i.to_string()).collect::<Vec<_>>()})),
+            422,
+        ),
         ("unknown field", stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": "x", "colour": "red"})), 422),
         ("huge body", stack.http.post(url("/v1/tasks")).bearer_auth(&token).json(&json!({"title": "x", "description": "y".repeat(100_000)})), 413),
         ("bad if-match", stack.http.patch(url(&format!("/v1/tasks/{id}"))).bearer_auth(&token).header("If-Match", "soon").json(&json!({"title": "y"})), 400),
@@ -272,17 +269,11 @@ async fn projector_sigkill_mid_stream_loses_and_doubles_nothing() -> anyhow::Res
             let versions: Arc<tokio::sync::Mutex<HashMap<String, i64>>> = Arc::default();
             let mut tasks = Vec::new();
             for w in 0..6 {
-                let (ids, http, base, token, accepted, versions) =
-                    (ids.clone(), http.clone(), base.clone(), token.clone(), accepted.clone(), versions.clone());
+                let (ids, http, base, token, accepted, versions) = (ids.clone(), http.clone(), base.clone(), token.clone(), accepted.clone(), versions.clone());
                 tasks.push(tokio::spawn(async move {
                     for n in 0..200 {
                         let id = &ids[(w * 7 + n) % ids.len()];
-                        let res = http
-                            .patch(format!("{base}/v1/tasks/{id}"))
-                            .bearer_auth(&token)
-                            .json(&json!({"title": format!("w{w} n{n}")}))
-                            .send()
-                            .await?;
+                        let res = http.patch(format!("{base}/v1/tasks/{id}")).bearer_auth(&token).json(&json!({"title": format!("w{w} n{n}")})).send().await?;
                         anyhow::ensure!(res.status().as_u16() == 200, "update answered {}", res.status());
                         let body: Value = res.json().await?;
                         let v = body["version"].as_i64().unwrap();
@@ -322,11 +313,8 @@ async fn projector_sigkill_mid_stream_loses_and_doubles_nothing() -> anyhow::Res
     .await?;
     assert_eq!((tasks, history), (40, total_events), "nothing lost, nothing doubled");
     let mut db = stack.db().await?;
-    let rows: Vec<(uuid::Uuid, i32, i64)> = sqlx::query_as(
-        "SELECT t.id, t.version, (SELECT count(*) FROM task_history h WHERE h.task_id = t.id) FROM tasks t",
-    )
-    .fetch_all(&mut db)
-    .await?;
+    let rows: Vec<(uuid::Uuid, i32, i64)> =
+        sqlx::query_as("SELECT t.id, t.version, (SELECT count(*) FROM task_history h WHERE h.task_id = t.id) FROM tasks t").fetch_all(&mut db).await?;
     for (id, version, events) in rows {
         let expected = versions.get(&id.to_string()).copied().unwrap_or(1);
         assert_eq!(i64::from(version), expected, "task {id} version");

@@ -10,7 +10,8 @@ use rdkafka::message::{Headers, Message};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use e2e::{eventually, Stack, StackOptions};
+use e2e::{Stack, StackOptions};
+use test_support::eventually;
 
 /// Every span the services exported: (service, span).
 type Spans = Arc<Mutex<Vec<(String, Value)>>>;

@@ -6,7 +6,8 @@ use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use e2e::{eventually, Stack, Svc};
+use e2e::{Stack, Svc};
+use test_support::eventually;
 
 fn id_of(v: &Value) -> String {
     v["task_id"].as_str().expect("task_id").to_owned()

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use tokio::process::{Child, Command};
 
 pub struct PrivateBroker {
@@ -18,8 +18,7 @@ pub struct PrivateBroker {
 
 impl PrivateBroker {
     pub async fn start() -> anyhow::Result<Self> {
-        let libs = std::env::var("TASKSTREAM_KAFKA_LIBS")
-            .context("TASKSTREAM_KAFKA_LIBS is not set: run the end-to-end tests with ./dev test")?;
+        let libs = test_support::required_env("TASKSTREAM_KAFKA_LIBS");
         let port = crate::free_port();
         let controller_port = crate::free_port();
         let dir = std::env::temp_dir().join(format!("ts-broker-{}", uuid::Uuid::new_v4().simple()));

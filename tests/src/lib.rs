@@ -2,6 +2,11 @@
 //! (`KAFKA_BROKERS`) and PostgreSQL (`DATABASE_URL`) that `./dev test` provisions. Every stack gets
 //! its own database, topic, transactional id and ports, so tests run in parallel without sharing
 //! state.
+//!
+//! `Stack` (this file) starts and drives the services; `kafka` and `postgres` are private
+//! brokers and clusters for the tests that take them down. What every test crate shares (the
+//! required environment, `eventually`, the fresh database, the token signer and the secrets the
+//! services are configured with) comes from the `test-support` crate.
 
 pub mod kafka;
 pub mod postgres;
@@ -16,30 +21,8 @@ use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-pub const JWT_SECRET: &str = "e2e-test-secret";
-pub const SERVICE_SECRET: &str = "e2e-service-secret";
-
-/// Polls `f` until it returns `Some`, or fails after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn env_required(name: &str) -> anyhow::Result<String> {
-    std::env::var(name).with_context(|| format!("{name} is not set: run the end-to-end tests with ./dev test"))
-}
+use test_support::tokens::{SERVICE_SECRET, USER_SECRET};
+use test_support::{required_env, TestDatabase, Tokens};
 
 /// Where the service binaries are (`TASKSTREAM_BIN_DIR`, or the target dir this test runs from).
 pub fn bin_dir() -> PathBuf {
@@ -90,13 +73,13 @@ pub struct Stack {
     pub topic: String,
     pub brokers: String,
     pub database_url: String,
-    admin_url: String,
-    db_name: String,
     env: Vec<(String, String)>,
     ports: HashMap<Svc, u16>,
     children: HashMap<Svc, Child>,
     pub http: reqwest::Client,
-    auth: platform::auth::JwtAuth,
+    pub tokens: Tokens,
+    /// Declared after the services: dropped (with the database) once they are gone.
+    database: TestDatabase,
 }
 
 impl Stack {
@@ -105,19 +88,12 @@ impl Stack {
     }
 
     pub async fn start_with(opts: StackOptions) -> anyhow::Result<Self> {
-        let admin_url = match opts.database_url {
-            Some(u) => u,
-            None => env_required("DATABASE_URL")?,
-        };
-        let brokers = match opts.kafka_brokers {
-            Some(b) => b,
-            None => env_required("KAFKA_BROKERS")?,
-        };
+        let admin_url = opts.database_url.unwrap_or_else(|| required_env("DATABASE_URL"));
+        let brokers = opts.kafka_brokers.unwrap_or_else(|| required_env("KAFKA_BROKERS"));
         let id = Uuid::new_v4().simple().to_string();
-        let db_name = format!("ts_e2e_{}", &id[..12]);
-        let mut conn = sqlx_connect(&admin_url).await?;
-        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut conn).await?;
-        let database_url = replace_db(&admin_url, &db_name)?;
+        // Empty: the services migrate it when they start.
+        let database = TestDatabase::create(&admin_url).await?;
+        let database_url = database.url().to_owned();
         let topic = format!("task-events-e2e-{}", &id[..12]);
         let mut ports = HashMap::new();
         for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
@@ -127,7 +103,7 @@ impl Stack {
         let mut env = vec![
             ("KAFKA_BROKERS".to_owned(), brokers),
             ("DATABASE_URL".to_owned(), database_url.clone()),
-            ("AUTH_JWT_SECRET".to_owned(), JWT_SECRET.to_owned()),
+            ("AUTH_JWT_SECRET".to_owned(), USER_SECRET.to_owned()),
             ("SERVICE_JWT_SECRET".to_owned(), SERVICE_SECRET.to_owned()),
             ("COMMAND_API_URL".to_owned(), format!("http://127.0.0.1:{}", ports[&Svc::CommandApi])),
             ("TASK_EVENTS_TOPIC".to_owned(), topic.clone()),
@@ -141,8 +117,8 @@ impl Stack {
         ];
         env.extend(opts.extra_env);
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        let auth = platform::auth::JwtAuth::new(&platform::secret::Secret::new(JWT_SECRET));
-        let mut stack = Stack { topic, brokers: brokers_for_stack, database_url, admin_url, db_name, env, ports, children: HashMap::new(), http, auth };
+        let mut stack =
+            Stack { topic, brokers: brokers_for_stack, database_url, env, ports, children: HashMap::new(), http, tokens: Tokens::default(), database };
         for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
             stack.spawn(s)?;
         }
@@ -215,8 +191,9 @@ impl Stack {
         self.wait_ready(svc).await
     }
 
+    /// A token of `user` that the stack's services accept.
     pub fn token(&self, user: &str) -> String {
-        self.auth.issue(user, 3600)
+        self.tokens.user(user)
     }
 
     /// Sends a command; returns (status, headers, body).
@@ -335,9 +312,7 @@ impl Stack {
         for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
             self.kill(s).await?;
         }
-        let mut conn = sqlx_connect(&self.admin_url).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)).execute(&mut conn).await?;
-        Ok(())
+        self.database.drop_database().await
     }
 }
 
@@ -348,28 +323,4 @@ fn unsafe_kill(pid: u32, signal: &str) {
 async fn sqlx_connect(url: &str) -> anyhow::Result<sqlx::PgConnection> {
     use sqlx::Connection;
     Ok(sqlx::PgConnection::connect(url).await?)
-}
-
-fn replace_db(url: &str, db: &str) -> anyhow::Result<String> {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").context("DATABASE_URL has no scheme")? + 3;
-    let path_start = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
-    let mut out = format!("{}/{}", &base[..path_start], db);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn database_name_is_replaced() {
-        assert_eq!(super::replace_db("postgres://u@h:1/db?x=1", "n").unwrap(), "postgres://u@h:1/n?x=1");
-        assert_eq!(super::replace_db("postgres://u@h:1", "n").unwrap(), "postgres://u@h:1/n");
-    }
 }

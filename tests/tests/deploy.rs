@@ -32,12 +32,8 @@ fn compose_file_is_valid_and_wires_every_service() {
 #[test]
 fn kubernetes_manifests_parse_and_keep_a_single_writer() {
     let text = std::fs::read_to_string(root().join("deploy/k8s/taskstream.yaml")).unwrap();
-    let docs: Vec<serde_yaml::Value> =
-        serde_yaml::Deserializer::from_str(&text).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect();
-    let writer = docs
-        .iter()
-        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "command-api")
-        .expect("command-api deployment");
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect();
+    let writer = docs.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "command-api").expect("command-api deployment");
     assert_eq!(writer["spec"]["replicas"].as_u64(), Some(1), "the command API is the single writer");
     assert_eq!(writer["spec"]["strategy"]["type"].as_str(), Some("Recreate"));
     for name in ["command-api", "projector", "query-api"] {
