@@ -292,6 +292,98 @@ pub async fn is_ready(pool: &PgPool) -> Result<bool, sqlx::Error> {
     Ok(platform::db::MIGRATOR.iter().filter(|m| m.migration_type.is_up_migration()).all(|m| applied.contains(&m.version)))
 }
 
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct NotificationRow {
+    pub id: Uuid,
+    pub task_id: Uuid,
+    pub kind: String,
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+    pub read_at: Option<DateTime<Utc>>,
+}
+
+/// The caller's notifications, newest first (keyset on (created_at, id) descending).
+pub async fn notifications(
+    pool: &PgPool,
+    user: &UserId,
+    unread_only: bool,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<NotificationRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT n.id, n.task_id, n.kind, n.message, n.created_at, r.read_at
+         FROM notifications n LEFT JOIN notification_reads r ON r.notification_id = n.id
+         WHERE n.user_id = $1
+           AND (NOT $2 OR r.read_at IS NULL)
+           AND ($3::timestamptz IS NULL OR (n.created_at, n.id) < ($3, $4))
+         ORDER BY n.created_at DESC, n.id DESC
+         LIMIT $5",
+    )
+    .bind(user.as_ref())
+    .bind(unread_only)
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn notification(pool: &PgPool, user: &UserId, id: Uuid) -> Result<Option<NotificationRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT n.id, n.task_id, n.kind, n.message, n.created_at, r.read_at
+         FROM notifications n LEFT JOIN notification_reads r ON r.notification_id = n.id
+         WHERE n.id = $1 AND n.user_id = $2",
+    )
+    .bind(id)
+    .bind(user.as_ref())
+    .fetch_optional(pool)
+    .await
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeliveryRow {
+    pub id: Uuid,
+    pub notification_id: Uuid,
+    pub url: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRow {
+    pub delivery_id: Uuid,
+    pub attempt: i32,
+    pub attempted_at: DateTime<Utc>,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: i32,
+}
+
+/// Webhook deliveries (with their attempts) of some of the caller's notifications, in one round trip each.
+pub async fn deliveries(pool: &PgPool, user: &UserId, notifications: &[Uuid]) -> Result<(Vec<DeliveryRow>, Vec<AttemptRow>), sqlx::Error> {
+    if notifications.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let deliveries: Vec<DeliveryRow> = sqlx::query_as(
+        "SELECT id, notification_id, url, status, created_at, finished_at FROM webhook_deliveries
+         WHERE user_id = $1 AND notification_id = ANY($2) ORDER BY created_at",
+    )
+    .bind(user.as_ref())
+    .bind(notifications)
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<Uuid> = deliveries.iter().map(|d| d.id).collect();
+    let attempts: Vec<AttemptRow> = sqlx::query_as(
+        "SELECT delivery_id, attempt, attempted_at, status_code, error, duration_ms FROM webhook_attempts
+         WHERE delivery_id = ANY($1) ORDER BY delivery_id, attempt",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok((deliveries, attempts))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,96 +525,4 @@ mod tests {
             assert!(!sql.contains("o'brien") && !sql.contains("secret-tag") && !sql.contains("needle"), "{sql}");
         }
     }
-}
-
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct NotificationRow {
-    pub id: Uuid,
-    pub task_id: Uuid,
-    pub kind: String,
-    pub message: String,
-    pub created_at: DateTime<Utc>,
-    pub read_at: Option<DateTime<Utc>>,
-}
-
-/// The caller's notifications, newest first (keyset on (created_at, id) descending).
-pub async fn notifications(
-    pool: &PgPool,
-    user: &UserId,
-    unread_only: bool,
-    after: Option<(DateTime<Utc>, Uuid)>,
-    limit: i64,
-) -> Result<Vec<NotificationRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT n.id, n.task_id, n.kind, n.message, n.created_at, r.read_at
-         FROM notifications n LEFT JOIN notification_reads r ON r.notification_id = n.id
-         WHERE n.user_id = $1
-           AND (NOT $2 OR r.read_at IS NULL)
-           AND ($3::timestamptz IS NULL OR (n.created_at, n.id) < ($3, $4))
-         ORDER BY n.created_at DESC, n.id DESC
-         LIMIT $5",
-    )
-    .bind(user.as_ref())
-    .bind(unread_only)
-    .bind(after.map(|a| a.0))
-    .bind(after.map(|a| a.1))
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-}
-
-pub async fn notification(pool: &PgPool, user: &UserId, id: Uuid) -> Result<Option<NotificationRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT n.id, n.task_id, n.kind, n.message, n.created_at, r.read_at
-         FROM notifications n LEFT JOIN notification_reads r ON r.notification_id = n.id
-         WHERE n.id = $1 AND n.user_id = $2",
-    )
-    .bind(id)
-    .bind(user.as_ref())
-    .fetch_optional(pool)
-    .await
-}
-
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct DeliveryRow {
-    pub id: Uuid,
-    pub notification_id: Uuid,
-    pub url: String,
-    pub status: String,
-    pub created_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-}
-
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct AttemptRow {
-    pub delivery_id: Uuid,
-    pub attempt: i32,
-    pub attempted_at: DateTime<Utc>,
-    pub status_code: Option<i32>,
-    pub error: Option<String>,
-    pub duration_ms: i32,
-}
-
-/// Webhook deliveries (with their attempts) of some of the caller's notifications, in one round trip each.
-pub async fn deliveries(pool: &PgPool, user: &UserId, notifications: &[Uuid]) -> Result<(Vec<DeliveryRow>, Vec<AttemptRow>), sqlx::Error> {
-    if notifications.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
-    }
-    let deliveries: Vec<DeliveryRow> = sqlx::query_as(
-        "SELECT id, notification_id, url, status, created_at, finished_at FROM webhook_deliveries
-         WHERE user_id = $1 AND notification_id = ANY($2) ORDER BY created_at",
-    )
-    .bind(user.as_ref())
-    .bind(notifications)
-    .fetch_all(pool)
-    .await?;
-    let ids: Vec<Uuid> = deliveries.iter().map(|d| d.id).collect();
-    let attempts: Vec<AttemptRow> = sqlx::query_as(
-        "SELECT delivery_id, attempt, attempted_at, status_code, error, duration_ms FROM webhook_attempts
-         WHERE delivery_id = ANY($1) ORDER BY delivery_id, attempt",
-    )
-    .bind(&ids)
-    .fetch_all(pool)
-    .await?;
-    Ok((deliveries, attempts))
 }
