@@ -3,9 +3,9 @@
 //! the query become GraphQL errors with the same `extensions.code`. Internal causes are logged with
 //! their chain and never sent to the client.
 
+use async_graphql::ErrorExtensions;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use async_graphql::ErrorExtensions;
 use axum::Json;
 use serde_json::json;
 
@@ -77,4 +77,3 @@ pub fn internal(e: sqlx::Error) -> async_graphql::Error {
     tracing::error!(error.message = %e, error.cause_chain = ?e, "read-model query failed");
     user_error("INTERNAL_SERVER_ERROR", "internal error")
 }
-

@@ -126,10 +126,7 @@ impl ProgressTracker {
     /// Re-reads `projection_offsets`.
     pub async fn reload(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
         let rows: Vec<(String, i32, i64)> =
-            sqlx::query_as("SELECT projection, partition, next_offset FROM projection_offsets WHERE topic = $1")
-                .bind(&*self.topic)
-                .fetch_all(pool)
-                .await?;
+            sqlx::query_as("SELECT projection, partition, next_offset FROM projection_offsets WHERE topic = $1").bind(&*self.topic).fetch_all(pool).await?;
         let mut by_projection: HashMap<String, Vec<(i32, i64)>> = HashMap::new();
         for (name, p, o) in rows {
             by_projection.entry(name).or_default().push((p, o));

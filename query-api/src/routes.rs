@@ -8,9 +8,9 @@ use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::Selection;
 use async_graphql::{EmptyMutation, Schema};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
-use axum::extract::WebSocketUpgrade;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -125,24 +125,22 @@ pub fn router(state: AppState) -> Router {
 async fn graphql_ws(State(state): State<AppState>, protocol: GraphQLProtocol, upgrade: WebSocketUpgrade) -> Response {
     let schema = state.schema.clone();
     let auth = state.auth.clone();
-    upgrade
-        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |stream| {
-            GraphQLWebSocket::new(stream, schema, protocol)
-                .on_connection_init(move |payload| async move {
-                    let header = payload
-                        .get("Authorization")
-                        .or_else(|| payload.get("authorization"))
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned)
-                        .or_else(|| payload.get("token").and_then(|v| v.as_str()).map(|t| format!("Bearer {t}")));
-                    let user = auth.authenticate(header.as_deref()).map_err(|e| async_graphql::Error::new(e.to_string()))?;
-                    let mut data = async_graphql::Data::default();
-                    data.insert(user);
-                    Ok(data)
-                })
-                .serve()
-        })
+    upgrade.protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS).on_upgrade(move |stream| {
+        GraphQLWebSocket::new(stream, schema, protocol)
+            .on_connection_init(move |payload| async move {
+                let header = payload
+                    .get("Authorization")
+                    .or_else(|| payload.get("authorization"))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+                    .or_else(|| payload.get("token").and_then(|v| v.as_str()).map(|t| format!("Bearer {t}")));
+                let user = auth.authenticate(header.as_deref()).map_err(|e| async_graphql::Error::new(e.to_string()))?;
+                let mut data = async_graphql::Data::default();
+                data.insert(user);
+                Ok(data)
+            })
+            .serve()
+    })
 }
 
 #[tracing::instrument(name = "graphql", skip_all, fields(user = tracing::field::Empty, result = tracing::field::Empty))]
@@ -165,11 +163,7 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Result
     response
 }
 
-async fn execute(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<async_graphql::Response, ApiError> {
+async fn execute(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<async_graphql::Response, ApiError> {
     // A header that is not visible ASCII cannot be a valid bearer token.
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
     let user = state.auth.authenticate(authorization)?;

@@ -146,12 +146,7 @@ pub struct PageInfo {
 
 impl PageInfo {
     fn of(cursors: &[String], has_next_page: bool, after: bool) -> Self {
-        PageInfo {
-            has_next_page,
-            has_previous_page: after,
-            start_cursor: cursors.first().cloned(),
-            end_cursor: cursors.last().cloned(),
-        }
+        PageInfo { has_next_page, has_previous_page: after, start_cursor: cursors.first().cloned(), end_cursor: cursors.last().cloned() }
     }
 }
 
@@ -392,8 +387,7 @@ impl Query {
         let mut rows = store::tasks(&qc.pool, user, order_by, &filter, after.as_ref(), limit + 1).await.map_err(internal)?;
         let has_next_page = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
-        let edges: Vec<TaskEdge> =
-            rows.into_iter().map(|r| TaskEdge { cursor: Keyset::of(order_by, &r).encode(), node: r.into() }).collect();
+        let edges: Vec<TaskEdge> = rows.into_iter().map(|r| TaskEdge { cursor: Keyset::of(order_by, &r).encode(), node: r.into() }).collect();
         let cursors: Vec<String> = edges.iter().map(|e| e.cursor.clone()).collect();
         Ok(TaskConnection { page_info: PageInfo::of(&cursors, has_next_page, after.is_some()), edges })
     }
@@ -445,18 +439,12 @@ impl Query {
         let (qc, user) = caller(ctx)?;
         let limit = page_size(first.unwrap_or(DEFAULT_PAGE))?;
         let after = after.map(|c| NotificationCursor::decode(&c)).transpose().map_err(bad_cursor)?;
-        let mut rows = store::notifications(&qc.pool, user, unread_only.unwrap_or(false), after.map(|c| (c.created_at, c.id)), limit + 1)
-            .await
-            .map_err(internal)?;
+        let mut rows =
+            store::notifications(&qc.pool, user, unread_only.unwrap_or(false), after.map(|c| (c.created_at, c.id)), limit + 1).await.map_err(internal)?;
         let has_next_page = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
-        let edges: Vec<NotificationEdge> = rows
-            .into_iter()
-            .map(|r| NotificationEdge {
-                cursor: NotificationCursor { created_at: r.created_at, id: r.id }.encode(),
-                node: r.into(),
-            })
-            .collect();
+        let edges: Vec<NotificationEdge> =
+            rows.into_iter().map(|r| NotificationEdge { cursor: NotificationCursor { created_at: r.created_at, id: r.id }.encode(), node: r.into() }).collect();
         let cursors: Vec<String> = edges.iter().map(|e| e.cursor.clone()).collect();
         Ok(NotificationConnection { page_info: PageInfo::of(&cursors, has_next_page, after.is_some()), edges })
     }
@@ -494,7 +482,10 @@ mod tests {
         let status = p::ProjectionStatus {
             name: "tasks".into(),
             state: p::ProjectionState::Rebuilding { events_done: 1, events_total: 2 },
-            partitions: vec![p::PartitionStatus { partition: 0, offset: 10, high_watermark: 12 }, p::PartitionStatus { partition: 1, offset: 5, high_watermark: 6 }],
+            partitions: vec![
+                p::PartitionStatus { partition: 0, offset: 10, high_watermark: 12 },
+                p::PartitionStatus { partition: 1, offset: 5, high_watermark: 6 },
+            ],
         };
         assert_eq!(
             ProjectionStatus::from(status),

@@ -132,13 +132,7 @@ fn push_pred(qb: &mut QueryBuilder<'_, Postgres>, pred: Pred) {
                 .push(") OR due_at IS NULL)))");
         }
         Pred::PriorityAfter(p, None, id) => {
-            qb.push(" AND (priority < ")
-                .push_bind(p)
-                .push(" OR (priority = ")
-                .push_bind(p)
-                .push(" AND due_at IS NULL AND id > ")
-                .push_bind(id)
-                .push("))");
+            qb.push(" AND (priority < ").push_bind(p).push(" OR (priority = ").push_bind(p).push(" AND due_at IS NULL AND id > ").push_bind(id).push("))");
         }
     }
 }
@@ -163,11 +157,7 @@ fn push_scan<'a>(qb: &mut QueryBuilder<'a, Postgres>, user: &'a UserId, f: &'a T
     }
     if let Some(search) = &f.search {
         let pattern = like_pattern(search);
-        qb.push(" AND (title ILIKE ")
-            .push_bind(pattern.clone())
-            .push(" ESCAPE '\\' OR description ILIKE ")
-            .push_bind(pattern)
-            .push(" ESCAPE '\\')");
+        qb.push(" AND (title ILIKE ").push_bind(pattern.clone()).push(" ESCAPE '\\' OR description ILIKE ").push_bind(pattern).push(" ESCAPE '\\')");
     }
     push_pred(qb, seg.pred);
     qb.push(seg.order_by).push(" LIMIT ").push_bind(limit);
@@ -188,13 +178,7 @@ pub fn like_pattern(s: &str) -> String {
 }
 
 /// One page of the caller's tasks: at most `limit` rows after `after` (whose order must be `order`).
-pub fn tasks_query<'a>(
-    user: &'a UserId,
-    order: Order,
-    f: &'a TaskFilterSql,
-    after: Option<&Keyset>,
-    limit: i64,
-) -> QueryBuilder<'a, Postgres> {
+pub fn tasks_query<'a>(user: &'a UserId, order: Order, f: &'a TaskFilterSql, after: Option<&Keyset>, limit: i64) -> QueryBuilder<'a, Postgres> {
     debug_assert!(after.is_none_or(|k| k.order() == order), "a cursor is decoded for its order");
     let mut qb = QueryBuilder::new("");
     match plan(order, after).as_slice() {
@@ -212,14 +196,7 @@ pub fn tasks_query<'a>(
     qb
 }
 
-pub async fn tasks(
-    pool: &PgPool,
-    user: &UserId,
-    order: Order,
-    f: &TaskFilterSql,
-    after: Option<&Keyset>,
-    limit: i64,
-) -> Result<Vec<TaskRow>, sqlx::Error> {
+pub async fn tasks(pool: &PgPool, user: &UserId, order: Order, f: &TaskFilterSql, after: Option<&Keyset>, limit: i64) -> Result<Vec<TaskRow>, sqlx::Error> {
     tasks_query(user, order, f, after, limit).build_query_as::<TaskRow>().fetch_all(pool).await
 }
 
@@ -240,13 +217,7 @@ pub struct HistoryRow {
 }
 
 /// The caller's events of one task (kept after the task is deleted), by version, after `after_version`.
-pub async fn history(
-    pool: &PgPool,
-    user: &UserId,
-    task: Uuid,
-    after_version: i32,
-    limit: i64,
-) -> Result<Vec<HistoryRow>, sqlx::Error> {
+pub async fn history(pool: &PgPool, user: &UserId, task: Uuid, after_version: i32, limit: i64) -> Result<Vec<HistoryRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT event_id, event_type, version, occurred_at, data, correlation_id FROM task_history
          WHERE task_id = $1 AND user_id = $2 AND version > $3
@@ -475,14 +446,8 @@ mod tests {
             (Keyset::DueAtDesc { due_at: None, id }, vec![seg(Pred::UndatedBefore(id), " ORDER BY id DESC")]),
             (Keyset::CreatedAtAsc { created_at: d, id }, vec![seg(Pred::CreatedAfter(d, id), order_by(Order::CreatedAtAsc))]),
             (Keyset::CreatedAtDesc { created_at: d, id }, vec![seg(Pred::CreatedBefore(d, id), order_by(Order::CreatedAtDesc))]),
-            (
-                Keyset::PriorityDesc { priority: 2, due_at: Some(d), id },
-                vec![seg(Pred::PriorityAfter(2, Some(d), id), order_by(Order::PriorityDesc))],
-            ),
-            (
-                Keyset::PriorityDesc { priority: 2, due_at: None, id },
-                vec![seg(Pred::PriorityAfter(2, None, id), order_by(Order::PriorityDesc))],
-            ),
+            (Keyset::PriorityDesc { priority: 2, due_at: Some(d), id }, vec![seg(Pred::PriorityAfter(2, Some(d), id), order_by(Order::PriorityDesc))]),
+            (Keyset::PriorityDesc { priority: 2, due_at: None, id }, vec![seg(Pred::PriorityAfter(2, None, id), order_by(Order::PriorityDesc))]),
         ];
         for (k, want) in cases {
             assert_eq!(plan(k.order(), Some(&k)), want, "{k:?}");
