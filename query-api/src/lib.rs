@@ -4,23 +4,25 @@
 //! `main.rs` only wires: it parses [`Settings`], builds the [`Application`] and runs it. Tests build
 //! an [`AppState`] themselves and drive [`router`] with `oneshot`.
 //!
-//! Modules, each importing only the ones below it (no module imports one that imports it back):
+//! Modules, top to bottom; each imports only modules further down the list, so no module imports
+//! one that imports it back:
 //!
 //! ```text
-//! routes        HTTP: /graphql (queries, consistency-token waits, WebSocket), health, metrics; assembles the schema
-//!   live        subscriptions: NOTIFY fan-out (Hub), taskChanged / notificationReceived
-//!     schema    the GraphQL types and queries; maps GraphQL enums/filters onto the store's terms
-//!       store        SQL over the read models (platform::readmodel::TaskRow), keyset page plans
-//!         cursor     opaque cursors, the task orders (Order) and keyset positions; imports nothing
-//!       projections  projection statuses and the projection_lag gauge (platform::projections + watermarks)
-//!         watermarks the log's high watermarks (Kafka, cached; a trait so tests can fake it)
-//!   error       GraphQL/HTTP error shapes
-//!     progress  how far the projections have applied the log (LISTEN + poll), for consistency tokens
+//! routes       HTTP: /graphql (with consistency-token waits), /graphql/ws, health, metrics; assembles TaskSchema
+//! live         subscriptions: one NOTIFY listener (Hub) fanned out to taskChanged / notificationReceived
+//! schema       the GraphQL types and queries; maps GraphQL enums and filters onto the store's terms
+//! error        GraphQL and HTTP error shapes
+//! projections  projection statuses and the projection_lag gauge (platform::projections + watermarks)
+//! store        SQL over the read models (rows: platform::readmodel::TaskRow), keyset page plans
+//! cursor       opaque cursors, the task orders (Order) and keyset positions
+//! progress     how far the projections have applied the log (LISTEN + poll), for consistency tokens
+//! watermarks   the log's high watermarks (Kafka, cached; a trait so tests can fake it)
 //! ```
 //!
-//! `routes` also uses `progress`, `watermarks` and `store` (readiness); `schema` also uses `error`
-//! and `cursor`. The read-side facts shared with the projector (the `tasks` row, projection status)
-//! live in `platform`.
+//! Edges: routes -> live, schema, error, progress, store, watermarks; live -> schema, store;
+//! schema -> error, projections, store, cursor, watermarks; error -> progress;
+//! projections -> watermarks; store -> cursor. What the projector shares with this crate (the
+//! `tasks` row, projection status) lives in `platform`.
 
 pub mod cursor;
 pub mod error;
