@@ -19,6 +19,8 @@ use uuid::Uuid;
 use domain::UserId;
 use platform::auth::JwtAuth;
 
+use crate::webhooks::{Deliverer, RETRY};
+
 /// The identity the projector acts as.
 pub const SERVICE: &str = "service:projector";
 const MAX_ATTEMPTS: i32 = 12;
@@ -58,7 +60,7 @@ impl Reactor {
     pub async fn run(self) {
         let outbox = self.clone();
         tokio::spawn(async move { outbox.outbox_loop().await });
-        let hooks = crate::webhooks::Deliverer::new(self.pool.clone(), self.allow_private_webhooks, self.wake.clone());
+        let hooks = Deliverer::new(self.pool.clone(), self.allow_private_webhooks, self.wake.clone());
         tokio::spawn(hooks.run());
         self.reminder_loop().await;
     }
@@ -133,7 +135,7 @@ impl Reactor {
                 Outcome::Retry(e) if attempts + 1 < MAX_ATTEMPTS => {
                     metrics::counter!("reactions_total", "kind" => kind.clone(), "outcome" => "retry").increment(1);
                     tracing::warn!(reaction = %id, attempts = attempts + 1, error.message = %e, "reaction will be retried");
-                    let delay = backoff(attempts);
+                    let delay = RETRY.delay(u32::try_from(attempts).unwrap_or(0));
                     sqlx::query(
                         "UPDATE reaction_outbox SET attempts = attempts + 1, last_error = $2,
                          next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
@@ -213,12 +215,4 @@ impl Reactor {
 
 fn correlation_of<'a>(headers: &'a [(&str, String)]) -> Option<&'a str> {
     headers.iter().find(|(k, _)| *k == "X-Correlation-Id").map(|(_, v)| v.as_str())
-}
-
-/// Exponential backoff with jitter: 1 s, 2 s, 4 s ... capped at 5 minutes, then +-25 %.
-pub fn backoff(attempts: i32) -> Duration {
-    let base = Duration::from_secs(1u64 << attempts.clamp(0, 8) as u32).min(Duration::from_secs(300));
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
-    base.mul_f64(factor)
 }

@@ -21,6 +21,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 use platform::position::Position;
+use platform::retry::Policy;
 use platform::settings::{DatabaseSettings, KafkaSettings};
 
 use crate::model::Batch;
@@ -30,6 +31,8 @@ use crate::store::{self, ApplyMode, PROJECTIONS};
 pub const LOCK_KEY: i64 = 0x7473_7265_6275_696c;
 /// Where the copies are built.
 pub const SCHEMA: &str = "ts_rebuild";
+/// Applying a replayed batch again after a transient failure: 100 ms doubled up to 5 s.
+const APPLY_RETRY: Policy = Policy::new(Duration::from_millis(100), Duration::from_secs(5));
 
 /// The tables of each projection, in the order the live projector writes them (the switch locks
 /// them in the same order, so it cannot deadlock with a live batch).
@@ -399,7 +402,7 @@ impl Replay {
                 tracing::warn!(partition = f.raw.position.partition, offset = f.raw.position.offset, error.message = %f.error, "rebuild skips an undecodable record");
             }
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = APPLY_RETRY.backoff();
         loop {
             match store::apply_batch(&self.shadow, &self.topic, &batch, &self.at, ApplyMode::Replay, None).await {
                 Ok(_) => break,
@@ -408,8 +411,7 @@ impl Replay {
                 }
                 Err(e) => {
                     tracing::warn!(error.message = %e, "rebuild batch failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }

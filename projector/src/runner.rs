@@ -13,11 +13,18 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use platform::position::Position;
+use platform::retry::{Jitter, Policy};
 use platform::settings::KafkaSettings;
 
 use crate::dlq::DeadLetterSink;
 use crate::model::{Batch, FailedRecord, RawRecord};
 use crate::store::{self, ApplyMode, StoreError};
+
+/// Restarting the consume loop after Kafka or PostgreSQL went away: 200 ms doubled up to 10 s,
+/// each between half and all of it (spreads the restarts of several instances).
+const RESTART: Policy = Policy::new(Duration::from_millis(200), Duration::from_secs(10)).with_jitter(Jitter::Equal);
+/// Applying the same batch again after a failure: 100 ms doubled up to 10 s, the same jitter.
+const APPLY_RETRY: Policy = Policy::new(Duration::from_millis(100), Duration::from_secs(10)).with_jitter(Jitter::Equal);
 
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -47,7 +54,7 @@ impl Runner {
     /// Runs until `stop` resolves; transient failures (Kafka or PostgreSQL away) are retried with
     /// backoff, never skipped.
     pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = RESTART.backoff();
         loop {
             if *stop.borrow() {
                 return;
@@ -60,12 +67,12 @@ impl Runner {
             match result {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(error.message = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "projector loop failed; restarting it");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error.message = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "projector loop failed; restarting it");
                     tokio::select! {
-                        _ = tokio::time::sleep(jitter(backoff)) => {},
+                        _ = tokio::time::sleep(delay) => {},
                         _ = stop.changed() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
@@ -211,8 +218,7 @@ impl Runner {
     /// exponential backoff and jitter for as long as they last; a failure that repeats on the same
     /// records (bad data) is returned after a few attempts.
     async fn apply_with_retry(&self, topic: &str, batch: &Batch, from: &HashMap<i32, i64>) -> Result<Outcome, StoreError> {
-        let mut backoff = Duration::from_millis(100);
-        let mut attempt = 0u32;
+        let mut backoff = APPLY_RETRY.backoff();
         loop {
             let started = Instant::now();
             match store::apply_batch(&self.pool, topic, batch, from, ApplyMode::Live, Some(&self.dead_letters)).await {
@@ -226,16 +232,15 @@ impl Runner {
                     return Ok(Outcome::Applied);
                 }
                 Err(StoreError::Fenced { .. }) => return Ok(Outcome::Fenced),
-                Err(e) if e.is_deterministic() && attempt >= 2 => return Err(e),
+                Err(e) if e.is_deterministic() && backoff.attempts() >= 2 => return Err(e),
                 Err(e) => {
-                    attempt += 1;
+                    let delay = backoff.next_delay();
                     if !e.is_deterministic() {
                         self.ready.store(false, Ordering::Release);
                     }
                     metrics::counter!("projector_apply_retries_total").increment(1);
-                    tracing::warn!(error.message = %e, attempt, retry_in_ms = backoff.as_millis() as u64, "applying a batch failed; retrying the same batch");
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    tracing::warn!(error.message = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, "applying a batch failed; retrying the same batch");
+                    tokio::time::sleep(delay).await;
                 }
             }
         }
@@ -316,10 +321,4 @@ fn assign(consumer: &StreamConsumer, topic: &str, next: &HashMap<i32, i64>) -> a
     }
     consumer.assign(&tpl)?;
     Ok(())
-}
-
-/// Full jitter on top of half the delay: spreads retries of several instances.
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
-    d / 2 + d.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }

@@ -19,8 +19,12 @@ use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
 use domain::user::{host_port, is_forbidden_address};
+use platform::retry::{Jitter, Policy};
 
 pub const MAX_ATTEMPTS: i32 = 8;
+/// When a failed side effect is tried again (webhook deliveries, and the reactor's outbox): 1 s,
+/// 2 s, 4 s ... at most 256 s, each +-25 %.
+pub const RETRY: Policy = Policy::new(Duration::from_secs(1), Duration::from_secs(256)).with_jitter(Jitter::PlusMinus25);
 const TIMEOUT: Duration = Duration::from_secs(5);
 const CONCURRENCY: usize = 32;
 
@@ -143,7 +147,7 @@ impl Deliverer {
             tracing::warn!(delivery = %d.id, url = %d.url, "webhook delivery given up after {attempt} attempts");
             "failed"
         } else {
-            let delay = crate::reactor::backoff(attempt - 1);
+            let delay = RETRY.delay(u32::try_from(attempt - 1).unwrap_or(0));
             sqlx::query(
                 "UPDATE webhook_deliveries SET attempts = $2, lease_until = NULL, next_attempt_at = now() + make_interval(secs => $3)
                  WHERE id = $1",
@@ -209,5 +213,12 @@ mod tests {
         assert_eq!(signature("whsec_test", 1_700_000_000, br#"{"a":1}"#), "t=1700000000,v1=38877139021993b830af32feea6e18a8da83eb2f6e49ee50bd9e4cf4ca4d3789");
         assert_ne!(signature("a", 1, b"x"), signature("b", 1, b"x"));
         assert_ne!(signature("a", 1, b"x"), signature("a", 2, b"x"));
+    }
+
+    #[test]
+    fn retries_wait_one_second_doubled_up_to_256_seconds() {
+        let secs: Vec<u64> = (0..12).map(|a| platform::retry::delay(a, RETRY.base, RETRY.cap).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64, 128, 256, 256, 256, 256]);
+        assert_eq!(RETRY.jitter, Jitter::PlusMinus25);
     }
 }
