@@ -12,7 +12,7 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use domain::{NewTask, Priority, TaskEvent, TaskId, TaskPatch, Title, UserId};
-use platform::codec::{self, EventEnvelope};
+use platform::codec::{self, Envelope, Metadata};
 
 use crate::{round, rss_mb, Ctx};
 
@@ -122,16 +122,18 @@ async fn produce_backlog(ctx: &Ctx, topic: &str, events: usize) -> anyhow::Resul
                 _ if i % 5 == 0 => TaskEvent::Deleted,
                 _ => TaskEvent::Reopened,
             };
-            let enc = codec::encode(&EventEnvelope {
-                event_id: Uuid::now_v7(),
-                task_id: *id,
-                user_id: users[i % users.len()].clone(),
-                sequence: round + 1,
-                occurred_at: now,
-                correlation_id: Some(Uuid::now_v7().to_string()),
-                causation_id: None,
-                traceparent: None,
-                idempotency: None,
+            let enc = codec::encode(&Envelope {
+                subject: *id,
+                meta: Metadata {
+                    event_id: Uuid::now_v7(),
+                    user_id: users[i % users.len()].clone(),
+                    sequence: round + 1,
+                    occurred_at: now,
+                    correlation_id: Some(Uuid::now_v7().to_string()),
+                    causation_id: None,
+                    traceparent: None,
+                    idempotency: None,
+                },
                 event,
             });
             let record = FutureRecord::to(topic).key(&enc.key).payload(&enc.payload).headers(enc.headers);

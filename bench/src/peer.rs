@@ -2,7 +2,7 @@
 //! would otherwise pick, behind the same HTTP routes and JSON bodies as taskstream's command API, for
 //! `loadgen`'s peer phase. Benchmark code, not part of the product.
 //!
-//! It decides with taskstream's own pure domain (`domain::decide` / `evolve`), so the business rules
+//! It decides with taskstream's own pure domain (`domain::TaskDecider`: `decide` / `evolve`), so the business rules
 //! and validation are the same; what differs is the framework: each command loads the aggregate's
 //! events from PostgreSQL, decides, and appends with optimistic locking (postgres-es's `events`
 //! table), one transaction per command. Not modelled: idempotency keys, If-Match, reminders and the
@@ -23,7 +23,8 @@ use postgres_es::PostgresCqrs;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use domain::{Command, CommandKind, DomainError, NewTask, Priority, TaskEvent, TaskId, TaskPatch, TaskState, Tags, Title, UserId};
+use domain::DomainEvent as _;
+use domain::{Decider, Command, CommandKind, DomainError, NewTask, Priority, TaskEvent, TaskId, TaskPatch, TaskState, Tags, Title, UserId};
 
 #[derive(Default, Serialize, Deserialize)]
 struct Task {
@@ -60,7 +61,7 @@ impl Aggregate for Task {
     type Services = ();
 
     async fn handle(&mut self, command: Command, _: &(), sink: &EventSink<Self>) -> Result<(), Rejected> {
-        let events = domain::decide(&command, &self.state).map_err(Rejected)?;
+        let events = domain::TaskDecider::decide(&command, &self.state).map_err(Rejected)?;
         for e in events {
             let data = serde_json::from_slice(&e.to_json()).unwrap_or(Value::Null);
             sink.write(Event { user: command.user.to_string(), event_type: e.event_type().to_owned(), data }, self).await;
@@ -72,7 +73,7 @@ impl Aggregate for Task {
         let Ok(user) = UserId::parse(event.user) else { return };
         let Ok(bytes) = serde_json::to_vec(&event.data) else { return };
         if let Ok(e) = TaskEvent::from_json(&event.event_type, &bytes) {
-            self.state = domain::evolve(std::mem::take(&mut self.state), &user, &e);
+            self.state = domain::TaskDecider::evolve(std::mem::take(&mut self.state), &user, &e);
         }
     }
 }

@@ -9,7 +9,6 @@ use utoipa::ToSchema;
 use domain::{DomainError, FieldError};
 use platform::auth::AuthError;
 
-use crate::writer::WriteError;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -112,15 +111,6 @@ impl From<DomainError> for ApiError {
             | DomainError::AlreadyRead) => {
                 ApiError::Conflict(e.to_string())
             }
-        }
-    }
-}
-
-impl From<WriteError> for ApiError {
-    fn from(e: WriteError) -> Self {
-        match e {
-            WriteError::Domain(d) => d.into(),
-            WriteError::Unavailable(m) => ApiError::Unavailable(m),
         }
     }
 }

@@ -2,8 +2,8 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Request};
-use axum::http::{header, request::Parts, HeaderMap};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, MatchedPath, Path, RawPathParams, Request};
+use axum::http::{header, request::Parts, HeaderMap, Method};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
@@ -11,6 +11,9 @@ use domain::{TaskId, UserId};
 use platform::auth::JwtAuth;
 
 use crate::error::ApiError;
+
+/// Largest accepted request body.
+pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 
 /// The authenticated caller (`Authorization: Bearer <JWT>`): a user, or a service acting for one.
 pub struct AuthUser(pub UserId, pub Option<String>);
@@ -170,7 +173,7 @@ where
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(crate::BODY_LIMIT_BYTES)
+                ApiError::PayloadTooLarge(BODY_LIMIT_BYTES)
             } else {
                 ApiError::BadRequest(format!("could not read the body: {rejection}"))
             }
@@ -198,8 +201,56 @@ fn field_from_message(msg: &str) -> Option<String> {
     Some(msg[start..end].to_owned())
 }
 
-/// Digest identifying a request for `Idempotency-Key` (method, path, If-Match, canonical body).
-pub fn request_digest(method: &str, path: &str, if_match: Option<u32>, body: &[u8]) -> String {
+/// The route a command came in on: its method and the matched route template with the parameters
+/// in canonical form (a UUID written in upper case names the same task). The Idempotency-Key digest
+/// is computed from it, so no handler retypes its own path.
+pub struct CommandRoute {
+    method: Method,
+    path: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CommandRoute {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let template = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| parts.uri.path().to_owned());
+        let params = RawPathParams::from_request_parts(parts, state).await.map_err(|_| ApiError::NotFound)?;
+        let mut path = template;
+        for (name, value) in params.iter() {
+            let canonical = uuid::Uuid::parse_str(value).map(|u| u.to_string()).unwrap_or_else(|_| value.to_owned());
+            path = path.replace(&format!("{{{name}}}"), &canonical);
+        }
+        Ok(Self { method: parts.method.clone(), path })
+    }
+}
+
+impl CommandRoute {
+    /// The digest of this request (method, path, `If-Match` when the command honours it, canonical body).
+    pub fn digest(&self, if_match: Option<u32>, body: &[u8]) -> RequestDigest {
+        RequestDigest {
+            digest: request_digest(self.method.as_str(), &self.path, if_match, body),
+            lowercase_method: request_digest(&self.method.as_str().to_ascii_lowercase(), &self.path, if_match, body),
+        }
+    }
+}
+
+/// What identifies a request under an Idempotency-Key: the same key with another request is refused.
+#[derive(Debug, Clone)]
+pub struct RequestDigest {
+    /// Recorded with the command's events (`ce_requestdigest`).
+    pub digest: String,
+    /// The same digest with the method in lower case, as earlier versions recorded it for
+    /// complete/reopen/delete, so that a retry across an upgrade is still recognised.
+    lowercase_method: String,
+}
+
+impl RequestDigest {
+    pub fn matches(&self, recorded: &str) -> bool {
+        recorded == self.digest || recorded == self.lowercase_method
+    }
+}
+
+fn request_digest(method: &str, path: &str, if_match: Option<u32>, body: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(method.as_bytes());
     h.update(b" ");

@@ -1,53 +1,41 @@
-//! `Idempotency-Key` answers: a bounded moka cache keyed by (user, key). Concurrent requests with
+//! `Idempotency-Key`: the one place that decides whether a command runs or is answered from an
+//! earlier run (`IdempotencyCache::execute`), over a bounded moka cache keyed by (user, key). Concurrent requests with
 //! the same key are coalesced (one executes, the others wait for its answer). Keys and a digest of
 //! the request are also recorded in the events' headers, so a restarted command API still answers a
 //! retry of a command it accepted before (see `Actor::recover`).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use moka::future::Cache;
 
-use domain::UserId;
-use uuid::Uuid;
-use platform::codec::IdempotencyTag;
+use domain::{IdempotencyTag, Receipt, UserId};
+
+use crate::error::ApiError;
+use crate::extract::RequestDigest;
 use platform::position::Position;
 
-/// What a command is about: its answer names the id accordingly (`task_id`, `notification_id`,
-/// `webhook_id`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AnswerKind {
-    Task,
-    Notification,
-    Webhook,
-}
-
-impl AnswerKind {
-    pub fn id_field(self) -> &'static str {
-        match self {
-            AnswerKind::Task => "task_id",
-            AnswerKind::Notification => "notification_id",
-            AnswerKind::Webhook => "webhook_id",
-        }
-    }
-}
-
-/// What a command is answered with.
+/// What a command is answered with: what it names (its receipt), the version after it, and where
+/// its last event landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
-    pub id: Uuid,
-    pub kind: AnswerKind,
+    pub receipt: Receipt,
     pub version: u32,
     pub position: Position,
-    pub created: bool,
-    /// SetWebhook: the signing secret, returned with the answer (and with a replay of it).
-    pub secret: Option<Arc<str>>,
 }
 
 impl Answer {
-    pub fn new(id: Uuid, kind: AnswerKind, version: u32, position: Position, created: bool) -> Self {
-        Self { id, kind, version, position, created, secret: None }
+    pub fn new(receipt: Receipt, version: u32, position: Position) -> Self {
+        Self { receipt, version, position }
     }
+}
+
+/// The answer of an executed command, and whether it is the replay of an earlier one.
+#[derive(Debug)]
+pub struct Executed {
+    pub answer: Answer,
+    pub replayed: bool,
 }
 
 #[derive(Debug)]
@@ -66,8 +54,27 @@ impl IdempotencyCache {
         Self { cache: Cache::builder().max_capacity(max_entries).time_to_live(ttl).build() }
     }
 
-    pub fn cache(&self) -> &Cache<(UserId, String), Arc<Stored>> {
-        &self.cache
+    /// Runs `command` under the caller's `Idempotency-Key`: without a key it simply runs; with one,
+    /// concurrent requests with the same key are coalesced (one runs, the others wait for its
+    /// answer), a repeat of the same request gets the first answer (`replayed`), and another request
+    /// under the same key is refused. A failed command remembers nothing, so it can be retried.
+    pub async fn execute<F>(&self, user: &UserId, key: Option<&str>, digest: &RequestDigest, command: F) -> Result<Executed, ApiError>
+    where
+        F: Future<Output = Result<Answer, ApiError>>,
+    {
+        let Some(key) = key else {
+            return command.await.map(|answer| Executed { answer, replayed: false });
+        };
+        let init = async {
+            let answer = command.await?;
+            Ok::<_, ApiError>(Arc::new(Stored { request_digest: digest.digest.clone(), answer }))
+        };
+        match self.cache.entry((user.clone(), key.to_owned())).or_try_insert_with(init).await {
+            Ok(entry) if entry.is_fresh() => Ok(Executed { answer: entry.value().answer.clone(), replayed: false }),
+            Ok(entry) if digest.matches(&entry.value().request_digest) => Ok(Executed { answer: entry.value().answer.clone(), replayed: true }),
+            Ok(_) => Err(ApiError::IdempotencyKeyReused),
+            Err(e) => Err((*e).clone()),
+        }
     }
 
     /// Records an answer found in the log at restore.

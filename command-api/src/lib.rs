@@ -1,39 +1,30 @@
 //! taskstream command API: HTTP -> command -> decide -> append to Kafka (transactional, group
 //! commit) -> answer. See `writer` for the single-writer design.
 
+pub mod command;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod log;
 pub mod routes;
+pub mod state;
 pub mod webhook_dns;
 pub mod writer;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRef, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use clap::Parser;
-use tower_http::timeout::TimeoutLayer;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use platform::auth::JwtAuth;
 use platform::settings::{AuthSettings, KafkaSettings};
 
-use crate::error::ApiError;
+pub use crate::extract::BODY_LIMIT_BYTES;
 use crate::idempotency::IdempotencyCache;
-use crate::log::{EventLog, KafkaLog, KafkaLogSettings};
-use crate::writer::Writer;
-
-/// Largest accepted request body.
-pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+use crate::log::{KafkaLog, KafkaLogSettings};
+pub use crate::routes::router;
+pub use crate::state::AppState;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "command-api", about = "taskstream command API", version)]
@@ -72,85 +63,6 @@ pub struct Settings {
     /// Request timeout (longer than a log operation, so a command is never cut off mid-append).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
-}
-
-#[derive(Clone)]
-pub struct AppState {
-    pub writer: Writer,
-    pub auth: JwtAuth,
-    pub idempotency: IdempotencyCache,
-    /// Accept webhook URLs on loopback/private addresses (local development only).
-    pub allow_private_webhooks: bool,
-}
-
-impl FromRef<AppState> for JwtAuth {
-    fn from_ref(s: &AppState) -> JwtAuth {
-        s.auth.clone()
-    }
-}
-
-impl AppState {
-    /// Wires the state around any event log (Kafka in production, in-memory in unit tests).
-    pub fn new<L: EventLog>(log: L, auth: JwtAuth, max_batch: usize, idempotency: IdempotencyCache) -> Self {
-        let writer = Writer::spawn(log, idempotency.clone(), max_batch);
-        Self { writer, auth, idempotency, allow_private_webhooks: false }
-    }
-
-    pub fn allow_private_webhooks(mut self, allow: bool) -> Self {
-        self.allow_private_webhooks = allow;
-        self
-    }
-}
-
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "taskstream command API", description = "Commands on tasks. Every success means the events are durable in Kafka."),
-    modifiers(&BearerAuth),
-    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"))
-)]
-struct ApiDoc;
-
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
-        );
-    }
-}
-
-/// The full router; tests call it with `oneshot`.
-pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(routes::create_task))
-        .routes(routes!(routes::update_task, routes::delete_task))
-        .routes(routes!(routes::complete_task))
-        .routes(routes!(routes::reopen_task))
-        .routes(routes!(routes::mark_notification_read))
-        .routes(routes!(routes::set_webhook, routes::remove_webhook))
-        .split_for_parts();
-    let api = api.route("/internal/v1/tasks/{id}/remind", axum::routing::post(routes::fire_reminder));
-    let openapi = std::sync::Arc::new(openapi);
-    api.route("/v1/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
-        .route("/healthz", get(platform::http::healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(platform::http::metrics))
-        .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))
-        .with_state(state)
-}
-
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.writer.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "restoring state from the log or waiting for Kafka")
-    }
 }
 
 pub struct Application {

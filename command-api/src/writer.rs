@@ -4,21 +4,26 @@
 //! one task are therefore applied in order, versions are contiguous, and the log never holds a
 //! rejected event.
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use domain::user::{decide_user, evolve_user, UserCommand, UserCommandKind, UserEvent, UserState};
-use domain::{decide, evolve, ids, Command, CommandKind, DomainError, TaskEvent, TaskId, TaskState, UserId};
-use platform::codec::{self, EncodedEvent, EventEnvelope, IdempotencyTag, Record, UserEnvelope};
+use domain::user::UserState;
+use domain::{
+    AnyCommand, CommandVisitor, Decider, DomainError, DomainEvent, Envelope, FieldError, IdempotencyTag, Metadata,
+    Receipt, Record, RecordVisitor, UserDecider, UserId,
+};
+use platform::codec::{self, EncodedEvent};
 use platform::position::Position;
 
-use crate::idempotency::{Answer, AnswerKind, IdempotencyCache};
+use crate::idempotency::{Answer, IdempotencyCache};
 use crate::log::{EventLog, LogError, Offsets};
 
 /// Metadata carried with a command into its events.
@@ -36,22 +41,6 @@ pub enum WriteError {
     Domain(#[from] DomainError),
     #[error("the event log is unavailable: {0}")]
     Unavailable(String),
-}
-
-/// A command on a task or on a user's own state.
-#[derive(Debug, Clone)]
-pub enum AnyCommand {
-    Task(Command),
-    User(UserCommand),
-}
-
-impl AnyCommand {
-    fn user(&self) -> &UserId {
-        match self {
-            AnyCommand::Task(c) => &c.user,
-            AnyCommand::User(c) => &c.user,
-        }
-    }
 }
 
 struct Submission {
@@ -74,8 +63,7 @@ impl Writer {
         let ready = Arc::new(AtomicBool::new(false));
         let actor = Actor {
             log,
-            tasks: HashMap::new(),
-            users: HashMap::new(),
+            states: States::default(),
             offsets: Offsets::new(),
             idempotency,
             ready: ready.clone(),
@@ -90,11 +78,7 @@ impl Writer {
         self.ready.load(Ordering::Acquire)
     }
 
-    pub async fn submit(&self, cmd: Command, meta: CommandMeta) -> Result<Answer, WriteError> {
-        self.submit_any(AnyCommand::Task(cmd), meta).await
-    }
-
-    pub async fn submit_any(&self, cmd: AnyCommand, meta: CommandMeta) -> Result<Answer, WriteError> {
+    pub async fn submit(&self, cmd: AnyCommand, meta: CommandMeta) -> Result<Answer, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Submission { cmd, meta, reply })
@@ -106,8 +90,8 @@ impl Writer {
 
 struct Actor<L> {
     log: L,
-    tasks: HashMap<TaskId, TaskState>,
-    users: HashMap<UserId, UserState>,
+    /// The committed state of every stream of every aggregate.
+    states: States,
     /// Next offset per partition that this writer has seen (restored or appended).
     offsets: Offsets,
     idempotency: IdempotencyCache,
@@ -119,13 +103,18 @@ struct Actor<L> {
 /// A decided command waiting for its batch to be appended.
 struct Pending {
     sub: Submission,
-    outcome: Result<(Uuid, AnswerKind, u32, bool, Option<Arc<str>>, usize), DomainError>,
+    outcome: Result<Decided, DomainError>,
     /// The decision looked at state staged by an earlier command of this batch.
     saw_staged: bool,
 }
 
-fn webhook_id(user: &UserId) -> Uuid {
-    Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("taskstream:webhook:{user}").as_bytes())
+/// What an accepted command will be answered with once its batch is durable.
+struct Decided {
+    receipt: Receipt,
+    /// The stream's version after the command.
+    version: u32,
+    /// Index in the batch's records of the command's last event (its position goes in the answer).
+    last_record: usize,
 }
 
 impl<L: EventLog> Actor<L> {
@@ -173,8 +162,7 @@ impl<L: EventLog> Actor<L> {
         self.log.connect().await?;
         let started = Instant::now();
         let restoring = Arc::new(std::sync::Mutex::new(Restoring {
-            tasks: std::mem::take(&mut self.tasks),
-            users: std::mem::take(&mut self.users),
+            states: std::mem::take(&mut self.states),
             next: self.offsets.clone(),
             ..Restoring::default()
         }));
@@ -184,8 +172,7 @@ impl<L: EventLog> Actor<L> {
             .read_from(self.offsets.clone(), Box::new(move |pos, rec| sink.lock().unwrap_or_else(|e| e.into_inner()).apply(pos, rec)))
             .await;
         let restored = std::mem::take(&mut *restoring.lock().unwrap_or_else(|e| e.into_inner()));
-        self.tasks = restored.tasks;
-        self.users = restored.users;
+        self.states = restored.states;
         for (user, tag, answer) in restored.keyed {
             self.idempotency.remember(&user, &tag, answer).await;
         }
@@ -196,85 +183,27 @@ impl<L: EventLog> Actor<L> {
                 return Err(e);
             }
         }
-        tracing::info!(events = restored.applied, tasks = self.tasks.len(), users = self.users.len(), elapsed_ms = started.elapsed().as_millis() as u64, "state restored from the log");
+        tracing::info!(events = restored.applied, streams = self.states.len(), elapsed_ms = started.elapsed().as_millis() as u64, "state restored from the log");
         Ok(())
     }
 
     async fn process(&mut self, batch: Vec<Submission>) {
         let now = Utc::now();
-        let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+        let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         // State after this batch's accepted commands, not yet durable.
-        let mut staged_tasks: HashMap<TaskId, TaskState> = HashMap::new();
-        let mut staged_users: HashMap<UserId, UserState> = HashMap::new();
+        let mut staged = States::default();
         let mut records: Vec<EncodedEvent> = Vec::new();
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
         for sub in batch {
-            let meta = sub.meta.clone();
-            let user = sub.cmd.user().clone();
-            let (outcome, saw_staged) = match &sub.cmd {
-                AnyCommand::Task(cmd) => {
-                    let id = cmd.task_id;
-                    let saw = staged_tasks.contains_key(&id);
-                    let current = staged_tasks.get(&id).or_else(|| self.tasks.get(&id)).cloned().unwrap_or_default();
-                    let outcome = decide(cmd, &current).map(|events| {
-                        let mut state = current;
-                        for event in events {
-                            state = evolve(state, &cmd.user, &event);
-                            if let TaskEvent::ReminderDue(r) = &event {
-                                let u = staged_users.entry(user.clone()).or_insert_with(|| self.users.get(&user).cloned().unwrap_or_default());
-                                *u = std::mem::take(u).with_notification(ids::reminder_notification_id(id, r.remind_at));
-                            }
-                            records.push(codec::encode(&EventEnvelope {
-                                event_id: Uuid::now_v7(),
-                                task_id: id,
-                                user_id: user.clone(),
-                                sequence: state.version(),
-                                occurred_at: now,
-                                correlation_id: meta.correlation_id.clone(),
-                                causation_id: meta.causation_id.clone(),
-                                traceparent: meta.traceparent.clone(),
-                                idempotency: meta.idempotency.clone(),
-                                event,
-                            }));
-                        }
-                        let version = state.version();
-                        staged_tasks.insert(id, state);
-                        let created = matches!(cmd.kind, CommandKind::Create(_));
-                        (*id.as_uuid(), AnswerKind::Task, version, created, None, records.len() - 1)
-                    });
-                    (outcome, saw)
-                }
-                AnyCommand::User(cmd) => {
-                    let saw = staged_users.contains_key(&user);
-                    let current = staged_users.get(&user).or_else(|| self.users.get(&user)).cloned().unwrap_or_default();
-                    let outcome = decide_user(cmd, &current).map(|events| {
-                        let mut state = current;
-                        for event in events {
-                            state = evolve_user(state, &event);
-                            records.push(codec::encode_user(&UserEnvelope {
-                                event_id: Uuid::now_v7(),
-                                user_id: user.clone(),
-                                sequence: state.version,
-                                occurred_at: now,
-                                correlation_id: meta.correlation_id.clone(),
-                                causation_id: meta.causation_id.clone(),
-                                traceparent: meta.traceparent.clone(),
-                                idempotency: meta.idempotency.clone(),
-                                event,
-                            }));
-                        }
-                        let version = state.version;
-                        staged_users.insert(user.clone(), state);
-                        let (id, kind, secret) = match &cmd.kind {
-                            UserCommandKind::MarkNotificationRead(n) => (*n, AnswerKind::Notification, None),
-                            UserCommandKind::SetWebhook { secret, .. } => (webhook_id(&user), AnswerKind::Webhook, Some(secret.as_str().into())),
-                            UserCommandKind::RemoveWebhook => (webhook_id(&user), AnswerKind::Webhook, None),
-                        };
-                        (id, kind, version, false, secret, records.len() - 1)
-                    });
-                    (outcome, saw)
-                }
+            let mut stage = Stage {
+                streams: Layered { committed: Some(&self.states), staged: &mut staged },
+                records: &mut records,
+                meta: &sub.meta,
+                now,
+                saw_staged: false,
             };
+            let outcome = sub.cmd.visit(&mut stage);
+            let saw_staged = stage.saw_staged;
             pending.push(Pending { sub, outcome, saw_staged });
         }
         if records.is_empty() {
@@ -302,16 +231,11 @@ impl<L: EventLog> Actor<L> {
                     let next = self.offsets.entry(p.partition).or_insert(0);
                     *next = (*next).max(p.offset + 1);
                 }
-                self.tasks.extend(staged_tasks);
-                self.users.extend(staged_users);
+                self.states.absorb(staged);
                 for p in pending {
                     let answer = p
                         .outcome
-                        .map(|(id, kind, version, created, secret, last)| {
-                            let mut a = Answer::new(id, kind, version, positions[last], created);
-                            a.secret = secret;
-                            a
-                        })
+                        .map(|d| Answer::new(d.receipt, d.version, positions[d.last_record]))
                         .map_err(WriteError::from);
                     let _ = p.sub.reply.send(answer);
                 }
@@ -334,11 +258,51 @@ impl<L: EventLog> Actor<L> {
     }
 }
 
+/// Decides one command against the state of its stream (staged by an earlier command of the batch,
+/// or committed), stages the new state and encodes the events.
+struct Stage<'a> {
+    streams: Layered<'a>,
+    records: &'a mut Vec<EncodedEvent>,
+    meta: &'a CommandMeta,
+    now: DateTime<Utc>,
+    saw_staged: bool,
+}
+
+impl CommandVisitor for Stage<'_> {
+    type Output = Result<Decided, DomainError>;
+
+    fn command<D: Decider>(&mut self, cmd: &D::Command) -> Result<Decided, DomainError> {
+        let id = D::stream_id(cmd);
+        let actor = D::actor(cmd);
+        self.saw_staged = self.streams.is_staged::<D>(&id);
+        let events = D::decide(cmd, &self.streams.current::<D>(&id))?;
+        let count = events.len();
+        let mut decided = None;
+        for (i, event) in events.into_iter().enumerate() {
+            let sequence = apply_event::<D>(&mut self.streams, &id, actor, &event);
+            if i + 1 == count {
+                decided = Some(Decided { receipt: D::receipt(&id, &event), version: sequence, last_record: self.records.len() });
+            }
+            let meta = Metadata {
+                event_id: Uuid::now_v7(),
+                user_id: actor.clone(),
+                sequence,
+                occurred_at: self.now,
+                correlation_id: self.meta.correlation_id.clone(),
+                causation_id: self.meta.causation_id.clone(),
+                traceparent: self.meta.traceparent.clone(),
+                idempotency: self.meta.idempotency.clone(),
+            };
+            self.records.push(codec::encode(&Envelope { subject: id.clone(), meta, event }));
+        }
+        decided.ok_or_else(|| DomainError::Invalid(vec![FieldError::new("", "the command changes nothing")]))
+    }
+}
+
 /// The state being rebuilt from the log during a restore.
 #[derive(Default)]
 struct Restoring {
-    tasks: HashMap<TaskId, TaskState>,
-    users: HashMap<UserId, UserState>,
+    states: States,
     /// Next offset per partition after the records applied so far.
     next: Offsets,
     /// Answers of commands sent with an Idempotency-Key, to remember once restored.
@@ -359,37 +323,122 @@ impl Restoring {
             }
         };
         self.applied += 1;
-        let (user, tag, answer) = match &rec {
-            Record::Task(env) => {
-                let entry = self.tasks.entry(env.task_id).or_default();
-                let next = evolve(std::mem::take(entry), &env.user_id, &env.event);
-                if next.version() != env.sequence {
-                    tracing::warn!(task_id = %env.task_id, expected = env.sequence, got = next.version(), "log sequence differs from replayed version");
-                }
-                *entry = next;
-                if let TaskEvent::ReminderDue(r) = &env.event {
-                    let u = self.users.entry(env.user_id.clone()).or_default();
-                    *u = std::mem::take(u).with_notification(ids::reminder_notification_id(env.task_id, r.remind_at));
-                }
-                let created = matches!(env.event, TaskEvent::Created(_));
-                let answer = Answer::new(*env.task_id.as_uuid(), AnswerKind::Task, env.sequence, pos, created);
-                (&env.user_id, &env.idempotency, answer)
-            }
-            Record::User(env) => {
-                let u = self.users.entry(env.user_id.clone()).or_default();
-                *u = evolve_user(std::mem::take(u), &env.event);
-                let (id, kind, secret) = match &env.event {
-                    UserEvent::NotificationRead(e) => (e.notification_id, AnswerKind::Notification, None),
-                    UserEvent::WebhookRegistered(e) => (webhook_id(&env.user_id), AnswerKind::Webhook, Some(e.secret.as_str().into())),
-                    UserEvent::WebhookRemoved => (webhook_id(&env.user_id), AnswerKind::Webhook, None),
-                };
-                let mut answer = Answer::new(id, kind, env.sequence, pos, false);
-                answer.secret = secret;
-                (&env.user_id, &env.idempotency, answer)
-            }
-        };
-        if let Some(tag) = tag {
-            self.keyed.push((user.clone(), tag.clone(), answer));
+        let answer = rec.visit(&mut Replay { streams: Layered { committed: None, staged: &mut self.states }, position: pos });
+        let meta = rec.meta();
+        if let Some(tag) = &meta.idempotency {
+            self.keyed.push((meta.user_id.clone(), tag.clone(), answer));
         }
+    }
+}
+
+/// Applies an event read from the log, exactly as the live path applied it when it was decided.
+struct Replay<'a> {
+    streams: Layered<'a>,
+    position: Position,
+}
+
+impl RecordVisitor for Replay<'_> {
+    type Output = Answer;
+
+    fn record<D: Decider>(&mut self, env: &Envelope<D::Event>) -> Answer {
+        let version = apply_event::<D>(&mut self.streams, &env.subject, &env.meta.user_id, &env.event);
+        if version != env.meta.sequence {
+            tracing::warn!(subject = %env.subject, expected = env.meta.sequence, got = version, "log sequence differs from replayed version");
+        }
+        Answer::new(D::receipt(&env.subject, &env.event), env.meta.sequence, self.position)
+    }
+}
+
+type Subject<D> = <<D as Decider>::Event as DomainEvent>::Subject;
+
+/// Applies one accepted event to its stream's state (and announces what it tells another stream);
+/// returns the stream's version after it. The live path and the restore both go through here.
+fn apply_event<D: Decider>(streams: &mut Layered<'_>, id: &Subject<D>, actor: &UserId, event: &D::Event) -> u32 {
+    let state = streams.state::<D>(id);
+    *state = D::evolve(std::mem::take(state), actor, event);
+    let version = D::version(state);
+    if let Some(notification) = D::announces_notification(id, event) {
+        let user = streams.state::<UserDecider>(actor);
+        *user = std::mem::take::<UserState>(user).with_notification(notification);
+    }
+    version
+}
+
+/// The states of every stream, one map per aggregate (keyed by the decider's type).
+#[derive(Default)]
+struct States(HashMap<TypeId, Box<dyn AnyStreams>>);
+
+/// One aggregate's states by stream id.
+struct Streams<D: Decider>(HashMap<Subject<D>, D::State>, PhantomData<fn() -> D>);
+
+trait AnyStreams: Send {
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+    fn len(&self) -> usize;
+    /// Moves every state into `into`, replacing what it held for the same streams.
+    fn merge_into(self: Box<Self>, into: &mut States);
+}
+
+impl<D: Decider> AnyStreams for Streams<D> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn merge_into(self: Box<Self>, into: &mut States) {
+        into.of::<D>().extend(self.0);
+    }
+}
+
+impl States {
+    fn get<D: Decider>(&self) -> Option<&HashMap<Subject<D>, D::State>> {
+        self.0.get(&TypeId::of::<D>()).and_then(|s| s.as_any().downcast_ref::<Streams<D>>()).map(|s| &s.0)
+    }
+
+    fn of<D: Decider>(&mut self) -> &mut HashMap<Subject<D>, D::State> {
+        let streams = self.0.entry(TypeId::of::<D>()).or_insert_with(|| Box::new(Streams::<D>(HashMap::new(), PhantomData)));
+        &mut streams.as_any_mut().downcast_mut::<Streams<D>>().expect("keyed by the decider's type").0
+    }
+
+    /// Takes over every state of `staged` (a batch made durable).
+    fn absorb(&mut self, staged: States) {
+        for (_, streams) in staged.0 {
+            streams.merge_into(self);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.values().map(|s| s.len()).sum()
+    }
+}
+
+/// A batch's staged states over the committed ones: reads see staged first, writes go to staged.
+struct Layered<'a> {
+    committed: Option<&'a States>,
+    staged: &'a mut States,
+}
+
+impl Layered<'_> {
+    fn is_staged<D: Decider>(&self, id: &Subject<D>) -> bool {
+        self.staged.get::<D>().is_some_and(|m| m.contains_key(id))
+    }
+
+    /// The stream's current state, to decide on (nothing is staged for a refused command).
+    fn current<D: Decider>(&self, id: &Subject<D>) -> D::State {
+        let staged = self.staged.get::<D>().and_then(|m| m.get(id));
+        staged.or_else(|| self.committed.and_then(|c| c.get::<D>()).and_then(|m| m.get(id))).cloned().unwrap_or_default()
+    }
+
+    /// The stream's state to evolve (copied from the committed state on first touch).
+    fn state<D: Decider>(&mut self, id: &Subject<D>) -> &mut D::State {
+        let committed = self.committed;
+        self.staged
+            .of::<D>()
+            .entry(id.clone())
+            .or_insert_with(|| committed.and_then(|c| c.get::<D>()).and_then(|m| m.get(id)).cloned().unwrap_or_default())
     }
 }

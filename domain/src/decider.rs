@@ -1,9 +1,11 @@
-//! The task decider. `decide` holds every business rule; `evolve` only applies facts.
+//! The task aggregate: its commands, state and decider. `decide` holds every business rule; `evolve`
+//! only applies facts.
 
 use chrono::{DateTime, Utc};
 
 use crate::events::{NewTask, ReminderDue, TaskEvent, TaskPatch};
-use crate::values::{FieldError, RemindBefore, TaskId, UserId};
+use crate::aggregate::{Decider, Receipt, StreamId};
+use crate::values::{FieldError, RemindBefore, TaskId, UserId, ValidationError};
 
 /// An intent, already parsed at the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,61 +115,151 @@ pub enum DomainError {
     Invalid(Vec<FieldError>),
 }
 
-/// Decides which events a command produces against the task's current state.
-pub fn decide(cmd: &Command, state: &TaskState) -> Result<Vec<TaskEvent>, DomainError> {
-    // Another user's task is indistinguishable from a missing one, except that its id is taken.
-    let foreign = state.owner().is_some_and(|o| o != &cmd.user);
-    match (&cmd.kind, state) {
-        (CommandKind::Create(_), _) if foreign => return Err(DomainError::AlreadyExists),
-        (_, TaskState::Absent) if !matches!(cmd.kind, CommandKind::Create(_)) => return Err(DomainError::NotFound),
-        _ if foreign => return Err(DomainError::NotFound),
-        _ => {}
+/// The task aggregate's decider; its stream is keyed by the task id.
+pub struct TaskDecider;
+
+impl StreamId for TaskId {
+    fn parse_subject(subject: &str) -> Result<Self, ValidationError> {
+        subject.parse()
     }
-    if let Some(expected) = cmd.expected_version {
-        if expected != state.version() {
-            return Err(DomainError::VersionMismatch { expected, actual: state.version() });
-        }
+}
+
+impl Decider for TaskDecider {
+    type Command = Command;
+    type Event = TaskEvent;
+    type State = TaskState;
+
+    fn stream_id(cmd: &Command) -> TaskId {
+        cmd.task_id
     }
-    let live = match (state, &cmd.kind) {
-        (TaskState::Absent, CommandKind::Create(new)) => {
-            check_schedule(new.due_at, new.remind_before.is_some(), new.recurrence.is_some())?;
-            return Ok(vec![TaskEvent::Created(new.clone())]);
+    fn actor(cmd: &Command) -> &UserId {
+        &cmd.user
+    }
+    fn command_name(cmd: &Command) -> &'static str {
+        cmd.kind.name()
+    }
+
+    /// Decides which events a command produces against the task's current state.
+    fn decide(cmd: &Command, state: &TaskState) -> Result<Vec<TaskEvent>, DomainError> {
+        // Another user's task is indistinguishable from a missing one, except that its id is taken.
+        let foreign = state.owner().is_some_and(|o| o != &cmd.user);
+        match (&cmd.kind, state) {
+            (CommandKind::Create(_), _) if foreign => return Err(DomainError::AlreadyExists),
+            (_, TaskState::Absent) if !matches!(cmd.kind, CommandKind::Create(_)) => return Err(DomainError::NotFound),
+            _ if foreign => return Err(DomainError::NotFound),
+            _ => {}
         }
-        (_, CommandKind::Create(_)) => return Err(DomainError::AlreadyExists),
-        (TaskState::Deleted { .. }, _) => return Err(DomainError::Deleted),
-        (TaskState::Live(t), _) => t,
-        (TaskState::Absent, _) => return Err(DomainError::NotFound),
-    };
-    match &cmd.kind {
-        CommandKind::Create(_) => unreachable!("handled above"),
-        CommandKind::Update(patch) => {
-            if patch.is_empty() {
-                return Err(DomainError::Invalid(vec![FieldError::new("", "the update changes no field")]));
+        if let Some(expected) = cmd.expected_version {
+            if expected != state.version() {
+                return Err(DomainError::VersionMismatch { expected, actual: state.version() });
             }
-            let due_at = patch.due_at.clone().unwrap_or(live.due_at);
-            let remind = patch.remind_before.as_ref().map_or(live.remind_before.is_some(), Option::is_some);
-            let recurs = patch.recurrence.as_ref().map_or(live.has_recurrence, Option::is_some);
-            check_schedule(due_at, remind, recurs)?;
-            Ok(vec![TaskEvent::Updated(patch.clone())])
         }
-        CommandKind::Complete => match live.status {
-            TaskStatus::Open => Ok(vec![TaskEvent::Completed]),
-            TaskStatus::Completed => Err(DomainError::AlreadyCompleted),
-        },
-        CommandKind::Reopen => match live.status {
-            TaskStatus::Completed => Ok(vec![TaskEvent::Reopened]),
-            TaskStatus::Open => Err(DomainError::NotCompleted),
-        },
-        CommandKind::Delete => Ok(vec![TaskEvent::Deleted]),
-        CommandKind::FireReminder { remind_at } => {
-            // At most once per (task, remind time), and only for the current schedule of an open task.
-            let current = live.remind_at();
-            match (live.status, current, live.due_at) {
-                (TaskStatus::Open, Some(at), Some(due_at)) if same_instant(at, *remind_at) && live.reminded_for != Some(at) => {
-                    Ok(vec![TaskEvent::ReminderDue(ReminderDue { remind_at: at, due_at })])
+        let live = match (state, &cmd.kind) {
+            (TaskState::Absent, CommandKind::Create(new)) => {
+                check_schedule(new.due_at, new.remind_before.is_some(), new.recurrence.is_some())?;
+                return Ok(vec![TaskEvent::Created(new.clone())]);
+            }
+            (_, CommandKind::Create(_)) => return Err(DomainError::AlreadyExists),
+            (TaskState::Deleted { .. }, _) => return Err(DomainError::Deleted),
+            (TaskState::Live(t), _) => t,
+            (TaskState::Absent, _) => return Err(DomainError::NotFound),
+        };
+        match &cmd.kind {
+            CommandKind::Create(_) => unreachable!("handled above"),
+            CommandKind::Update(patch) => {
+                if patch.is_empty() {
+                    return Err(DomainError::Invalid(vec![FieldError::new("", "the update changes no field")]));
                 }
-                _ => Err(DomainError::NoReminderDue),
+                let due_at = patch.due_at.clone().unwrap_or(live.due_at);
+                let remind = patch.remind_before.as_ref().map_or(live.remind_before.is_some(), Option::is_some);
+                let recurs = patch.recurrence.as_ref().map_or(live.has_recurrence, Option::is_some);
+                check_schedule(due_at, remind, recurs)?;
+                Ok(vec![TaskEvent::Updated(patch.clone())])
             }
+            CommandKind::Complete => match live.status {
+                TaskStatus::Open => Ok(vec![TaskEvent::Completed]),
+                TaskStatus::Completed => Err(DomainError::AlreadyCompleted),
+            },
+            CommandKind::Reopen => match live.status {
+                TaskStatus::Completed => Ok(vec![TaskEvent::Reopened]),
+                TaskStatus::Open => Err(DomainError::NotCompleted),
+            },
+            CommandKind::Delete => Ok(vec![TaskEvent::Deleted]),
+            CommandKind::FireReminder { remind_at } => {
+                // At most once per (task, remind time), and only for the current schedule of an open task.
+                let current = live.remind_at();
+                match (live.status, current, live.due_at) {
+                    (TaskStatus::Open, Some(at), Some(due_at)) if same_instant(at, *remind_at) && live.reminded_for != Some(at) => {
+                        Ok(vec![TaskEvent::ReminderDue(ReminderDue { remind_at: at, due_at })])
+                    }
+                    _ => Err(DomainError::NoReminderDue),
+                }
+            }
+        }
+    }
+
+    /// Applies one fact (already accepted) to the state. `owner` is the user who produced it.
+    fn evolve(state: TaskState, owner: &UserId, event: &TaskEvent) -> TaskState {
+        let version = state.version() + 1;
+        match (state, event) {
+            (_, TaskEvent::Created(t)) => TaskState::Live(LiveTask {
+                owner: owner.clone(),
+                version,
+                status: TaskStatus::Open,
+                due_at: t.due_at,
+                remind_before: t.remind_before.clone(),
+                has_recurrence: t.recurrence.is_some(),
+                reminded_for: None,
+            }),
+            (TaskState::Live(mut t), TaskEvent::Updated(p)) => {
+                t.version = version;
+                if let Some(due) = &p.due_at {
+                    t.due_at = *due;
+                }
+                if let Some(r) = &p.remind_before {
+                    t.remind_before = r.clone();
+                }
+                if let Some(r) = &p.recurrence {
+                    t.has_recurrence = r.is_some();
+                }
+                TaskState::Live(t)
+            }
+            (TaskState::Live(mut t), TaskEvent::Completed) => {
+                t.version = version;
+                t.status = TaskStatus::Completed;
+                TaskState::Live(t)
+            }
+            (TaskState::Live(mut t), TaskEvent::Reopened) => {
+                t.version = version;
+                t.status = TaskStatus::Open;
+                TaskState::Live(t)
+            }
+            (TaskState::Live(mut t), TaskEvent::ReminderDue(r)) => {
+                t.version = version;
+                t.reminded_for = Some(r.remind_at);
+                TaskState::Live(t)
+            }
+            (TaskState::Live(t), TaskEvent::Deleted) => TaskState::Deleted { owner: t.owner, version },
+            // A fact that does not fit the state cannot come from `decide`; keep counting versions so
+            // that a log written by other code still yields the right sequence numbers.
+            (TaskState::Absent, _) => TaskState::Absent,
+            (TaskState::Deleted { owner, .. }, _) => TaskState::Deleted { owner, version },
+        }
+    }
+
+    fn version(state: &TaskState) -> u32 {
+        state.version()
+    }
+
+    fn receipt(task: &TaskId, event: &TaskEvent) -> Receipt {
+        let created = matches!(event, TaskEvent::Created(_));
+        Receipt { id_field: "task_id", id: *task.as_uuid(), created, etag: true, secret: None }
+    }
+
+    fn announces_notification(task: &TaskId, event: &TaskEvent) -> Option<uuid::Uuid> {
+        match event {
+            TaskEvent::ReminderDue(r) => Some(crate::ids::reminder_notification_id(*task, r.remind_at)),
+            _ => None,
         }
     }
 }
@@ -187,55 +279,6 @@ fn check_schedule(due_at: Option<DateTime<Utc>>, remind: bool, recurs: bool) -> 
         errors.push(FieldError::new("recurrence", "needs due_at (the first occurrence)"));
     }
     if errors.is_empty() { Ok(()) } else { Err(DomainError::Invalid(errors)) }
-}
-
-/// Applies one fact (already accepted) to the state. `owner` is the user who produced it.
-pub fn evolve(state: TaskState, owner: &UserId, event: &TaskEvent) -> TaskState {
-    let version = state.version() + 1;
-    match (state, event) {
-        (_, TaskEvent::Created(t)) => TaskState::Live(LiveTask {
-            owner: owner.clone(),
-            version,
-            status: TaskStatus::Open,
-            due_at: t.due_at,
-            remind_before: t.remind_before.clone(),
-            has_recurrence: t.recurrence.is_some(),
-            reminded_for: None,
-        }),
-        (TaskState::Live(mut t), TaskEvent::Updated(p)) => {
-            t.version = version;
-            if let Some(due) = &p.due_at {
-                t.due_at = *due;
-            }
-            if let Some(r) = &p.remind_before {
-                t.remind_before = r.clone();
-            }
-            if let Some(r) = &p.recurrence {
-                t.has_recurrence = r.is_some();
-            }
-            TaskState::Live(t)
-        }
-        (TaskState::Live(mut t), TaskEvent::Completed) => {
-            t.version = version;
-            t.status = TaskStatus::Completed;
-            TaskState::Live(t)
-        }
-        (TaskState::Live(mut t), TaskEvent::Reopened) => {
-            t.version = version;
-            t.status = TaskStatus::Open;
-            TaskState::Live(t)
-        }
-        (TaskState::Live(mut t), TaskEvent::ReminderDue(r)) => {
-            t.version = version;
-            t.reminded_for = Some(r.remind_at);
-            TaskState::Live(t)
-        }
-        (TaskState::Live(t), TaskEvent::Deleted) => TaskState::Deleted { owner: t.owner, version },
-        // A fact that does not fit the state cannot come from `decide`; keep counting versions so
-        // that a log written by other code still yields the right sequence numbers.
-        (TaskState::Absent, _) => TaskState::Absent,
-        (TaskState::Deleted { owner, .. }, _) => TaskState::Deleted { owner, version },
-    }
 }
 
 #[cfg(test)]
@@ -277,7 +320,7 @@ mod tests {
     }
     fn given(events: &[TaskEvent]) -> Spec {
         let owner = alice();
-        Spec { state: events.iter().fold(TaskState::Absent, |s, e| evolve(s, &owner, e)) }
+        Spec { state: events.iter().fold(TaskState::Absent, |s, e| TaskDecider::evolve(s, &owner, e)) }
     }
     impl Spec {
         fn when(self, kind: CommandKind) -> When {
@@ -285,7 +328,7 @@ mod tests {
         }
         fn when_by(self, user: UserId, expected_version: Option<u32>, kind: CommandKind) -> When {
             let cmd = Command { task_id: TaskId::from_uuid(uuid::Uuid::from_u128(ID)), user, expected_version, kind };
-            When { result: decide(&cmd, &self.state) }
+            When { result: TaskDecider::decide(&cmd, &self.state) }
         }
     }
     impl When {
@@ -515,16 +558,16 @@ mod tests {
                 let mut log = Vec::new();
                 for kind in cmds {
                     let cmd = Command { task_id: TaskId::from_uuid(uuid::Uuid::from_u128(ID)), user: owner.clone(), expected_version: None, kind };
-                    if let Ok(events) = decide(&cmd, &state) {
+                    if let Ok(events) = TaskDecider::decide(&cmd, &state) {
                         for e in events {
                             let before = state.version();
-                            state = evolve(state, &owner, &e);
+                            state = TaskDecider::evolve(state, &owner, &e);
                             prop_assert_eq!(state.version(), before + 1);
                             log.push(e);
                         }
                     }
                 }
-                let replayed = log.iter().fold(TaskState::Absent, |s, e| evolve(s, &owner, e));
+                let replayed = log.iter().fold(TaskState::Absent, |s, e| TaskDecider::evolve(s, &owner, e));
                 prop_assert_eq!(replayed, state);
             }
         }

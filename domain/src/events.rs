@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::aggregate::{empty_json, parse_empty, parse_json, DomainEvent, UnknownEventType};
 use crate::values::{Description, Priority, Recurrence, RemindBefore, Tags, TaskId, TimeZone, Title};
 
 /// Everything a new task holds (the data of `task.created`, and the CreateTask payload).
@@ -105,23 +106,12 @@ pub struct ReminderDue {
     pub due_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UnknownEventType {
-    #[error("unknown event type {0:?}")]
-    Type(String),
-    #[error("invalid data for {event_type}: {message}")]
-    Data { event_type: String, message: String },
-}
+impl DomainEvent for TaskEvent {
+    type Subject = TaskId;
+    const TYPES: &'static [&'static str] =
+        &["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted", "task.reminder_due"];
 
-#[derive(Serialize, Deserialize)]
-struct Empty {}
-
-impl TaskEvent {
-    pub const TYPES: [&'static str; 6] =
-        ["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted", "task.reminder_due"];
-
-    /// The stable type name (`ce_type`).
-    pub fn event_type(&self) -> &'static str {
+    fn event_type(&self) -> &'static str {
         match self {
             TaskEvent::Created(_) => "task.created",
             TaskEvent::Updated(_) => "task.updated",
@@ -132,37 +122,23 @@ impl TaskEvent {
         }
     }
 
-    /// The schema version of the data; new versions only add optional fields.
-    pub fn schema_version(&self) -> u32 {
-        1
+    fn to_json(&self) -> Vec<u8> {
+        match self {
+            TaskEvent::Created(t) => serde_json::to_vec(t).expect("event data always serializes"),
+            TaskEvent::Updated(p) => serde_json::to_vec(p).expect("event data always serializes"),
+            TaskEvent::ReminderDue(r) => serde_json::to_vec(r).expect("event data always serializes"),
+            TaskEvent::Completed | TaskEvent::Reopened | TaskEvent::Deleted => empty_json(),
+        }
     }
 
-    /// The event data as JSON.
-    pub fn to_json(&self) -> Vec<u8> {
-        let res = match self {
-            TaskEvent::Created(t) => serde_json::to_vec(t),
-            TaskEvent::Updated(p) => serde_json::to_vec(p),
-            TaskEvent::ReminderDue(r) => serde_json::to_vec(r),
-            TaskEvent::Completed | TaskEvent::Reopened | TaskEvent::Deleted => serde_json::to_vec(&Empty {}),
-        };
-        res.expect("event data always serializes")
-    }
-
-    /// Parses event data of the given type (any schema version this code knows or older).
-    pub fn from_json(event_type: &str, data: &[u8]) -> Result<Self, UnknownEventType> {
-        let err = |e: serde_json::Error| UnknownEventType::Data { event_type: event_type.to_owned(), message: e.to_string() };
+    fn from_json(event_type: &str, data: &[u8]) -> Result<Self, UnknownEventType> {
         Ok(match event_type {
-            "task.created" => TaskEvent::Created(serde_json::from_slice(data).map_err(err)?),
-            "task.updated" => TaskEvent::Updated(serde_json::from_slice(data).map_err(err)?),
-            "task.reminder_due" => TaskEvent::ReminderDue(serde_json::from_slice(data).map_err(err)?),
-            "task.completed" | "task.reopened" | "task.deleted" => {
-                let _: serde_json::Value = serde_json::from_slice(data).map_err(err)?;
-                match event_type {
-                    "task.completed" => TaskEvent::Completed,
-                    "task.reopened" => TaskEvent::Reopened,
-                    _ => TaskEvent::Deleted,
-                }
-            }
+            "task.created" => TaskEvent::Created(parse_json(event_type, data)?),
+            "task.updated" => TaskEvent::Updated(parse_json(event_type, data)?),
+            "task.reminder_due" => TaskEvent::ReminderDue(parse_json(event_type, data)?),
+            "task.completed" => parse_empty(event_type, data).map(|()| TaskEvent::Completed)?,
+            "task.reopened" => parse_empty(event_type, data).map(|()| TaskEvent::Reopened)?,
+            "task.deleted" => parse_empty(event_type, data).map(|()| TaskEvent::Deleted)?,
             other => return Err(UnknownEventType::Type(other.to_owned())),
         })
     }

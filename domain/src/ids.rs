@@ -1,10 +1,11 @@
-//! Deterministic ids of things that reactions create, so that doing a reaction twice (redelivery,
-//! a crash before the checkpoint, reopen and complete again) names the same thing twice.
+//! Derived ids: deterministic ids of things that reactions create, so that doing a reaction twice
+//! (redelivery, a crash before the checkpoint, reopen and complete again) names the same thing twice,
+//! and the fixed ids that command answers name.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::values::TaskId;
+use crate::values::{TaskId, UserId};
 
 const NS_OCCURRENCE: Uuid = Uuid::from_u128(0x6d0c_5a3e_8f1b_4c2a_9e57_1b2c_3d4e_5f60);
 const NS_NOTIFICATION: Uuid = Uuid::from_u128(0x0b7e_42d1_6a9c_4f83_b215_7c8d_9e0f_a1b2);
@@ -21,6 +22,11 @@ pub fn reminder_notification_id(task: TaskId, remind_at: DateTime<Utc>) -> Uuid 
     let mut name = task.as_uuid().as_bytes().to_vec();
     name.extend_from_slice(&remind_at.timestamp_micros().to_be_bytes());
     Uuid::new_v5(&NS_NOTIFICATION, &name)
+}
+
+/// The id of a user's webhook registration (one per user), named in SetWebhook/RemoveWebhook answers.
+pub fn webhook_id(user: &UserId) -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("taskstream:webhook:{user}").as_bytes())
 }
 
 #[cfg(test)]

@@ -1,6 +1,13 @@
-//! The pure core of taskstream: value types parsed once, commands, past-tense events and the task
-//! decider (`decide` holds every business rule, `evolve` only applies facts). No IO, no async.
+//! The pure core of taskstream: value types parsed once, and the aggregates, each a decider of one
+//! shape (`aggregate::Decider`: commands, past-tense events with type name + schema version, state,
+//! `decide` holding every business rule, `evolve` only applying facts). No IO, no async.
+//!
+//! Modules, bottom to top: `values` (parsed value types) and `ids` (derived ids) <- `aggregate` (the
+//! decider shape, the event envelope and its metadata, the registry macro) <- the aggregates:
+//! `decider` + `events` (tasks), `user` (notification read state, webhook registration);
+//! `recurrence` (next occurrence of a series, used by the projector's reactions).
 
+pub mod aggregate;
 pub mod decider;
 pub mod events;
 pub mod ids;
@@ -8,9 +15,20 @@ pub mod recurrence;
 pub mod user;
 pub mod values;
 
-pub use decider::{decide, evolve, Command, CommandKind, DomainError, LiveTask, TaskState, TaskStatus};
-pub use events::{NewTask, ReminderDue, TaskEvent, TaskPatch, UnknownEventType};
-pub use values::{
-    Description, FieldError, Priority, Recurrence, RemindBefore, Tag, Tags, TaskId, TimeZone, Title,
-    UserId, ValidationError,
+pub use aggregate::{
+    CommandVisitor, Decider, DomainEvent, Envelope, EnvelopeError, IdempotencyTag, Metadata, Receipt, RecordVisitor,
+    StreamId, UnknownEventType,
 };
+pub use decider::{Command, CommandKind, DomainError, LiveTask, TaskDecider, TaskState, TaskStatus};
+pub use events::{NewTask, ReminderDue, TaskEvent, TaskPatch};
+pub use user::UserDecider;
+pub use values::{
+    Description, FieldError, Priority, Recurrence, RemindBefore, Tag, Tags, TaskId, TimeZone, Title, UserId,
+    ValidationError,
+};
+
+// The aggregates of taskstream: one line each. Generates `AnyCommand` and `Record`.
+aggregate::aggregates! {
+    Task => decider::TaskDecider,
+    User => user::UserDecider,
+}

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::aggregate::{empty_json, parse_empty, parse_json, Decider, DomainEvent, Receipt, StreamId, UnknownEventType};
 use crate::decider::DomainError;
+use crate::ids::webhook_id;
 use crate::values::{FieldError, UserId, ValidationError};
 
 /// A webhook endpoint: an absolute http(s) URL. Literal loopback, private, link-local, metadata and
@@ -124,13 +126,11 @@ pub enum UserEvent {
     WebhookRemoved,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Empty {}
+impl DomainEvent for UserEvent {
+    type Subject = UserId;
+    const TYPES: &'static [&'static str] = &["notification.read", "webhook.registered", "webhook.removed"];
 
-impl UserEvent {
-    pub const TYPES: [&'static str; 3] = ["notification.read", "webhook.registered", "webhook.removed"];
-
-    pub fn event_type(&self) -> &'static str {
+    fn event_type(&self) -> &'static str {
         match self {
             UserEvent::NotificationRead(_) => "notification.read",
             UserEvent::WebhookRegistered(_) => "webhook.registered",
@@ -138,29 +138,20 @@ impl UserEvent {
         }
     }
 
-    pub fn schema_version(&self) -> u32 {
-        1
-    }
-
-    pub fn to_json(&self) -> Vec<u8> {
+    fn to_json(&self) -> Vec<u8> {
         match self {
-            UserEvent::NotificationRead(e) => serde_json::to_vec(e),
-            UserEvent::WebhookRegistered(e) => serde_json::to_vec(e),
-            UserEvent::WebhookRemoved => serde_json::to_vec(&Empty {}),
+            UserEvent::NotificationRead(e) => serde_json::to_vec(e).expect("event data always serializes"),
+            UserEvent::WebhookRegistered(e) => serde_json::to_vec(e).expect("event data always serializes"),
+            UserEvent::WebhookRemoved => empty_json(),
         }
-        .expect("event data always serializes")
     }
 
-    pub fn from_json(event_type: &str, data: &[u8]) -> Result<Self, crate::UnknownEventType> {
-        let err = |e: serde_json::Error| crate::UnknownEventType::Data { event_type: event_type.to_owned(), message: e.to_string() };
+    fn from_json(event_type: &str, data: &[u8]) -> Result<Self, UnknownEventType> {
         Ok(match event_type {
-            "notification.read" => UserEvent::NotificationRead(serde_json::from_slice(data).map_err(err)?),
-            "webhook.registered" => UserEvent::WebhookRegistered(serde_json::from_slice(data).map_err(err)?),
-            "webhook.removed" => {
-                let _: serde_json::Value = serde_json::from_slice(data).map_err(err)?;
-                UserEvent::WebhookRemoved
-            }
-            other => return Err(crate::UnknownEventType::Type(other.to_owned())),
+            "notification.read" => UserEvent::NotificationRead(parse_json(event_type, data)?),
+            "webhook.registered" => UserEvent::WebhookRegistered(parse_json(event_type, data)?),
+            "webhook.removed" => parse_empty(event_type, data).map(|()| UserEvent::WebhookRemoved)?,
+            other => return Err(UnknownEventType::Type(other.to_owned())),
         })
     }
 }
@@ -205,69 +196,110 @@ impl UserState {
     }
 }
 
-pub fn decide_user(cmd: &UserCommand, state: &UserState) -> Result<Vec<UserEvent>, DomainError> {
-    match &cmd.kind {
-        UserCommandKind::MarkNotificationRead(id) => match state.notifications.get(id) {
-            None => Err(DomainError::NotFound),
-            Some(true) => Err(DomainError::AlreadyRead),
-            Some(false) => Ok(vec![UserEvent::NotificationRead(NotificationRead { notification_id: *id })]),
-        },
-        UserCommandKind::SetWebhook { url, secret } => {
-            if secret.len() < 16 || secret.len() > 256 {
-                return Err(DomainError::Invalid(vec![FieldError::new("secret", "must be 16..=256 characters")]));
-            }
-            Ok(vec![UserEvent::WebhookRegistered(WebhookRegistered { url: url.clone(), secret: secret.clone() })])
-        }
-        UserCommandKind::RemoveWebhook => match state.webhook {
-            Some(_) => Ok(vec![UserEvent::WebhookRemoved]),
-            None => Err(DomainError::NotFound),
-        },
+/// The user-level aggregate's decider; its stream is keyed by the user id.
+pub struct UserDecider;
+
+impl StreamId for UserId {
+    fn parse_subject(subject: &str) -> Result<Self, ValidationError> {
+        UserId::parse(subject.to_owned())
+    }
+    fn owner(&self) -> Option<&UserId> {
+        Some(self)
     }
 }
 
-pub fn evolve_user(mut state: UserState, event: &UserEvent) -> UserState {
-    state.version += 1;
-    match event {
-        UserEvent::NotificationRead(e) => {
-            state.notifications.insert(e.notification_id, true);
-        }
-        UserEvent::WebhookRegistered(e) => state.webhook = Some(e.url.clone()),
-        UserEvent::WebhookRemoved => state.webhook = None,
+impl Decider for UserDecider {
+    type Command = UserCommand;
+    type Event = UserEvent;
+    type State = UserState;
+
+    fn stream_id(cmd: &UserCommand) -> UserId {
+        cmd.user.clone()
     }
-    state
+    fn actor(cmd: &UserCommand) -> &UserId {
+        &cmd.user
+    }
+    fn command_name(cmd: &UserCommand) -> &'static str {
+        cmd.kind.name()
+    }
+    fn decide(cmd: &UserCommand, state: &UserState) -> Result<Vec<UserEvent>, DomainError> {
+        match &cmd.kind {
+            UserCommandKind::MarkNotificationRead(id) => match state.notifications.get(id) {
+                None => Err(DomainError::NotFound),
+                Some(true) => Err(DomainError::AlreadyRead),
+                Some(false) => Ok(vec![UserEvent::NotificationRead(NotificationRead { notification_id: *id })]),
+            },
+            UserCommandKind::SetWebhook { url, secret } => {
+                if secret.len() < 16 || secret.len() > 256 {
+                    return Err(DomainError::Invalid(vec![FieldError::new("secret", "must be 16..=256 characters")]));
+                }
+                Ok(vec![UserEvent::WebhookRegistered(WebhookRegistered { url: url.clone(), secret: secret.clone() })])
+            }
+            UserCommandKind::RemoveWebhook => match state.webhook {
+                Some(_) => Ok(vec![UserEvent::WebhookRemoved]),
+                None => Err(DomainError::NotFound),
+            },
+        }
+    }
+    fn evolve(mut state: UserState, _actor: &UserId, event: &UserEvent) -> UserState {
+        state.version += 1;
+        match event {
+            UserEvent::NotificationRead(e) => {
+                state.notifications.insert(e.notification_id, true);
+            }
+            UserEvent::WebhookRegistered(e) => state.webhook = Some(e.url.clone()),
+            UserEvent::WebhookRemoved => state.webhook = None,
+        }
+        state
+    }
+    fn version(state: &UserState) -> u32 {
+        state.version
+    }
+    fn receipt(user: &UserId, event: &UserEvent) -> Receipt {
+        let (id_field, id, secret) = match event {
+            UserEvent::NotificationRead(e) => ("notification_id", e.notification_id, None),
+            UserEvent::WebhookRegistered(e) => ("webhook_id", webhook_id(user), Some(e.secret.as_str().into())),
+            UserEvent::WebhookRemoved => ("webhook_id", webhook_id(user), None),
+        };
+        Receipt { id_field, id, created: false, etag: false, secret }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn alice() -> UserId {
+        UserId::parse("alice".into()).unwrap()
+    }
+
     fn cmd(kind: UserCommandKind) -> UserCommand {
-        UserCommand { user: UserId::parse("alice".into()).unwrap(), kind }
+        UserCommand { user: alice(), kind }
     }
 
     #[test]
     fn a_known_notification_is_read_once() {
         let id = Uuid::from_u128(5);
         let s = UserState::default().with_notification(id);
-        let events = decide_user(&cmd(UserCommandKind::MarkNotificationRead(id)), &s).unwrap();
+        let events = UserDecider::decide(&cmd(UserCommandKind::MarkNotificationRead(id)), &s).unwrap();
         assert_eq!(events, vec![UserEvent::NotificationRead(NotificationRead { notification_id: id })]);
-        let s = evolve_user(s, &events[0]);
+        let s = UserDecider::evolve(s, &alice(), &events[0]);
         assert_eq!(s.version, 1);
-        assert_eq!(decide_user(&cmd(UserCommandKind::MarkNotificationRead(id)), &s), Err(DomainError::AlreadyRead));
-        assert_eq!(decide_user(&cmd(UserCommandKind::MarkNotificationRead(Uuid::from_u128(6))), &s), Err(DomainError::NotFound));
+        assert_eq!(UserDecider::decide(&cmd(UserCommandKind::MarkNotificationRead(id)), &s), Err(DomainError::AlreadyRead));
+        assert_eq!(UserDecider::decide(&cmd(UserCommandKind::MarkNotificationRead(Uuid::from_u128(6))), &s), Err(DomainError::NotFound));
     }
 
     #[test]
     fn webhooks_are_set_and_removed() {
         let url = WebhookUrl::parse("https://hooks.example.com/taskstream".into(), false).unwrap();
         let set = cmd(UserCommandKind::SetWebhook { url: url.clone(), secret: "s".repeat(32) });
-        let events = decide_user(&set, &UserState::default()).unwrap();
-        let s = evolve_user(UserState::default(), &events[0]);
+        let events = UserDecider::decide(&set, &UserState::default()).unwrap();
+        let s = UserDecider::evolve(UserState::default(), &alice(), &events[0]);
         assert_eq!(s.webhook, Some(url));
-        assert_eq!(decide_user(&cmd(UserCommandKind::RemoveWebhook), &s).unwrap(), vec![UserEvent::WebhookRemoved]);
-        assert_eq!(decide_user(&cmd(UserCommandKind::RemoveWebhook), &UserState::default()), Err(DomainError::NotFound));
+        assert_eq!(UserDecider::decide(&cmd(UserCommandKind::RemoveWebhook), &s).unwrap(), vec![UserEvent::WebhookRemoved]);
+        assert_eq!(UserDecider::decide(&cmd(UserCommandKind::RemoveWebhook), &UserState::default()), Err(DomainError::NotFound));
         let short = cmd(UserCommandKind::SetWebhook { url: WebhookUrl::parse("https://a.example".into(), false).unwrap(), secret: "x".into() });
-        assert!(matches!(decide_user(&short, &UserState::default()), Err(DomainError::Invalid(_))));
+        assert!(matches!(UserDecider::decide(&short, &UserState::default()), Err(DomainError::Invalid(_))));
     }
 
     #[test]

@@ -1,40 +1,18 @@
 //! The event codec: a domain event plus its metadata <-> a Kafka record in CloudEvents 1.0 binary
-//! content mode (attributes as `ce_*` headers, the event data as the value, key = task id).
+//! content mode (attributes as `ce_*` headers, the event data as the value, key = the stream id:
+//! the task id, or the user id for user-level events). One encoder and one decoder for every aggregate.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use uuid::Uuid;
 
-use domain::user::UserEvent;
-use domain::{TaskEvent, TaskId, UserId};
+use domain::{DomainEvent, EnvelopeError, UserId};
+// The envelope types, with the codec that writes and reads them.
+pub use domain::{Envelope, IdempotencyTag, Metadata, Record};
 
 /// `ce_source` of events appended by the command API.
 pub const SOURCE: &str = "/taskstream/command-api";
 pub const CONTENT_TYPE: &str = "application/json";
-
-/// Idempotency metadata recorded with a command's events so that a restarted command API still
-/// recognises a retried request (`ce_idempotencykey`, `ce_requestdigest` extensions).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyTag {
-    pub key: String,
-    pub request_digest: String,
-}
-
-/// A domain event with everything the log records about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventEnvelope {
-    pub event_id: Uuid,
-    pub task_id: TaskId,
-    pub user_id: UserId,
-    /// The task version this event produced (`ce_sequence`).
-    pub sequence: u32,
-    pub occurred_at: DateTime<Utc>,
-    pub correlation_id: Option<String>,
-    pub causation_id: Option<String>,
-    pub traceparent: Option<String>,
-    pub idempotency: Option<IdempotencyTag>,
-    pub event: TaskEvent,
-}
 
 /// What goes to Kafka.
 pub struct EncodedEvent {
@@ -49,123 +27,50 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     Header { key, value: Some(value) }
 }
 
-pub fn encode(env: &EventEnvelope) -> EncodedEvent {
-    let subject = env.task_id.to_string();
-    let headers = encode_parts(
-        env.event_id,
-        env.event.event_type(),
-        env.event.schema_version(),
-        &subject,
-        &env.user_id,
-        env.sequence,
-        env.occurred_at,
-        env.correlation_id.as_deref(),
-        env.causation_id.as_deref(),
-        env.traceparent.as_deref(),
-        env.idempotency.as_ref(),
-    );
-    EncodedEvent { key: subject, payload: env.event.to_json(), headers, event_type: env.event.event_type() }
-}
-
-/// A user-level event (notification read state, webhook registration): key and `ce_subject` are
-/// the user id, `ce_sequence` the user stream's version.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserEnvelope {
-    pub event_id: Uuid,
-    pub user_id: UserId,
-    pub sequence: u32,
-    pub occurred_at: DateTime<Utc>,
-    pub correlation_id: Option<String>,
-    pub causation_id: Option<String>,
-    pub traceparent: Option<String>,
-    pub idempotency: Option<IdempotencyTag>,
-    pub event: UserEvent,
-}
-
-/// Any record of the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record {
-    Task(EventEnvelope),
-    User(UserEnvelope),
-}
-
-#[allow(clippy::too_many_arguments)]
-fn encode_parts(
-    event_id: Uuid,
-    event_type: &str,
-    schema_version: u32,
-    subject: &str,
-    user: &UserId,
-    sequence: u32,
-    occurred_at: DateTime<Utc>,
-    correlation_id: Option<&str>,
-    causation_id: Option<&str>,
-    traceparent: Option<&str>,
-    idempotency: Option<&IdempotencyTag>,
-) -> OwnedHeaders {
-    let id = event_id.to_string();
-    let time = occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true);
-    let sequence = sequence.to_string();
-    let dataschema = format!("urn:taskstream:schema:{event_type}:v{schema_version}");
+/// Encodes an event of any aggregate: key and `ce_subject` are its stream id.
+pub fn encode<E: DomainEvent>(env: &Envelope<E>) -> EncodedEvent {
+    let m = &env.meta;
+    let subject = env.subject.to_string();
+    let event_type = env.event.event_type();
+    let id = m.event_id.to_string();
+    let time = m.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+    let sequence = m.sequence.to_string();
+    let dataschema = format!("urn:taskstream:schema:{event_type}:v{}", env.event.schema_version());
     let mut h = OwnedHeaders::new_with_capacity(16)
         .insert(header("ce_specversion", "1.0"))
         .insert(header("ce_id", &id))
         .insert(header("ce_type", event_type))
         .insert(header("ce_source", SOURCE))
         .insert(header("ce_time", &time))
-        .insert(header("ce_subject", subject))
+        .insert(header("ce_subject", &subject))
         .insert(header("ce_dataschema", &dataschema))
         .insert(header("content-type", CONTENT_TYPE))
-        .insert(header("ce_userid", user.as_ref()))
+        .insert(header("ce_userid", m.user_id.as_ref()))
         .insert(header("ce_sequence", &sequence));
-    if let Some(c) = correlation_id {
+    if let Some(c) = &m.correlation_id {
         h = h.insert(header("ce_correlationid", c));
     }
-    if let Some(c) = causation_id {
+    if let Some(c) = &m.causation_id {
         h = h.insert(header("ce_causationid", c));
     }
-    if let Some(t) = traceparent {
+    if let Some(t) = &m.traceparent {
         h = h.insert(header("traceparent", t));
     }
-    if let Some(i) = idempotency {
+    if let Some(i) = &m.idempotency {
         h = h.insert(header("ce_idempotencykey", &i.key)).insert(header("ce_requestdigest", &i.request_digest));
     }
-    h
+    EncodedEvent { key: subject, payload: env.event.to_json(), headers: h, event_type }
 }
 
-pub fn encode_user(env: &UserEnvelope) -> EncodedEvent {
-    let subject = env.user_id.to_string();
-    let headers = encode_parts(
-        env.event_id,
-        env.event.event_type(),
-        env.event.schema_version(),
-        &subject,
-        &env.user_id,
-        env.sequence,
-        env.occurred_at,
-        env.correlation_id.as_deref(),
-        env.causation_id.as_deref(),
-        env.traceparent.as_deref(),
-        env.idempotency.as_ref(),
-    );
-    EncodedEvent { key: subject, payload: env.event.to_json(), headers, event_type: env.event.event_type() }
-}
-
-/// The CloudEvents attributes every record carries, parsed and checked.
-struct Common {
-    event_id: Uuid,
-    event_type: String,
-    occurred_at: DateTime<Utc>,
+/// The CloudEvents attributes of a record, parsed and checked, and its data.
+struct Parts<'a> {
     subject: String,
-    user_id: UserId,
-    sequence: u32,
-    correlation_id: Option<String>,
-    causation_id: Option<String>,
-    traceparent: Option<String>,
-    idempotency: Option<IdempotencyTag>,
+    event_type: String,
+    meta: Metadata,
+    data: &'a [u8],
 }
 
-fn decode_common<H: Headers>(key: Option<&[u8]>, headers: Option<&H>) -> Result<Common, DecodeError> {
+fn decode_parts<'a, H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&'a [u8]>) -> Result<Parts<'a>, DecodeError> {
     let mut get = HeaderMap::default();
     if let Some(headers) = headers {
         for h in headers.iter() {
@@ -181,13 +86,11 @@ fn decode_common<H: Headers>(key: Option<&[u8]>, headers: Option<&H>) -> Result<
     if key.is_some_and(|k| k != subject.as_bytes()) {
         return Err(DecodeError::KeyMismatch);
     }
-    Ok(Common {
+    let meta = Metadata {
         event_id: Uuid::parse_str(get.required("ce_id")?).map_err(|e| invalid("ce_id", e.to_string()))?,
-        event_type: get.required("ce_type")?.to_owned(),
         occurred_at: DateTime::parse_from_rfc3339(get.required("ce_time")?)
             .map_err(|e| invalid("ce_time", e.to_string()))?
             .with_timezone(&Utc),
-        subject: subject.to_owned(),
         user_id: UserId::parse(get.required("ce_userid")?.to_owned()).map_err(|e| invalid("ce_userid", e.0))?,
         sequence: get.required("ce_sequence")?.parse().map_err(|_| invalid("ce_sequence", "not a number".into()))?,
         correlation_id: get.optional("ce_correlationid"),
@@ -197,47 +100,32 @@ fn decode_common<H: Headers>(key: Option<&[u8]>, headers: Option<&H>) -> Result<
             (Some(key), Some(d)) => Some(IdempotencyTag { key, request_digest: d }),
             _ => None,
         },
-    })
+    };
+    let event_type = get.required("ce_type")?.to_owned();
+    let data = payload.filter(|p| !p.is_empty()).ok_or(DecodeError::EmptyValue)?;
+    Ok(Parts { subject: subject.to_owned(), event_type, meta, data })
 }
 
-/// Decodes any record: task events (`task.*`) and user-level events.
+impl From<EnvelopeError> for DecodeError {
+    fn from(e: EnvelopeError) -> Self {
+        match e {
+            EnvelopeError::Subject(message) => DecodeError::InvalidHeader { name: "ce_subject", message },
+            EnvelopeError::Owner => DecodeError::KeyMismatch,
+            EnvelopeError::Event(e) => DecodeError::Data(e),
+        }
+    }
+}
+
+/// Decodes any record of the log (an event of any registered aggregate).
 pub fn decode_record<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<Record, DecodeError> {
-    let c = decode_common(key, headers)?;
-    let payload = payload.filter(|p| !p.is_empty()).ok_or(DecodeError::EmptyValue)?;
-    if c.event_type.starts_with("task.") {
-        let task_id: TaskId = c
-            .subject
-            .parse()
-            .map_err(|e: domain::ValidationError| DecodeError::InvalidHeader { name: "ce_subject", message: e.0 })?;
-        let event = TaskEvent::from_json(&c.event_type, payload)?;
-        return Ok(Record::Task(EventEnvelope {
-            event_id: c.event_id,
-            task_id,
-            user_id: c.user_id,
-            sequence: c.sequence,
-            occurred_at: c.occurred_at,
-            correlation_id: c.correlation_id,
-            causation_id: c.causation_id,
-            traceparent: c.traceparent,
-            idempotency: c.idempotency,
-            event,
-        }));
-    }
-    if c.subject != c.user_id.as_ref() {
-        return Err(DecodeError::KeyMismatch);
-    }
-    let event = UserEvent::from_json(&c.event_type, payload)?;
-    Ok(Record::User(UserEnvelope {
-        event_id: c.event_id,
-        user_id: c.user_id,
-        sequence: c.sequence,
-        occurred_at: c.occurred_at,
-        correlation_id: c.correlation_id,
-        causation_id: c.causation_id,
-        traceparent: c.traceparent,
-        idempotency: c.idempotency,
-        event,
-    }))
+    let p = decode_parts(key, headers, payload)?;
+    Ok(Record::from_data(&p.subject, p.meta, &p.event_type, p.data)?)
+}
+
+/// Decodes a record that must be an event of `E`'s aggregate.
+pub fn decode<E: DomainEvent, H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<Envelope<E>, DecodeError> {
+    let p = decode_parts(key, headers, payload)?;
+    Ok(Envelope::from_data(&p.subject, p.meta, &p.event_type, p.data)?)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -254,14 +142,6 @@ pub enum DecodeError {
     EmptyValue,
     #[error(transparent)]
     Data(#[from] domain::UnknownEventType),
-}
-
-/// Decodes a record that must be a task event.
-pub fn decode<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<EventEnvelope, DecodeError> {
-    match decode_record(key, headers, payload)? {
-        Record::Task(env) => Ok(env),
-        Record::User(env) => Err(DecodeError::Data(domain::UnknownEventType::Type(env.event.event_type().to_owned()))),
-    }
 }
 
 #[derive(Default)]
@@ -288,21 +168,24 @@ impl<'a> HeaderMap<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domain::{NewTask, Title};
+    use domain::user::{NotificationRead, UserEvent};
+    use domain::{NewTask, TaskEvent, TaskId, Title};
 
-    fn envelope() -> EventEnvelope {
-        EventEnvelope {
+    fn meta(sequence: u32) -> Metadata {
+        Metadata {
             event_id: Uuid::now_v7(),
-            task_id: TaskId::new_v7(),
             user_id: UserId::parse("alice".into()).unwrap(),
-            sequence: 1,
+            sequence,
             occurred_at: DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123456Z").unwrap().with_timezone(&Utc),
             correlation_id: Some("corr".into()),
             causation_id: None,
             traceparent: None,
             idempotency: Some(IdempotencyTag { key: "k1".into(), request_digest: "abc".into() }),
-            event: TaskEvent::Created(NewTask::new(Title::parse("t".into()).unwrap())),
         }
+    }
+
+    fn envelope() -> Envelope<TaskEvent> {
+        Envelope { subject: TaskId::new_v7(), meta: meta(1), event: TaskEvent::Created(NewTask::new(Title::parse("t".into()).unwrap())) }
     }
 
     #[test]
@@ -319,18 +202,15 @@ mod tests {
 
     #[test]
     fn user_events_round_trip_and_are_told_apart() {
-        let env = UserEnvelope {
-            event_id: Uuid::now_v7(),
-            user_id: UserId::parse("alice".into()).unwrap(),
-            sequence: 3,
-            occurred_at: DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z").unwrap().with_timezone(&Utc),
-            correlation_id: None,
-            causation_id: None,
-            traceparent: None,
-            idempotency: None,
-            event: UserEvent::NotificationRead(domain::user::NotificationRead { notification_id: Uuid::from_u128(9) }),
+        let mut m = meta(3);
+        m.correlation_id = None;
+        m.idempotency = None;
+        let env = Envelope {
+            subject: UserId::parse("alice".into()).unwrap(),
+            meta: m,
+            event: UserEvent::NotificationRead(NotificationRead { notification_id: Uuid::from_u128(9) }),
         };
-        let enc = encode_user(&env);
+        let enc = encode(&env);
         assert_eq!(enc.key, "alice");
         assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)), Ok(Record::User(env)));
         let task = envelope();
@@ -342,9 +222,14 @@ mod tests {
     fn refuses_broken_records() {
         let env = envelope();
         let enc = encode(&env);
+        let decode = decode::<TaskEvent, OwnedHeaders>;
         assert_eq!(decode(Some(b"other".as_slice()), Some(&enc.headers), Some(&enc.payload)), Err(DecodeError::KeyMismatch));
-        assert_eq!(decode::<OwnedHeaders>(None, None, Some(&enc.payload)), Err(DecodeError::MissingHeader("ce_specversion")));
+        assert_eq!(decode(None, None, Some(&enc.payload)), Err(DecodeError::MissingHeader("ce_specversion")));
         assert!(decode(None, Some(&enc.headers), Some(b"{\"title\": 1}".as_slice())).is_err());
         assert_eq!(decode(None, Some(&enc.headers), None), Err(DecodeError::EmptyValue));
+        // A user-level event whose subject is not its ce_userid.
+        let user = Envelope { subject: UserId::parse("bob".into()).unwrap(), meta: meta(1), event: UserEvent::WebhookRemoved };
+        let enc = encode(&user);
+        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)), Err(DecodeError::KeyMismatch));
     }
 }

@@ -127,14 +127,14 @@ pub async fn park<'b>(
     let mut parked_messages: Vec<RawRecord> = Vec::new();
     let mut admitted = Batch { to: batch.to.clone(), ..Batch::default() };
     for r in &batch.tasks {
-        if is_blocked(&blockers, &r.envelope.task_id.to_string(), r.position) {
+        if is_blocked(&blockers, &r.envelope.subject.to_string(), r.position) {
             parked_messages.push(RawRecord::from_message(*raw_by_position.get(&r.position).ok_or_else(|| missing_raw(r.position))?));
         } else {
             admitted.tasks.push(r.clone());
         }
     }
     for r in &batch.users {
-        if is_blocked(&blockers, r.envelope.user_id.as_ref(), r.position) {
+        if is_blocked(&blockers, r.envelope.meta.user_id.as_ref(), r.position) {
             parked_messages.push(RawRecord::from_message(*raw_by_position.get(&r.position).ok_or_else(|| missing_raw(r.position))?));
         } else {
             admitted.users.push(r.clone());

@@ -1,6 +1,7 @@
 //! taskstream projector: builds the PostgreSQL read models from the `task-events` log,
 //! exactly-once (each batch and its per-partition offsets are committed in one transaction).
 
+pub mod consumer;
 pub mod dlq;
 pub mod model;
 pub mod reactor;

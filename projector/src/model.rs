@@ -7,7 +7,8 @@ use uuid::Uuid;
 
 use domain::recurrence::{next_occurrence, NextOccurrence};
 use domain::{ids, Recurrence, RemindBefore, TaskEvent, TaskId, TimeZone};
-use platform::codec::{self, EventEnvelope, UserEnvelope};
+use domain::user::UserEvent;
+use platform::codec::{self, Envelope};
 use platform::position::Position;
 
 /// One row of the `tasks` read model.
@@ -53,14 +54,14 @@ impl TaskRow {
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub position: Position,
-    pub envelope: EventEnvelope,
+    pub envelope: Envelope<TaskEvent>,
 }
 
 /// A decoded user-level record with its place in the log.
 #[derive(Debug, Clone)]
 pub struct RecordedUser {
     pub position: Position,
-    pub envelope: UserEnvelope,
+    pub envelope: Envelope<UserEvent>,
 }
 
 /// A record as it is in the log (key, headers, payload), kept for the records that are dead-lettered
@@ -173,8 +174,8 @@ impl Batch {
 
     /// The key (task or user id) of every decoded record with its position.
     pub fn keys(&self) -> impl Iterator<Item = (String, Position)> + '_ {
-        let tasks = self.tasks.iter().map(|r| (r.envelope.task_id.to_string(), r.position));
-        let users = self.users.iter().map(|r| (r.envelope.user_id.to_string(), r.position));
+        let tasks = self.tasks.iter().map(|r| (r.envelope.subject.to_string(), r.position));
+        let users = self.users.iter().map(|r| (r.envelope.meta.user_id.to_string(), r.position));
         tasks.chain(users)
     }
 }
@@ -221,14 +222,14 @@ pub struct Effects {
 }
 
 /// The next occurrence of a recurring task completed by `env`, as a CreateTask command.
-fn spawn_next_occurrence(r: &TaskRow, env: &EventEnvelope) -> Option<Reaction> {
+fn spawn_next_occurrence(r: &TaskRow, env: &Envelope<TaskEvent>) -> Option<Reaction> {
     let rule = Recurrence::parse(r.recurrence.clone()?).ok()?;
     let zone = TimeZone::parse(r.timezone.clone()).ok()?;
     let occurrence = r.occurrence.and_then(|o| u32::try_from(o).ok()).unwrap_or(1);
-    let NextOccurrence::Due { due_at, occurrence } = next_occurrence(&rule, zone, r.due_at?, env.occurred_at, occurrence) else {
+    let NextOccurrence::Due { due_at, occurrence } = next_occurrence(&rule, zone, r.due_at?, env.meta.occurred_at, occurrence) else {
         return None;
     };
-    let id = *ids::next_occurrence_id(env.task_id, occurrence).as_uuid();
+    let id = *ids::next_occurrence_id(env.subject, occurrence).as_uuid();
     let priority = domain::Priority::from_rank(r.priority).unwrap_or_default();
     let mut payload = serde_json::json!({
         "task_id": id,
@@ -238,7 +239,7 @@ fn spawn_next_occurrence(r: &TaskRow, env: &EventEnvelope) -> Option<Reaction> {
         "timezone": r.timezone,
         "recurrence": r.recurrence,
         "tags": r.tags,
-        "recurrence_parent_id": env.task_id,
+        "recurrence_parent_id": env.subject,
         "occurrence": occurrence,
     });
     if let Some(d) = &r.description {
@@ -253,32 +254,32 @@ fn spawn_next_occurrence(r: &TaskRow, env: &EventEnvelope) -> Option<Reaction> {
         user_id: r.user_id.clone(),
         task_id: r.id,
         payload,
-        causation_id: env.event_id,
-        correlation_id: env.correlation_id.clone(),
-        traceparent: env.traceparent.clone(),
+        causation_id: env.meta.event_id,
+        correlation_id: env.meta.correlation_id.clone(),
+        traceparent: env.meta.traceparent.clone(),
     })
 }
 
 /// Applies one event to the current row (if any). Events at or below the row's version were
 /// already applied and are ignored (this makes applying a batch idempotent).
-pub fn apply(row: Option<RowState>, env: &EventEnvelope) -> Option<RowState> {
+pub fn apply(row: Option<RowState>, env: &Envelope<TaskEvent>) -> Option<RowState> {
     apply_with_effects(row, env, &mut Effects::default())
 }
 
 /// `apply`, also collecting the reactions and notifications the event calls for.
-pub fn apply_with_effects(row: Option<RowState>, env: &EventEnvelope, effects: &mut Effects) -> Option<RowState> {
-    let version = i32::try_from(env.sequence).unwrap_or(i32::MAX);
+pub fn apply_with_effects(row: Option<RowState>, env: &Envelope<TaskEvent>, effects: &mut Effects) -> Option<RowState> {
+    let version = i32::try_from(env.meta.sequence).unwrap_or(i32::MAX);
     if let Some(RowState::Present(r)) = &row {
         if version <= r.version {
             return row;
         }
     }
-    let at = env.occurred_at;
+    let at = env.meta.occurred_at;
     match (row, &env.event) {
         (None, TaskEvent::Created(t)) => {
             let mut r = TaskRow {
-                id: *env.task_id.as_uuid(),
-                user_id: env.user_id.to_string(),
+                id: *env.subject.as_uuid(),
+                user_id: env.meta.user_id.to_string(),
                 title: t.title.to_string(),
                 description: t.description.as_ref().map(|d| d.to_string()),
                 status: "open".into(),
@@ -340,13 +341,13 @@ pub fn apply_with_effects(row: Option<RowState>, env: &EventEnvelope, effects: &
                 TaskEvent::ReminderDue(rd) => {
                     r.reminded_for = Some(rd.remind_at);
                     effects.notifications.push(NotificationRow {
-                        id: ids::reminder_notification_id(env.task_id, rd.remind_at),
+                        id: ids::reminder_notification_id(env.subject, rd.remind_at),
                         user_id: r.user_id.clone(),
                         task_id: r.id,
                         kind: "reminder",
                         message: format!("Reminder: \"{}\" is due at {}", r.title, rd.due_at.to_rfc3339()),
                         created_at: at,
-                        event_id: env.event_id,
+                        event_id: env.meta.event_id,
                     });
                 }
                 TaskEvent::Reopened => {
@@ -373,7 +374,7 @@ pub fn fold_with_effects(loaded: HashMap<TaskId, TaskRow>, batch: &[Recorded]) -
     let mut rows: HashMap<TaskId, Option<RowState>> = loaded.into_iter().map(|(k, v)| (k, Some(RowState::Present(v)))).collect();
     let mut effects = Effects::default();
     for rec in batch {
-        let slot = rows.entry(rec.envelope.task_id).or_insert(None);
+        let slot = rows.entry(rec.envelope.subject).or_insert(None);
         *slot = apply_with_effects(slot.take(), &rec.envelope, &mut effects);
     }
     (rows, effects)
@@ -382,22 +383,24 @@ pub fn fold_with_effects(loaded: HashMap<TaskId, TaskRow>, batch: &[Recorded]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domain::{NewTask, Priority, TaskPatch, Title, UserId};
+    use domain::{Metadata, NewTask, Priority, TaskPatch, Title, UserId};
     use proptest::prelude::*;
 
     fn env(task: u128, seq: u32, event: TaskEvent) -> Recorded {
         Recorded {
             position: Position { partition: 0, offset: i64::from(seq) },
-            envelope: EventEnvelope {
-                event_id: Uuid::from_u128(task * 1000 + u128::from(seq)),
-                task_id: TaskId::from_uuid(Uuid::from_u128(task)),
-                user_id: UserId::parse("alice".into()).unwrap(),
-                sequence: seq,
-                occurred_at: DateTime::from_timestamp(1_700_000_000 + i64::from(seq), 0).unwrap(),
-                correlation_id: None,
-                causation_id: None,
-                traceparent: None,
-                idempotency: None,
+            envelope: Envelope {
+                subject: TaskId::from_uuid(Uuid::from_u128(task)),
+                meta: Metadata {
+                    event_id: Uuid::from_u128(task * 1000 + u128::from(seq)),
+                    user_id: UserId::parse("alice".into()).unwrap(),
+                    sequence: seq,
+                    occurred_at: DateTime::from_timestamp(1_700_000_000 + i64::from(seq), 0).unwrap(),
+                    correlation_id: None,
+                    causation_id: None,
+                    traceparent: None,
+                    idempotency: None,
+                },
                 event,
             },
         }
@@ -421,7 +424,7 @@ mod tests {
         let Some(Some(RowState::Present(r))) = rows.get(&TaskId::from_uuid(Uuid::from_u128(1))) else { panic!() };
         assert_eq!((r.version, r.status.as_str(), r.priority), (3, "completed", 3));
         assert_eq!(r.remind_at, DateTime::from_timestamp(1_800_000_000 - 3600, 0));
-        assert_eq!(r.completed_at, Some(batch[2].envelope.occurred_at));
+        assert_eq!(r.completed_at, Some(batch[2].envelope.meta.occurred_at));
         let rows = fold(HashMap::new(), &[batch[0].clone(), env(1, 2, TaskEvent::Deleted)]);
         assert_eq!(rows[&TaskId::from_uuid(Uuid::from_u128(1))], Some(RowState::Removed));
     }

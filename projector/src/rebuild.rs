@@ -191,7 +191,7 @@ impl Rebuild<'_> {
         self.create_copies().await?;
         let shadow = PgPoolOptions::new().max_connections(2).connect_with(self.options.clone().options([("search_path", SCHEMA)])).await?;
         platform::kafka::ensure_topics(&self.opts.kafka).await?;
-        let consumer = crate::runner::log_consumer(&self.opts.kafka, "taskstream-projector-rebuild")?;
+        let consumer = crate::consumer::log_consumer(&self.opts.kafka, "taskstream-projector-rebuild")?;
         let mut conn = self.pool.acquire().await?;
         let live = live_position(&mut conn, &topic).await?;
         let partitions: Vec<i32> = {

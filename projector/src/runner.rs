@@ -12,10 +12,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tracing::Instrument;
 
+use domain::DomainEvent as _;
 use platform::position::Position;
 use platform::retry::{Jitter, Policy};
 use platform::settings::KafkaSettings;
 
+use crate::consumer::{assign, log_consumer, read_batch};
 use crate::dlq::DeadLetterSink;
 use crate::model::{Batch, FailedRecord, RawRecord};
 use crate::store::{self, ApplyMode, StoreError};
@@ -142,7 +144,7 @@ impl Runner {
         // One span per batch: it continues the trace of the batch's first record and links to the
         // others (a span per record would cost more than applying it).
         let span = tracing::info_span!("apply", records = batch.len(), trace_id = tracing::field::Empty);
-        let mut traces = batch.tasks.iter().filter_map(|r| r.envelope.traceparent.as_deref());
+        let mut traces = batch.tasks.iter().filter_map(|r| r.envelope.meta.traceparent.as_deref());
         platform::telemetry::continue_trace(&span, traces.next());
         platform::telemetry::link_traces(&span, traces.take(127));
         self.apply_in_span(topic, batch, next).instrument(span).await
@@ -267,58 +269,4 @@ fn count_consumed(batch: &Batch) {
 enum Outcome {
     Applied,
     Fenced,
-}
-
-/// A read_committed consumer of the log, assigned by hand (offsets live in PostgreSQL).
-pub(crate) fn log_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamConsumer> {
-    let mut cfg = platform::kafka::client_config(kafka, group);
-    cfg.set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "50")
-        .set("fetch.max.bytes", "52428800");
-    Ok(cfg.create()?)
-}
-
-/// Waits for at least one record, then takes what else arrives within `linger` (records below
-/// `next` were applied already and are skipped).
-pub(crate) async fn read_batch(
-    consumer: &StreamConsumer,
-    topic: &str,
-    next: &HashMap<i32, i64>,
-    max_batch: usize,
-    linger: Duration,
-    keep_raw: bool,
-) -> anyhow::Result<Batch> {
-    let mut batch = Batch::default();
-    let first = consumer.recv().await?;
-    let deadline = tokio::time::Instant::now() + linger;
-    let mut msg = Some(first.detach());
-    loop {
-        if let Some(m) = msg.take() {
-            if m.topic() == topic && m.offset() >= *next.get(&m.partition()).unwrap_or(&0) {
-                batch.push_message(m, keep_raw);
-            }
-        }
-        if batch.len() + batch.failed.len() >= max_batch {
-            break;
-        }
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => msg = Some(m.detach()),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => break,
-        }
-    }
-    Ok(batch)
-}
-
-fn assign(consumer: &StreamConsumer, topic: &str, next: &HashMap<i32, i64>) -> anyhow::Result<()> {
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in next {
-        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
-    }
-    consumer.assign(&tpl)?;
-    Ok(())
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use domain::TaskId;
+use domain::{DomainEvent, TaskId};
 
 use domain::user::UserEvent;
 
@@ -141,7 +141,7 @@ pub async fn apply_batch(
 
 /// Writes the decoded records of a batch to every projection (no offsets).
 pub async fn apply_records(tx: &mut Transaction<'_, Postgres>, batch: &Batch, mode: ApplyMode) -> Result<Applied, sqlx::Error> {
-    let mut ids: Vec<Uuid> = batch.tasks.iter().map(|r| *r.envelope.task_id.as_uuid()).collect();
+    let mut ids: Vec<Uuid> = batch.tasks.iter().map(|r| *r.envelope.subject.as_uuid()).collect();
     ids.sort_unstable();
     ids.dedup();
     let loaded = load_rows(tx, &ids).await?;
@@ -170,7 +170,7 @@ async fn announce_changes(tx: &mut Transaction<'_, Postgres>, tasks: &[Recorded]
         .map(|r| {
             let e = &r.envelope;
             let kind = e.event.event_type().trim_start_matches("task.");
-            json!({"user": e.user_id.as_ref(), "task_id": e.task_id, "kind": kind, "version": e.sequence})
+            json!({"user": e.meta.user_id.as_ref(), "task_id": e.subject, "kind": kind, "version": e.meta.sequence})
         })
         .collect();
     let created: Vec<serde_json::Value> = notifications.iter().map(|n| json!({"user": n.user_id, "id": n.id})).collect();
@@ -203,7 +203,7 @@ async fn announce_changes(tx: &mut Transaction<'_, Postgres>, tasks: &[Recorded]
 async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[RecordedUser]) -> Result<(), sqlx::Error> {
     for r in users {
         let e = &r.envelope;
-        let version = i32::try_from(e.sequence).unwrap_or(i32::MAX);
+        let version = i32::try_from(e.meta.sequence).unwrap_or(i32::MAX);
         match &e.event {
             UserEvent::NotificationRead(n) => {
                 sqlx::query(
@@ -211,8 +211,8 @@ async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[Recorded
                      ON CONFLICT (notification_id) DO NOTHING",
                 )
                 .bind(n.notification_id)
-                .bind(e.user_id.as_ref())
-                .bind(e.occurred_at)
+                .bind(e.meta.user_id.as_ref())
+                .bind(e.meta.occurred_at)
                 .execute(&mut **tx)
                 .await?;
             }
@@ -227,11 +227,11 @@ async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[Recorded
                      SET url = EXCLUDED.url, secret = EXCLUDED.secret, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
                      WHERE webhooks.version < EXCLUDED.version",
                 )
-                .bind(e.user_id.as_ref())
+                .bind(e.meta.user_id.as_ref())
                 .bind(url)
                 .bind(secret)
                 .bind(version)
-                .bind(e.occurred_at)
+                .bind(e.meta.occurred_at)
                 .execute(&mut **tx)
                 .await?;
             }
@@ -499,17 +499,17 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
     let mut offset = Vec::with_capacity(batch.len());
     for r in batch {
         let e = &r.envelope;
-        event_id.push(e.event_id);
-        task_id.push(*e.task_id.as_uuid());
-        user_id.push(e.user_id.to_string());
-        version.push(i32::try_from(e.sequence).unwrap_or(i32::MAX));
+        event_id.push(e.meta.event_id);
+        task_id.push(*e.subject.as_uuid());
+        user_id.push(e.meta.user_id.to_string());
+        version.push(i32::try_from(e.meta.sequence).unwrap_or(i32::MAX));
         event_type.push(e.event.event_type());
         schema_version.push(e.event.schema_version() as i32);
-        occurred_at.push(e.occurred_at);
+        occurred_at.push(e.meta.occurred_at);
         // The event's JSON as text, cast to jsonb by PostgreSQL (no parse into a Value here).
         data.push(String::from_utf8(e.event.to_json()).unwrap_or_else(|_| "null".to_owned()));
-        correlation.push(e.correlation_id.clone());
-        causation.push(e.causation_id.clone());
+        correlation.push(e.meta.correlation_id.clone());
+        causation.push(e.meta.causation_id.clone());
         partition.push(r.position.partition);
         offset.push(r.position.offset);
     }

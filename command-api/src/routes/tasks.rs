@@ -1,27 +1,38 @@
-//! HTTP handlers: parse the request at the edge into a domain command, hand it to the writer,
-//! answer once its events are durable.
+//! Task commands: `POST /v1/tasks`, `PATCH|DELETE /v1/tasks/{id}`, `POST /v1/tasks/{id}/complete`,
+//! `POST /v1/tasks/{id}/reopen`. Requests are parsed at the edge into domain values (every field
+//! error collected), then submitted.
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
-use tracing::Instrument;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use domain::{
-    Command, CommandKind, Description, FieldError, NewTask, Priority, Recurrence, RemindBefore, Tags, TaskId, TaskPatch,
-    TimeZone, Title, ValidationError,
+    AnyCommand, Command, CommandKind, Description, FieldError, NewTask, Priority, Recurrence, RemindBefore, Tags, TaskId,
+    TaskPatch, TimeZone, Title, ValidationError,
 };
-use domain::user::{UserCommand, UserCommandKind, WebhookUrl};
-use platform::codec::IdempotencyTag;
 
+use crate::command::submit;
 use crate::error::{ApiError, Problem};
-use crate::extract::{request_digest, AuthUser, ServiceCaller, CommandHeaders, JsonBody, TaskPath};
-use crate::idempotency::{Answer, AnswerKind, Stored};
-use crate::writer::{AnyCommand, CommandMeta};
-use crate::AppState;
+use crate::extract::{AuthUser, CommandHeaders, CommandRoute, JsonBody, TaskPath};
+use crate::state::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_task))
+        .routes(routes!(update_task, delete_task))
+        .routes(routes!(complete_task))
+        .routes(routes!(reopen_task))
+}
+
+/// A command on one task by the caller (`If-Match` makes it conditional on the task's version).
+pub(crate) fn task_command(caller: &AuthUser, headers: &CommandHeaders, task_id: TaskId, kind: CommandKind) -> AnyCommand {
+    AnyCommand::Task(Command { task_id, user: caller.0.clone(), expected_version: headers.if_match, kind })
+}
 
 #[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -69,13 +80,6 @@ pub struct CreateTaskRequest {
     pub recurrence_parent_id: Option<Uuid>,
     /// Set by the service identity only: the number of this occurrence in its series.
     pub occurrence: Option<u32>,
-}
-
-/// FireReminder (service identity only).
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FireReminderRequest {
-    pub remind_at: DateTime<Utc>,
 }
 
 /// UpdateTask: any subset of fields; `null` clears an optional field.
@@ -210,110 +214,6 @@ fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
-/// Hands a parsed command to the writer, honouring `Idempotency-Key`.
-/// What a handler asks the writer to do.
-enum Target {
-    Task(TaskId, CommandKind),
-    User(UserCommandKind),
-}
-
-impl Target {
-    fn name(&self) -> &'static str {
-        match self {
-            Target::Task(_, kind) => kind.name(),
-            Target::User(kind) => kind.name(),
-        }
-    }
-}
-
-/// Every command is a span: it continues the caller's W3C trace (`traceparent`) or starts one, and
-/// its trace context is what the events carry into the log.
-async fn execute(state: &AppState, caller: AuthUser, mut headers: CommandHeaders, target: Target, digest: String) -> Result<Response, ApiError> {
-    let span = tracing::info_span!(
-        "command",
-        command = target.name(),
-        user = %caller.0,
-        trace_id = tracing::field::Empty,
-        correlation_id = tracing::field::Empty
-    );
-    platform::telemetry::continue_trace(&span, headers.traceparent.as_deref());
-    headers.traceparent = platform::telemetry::traceparent(&span).or(headers.traceparent);
-    run_command(state, caller, headers, target, digest).instrument(span).await
-}
-
-async fn run_command(state: &AppState, caller: AuthUser, headers: CommandHeaders, target: Target, digest: String) -> Result<Response, ApiError> {
-    let request_id = Uuid::new_v4().to_string();
-    let causation_id = headers.causation_id.filter(|_| caller.is_service()).unwrap_or_else(|| request_id.clone());
-    let user = caller.0;
-    let meta = CommandMeta {
-        correlation_id: Some(headers.correlation_id.unwrap_or_else(|| request_id.clone())),
-        causation_id: Some(causation_id),
-        traceparent: headers.traceparent,
-        idempotency: headers.idempotency_key.clone().map(|key| IdempotencyTag { key, request_digest: digest.clone() }),
-    };
-    if let Some(c) = &meta.correlation_id {
-        tracing::Span::current().record("correlation_id", c.as_str());
-    }
-    let (name, cmd) = match target {
-        Target::Task(task_id, kind) => {
-            (kind.name(), AnyCommand::Task(Command { task_id, user: user.clone(), expected_version: headers.if_match, kind }))
-        }
-        Target::User(kind) => (kind.name(), AnyCommand::User(UserCommand { user: user.clone(), kind })),
-    };
-    let started = std::time::Instant::now();
-    let result = match headers.idempotency_key {
-        None => state.writer.submit_any(cmd, meta).await.map(|a| (a, false)).map_err(ApiError::from),
-        Some(key) => {
-            let init = async {
-                let answer = state.writer.submit_any(cmd, meta).await.map_err(ApiError::from)?;
-                Ok::<_, ApiError>(std::sync::Arc::new(Stored { request_digest: digest.clone(), answer }))
-            };
-            match state.idempotency.cache().entry((user, key)).or_try_insert_with(init).await {
-                Ok(entry) if entry.is_fresh() => Ok((entry.value().answer.clone(), false)),
-                Ok(entry) if entry.value().request_digest == digest => Ok((entry.value().answer.clone(), true)),
-                Ok(_) => Err(ApiError::IdempotencyKeyReused),
-                Err(e) => Err((*e).clone()),
-            }
-        }
-    };
-    let outcome = match &result {
-        Ok(_) => "accepted",
-        Err(e) if e.status_code().is_server_error() => "unavailable",
-        Err(_) => "rejected",
-    };
-    metrics::counter!("commands_total", "command" => name, "result" => outcome).increment(1);
-    metrics::histogram!("command_duration_seconds", "command" => name).record(started.elapsed().as_secs_f64());
-    let (answer, replayed) = result?;
-    Ok(respond(answer, replayed))
-}
-
-fn respond(a: Answer, replayed: bool) -> Response {
-    let status = if a.created { StatusCode::CREATED } else { StatusCode::OK };
-    let mut body = serde_json::Map::new();
-    body.insert(a.kind.id_field().to_owned(), a.id.to_string().into());
-    body.insert("version".to_owned(), a.version.into());
-    body.insert("position".to_owned(), a.position.token().into());
-    if let Some(secret) = &a.secret {
-        body.insert("secret".to_owned(), secret.to_string().into());
-    }
-    let mut res = (status, axum::Json(serde_json::Value::Object(body))).into_response();
-    let h = res.headers_mut();
-    if a.kind == AnswerKind::Task {
-        if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", a.version)) {
-            h.insert(header::ETAG, v);
-        }
-    }
-    if a.created {
-        if let Ok(v) = HeaderValue::from_str(&format!("/v1/tasks/{}", a.id)) {
-            h.insert(header::LOCATION, v);
-        }
-    }
-    if replayed {
-        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    res
-}
-
 /// Create a task.
 #[utoipa::path(
     post, path = "/v1/tasks", tag = "tasks",
@@ -333,27 +233,15 @@ fn respond(a: Answer, replayed: bool) -> Response {
 pub async fn create_task(
     State(state): State<AppState>,
     caller: AuthUser,
+    route: CommandRoute,
     headers: CommandHeaders,
     body: JsonBody<CreateTaskRequest>,
 ) -> Result<Response, ApiError> {
-    let digest = request_digest("POST", "/v1/tasks", headers.if_match, &body.canonical);
+    let digest = route.digest(headers.if_match, &body.canonical);
     let (task_id, task) = parse_create(body.value, caller.is_service())?;
     let task_id = task_id.unwrap_or_else(TaskId::new_v7);
-    execute(&state, caller, headers, Target::Task(task_id, CommandKind::Create(task)), digest).await
-}
-
-/// Fire the reminder due at `remind_at` (internal: the projector's scheduler, with the service
-/// identity; to users this path does not exist).
-pub async fn fire_reminder(
-    State(state): State<AppState>,
-    ServiceCaller(caller): ServiceCaller,
-    TaskPath(task_id): TaskPath,
-    headers: CommandHeaders,
-    body: JsonBody<FireReminderRequest>,
-) -> Result<Response, ApiError> {
-    let digest = request_digest("POST", &format!("/internal/v1/tasks/{task_id}/remind"), headers.if_match, &body.canonical);
-    let kind = CommandKind::FireReminder { remind_at: body.value.remind_at };
-    execute(&state, caller, headers, Target::Task(task_id, kind), digest).await
+    let cmd = task_command(&caller, &headers, task_id, CommandKind::Create(task));
+    submit(&state, caller, headers, digest, cmd).await
 }
 
 /// Update some fields of a task.
@@ -377,12 +265,14 @@ pub async fn update_task(
     State(state): State<AppState>,
     caller: AuthUser,
     TaskPath(task_id): TaskPath,
+    route: CommandRoute,
     headers: CommandHeaders,
     body: JsonBody<UpdateTaskRequest>,
 ) -> Result<Response, ApiError> {
-    let digest = request_digest("PATCH", &format!("/v1/tasks/{task_id}"), headers.if_match, &body.canonical);
+    let digest = route.digest(headers.if_match, &body.canonical);
     let patch = parse_update(body.value)?;
-    execute(&state, caller, headers, Target::Task(task_id, CommandKind::Update(patch)), digest).await
+    let cmd = task_command(&caller, &headers, task_id, CommandKind::Update(patch));
+    submit(&state, caller, headers, digest, cmd).await
 }
 
 macro_rules! lifecycle_handler {
@@ -406,11 +296,12 @@ macro_rules! lifecycle_handler {
             State(state): State<AppState>,
             caller: AuthUser,
             TaskPath(task_id): TaskPath,
+            route: CommandRoute,
             headers: CommandHeaders,
         ) -> Result<Response, ApiError> {
-            let path = $path.replace("{id}", &task_id.to_string());
-            let digest = request_digest(stringify!($method), &path, headers.if_match, b"");
-            execute(&state, caller, headers, Target::Task(task_id, $kind), digest).await
+            let digest = route.digest(headers.if_match, b"");
+            let cmd = task_command(&caller, &headers, task_id, $kind);
+            submit(&state, caller, headers, digest, cmd).await
         }
     };
 }
@@ -460,90 +351,3 @@ mod tests {
     }
 }
 
-/// SetWebhook.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SetWebhookRequest {
-    /// Where reminders are POSTed: an absolute https (or http) URL on a public address.
-    pub url: Option<String>,
-    /// HMAC-SHA256 signing secret (16..=256 characters); generated and returned once when absent.
-    pub secret: Option<String>,
-}
-
-/// Mark one of your notifications as read.
-#[utoipa::path(
-    post, path = "/v1/notifications/{id}/read", tag = "notifications",
-    params(("id" = Uuid, Path, description = "Notification id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry")),
-    responses(
-        (status = 200, description = "Read; the event is durable in the log"),
-        (status = 401, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn mark_notification_read(
-    State(state): State<AppState>,
-    caller: AuthUser,
-    axum::extract::Path(raw): axum::extract::Path<String>,
-    headers: CommandHeaders,
-) -> Result<Response, ApiError> {
-    let id = Uuid::parse_str(&raw).map_err(|_| ApiError::NotFound)?;
-    let digest = request_digest("POST", &format!("/v1/notifications/{id}/read"), None, b"");
-    execute(&state, caller, headers, Target::User(UserCommandKind::MarkNotificationRead(id)), digest).await
-}
-
-/// Register (or replace) your webhook.
-#[utoipa::path(
-    put, path = "/v1/webhook", tag = "webhooks",
-    request_body = SetWebhookRequest,
-    responses(
-        (status = 200, description = "Registered; the answer carries `secret` when it was generated"),
-        (status = 400, body = Problem), (status = 401, body = Problem), (status = 415, body = Problem),
-        (status = 422, body = Problem), (status = 503, body = Problem),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn set_webhook(
-    State(state): State<AppState>,
-    caller: AuthUser,
-    headers: CommandHeaders,
-    body: JsonBody<SetWebhookRequest>,
-) -> Result<Response, ApiError> {
-    let digest = request_digest("PUT", "/v1/webhook", None, &body.canonical);
-    let req = body.value;
-    let raw = req.url.ok_or_else(|| ApiError::validation("url", "is required"))?;
-    let url = WebhookUrl::parse(raw, state.allow_private_webhooks).map_err(|e| ApiError::validation("url", e.0))?;
-    if !state.allow_private_webhooks {
-        crate::webhook_dns::check_resolves_publicly(url.as_ref()).await.map_err(|m| ApiError::validation("url", m))?;
-    }
-    let generated = req.secret.is_none();
-    let secret = req.secret.unwrap_or_else(|| format!("whsec_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple()));
-    let response = execute(&state, caller, headers, Target::User(UserCommandKind::SetWebhook { url, secret }), digest).await?;
-    if generated {
-        return Ok(response);
-    }
-    // A secret the client chose is not echoed back.
-    let (parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
-    if let Some(o) = v.as_object_mut() {
-        o.remove("secret");
-    }
-    let mut res = (parts.status, axum::Json(v)).into_response();
-    for (k, val) in parts.headers.iter() {
-        if k != header::CONTENT_LENGTH {
-            res.headers_mut().insert(k.clone(), val.clone());
-        }
-    }
-    Ok(res)
-}
-
-/// Remove your webhook.
-#[utoipa::path(
-    delete, path = "/v1/webhook", tag = "webhooks",
-    responses((status = 200, description = "Removed"), (status = 401, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem)),
-    security(("bearer" = []))
-)]
-pub async fn remove_webhook(State(state): State<AppState>, caller: AuthUser, headers: CommandHeaders) -> Result<Response, ApiError> {
-    let digest = request_digest("DELETE", "/v1/webhook", None, b"");
-    execute(&state, caller, headers, Target::User(UserCommandKind::RemoveWebhook), digest).await
-}

@@ -18,7 +18,8 @@ use command_api::idempotency::IdempotencyCache;
 use command_api::log::{EventLog, LogError, Offsets};
 use command_api::AppState;
 use platform::auth::JwtAuth;
-use platform::codec::{self, DecodeError, EncodedEvent, EventEnvelope, Record};
+use domain::TaskEvent;
+use platform::codec::{self, DecodeError, EncodedEvent, Envelope, Record};
 use platform::position::Position;
 use platform::secret::Secret;
 
@@ -47,7 +48,7 @@ impl LogRecord {
         self.header_map().remove(name)
     }
 
-    pub fn decode(&self) -> Result<EventEnvelope, DecodeError> {
+    pub fn decode(&self) -> Result<Envelope<TaskEvent>, DecodeError> {
         codec::decode(Some(self.key.as_bytes()), Some(&self.headers), Some(&self.payload))
     }
 }
@@ -92,7 +93,7 @@ impl FakeLog {
     }
 
     /// Every record decoded; panics on a record the codec cannot read (the log must never hold one).
-    pub fn envelopes(&self) -> Vec<EventEnvelope> {
+    pub fn envelopes(&self) -> Vec<Envelope<TaskEvent>> {
         self.records().iter().map(|r| r.decode().expect("every appended record decodes")).collect()
     }
 

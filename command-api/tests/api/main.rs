@@ -427,7 +427,7 @@ async fn commands_that_conflict_with_the_task_state_are_409() {
     conflict(&app.send(Some(ALICE), "POST", "/v1/tasks", Some(&json!({"task_id": id, "title": "reborn"})), &[]).await);
     // Another user still gets 404 (not 409) on the deleted task.
     assert_problem(&app.patch(BOB, &id, json!({"title": "x"}), &[]).await, 404);
-    let seqs: Vec<u32> = app.log.envelopes().iter().map(|e| e.sequence).collect();
+    let seqs: Vec<u32> = app.log.envelopes().iter().map(|e| e.meta.sequence).collect();
     assert_eq!(seqs, [1, 2, 3, 4], "only accepted events are in the log");
 }
 
@@ -707,7 +707,7 @@ async fn an_unavailable_log_is_503_with_retry_after_and_nothing_appended_until_i
     let keyed = app.send(Some(ALICE), "POST", "/v1/tasks", Some(&json!({"title": "keyed"})), &[("Idempotency-Key", "outage")]).await;
     assert_eq!(keyed.status, StatusCode::CREATED, "{}", keyed.text);
     assert!(keyed.header("idempotent-replayed").is_none());
-    let seqs: Vec<u32> = app.log.envelopes().iter().filter(|e| e.task_id.to_string() == id).map(|e| e.sequence).collect();
+    let seqs: Vec<u32> = app.log.envelopes().iter().filter(|e| e.subject.to_string() == id).map(|e| e.meta.sequence).collect();
     assert_eq!(seqs, [1, 2]);
     assert_eq!(app.log.len(), 3);
 }

@@ -8,7 +8,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use domain::{NewTask, Recurrence, RemindBefore, ReminderDue, TaskEvent, TaskId, Title, UserId};
-use platform::codec::EventEnvelope;
+use platform::codec::{Envelope, Metadata};
 use platform::position::Position;
 use projector::model::{Batch, Recorded};
 use projector::store::{self, ApplyMode, StoreError};
@@ -51,16 +51,18 @@ fn history(task: TaskId) -> Batch {
     for (i, event) in events.into_iter().enumerate() {
         batch.tasks.push(Recorded {
             position: Position { partition: 0, offset: i as i64 },
-            envelope: EventEnvelope {
-                event_id: Uuid::now_v7(),
-                task_id: task,
-                user_id: UserId::parse("alice".into()).unwrap(),
-                sequence: i as u32 + 1,
-                occurred_at: at(i as i64 * 1000),
-                correlation_id: None,
-                causation_id: None,
-                traceparent: None,
-                idempotency: None,
+            envelope: Envelope {
+                subject: task,
+                meta: Metadata {
+                    event_id: Uuid::now_v7(),
+                    user_id: UserId::parse("alice".into()).unwrap(),
+                    sequence: i as u32 + 1,
+                    occurred_at: at(i as i64 * 1000),
+                    correlation_id: None,
+                    causation_id: None,
+                    traceparent: None,
+                    idempotency: None,
+                },
                 event,
             },
         });

@@ -1,0 +1,43 @@
+//! `POST /v1/notifications/{id}/read`: notification read state (a user-level command).
+
+use axum::extract::State;
+use axum::response::Response;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use domain::user::{UserCommand, UserCommandKind};
+use domain::AnyCommand;
+
+use crate::command::submit;
+use crate::error::{ApiError, Problem};
+use crate::extract::{AuthUser, CommandHeaders, CommandRoute};
+use crate::state::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(mark_notification_read))
+}
+
+/// Mark one of your notifications as read.
+#[utoipa::path(
+    post, path = "/v1/notifications/{id}/read", tag = "notifications",
+    params(("id" = Uuid, Path, description = "Notification id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry")),
+    responses(
+        (status = 200, description = "Read; the event is durable in the log"),
+        (status = 401, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn mark_notification_read(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    axum::extract::Path(raw): axum::extract::Path<String>,
+    route: CommandRoute,
+    headers: CommandHeaders,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&raw).map_err(|_| ApiError::NotFound)?;
+    let digest = route.digest(None, b"");
+    let cmd = AnyCommand::User(UserCommand { user: caller.0.clone(), kind: UserCommandKind::MarkNotificationRead(id) });
+    submit(&state, caller, headers, digest, cmd).await
+}
+
