@@ -6,7 +6,7 @@
 //! position round-trips exactly.
 //!
 //! The bottom of the crate: it imports no other module. [`Order`] is the read model's list of task
-//! orders (the store builds its SQL from it; the schema maps the GraphQL `Order` onto it).
+//! orders (the store builds its SQL from it; the schema maps the GraphQL `TaskOrder` onto it).
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use chrono::{DateTime, Utc};

@@ -3,6 +3,7 @@
 //! the offsets stored in PostgreSQL and the log's high watermarks ([`Watermarks`]). Kafka being
 //! away does not fail the answer: the stored offsets stand in and the lag reads 0.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -26,7 +27,7 @@ pub async fn current(pool: &PgPool, topic: &str, watermarks: &dyn Watermarks) ->
 
 /// Publishes `projection_lag{projection,partition}` (high watermark minus the offset stored in
 /// PostgreSQL) every few seconds, so the lag is visible even while the projector is down.
-pub async fn export_lag(pool: PgPool, topic: String, watermarks: std::sync::Arc<dyn Watermarks>, every: Duration) {
+pub async fn export_lag(pool: PgPool, topic: String, watermarks: Arc<dyn Watermarks>, every: Duration) {
     loop {
         match current(&pool, &topic, watermarks.as_ref()).await {
             Ok(statuses) => platform::projections::publish_lag(&statuses),
