@@ -1,27 +1,32 @@
-//! A query API over a fresh database of its own (random name), driven with `oneshot`; read models
-//! are seeded directly, as the projector would write them.
+//! A query API over a fresh database of its own (`test_support::fresh_database`), driven with
+//! `oneshot`; read models are seeded directly, as the projector would write them.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 use tower::ServiceExt;
 use uuid::Uuid;
 
-use platform::auth::JwtAuth;
-use platform::secret::Secret;
 use query_api::watermarks::Watermarks;
 use query_api::{AppState, Limits, ProgressTracker};
+use test_support::{fresh_database, TestDatabase, Tokens};
 
 pub const TOPIC: &str = "task-events";
+
+/// A query the tests only need an answer to.
+pub const STATS: &str = "{ stats { total } }";
+
+/// The tests' reference instant.
+pub fn base() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
 
 /// The log's end as the test says it is; `None` plays an unreachable Kafka.
 pub struct FakeWatermarks(pub Option<HashMap<i32, i64>>);
@@ -37,10 +42,10 @@ impl Watermarks for FakeWatermarks {
 pub struct TestApp {
     pub pool: PgPool,
     pub router: axum::Router,
-    pub auth: JwtAuth,
+    pub tokens: Tokens,
     pub progress: ProgressTracker,
-    admin: PgConnectOptions,
-    database: String,
+    /// Dropped with the app, also when the test failed.
+    _database: TestDatabase,
 }
 
 pub struct Answer {
@@ -60,37 +65,26 @@ impl Answer {
     }
 }
 
-/// `None` (after saying so loudly) when `DATABASE_URL` is not set.
-pub async fn spawn_app() -> Option<TestApp> {
+/// Panics, saying how to run the tests, when `DATABASE_URL` is not set.
+pub async fn spawn_app() -> TestApp {
     spawn_app_with(Limits::default(), FakeWatermarks(Some(HashMap::new()))).await
 }
 
-pub async fn spawn_app_with(limits: Limits, watermarks: FakeWatermarks) -> Option<TestApp> {
+pub async fn spawn_app_with(limits: Limits, watermarks: FakeWatermarks) -> TestApp {
     // The process-wide Prometheus recorder, so that `/metrics` shows what the tests did.
     platform::http::metrics_handle();
     if std::env::var("TEST_LOG").is_ok() {
         platform::telemetry::init("query-api-test");
     }
-    let Ok(url) = std::env::var("DATABASE_URL") else {
-        eprintln!("\n*** DATABASE_URL is not set: SKIPPING this query-api integration test (run it with ./dev test) ***\n");
-        return None;
-    };
-    let admin = PgConnectOptions::from_str(&url).expect("DATABASE_URL is a PostgreSQL URL");
-    let database = format!("qa_test_{}", Uuid::new_v4().simple());
-    let mut conn = PgConnection::connect_with(&admin).await.expect("connect to DATABASE_URL");
-    // A generated identifier, not input: DDL cannot take a bound parameter.
-    sqlx::query(&format!(r#"CREATE DATABASE "{database}""#)).execute(&mut conn).await.expect("create the test database");
-    conn.close().await.ok();
-    let pool = PgPool::connect_with(admin.clone().database(&database)).await.expect("connect to the test database");
-    platform::db::migrate(&pool).await.expect("migrate");
-
-    let auth = JwtAuth::new(&Secret::new("query-api-test-secret"));
+    let database = fresh_database().await;
+    let pool = database.pool.clone();
+    let tokens = Tokens::default();
     let progress = ProgressTracker::new(TOPIC);
     progress.spawn(pool.clone());
     tokio::time::timeout(Duration::from_secs(10), progress.listening()).await.expect("the progress listener starts");
-    let state = AppState::new(pool.clone(), auth.clone(), progress.clone(), Arc::new(watermarks), limits);
+    let state = AppState::new(pool.clone(), tokens.auth(), progress.clone(), Arc::new(watermarks), limits);
     let router = query_api::router(state);
-    Some(TestApp { pool, router, auth, progress, admin, database })
+    TestApp { pool, router, tokens, progress, _database: database }
 }
 
 #[derive(Debug, Clone)]
@@ -108,17 +102,7 @@ pub struct SeedTask {
 
 impl SeedTask {
     pub fn new(user: &'static str, title: impl Into<String>, created_at: DateTime<Utc>) -> Self {
-        SeedTask {
-            id: Uuid::new_v4(),
-            user,
-            title: title.into(),
-            description: None,
-            status: "open",
-            priority: 1,
-            due_at: None,
-            created_at,
-            tags: Vec::new(),
-        }
+        SeedTask { id: Uuid::new_v4(), user, title: title.into(), description: None, status: "open", priority: 1, due_at: None, created_at, tags: Vec::new() }
     }
 }
 
@@ -180,7 +164,7 @@ impl TestApp {
     }
 
     pub fn bearer(&self, user: &str) -> String {
-        format!("Bearer {}", self.auth.issue(user, 60))
+        self.tokens.bearer(user)
     }
 
     pub async fn send(&self, req: Request<Body>) -> Answer {
@@ -219,26 +203,5 @@ impl TestApp {
 
     pub async fn get(&self, path: &str) -> Answer {
         self.send(Request::get(path).body(Body::empty()).unwrap()).await
-    }
-
-}
-
-impl Drop for TestApp {
-    /// Drops the test database, also when the test failed (on a thread of its own, since the
-    /// test's runtime may be unwinding).
-    fn drop(&mut self) {
-        let (admin, database) = (self.admin.clone(), self.database.clone());
-        let dropped = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(async {
-                let mut conn = PgConnection::connect_with(&admin).await?;
-                sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{database}" WITH (FORCE)"#)).execute(&mut conn).await?;
-                conn.close().await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database {}: {dropped:?}", self.database);
-        }
     }
 }
