@@ -22,6 +22,7 @@ use domain::{
 };
 use platform::codec::{self, EncodedEvent};
 use platform::position::Position;
+use platform::retry::Policy;
 
 use crate::idempotency::{Answer, IdempotencyCache};
 use crate::log::{EventLog, LogError, Offsets};
@@ -100,6 +101,9 @@ struct Actor<L> {
     recovering: bool,
 }
 
+/// How long the writer waits between attempts to reach the log again: 100 ms doubling up to 5 s.
+const RECOVERY_BACKOFF: Policy = Policy::new(Duration::from_millis(100), Duration::from_secs(5));
+
 /// A decided command waiting for its batch to be appended.
 struct Pending {
     sub: Submission,
@@ -119,19 +123,19 @@ struct Decided {
 
 impl<L: EventLog> Actor<L> {
     async fn run(mut self, mut rx: mpsc::Receiver<Submission>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = RECOVERY_BACKOFF.backoff();
         loop {
             if self.recovering {
                 match self.recover().await {
                     Ok(()) => {
                         self.recovering = false;
                         self.ready.store(true, Ordering::Release);
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                     }
                     Err(e) => {
-                        tracing::warn!(error.message = %e, retry_in_ms = backoff.as_millis() as u64, "event log unavailable; commands get 503 until it is back");
-                        let until = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "event log unavailable; commands get 503 until it is back");
+                        let until = Instant::now() + delay;
                         // Refuse what arrives meanwhile: nothing is appended while recovering.
                         while let Ok(Some(s)) = tokio::time::timeout_at(until.into(), rx.recv()).await {
                             let _ = s.reply.send(Err(WriteError::Unavailable(e.to_string())));

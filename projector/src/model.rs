@@ -6,49 +6,12 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use domain::recurrence::{next_occurrence, NextOccurrence};
-use domain::{ids, Recurrence, RemindBefore, TaskEvent, TaskId, TimeZone};
+use domain::{ids, Recurrence, TaskEvent, TaskId, TimeZone};
 use domain::user::UserEvent;
 use platform::codec::{self, Envelope};
 use platform::position::Position;
-
-/// One row of the `tasks` read model.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct TaskRow {
-    pub id: Uuid,
-    pub user_id: String,
-    pub title: String,
-    pub description: Option<String>,
-    pub status: String,
-    pub priority: i16,
-    pub due_at: Option<DateTime<Utc>>,
-    pub timezone: String,
-    pub recurrence: Option<String>,
-    pub remind_before: Option<String>,
-    pub remind_at: Option<DateTime<Utc>>,
-    pub tags: Vec<String>,
-    pub version: i32,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub completed_at: Option<DateTime<Utc>>,
-    pub recurrence_parent_id: Option<Uuid>,
-    pub occurrence: Option<i32>,
-    pub reminded_for: Option<DateTime<Utc>>,
-}
-
-impl TaskRow {
-    /// The reminder still to fire for this row, if any (open, scheduled, not fired yet).
-    pub fn pending_reminder(&self) -> Option<DateTime<Utc>> {
-        let at = self.remind_at?;
-        (self.status == "open" && self.reminded_for != Some(at)).then_some(at)
-    }
-
-    fn recompute_remind_at(&mut self) {
-        self.remind_at = match (&self.due_at, &self.remind_before) {
-            (Some(due), Some(rb)) => RemindBefore::parse(rb.clone()).ok().map(|r| r.remind_at(*due)),
-            _ => None,
-        };
-    }
-}
+pub use platform::readmodel::TaskRow;
+use platform::readmodel::status;
 
 /// A decoded record with its place in the log.
 #[derive(Debug, Clone)]
@@ -230,7 +193,7 @@ fn spawn_next_occurrence(r: &TaskRow, env: &Envelope<TaskEvent>) -> Option<React
         return None;
     };
     let id = *ids::next_occurrence_id(env.subject, occurrence).as_uuid();
-    let priority = domain::Priority::from_rank(r.priority).unwrap_or_default();
+    let priority = r.priority();
     let mut payload = serde_json::json!({
         "task_id": id,
         "title": r.title,
@@ -282,7 +245,7 @@ pub fn apply_with_effects(row: Option<RowState>, env: &Envelope<TaskEvent>, effe
                 user_id: env.meta.user_id.to_string(),
                 title: t.title.to_string(),
                 description: t.description.as_ref().map(|d| d.to_string()),
-                status: "open".into(),
+                status: status::OPEN.into(),
                 priority: t.priority.rank(),
                 due_at: t.due_at,
                 timezone: t.timezone.name().to_owned(),
@@ -334,7 +297,7 @@ pub fn apply_with_effects(row: Option<RowState>, env: &Envelope<TaskEvent>, effe
                     r.recompute_remind_at();
                 }
                 TaskEvent::Completed => {
-                    r.status = "completed".into();
+                    r.status = status::COMPLETED.into();
                     r.completed_at = Some(at);
                     effects.reactions.extend(spawn_next_occurrence(&r, env));
                 }
@@ -351,7 +314,7 @@ pub fn apply_with_effects(row: Option<RowState>, env: &Envelope<TaskEvent>, effe
                     });
                 }
                 TaskEvent::Reopened => {
-                    r.status = "open".into();
+                    r.status = status::OPEN.into();
                     r.completed_at = None;
                 }
                 TaskEvent::Deleted => return Some(RowState::Removed),
@@ -383,7 +346,7 @@ pub fn fold_with_effects(loaded: HashMap<TaskId, TaskRow>, batch: &[Recorded]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domain::{Metadata, NewTask, Priority, TaskPatch, Title, UserId};
+    use domain::{Metadata, NewTask, Priority, RemindBefore, TaskPatch, Title, UserId};
     use proptest::prelude::*;
 
     fn env(task: u128, seq: u32, event: TaskEvent) -> Recorded {
