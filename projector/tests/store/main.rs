@@ -1,10 +1,11 @@
-//! The projector's store against a real PostgreSQL (a fresh database per test): exactly-once
-//! offsets, and reactions recorded live but never during a replay.
+//! The projector's store against a real PostgreSQL (a fresh database per test, from
+//! `test_support`; `DATABASE_URL` is required, `./dev test` sets it): exactly-once offsets, and
+//! reactions recorded live but never during a replay.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use domain::{NewTask, Recurrence, RemindBefore, ReminderDue, TaskEvent, TaskId, Title, UserId};
@@ -12,28 +13,16 @@ use platform::codec::{Envelope, Metadata};
 use platform::position::Position;
 use projector::model::{Batch, Recorded};
 use projector::store::{self, ApplyMode, StoreError};
+use test_support::{fresh_database, TestDatabase};
 
 const TOPIC: &str = "task-events";
 
-async fn fresh_db() -> Option<(PgPool, String, String)> {
-    let Ok(admin) = std::env::var("DATABASE_URL") else {
-        eprintln!("SKIPPING: DATABASE_URL is not set (run with ./dev test)");
-        return None;
-    };
-    let name = format!("ts_p_{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let mut conn = PgConnection::connect(&admin).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
-    let (base, _) = admin.rsplit_once('/').unwrap();
-    let pool = PgPool::connect(&format!("{base}/{name}")).await.unwrap();
-    platform::db::migrate(&pool).await.unwrap();
-    store::init_offsets(&pool, TOPIC, &[0]).await.unwrap();
-    Some((pool, admin, name))
-}
-
-async fn drop_db(pool: PgPool, admin: &str, name: &str) {
-    pool.close().await;
-    let mut conn = PgConnection::connect(admin).await.unwrap();
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await.unwrap();
+/// A fresh migrated database (`DATABASE_URL` is required) with partition 0's offsets initialised.
+async fn fresh_store() -> (TestDatabase, PgPool) {
+    let db = fresh_database().await;
+    store::init_offsets(&db.pool, TOPIC, &[0]).await.unwrap();
+    let pool = db.pool.clone();
+    (db, pool)
 }
 
 fn at(secs: i64) -> DateTime<Utc> {
@@ -78,9 +67,7 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 #[tokio::test]
 async fn live_mode_records_reactions_and_replay_never_does() {
     for (mode, outbox) in [(ApplyMode::Live, 1), (ApplyMode::Replay, 0)] {
-        let Some((pool, admin, name)) = fresh_db().await else {
-            return;
-        };
+        let (db, pool) = fresh_store().await;
         sqlx::query("INSERT INTO webhooks (user_id, url, secret, version, updated_at) VALUES ('alice', 'https://hooks.example.com/x', 's', 1, now())")
             .execute(&pool)
             .await
@@ -95,15 +82,13 @@ async fn live_mode_records_reactions_and_replay_never_does() {
         // ...but only a live apply asks for side effects.
         assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox").await, outbox, "{mode:?}");
         assert_eq!(count(&pool, "SELECT count(*) FROM webhook_deliveries").await, outbox, "{mode:?}");
-        drop_db(pool, &admin, &name).await;
+        db.drop_database().await.unwrap();
     }
 }
 
 #[tokio::test]
 async fn offsets_move_only_with_the_rows_and_a_second_writer_is_fenced() {
-    let Some((pool, admin, name)) = fresh_db().await else {
-        return;
-    };
+    let (db, pool) = fresh_store().await;
     let batch = history(TaskId::new_v7());
     store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live, None).await.unwrap();
     assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, 3);
@@ -112,5 +97,5 @@ async fn offsets_move_only_with_the_rows_and_a_second_writer_is_fenced() {
     assert!(matches!(again, Err(StoreError::Fenced { .. })), "{again:?}");
     assert_eq!(count(&pool, "SELECT count(*) FROM task_history").await, 3);
     assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox").await, 1);
-    drop_db(pool, &admin, &name).await;
+    db.drop_database().await.unwrap();
 }
