@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use domain::{AnyCommand, IdempotencyTag};
+use domain::{AnyCommand, Command, CommandKind, IdempotencyTag, TaskId};
 
 use crate::error::ApiError;
 use crate::extract::{AuthUser, CommandHeaders, RequestDigest};
@@ -22,6 +22,11 @@ impl From<WriteError> for ApiError {
             WriteError::Unavailable(m) => ApiError::Unavailable(m),
         }
     }
+}
+
+/// A command on one task by the caller (`If-Match` makes it conditional on the task's version).
+pub fn task_command(caller: &AuthUser, headers: &CommandHeaders, task_id: TaskId, kind: CommandKind) -> AnyCommand {
+    AnyCommand::Task(Command { task_id, user: caller.0.clone(), expected_version: headers.if_match, kind })
 }
 
 /// Submits a parsed command (already carrying the caller as its actor) and answers it once its

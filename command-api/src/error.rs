@@ -9,7 +9,6 @@ use utoipa::ToSchema;
 use domain::{DomainError, FieldError};
 use platform::auth::AuthError;
 
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
@@ -108,9 +107,7 @@ impl From<DomainError> for ApiError {
             | DomainError::AlreadyCompleted
             | DomainError::NotCompleted
             | DomainError::NoReminderDue
-            | DomainError::AlreadyRead) => {
-                ApiError::Conflict(e.to_string())
-            }
+            | DomainError::AlreadyRead) => ApiError::Conflict(e.to_string()),
         }
     }
 }
@@ -130,14 +127,11 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let errors = match &self {
-            ApiError::Validation(errs) => {
-                Some(errs.iter().map(|e| ProblemField { field: e.field.clone(), message: e.message.clone() }).collect())
-            }
+            ApiError::Validation(errs) => Some(errs.iter().map(|e| ProblemField { field: e.field.clone(), message: e.message.clone() }).collect()),
             // A 422 like any other: clients find what was refused in `errors`.
-            ApiError::IdempotencyKeyReused => Some(vec![ProblemField {
-                field: "Idempotency-Key".to_owned(),
-                message: "was already used with a different request".to_owned(),
-            }]),
+            ApiError::IdempotencyKeyReused => {
+                Some(vec![ProblemField { field: "Idempotency-Key".to_owned(), message: "was already used with a different request".to_owned() }])
+            }
             _ => None,
         };
         let problem = Problem {

@@ -88,10 +88,7 @@ pub struct CommandHeaders {
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
-    headers
-        .get(name)
-        .map(|v| v.to_str().map_err(|_| ApiError::BadRequest(format!("header {name} must be visible ASCII"))))
-        .transpose()
+    headers.get(name).map(|v| v.to_str().map_err(|_| ApiError::BadRequest(format!("header {name} must be visible ASCII")))).transpose()
 }
 
 fn visible_ascii(s: &str, max: usize) -> bool {
@@ -107,9 +104,7 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
             .map(|v| {
                 let v = v.trim();
                 let inner = v.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(v);
-                inner.parse::<u32>().map_err(|_| {
-                    ApiError::BadRequest(format!("If-Match must be a task version in quotes, like \"3\" (got {v})"))
-                })
+                inner.parse::<u32>().map_err(|_| ApiError::BadRequest(format!("If-Match must be a task version in quotes, like \"3\" (got {v})")))
             })
             .transpose()?;
         let idempotency_key = header_str(h, "idempotency-key")?
@@ -139,8 +134,7 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
 
 fn is_traceparent(t: &str) -> bool {
     let parts: Vec<&str> = t.split('-').collect();
-    parts.len() == 4
-        && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    parts.len() == 4 && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A JSON body, parsed into `T` with field paths in errors, plus a digest of its canonical form
@@ -178,8 +172,7 @@ where
                 ApiError::BadRequest(format!("could not read the body: {rejection}"))
             }
         })?;
-        let json: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
         if !json.is_object() {
             return Err(ApiError::validation("", "the body must be a JSON object"));
         }

@@ -1,5 +1,20 @@
 //! taskstream command API: HTTP -> command -> decide -> append to Kafka (transactional, group
 //! commit) -> answer. See `writer` for the single-writer design.
+//!
+//! A command's way through the modules, top to bottom (each imports only modules below it):
+//! - `lib` (settings, `Application`) wires everything; `main` only starts it.
+//! - `routes`: the HTTP surface by resource (`tasks`, `notifications`, `webhooks`, and `internal`
+//!   for the service identity), each with its own `router()`; `routes/mod.rs` composes them with
+//!   the operational routes. Handlers parse requests into domain commands (`domain::AnyCommand`).
+//! - `command`: one submission path for every route (trace span, event metadata, metrics, the
+//!   answer as HTTP); `state`: the `AppState` handlers share.
+//! - `extract`: problem+json extractors (caller, command headers, JSON body, `CommandRoute` for the
+//!   Idempotency-Key digest); `webhook_dns`: the DNS half of the webhook SSRF check.
+//! - `writer`: the single writer, generic over the registered aggregates (`domain::Decider`):
+//!   decides, stages and answers through one path, live and at restore.
+//! - `idempotency`: the Idempotency-Key decision (`IdempotencyCache::execute`) and `Answer`.
+//! - `error`: `ApiError`, the one problem+json error type; `log`: the `EventLog` port and its Kafka
+//!   adapter.
 
 pub mod command;
 pub mod error;
@@ -78,10 +93,7 @@ impl Application {
             transactional_id: settings.transactional_id.clone(),
             transaction_timeout: Duration::from_millis(settings.transaction_timeout_ms),
         });
-        let idempotency = IdempotencyCache::new(
-            settings.idempotency_max_entries,
-            Duration::from_secs(settings.idempotency_ttl_seconds),
-        );
+        let idempotency = IdempotencyCache::new(settings.idempotency_max_entries, Duration::from_secs(settings.idempotency_ttl_seconds));
         if settings.service_jwt_secret.is_none() {
             tracing::warn!("SERVICE_JWT_SECRET is not set: the projector's reactions will be refused");
         }

@@ -101,9 +101,7 @@ impl EventLog for KafkaLog {
         let timeout = self.op_timeout();
         let p = producer.clone();
         // Fences any other instance with the same transactional.id and completes its open transaction.
-        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
-            .await
-            .map_err(|e| LogError::Unavailable(e.to_string()))??;
+        tokio::task::spawn_blocking(move || p.init_transactions(timeout)).await.map_err(|e| LogError::Unavailable(e.to_string()))??;
         tracing::info!(transactional_id = %self.settings.transactional_id, "transactional producer ready");
         self.producer = Some(producer);
         Ok(())
@@ -125,11 +123,7 @@ impl EventLog for KafkaLog {
         result
     }
 
-    async fn read_from(
-        &mut self,
-        from: Offsets,
-        apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>,
-    ) -> Result<Offsets, LogError> {
+    async fn read_from(&mut self, from: Offsets, apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>) -> Result<Offsets, LogError> {
         let mut cfg = platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api-restore");
         cfg.set("group.id", format!("{}-restore", self.settings.transactional_id))
             .set("enable.auto.commit", "false")
@@ -141,9 +135,7 @@ impl EventLog for KafkaLog {
         let consumer: BaseConsumer<QuietEof> = cfg.create_with_context(QuietEof)?;
         let topic = self.settings.kafka.task_events_topic.clone();
         let timeout = self.op_timeout();
-        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, from, apply, timeout))
-            .await
-            .map_err(|e| LogError::Unavailable(e.to_string()))?
+        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, from, apply, timeout)).await.map_err(|e| LogError::Unavailable(e.to_string()))?
     }
 }
 
@@ -171,12 +163,7 @@ impl ProducerContext for TxnContext {
     }
 }
 
-fn append_in_transaction(
-    producer: &BaseProducer<TxnContext>,
-    topic: &str,
-    records: Vec<EncodedEvent>,
-    timeout: Duration,
-) -> Result<Vec<Position>, LogError> {
+fn append_in_transaction(producer: &BaseProducer<TxnContext>, topic: &str, records: Vec<EncodedEvent>, timeout: Duration) -> Result<Vec<Position>, LogError> {
     let n = records.len();
     *producer.context().reports.lock().map_err(|_| LogError::Unavailable("poisoned".into()))? = vec![None; n];
     producer.begin_transaction()?;
@@ -294,4 +281,3 @@ fn read_to_end(
     }
     Ok(next)
 }
-

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use domain::user::UserState;
 use domain::{
-    AnyCommand, CommandVisitor, Decider, DomainError, DomainEvent, Envelope, FieldError, IdempotencyTag, Metadata,
-    Receipt, Record, RecordVisitor, UserDecider, UserId,
+    AnyCommand, CommandVisitor, Decider, DomainError, DomainEvent, Envelope, FieldError, IdempotencyTag, Metadata, Receipt, Record, RecordVisitor, UserDecider,
+    UserId,
 };
 use platform::codec::{self, EncodedEvent};
 use platform::position::Position;
@@ -62,15 +62,7 @@ impl Writer {
     pub fn spawn<L: EventLog>(log: L, idempotency: IdempotencyCache, max_batch: usize) -> Self {
         let (tx, rx) = mpsc::channel(max_batch * 4);
         let ready = Arc::new(AtomicBool::new(false));
-        let actor = Actor {
-            log,
-            states: States::default(),
-            offsets: Offsets::new(),
-            idempotency,
-            ready: ready.clone(),
-            max_batch,
-            recovering: true,
-        };
+        let actor = Actor { log, states: States::default(), offsets: Offsets::new(), idempotency, ready: ready.clone(), max_batch, recovering: true };
         tokio::spawn(actor.run(rx));
         Self { tx, ready }
     }
@@ -81,10 +73,7 @@ impl Writer {
 
     pub async fn submit(&self, cmd: AnyCommand, meta: CommandMeta) -> Result<Answer, WriteError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Submission { cmd, meta, reply })
-            .await
-            .map_err(|_| WriteError::Unavailable("the writer has stopped".into()))?;
+        self.tx.send(Submission { cmd, meta, reply }).await.map_err(|_| WriteError::Unavailable("the writer has stopped".into()))?;
         rx.await.map_err(|_| WriteError::Unavailable("the writer has stopped".into()))?
     }
 }
@@ -165,16 +154,10 @@ impl<L: EventLog> Actor<L> {
         self.ready.store(false, Ordering::Release);
         self.log.connect().await?;
         let started = Instant::now();
-        let restoring = Arc::new(std::sync::Mutex::new(Restoring {
-            states: std::mem::take(&mut self.states),
-            next: self.offsets.clone(),
-            ..Restoring::default()
-        }));
+        let restoring =
+            Arc::new(std::sync::Mutex::new(Restoring { states: std::mem::take(&mut self.states), next: self.offsets.clone(), ..Restoring::default() }));
         let sink = restoring.clone();
-        let result = self
-            .log
-            .read_from(self.offsets.clone(), Box::new(move |pos, rec| sink.lock().unwrap_or_else(|e| e.into_inner()).apply(pos, rec)))
-            .await;
+        let result = self.log.read_from(self.offsets.clone(), Box::new(move |pos, rec| sink.lock().unwrap_or_else(|e| e.into_inner()).apply(pos, rec))).await;
         let restored = std::mem::take(&mut *restoring.lock().unwrap_or_else(|e| e.into_inner()));
         self.states = restored.states;
         for (user, tag, answer) in restored.keyed {
@@ -187,7 +170,12 @@ impl<L: EventLog> Actor<L> {
                 return Err(e);
             }
         }
-        tracing::info!(events = restored.applied, streams = self.states.len(), elapsed_ms = started.elapsed().as_millis() as u64, "state restored from the log");
+        tracing::info!(
+            events = restored.applied,
+            streams = self.states.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "state restored from the log"
+        );
         Ok(())
     }
 
@@ -237,10 +225,7 @@ impl<L: EventLog> Actor<L> {
                 }
                 self.states.absorb(staged);
                 for p in pending {
-                    let answer = p
-                        .outcome
-                        .map(|d| Answer::new(d.receipt, d.version, positions[d.last_record]))
-                        .map_err(WriteError::from);
+                    let answer = p.outcome.map(|d| Answer::new(d.receipt, d.version, positions[d.last_record])).map_err(WriteError::from);
                     let _ = p.sub.reply.send(answer);
                 }
             }
@@ -440,9 +425,6 @@ impl Layered<'_> {
     /// The stream's state to evolve (copied from the committed state on first touch).
     fn state<D: Decider>(&mut self, id: &Subject<D>) -> &mut D::State {
         let committed = self.committed;
-        self.staged
-            .of::<D>()
-            .entry(id.clone())
-            .or_insert_with(|| committed.and_then(|c| c.get::<D>()).and_then(|m| m.get(id)).cloned().unwrap_or_default())
+        self.staged.of::<D>().entry(id.clone()).or_insert_with(|| committed.and_then(|c| c.get::<D>()).and_then(|m| m.get(id)).cloned().unwrap_or_default())
     }
 }

@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::events::{NewTask, ReminderDue, TaskEvent, TaskPatch};
 use crate::aggregate::{Decider, Receipt, StreamId};
+use crate::events::{NewTask, ReminderDue, TaskEvent, TaskPatch};
 use crate::values::{FieldError, RemindBefore, TaskId, UserId, ValidationError};
 
 /// An intent, already parsed at the edge.
@@ -25,7 +25,9 @@ pub enum CommandKind {
     Reopen,
     Delete,
     /// Fire the reminder scheduled for `remind_at` (sent by the projector's scheduler).
-    FireReminder { remind_at: DateTime<Utc> },
+    FireReminder {
+        remind_at: DateTime<Utc>,
+    },
 }
 
 impl CommandKind {
@@ -72,7 +74,10 @@ pub enum TaskState {
     #[default]
     Absent,
     Live(LiveTask),
-    Deleted { owner: UserId, version: u32 },
+    Deleted {
+        owner: UserId,
+        version: u32,
+    },
 }
 
 impl TaskState {
@@ -278,7 +283,11 @@ fn check_schedule(due_at: Option<DateTime<Utc>>, remind: bool, recurs: bool) -> 
     if due_at.is_none() && recurs {
         errors.push(FieldError::new("recurrence", "needs due_at (the first occurrence)"));
     }
-    if errors.is_empty() { Ok(()) } else { Err(DomainError::Invalid(errors)) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(DomainError::Invalid(errors))
+    }
 }
 
 #[cfg(test)]
@@ -415,9 +424,7 @@ mod tests {
         t.due_at = Some(due());
         t.remind_before = Some(remind());
         let clear = CommandKind::Update(TaskPatch { due_at: Some(None), ..Default::default() });
-        given(&[TaskEvent::Created(t.clone())])
-            .when(clear)
-            .then_error(DomainError::Invalid(vec![FieldError::new("remind_before", "needs due_at")]));
+        given(&[TaskEvent::Created(t.clone())]).when(clear).then_error(DomainError::Invalid(vec![FieldError::new("remind_before", "needs due_at")]));
         let clear_both = TaskPatch { due_at: Some(None), remind_before: Some(None), ..Default::default() };
         given(&[TaskEvent::Created(t)]).when(CommandKind::Update(clear_both.clone())).then(vec![TaskEvent::Updated(clear_both)]);
     }
@@ -457,9 +464,7 @@ mod tests {
     }
     #[test]
     fn reopen_a_deleted_task_conflicts() {
-        given(&[TaskEvent::Created(new_task()), TaskEvent::Completed, TaskEvent::Deleted])
-            .when(CommandKind::Reopen)
-            .then_error(DomainError::Deleted);
+        given(&[TaskEvent::Created(new_task()), TaskEvent::Completed, TaskEvent::Deleted]).when(CommandKind::Reopen).then_error(DomainError::Deleted);
     }
     #[test]
     fn reopen_a_missing_task_is_not_found() {
@@ -539,13 +544,7 @@ mod tests {
         use proptest::prelude::*;
 
         fn any_command() -> impl Strategy<Value = CommandKind> {
-            prop_oneof![
-                Just(create()),
-                Just(patch_title("p")),
-                Just(CommandKind::Complete),
-                Just(CommandKind::Reopen),
-                Just(CommandKind::Delete),
-            ]
+            prop_oneof![Just(create()), Just(patch_title("p")), Just(CommandKind::Complete), Just(CommandKind::Reopen), Just(CommandKind::Delete),]
         }
 
         proptest! {

@@ -108,8 +108,7 @@ pub struct ReminderDue {
 
 impl DomainEvent for TaskEvent {
     type Subject = TaskId;
-    const TYPES: &'static [&'static str] =
-        &["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted", "task.reminder_due"];
+    const TYPES: &'static [&'static str] = &["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted", "task.reminder_due"];
 
     fn event_type(&self) -> &'static str {
         match self {

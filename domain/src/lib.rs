@@ -16,16 +16,12 @@ pub mod user;
 pub mod values;
 
 pub use aggregate::{
-    CommandVisitor, Decider, DomainEvent, Envelope, EnvelopeError, IdempotencyTag, Metadata, Receipt, RecordVisitor,
-    StreamId, UnknownEventType,
+    CommandVisitor, Decider, DomainEvent, Envelope, EnvelopeError, IdempotencyTag, Metadata, Receipt, RecordVisitor, StreamId, UnknownEventType,
 };
 pub use decider::{Command, CommandKind, DomainError, LiveTask, TaskDecider, TaskState, TaskStatus};
 pub use events::{NewTask, ReminderDue, TaskEvent, TaskPatch};
 pub use user::UserDecider;
-pub use values::{
-    Description, FieldError, Priority, Recurrence, RemindBefore, Tag, Tags, TaskId, TimeZone, Title, UserId,
-    ValidationError,
-};
+pub use values::{Description, FieldError, Priority, Recurrence, RemindBefore, Tag, Tags, TaskId, TimeZone, Title, UserId, ValidationError};
 
 // The aggregates of taskstream: one line each. Generates `AnyCommand` and `Record`.
 aggregate::aggregates! {

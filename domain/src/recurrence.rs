@@ -25,13 +25,7 @@ const MAX_STEPS: usize = 100_000;
 
 /// The occurrence after occurrence number `occurrence` (1-based), which was due at `due_at` and
 /// completed at `completed_at`.
-pub fn next_occurrence(
-    rule: &Recurrence,
-    timezone: TimeZone,
-    due_at: DateTime<Utc>,
-    completed_at: DateTime<Utc>,
-    occurrence: u32,
-) -> NextOccurrence {
+pub fn next_occurrence(rule: &Recurrence, timezone: TimeZone, due_at: DateTime<Utc>, completed_at: DateTime<Utc>, occurrence: u32) -> NextOccurrence {
     let mut count = None;
     let without_count: Vec<&str> = rule
         .as_ref()

@@ -315,9 +315,20 @@ mod tests {
             assert!(WebhookUrl::parse(ok.into(), false).is_ok(), "{ok}");
         }
         for bad in [
-            "ftp://example.com", "example.com/hook", "http://localhost/x", "http://127.0.0.1:9000/", "http://10.1.2.3/",
-            "http://192.168.1.1/", "http://172.16.0.1/", "http://169.254.169.254/latest/meta-data", "http://[::1]/",
-            "http://[fd00::1]/", "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/", "http://user:pw@example.com/", "http:///nohost",
+            "ftp://example.com",
+            "example.com/hook",
+            "http://localhost/x",
+            "http://127.0.0.1:9000/",
+            "http://10.1.2.3/",
+            "http://192.168.1.1/",
+            "http://172.16.0.1/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]/",
+            "http://[fd00::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://0.0.0.0/",
+            "http://user:pw@example.com/",
+            "http:///nohost",
             "http://metadata.google.internal/",
         ] {
             assert!(WebhookUrl::parse(bad.into(), false).is_err(), "{bad} should be refused");

@@ -185,10 +185,7 @@ impl Priority {
 impl FromStr for Priority {
     type Err = ValidationError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| ValidationError::new("must be one of low, medium, high, urgent"))
+        Self::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| ValidationError::new("must be one of low, medium, high, urgent"))
     }
 }
 
@@ -200,9 +197,7 @@ pub struct TimeZone(chrono_tz::Tz);
 impl TimeZone {
     pub const UTC: TimeZone = TimeZone(chrono_tz::Tz::UTC);
     pub fn parse(s: String) -> Result<Self, ValidationError> {
-        s.parse::<chrono_tz::Tz>()
-            .map(Self)
-            .map_err(|_| ValidationError::new("must be an IANA time zone name, e.g. Europe/Berlin"))
+        s.parse::<chrono_tz::Tz>().map(Self).map_err(|_| ValidationError::new("must be an IANA time zone name, e.g. Europe/Berlin"))
     }
     pub fn tz(&self) -> chrono_tz::Tz {
         self.0
@@ -250,12 +245,9 @@ impl Recurrence {
             return Err(ValidationError::new(format!("must be at most {} characters", Self::MAX_LEN)));
         }
         if raw.contains(['\n', '\r']) || raw.to_ascii_uppercase().contains("DTSTART") {
-            return Err(ValidationError::new(
-                "must be a single RRULE value without DTSTART (the start is the task's due_at)",
-            ));
+            return Err(ValidationError::new("must be a single RRULE value without DTSTART (the start is the task's due_at)"));
         }
-        let rule: rrule::RRule<rrule::Unvalidated> =
-            raw.parse().map_err(|e: rrule::RRuleError| ValidationError::new(format!("invalid RRULE: {e}")))?;
+        let rule: rrule::RRule<rrule::Unvalidated> = raw.parse().map_err(|e: rrule::RRuleError| ValidationError::new(format!("invalid RRULE: {e}")))?;
         // Validate against a fixed start; the real start (due_at in the task's zone) is applied
         // when occurrences are computed.
         let start = rrule::Tz::UTC.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).single().expect("valid fixed date");
@@ -338,19 +330,14 @@ fn parse_iso8601_duration(s: &str) -> Result<i64, ValidationError> {
                 continue;
             }
             if matches!(c, 'Y') || (c == 'M' && units[0].0 == 'W') {
-                return Err(ValidationError::new(
-                    "years and months have no fixed length; use weeks, days, hours, minutes or seconds",
-                ));
+                return Err(ValidationError::new("years and months have no fixed length; use weeks, days, hours, minutes or seconds"));
             }
             let pos = units.iter().position(|(u, _)| *u == c).ok_or_else(bad)?;
             if num.is_empty() || pos < next_unit {
                 return Err(bad());
             }
             let n: i64 = num.parse().map_err(|_| bad())?;
-            total = n
-                .checked_mul(units[pos].1)
-                .and_then(|v| total.checked_add(v))
-                .ok_or_else(|| ValidationError::new("is too long"))?;
+            total = n.checked_mul(units[pos].1).and_then(|v| total.checked_add(v)).ok_or_else(|| ValidationError::new("is too long"))?;
             num.clear();
             next_unit = pos + 1;
         }

@@ -88,9 +88,7 @@ fn decode_parts<'a, H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload
     }
     let meta = Metadata {
         event_id: Uuid::parse_str(get.required("ce_id")?).map_err(|e| invalid("ce_id", e.to_string()))?,
-        occurred_at: DateTime::parse_from_rfc3339(get.required("ce_time")?)
-            .map_err(|e| invalid("ce_time", e.to_string()))?
-            .with_timezone(&Utc),
+        occurred_at: DateTime::parse_from_rfc3339(get.required("ce_time")?).map_err(|e| invalid("ce_time", e.to_string()))?.with_timezone(&Utc),
         user_id: UserId::parse(get.required("ce_userid")?.to_owned()).map_err(|e| invalid("ce_userid", e.0))?,
         sequence: get.required("ce_sequence")?.parse().map_err(|_| invalid("ce_sequence", "not a number".into()))?,
         correlation_id: get.optional("ce_correlationid"),
@@ -195,7 +193,9 @@ mod tests {
         let back = decode(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)).unwrap();
         assert_eq!(back, env);
         let names: Vec<&str> = enc.headers.iter().map(|h| h.key).collect();
-        for required in ["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "ce_subject", "content-type", "ce_userid", "ce_sequence", "ce_correlationid"] {
+        for required in
+            ["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "ce_subject", "content-type", "ce_userid", "ce_sequence", "ce_correlationid"]
+        {
             assert!(names.contains(&required), "{required} missing");
         }
     }

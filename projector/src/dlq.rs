@@ -19,7 +19,7 @@ use platform::position::Position;
 use platform::settings::KafkaSettings;
 
 use crate::model::{Batch, FailedRecord, RawRecord};
-use crate::store::{self, ApplyMode, StoreError};
+use crate::store::{self, Applied, ApplyMode, StoreError, REBUILD_LOCK_KEY};
 
 /// The projections a dead letter stops: all of them are applied together, in one transaction.
 pub fn projection_label() -> String {
@@ -77,6 +77,25 @@ pub struct Parking {
 enum Blocker {
     Existing(i64),
     New(Position),
+}
+
+/// Applies a live batch in one transaction: its failed records become dead letters, the records
+/// whose key waits behind an open dead letter are parked ([`park`]), the others are written, and
+/// the offsets move to the end of the whole batch.
+pub async fn apply_live(
+    pool: &PgPool,
+    topic: &str,
+    batch: &Batch,
+    from: &HashMap<i32, i64>,
+    sink: &DeadLetterSink,
+) -> Result<(Applied, Parking), StoreError> {
+    let mut tx = pool.begin().await?;
+    let (admitted, parking) = park(&mut tx, topic, batch, sink).await?;
+    let mut applied = store::apply_batch_in(&mut tx, topic, &admitted, from, ApplyMode::Live).await?;
+    tx.commit().await?;
+    // Counted as before the split: every decoded record of the batch, parked ones included.
+    applied.records = batch.len();
+    Ok((applied, parking))
 }
 
 /// Within the batch's transaction: turns the batch's failed records into dead letters, parks every
@@ -337,7 +356,7 @@ impl StoredRecord {
 /// becomes the new dead letter of its key, and the records after it stay parked behind it.
 pub async fn release(pool: &PgPool, sink: &DeadLetterSink, id: i64, how: Release) -> Result<Released, ReleaseError> {
     let mut tx = pool.begin().await?;
-    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock_shared($1)").bind(crate::rebuild::LOCK_KEY).fetch_one(&mut *tx).await?;
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock_shared($1)").bind(REBUILD_LOCK_KEY).fetch_one(&mut *tx).await?;
     if !free {
         return Err(ReleaseError::RebuildRunning);
     }

@@ -25,10 +25,8 @@ use platform::retry::Policy;
 use platform::settings::{DatabaseSettings, KafkaSettings};
 
 use crate::model::Batch;
-use crate::store::{self, ApplyMode, PROJECTIONS};
+use crate::store::{self, ApplyMode, PROJECTIONS, REBUILD_LOCK_KEY};
 
-/// The advisory lock a rebuild holds (exclusively) and a dead-letter release takes (shared).
-pub const LOCK_KEY: i64 = 0x7473_7265_6275_696c;
 /// Where the copies are built.
 pub const SCHEMA: &str = "ts_rebuild";
 /// Applying a replayed batch again after a transient failure: 100 ms doubled up to 5 s.
@@ -124,7 +122,7 @@ pub async fn run(opts: Options, cancel: impl Future<Output = ()>) -> Result<Summ
     platform::db::migrate(&pool).await?;
     // The lock lives as long as this connection.
     let mut lock = options.connect().await.map_err(anyhow::Error::from)?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut lock).await.map_err(anyhow::Error::from)?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(REBUILD_LOCK_KEY).fetch_one(&mut lock).await.map_err(anyhow::Error::from)?;
     if !locked {
         return Err(RebuildError::Busy);
     }
@@ -404,7 +402,7 @@ impl Replay {
         }
         let mut backoff = APPLY_RETRY.backoff();
         loop {
-            match store::apply_batch(&self.shadow, &self.topic, &batch, &self.at, ApplyMode::Replay, None).await {
+            match store::apply_batch(&self.shadow, &self.topic, &batch, &self.at, ApplyMode::Replay).await {
                 Ok(_) => break,
                 Err(e) if e.is_deterministic() => {
                     anyhow::bail!("the replay cannot apply a batch: {e}")
@@ -498,7 +496,7 @@ impl Progress {
 /// that died are cleared.
 pub async fn new_projections(pool: &PgPool, topic: &str) -> anyhow::Result<Vec<String>> {
     let mut tx = pool.begin().await?;
-    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(LOCK_KEY).fetch_one(&mut *tx).await?;
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(REBUILD_LOCK_KEY).fetch_one(&mut *tx).await?;
     if !free {
         // A command-line rebuild is running; it owns its rows.
         return Ok(Vec::new());

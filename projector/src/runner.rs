@@ -16,7 +16,7 @@ use platform::retry::{Jitter, Policy};
 use platform::settings::KafkaSettings;
 
 use crate::consumer::{assign, log_consumer, read_batch};
-use crate::dlq::DeadLetterSink;
+use crate::dlq::{self, DeadLetterSink};
 use crate::model::{Batch, FailedRecord, RawRecord};
 use crate::store::{self, ApplyMode, StoreError};
 
@@ -221,8 +221,8 @@ impl Runner {
         let mut backoff = APPLY_RETRY.backoff();
         loop {
             let started = Instant::now();
-            match store::apply_batch(&self.pool, topic, batch, from, ApplyMode::Live, Some(&self.dead_letters)).await {
-                Ok(applied) => {
+            match dlq::apply_live(&self.pool, topic, batch, from, &self.dead_letters).await {
+                Ok((applied, _parking)) => {
                     self.ready.store(true, Ordering::Release);
                     metrics::histogram!("projector_batch_apply_seconds").record(started.elapsed().as_secs_f64());
                     metrics::counter!("projector_events_applied_total").increment(applied.records as u64);

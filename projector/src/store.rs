@@ -23,6 +23,11 @@ pub enum ApplyMode {
 
 pub use platform::projections::{NOTIFICATIONS_CHANNEL, PROGRESS_CHANNEL, PROJECTIONS, TASK_CHANGES_CHANNEL};
 
+/// The PostgreSQL advisory lock of the rebuild: a rebuild holds it exclusively while it runs; a
+/// dead-letter release (shared) and the live projector's check for new projections (exclusive, for
+/// one transaction) only try it, so none of them overlaps a rebuild.
+pub const REBUILD_LOCK_KEY: i64 = 0x7473_7265_6275_696c;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("another projector instance moved the offsets of topic {topic}; re-reading them")]
@@ -104,37 +109,29 @@ pub struct Applied {
     pub deliveries: usize,
     /// Decoded records in the batch.
     pub records: usize,
-    /// Records that became dead letters (live mode only).
-    pub dead_lettered: usize,
-    /// Records held back behind an open dead letter of their task (live mode only).
-    pub parked: usize,
 }
 
-/// Applies a batch to every projection and advances their offsets from `from` to `to`
+/// Applies a batch to every projection and advances their offsets from `from` to `batch.to`
 /// (per partition), all in one transaction. In live mode the reactions the events call for are
-/// recorded in the outbox in the same transaction, and records that failed (or whose task has an
-/// open dead letter) are dead-lettered or parked through `dead_letters` before the commit.
-pub async fn apply_batch(
-    pool: &PgPool,
+/// recorded in the outbox in the same transaction. Every record of the batch is written: which
+/// records wait behind a dead letter is decided above (`dlq::apply_live`).
+pub async fn apply_batch(pool: &PgPool, topic: &str, batch: &Batch, from: &HashMap<i32, i64>, mode: ApplyMode) -> Result<Applied, StoreError> {
+    let mut tx = pool.begin().await?;
+    let applied = apply_batch_in(&mut tx, topic, batch, from, mode).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// [`apply_batch`] inside a transaction that the caller holds and commits.
+pub async fn apply_batch_in(
+    tx: &mut Transaction<'_, Postgres>,
     topic: &str,
     batch: &Batch,
     from: &HashMap<i32, i64>,
     mode: ApplyMode,
-    dead_letters: Option<&crate::dlq::DeadLetterSink>,
 ) -> Result<Applied, StoreError> {
-    let mut tx = pool.begin().await?;
-    let mut applied = match (mode, dead_letters) {
-        (ApplyMode::Live, Some(sink)) => {
-            let (admitted, parked) = crate::dlq::park(&mut tx, topic, batch, sink).await?;
-            let mut applied = apply_records(&mut tx, &admitted, mode).await?;
-            applied.dead_lettered = parked.dead_lettered;
-            applied.parked = parked.parked;
-            applied
-        }
-        _ => apply_records(&mut tx, batch, mode).await?,
-    };
-    advance_offsets(&mut tx, topic, from, &batch.to, mode).await?;
-    tx.commit().await?;
+    let mut applied = apply_records(tx, batch, mode).await?;
+    advance_offsets(tx, topic, from, &batch.to, mode).await?;
     applied.records = batch.len();
     Ok(applied)
 }

@@ -9,10 +9,9 @@ use utoipa::ToSchema;
 
 use domain::CommandKind;
 
-use crate::command::submit;
+use crate::command::{submit, task_command};
 use crate::error::ApiError;
 use crate::extract::{CommandHeaders, CommandRoute, JsonBody, ServiceCaller, TaskPath};
-use crate::routes::tasks::task_command;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -40,4 +39,3 @@ pub async fn fire_reminder(
     let cmd = task_command(&caller, &headers, task_id, CommandKind::FireReminder { remind_at: body.value.remind_at });
     submit(&state, caller, headers, digest, cmd).await
 }
-

@@ -38,20 +38,14 @@ struct BearerAuth;
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
-        );
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()));
     }
 }
 
 /// The full router; tests call it with `oneshot`.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(tasks::router())
-        .merge(notifications::router())
-        .merge(webhooks::router())
-        .split_for_parts();
+    let (api, openapi) =
+        OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(tasks::router()).merge(notifications::router()).merge(webhooks::router()).split_for_parts();
     let openapi = Arc::new(openapi);
     api.merge(internal::router())
         .route("/v1/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))

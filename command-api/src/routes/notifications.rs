@@ -40,4 +40,3 @@ pub async fn mark_notification_read(
     let cmd = AnyCommand::User(UserCommand { user: caller.0.clone(), kind: UserCommandKind::MarkNotificationRead(id) });
     submit(&state, caller, headers, digest, cmd).await
 }
-

@@ -11,27 +11,15 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use domain::{
-    AnyCommand, Command, CommandKind, Description, FieldError, NewTask, Priority, Recurrence, RemindBefore, Tags, TaskId,
-    TaskPatch, TimeZone, Title, ValidationError,
-};
+use domain::{CommandKind, Description, FieldError, NewTask, Priority, Recurrence, RemindBefore, Tags, TaskId, TaskPatch, TimeZone, Title, ValidationError};
 
-use crate::command::submit;
+use crate::command::{submit, task_command};
 use crate::error::{ApiError, Problem};
 use crate::extract::{AuthUser, CommandHeaders, CommandRoute, JsonBody, TaskPath};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(create_task))
-        .routes(routes!(update_task, delete_task))
-        .routes(routes!(complete_task))
-        .routes(routes!(reopen_task))
-}
-
-/// A command on one task by the caller (`If-Match` makes it conditional on the task's version).
-pub(crate) fn task_command(caller: &AuthUser, headers: &CommandHeaders, task_id: TaskId, kind: CommandKind) -> AnyCommand {
-    AnyCommand::Task(Command { task_id, user: caller.0.clone(), expected_version: headers.if_match, kind })
+    OpenApiRouter::new().routes(routes!(create_task)).routes(routes!(update_task, delete_task)).routes(routes!(complete_task)).routes(routes!(reopen_task))
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
@@ -279,19 +267,19 @@ macro_rules! lifecycle_handler {
     ($name:ident, $method:ident, $path:literal, $kind:expr, $doc:literal) => {
         #[doc = $doc]
         #[utoipa::path(
-            $method, path = $path, tag = "tasks",
-            params(
-                ("id" = Uuid, Path, description = "Task id"),
-                ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
-                ("If-Match" = Option<String>, Header, description = "Only if the task is at this version, e.g. \"3\""),
-            ),
-            responses(
-                (status = 200, description = "Done; the event is durable in the log", body = CommandResponse),
-                (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
-                (status = 409, body = Problem), (status = 412, body = Problem), (status = 503, body = Problem),
-            ),
-            security(("bearer" = []))
-        )]
+                                    $method, path = $path, tag = "tasks",
+                                    params(
+                                        ("id" = Uuid, Path, description = "Task id"),
+                                        ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
+                                        ("If-Match" = Option<String>, Header, description = "Only if the task is at this version, e.g. \"3\""),
+                                    ),
+                                    responses(
+                                        (status = 200, description = "Done; the event is durable in the log", body = CommandResponse),
+                                        (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
+                                        (status = 409, body = Problem), (status = 412, body = Problem), (status = 503, body = Problem),
+                                    ),
+                                    security(("bearer" = []))
+                                )]
         pub async fn $name(
             State(state): State<AppState>,
             caller: AuthUser,
@@ -341,8 +329,7 @@ mod tests {
         let req: UpdateTaskRequest = serde_json::from_value(serde_json::json!({"title": null, "priority": null})).unwrap();
         let Err(ApiError::Validation(errs)) = parse_update(req) else { panic!("expected validation error") };
         assert_eq!(errs.len(), 2);
-        let req: UpdateTaskRequest =
-            serde_json::from_value(serde_json::json!({"description": null, "due_at": null, "tags": null})).unwrap();
+        let req: UpdateTaskRequest = serde_json::from_value(serde_json::json!({"description": null, "due_at": null, "tags": null})).unwrap();
         let p = parse_update(req).unwrap();
         assert_eq!(p.description, Some(None));
         assert_eq!(p.due_at, Some(None));
@@ -350,4 +337,3 @@ mod tests {
         assert_eq!(p.title, None);
     }
 }
-

@@ -72,7 +72,7 @@ async fn live_mode_records_reactions_and_replay_never_does() {
             .execute(&pool)
             .await
             .unwrap();
-        let applied = store::apply_batch(&pool, TOPIC, &history(TaskId::new_v7()), &HashMap::from([(0, 0)]), mode, None).await.unwrap();
+        let applied = store::apply_batch(&pool, TOPIC, &history(TaskId::new_v7()), &HashMap::from([(0, 0)]), mode).await.unwrap();
         assert_eq!((applied.reactions, applied.deliveries), (outbox as usize, outbox as usize), "{mode:?}");
         // The read models are the same either way...
         assert_eq!(count(&pool, "SELECT count(*) FROM tasks WHERE status = 'completed'").await, 1);
@@ -90,10 +90,10 @@ async fn live_mode_records_reactions_and_replay_never_does() {
 async fn offsets_move_only_with_the_rows_and_a_second_writer_is_fenced() {
     let (db, pool) = fresh_store().await;
     let batch = history(TaskId::new_v7());
-    store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live, None).await.unwrap();
+    store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live).await.unwrap();
     assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, 3);
     // Another instance that still believes the partition is at 0 cannot apply the batch again.
-    let again = store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live, None).await;
+    let again = store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live).await;
     assert!(matches!(again, Err(StoreError::Fenced { .. })), "{again:?}");
     assert_eq!(count(&pool, "SELECT count(*) FROM task_history").await, 3);
     assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox").await, 1);
