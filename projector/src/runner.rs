@@ -18,7 +18,7 @@ use platform::settings::KafkaSettings;
 use crate::consumer::{assign, log_consumer, read_batch};
 use crate::dlq::{self, DeadLetterSink};
 use crate::model::{Batch, FailedRecord, RawRecord};
-use crate::store::{self, ApplyMode, StoreError};
+use crate::store::{self, StoreError};
 
 /// Restarting the consume loop after Kafka or PostgreSQL went away: 200 ms doubled up to 10 s,
 /// each between half and all of it (spreads the restarts of several instances).
