@@ -82,13 +82,7 @@ enum Blocker {
 /// Applies a live batch in one transaction: its failed records become dead letters, the records
 /// whose key waits behind an open dead letter are parked ([`park`]), the others are written, and
 /// the offsets move to the end of the whole batch.
-pub async fn apply_live(
-    pool: &PgPool,
-    topic: &str,
-    batch: &Batch,
-    from: &HashMap<i32, i64>,
-    sink: &DeadLetterSink,
-) -> Result<(Applied, Parking), StoreError> {
+pub async fn apply_live(pool: &PgPool, topic: &str, batch: &Batch, from: &HashMap<i32, i64>, sink: &DeadLetterSink) -> Result<(Applied, Parking), StoreError> {
     let mut tx = pool.begin().await?;
     let (admitted, parking) = park(&mut tx, topic, batch, sink).await?;
     let mut applied = store::apply_batch_in(&mut tx, topic, &admitted, from, ApplyMode::Live).await?;

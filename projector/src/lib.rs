@@ -1,5 +1,28 @@
 //! taskstream projector: builds the PostgreSQL read models from the `task-events` log,
-//! exactly-once (each batch and its per-partition offsets are committed in one transaction).
+//! exactly-once (each batch and its per-partition offsets are committed in one transaction), runs
+//! the reactions, and serves the `rebuild`, `status` and `dlq` commands.
+//!
+//! Modules, top to bottom; each imports only modules below it (no loops):
+//!
+//! - `lib` / `main`: settings, the CLI commands and the health/metrics router; wiring only.
+//! - `runner`: the live loop: reads batches, applies them through `dlq::apply_live` with retries
+//!   (`platform::retry`), isolates a failing record, starts the rebuild of new projections.
+//!   Imports `rebuild`, `dlq`, `store`, `consumer`, `model`.
+//! - `rebuild`: replays the log into `ts_rebuild` copies and switches them in. Imports `dlq` (the
+//!   positions to skip), `store`, `consumer`, `model`.
+//! - `status`: `projector status` and the lag gauges (the status itself is
+//!   `platform::projections`). Imports nothing of this crate.
+//! - `dlq`: dead letters and parking: decides which records of a live batch become dead letters or
+//!   wait behind one (`park`, `apply_live`), `dlq list/replay/discard`. Imports `store`, `model`.
+//! - `store`: PostgreSQL only: writes what it is given (rows, history, outbox, offsets with their
+//!   compare-and-set) in the caller's transaction or its own. Imports `model`.
+//! - `consumer`: the read_committed Kafka consumer and batching, for `runner` and `rebuild`.
+//!   Imports `model`.
+//! - `model`: the pure fold: decoded batches and how events change the rows; no IO.
+//!
+//! The reactions stand apart from the projection path: `reactor` (outbox commands, reminders)
+//! starts and imports `webhooks` (signed deliveries), whose retry schedule (`webhooks::RETRY`) the
+//! reactor shares; neither imports anything else of this crate.
 
 pub mod consumer;
 pub mod dlq;

@@ -46,14 +46,7 @@ enum Outcome {
 impl Reactor {
     pub fn new(pool: PgPool, command_api: String, auth: JwtAuth, allow_private_webhooks: bool) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
-        Ok(Self {
-            pool,
-            http,
-            command_api: command_api.trim_end_matches('/').to_owned(),
-            auth,
-            wake: Arc::default(),
-            allow_private_webhooks,
-        })
+        Ok(Self { pool, http, command_api: command_api.trim_end_matches('/').to_owned(), auth, wake: Arc::default(), allow_private_webhooks })
     }
 
     /// Runs the loops until the process stops.
@@ -118,7 +111,8 @@ impl Reactor {
                 headers.push(("X-Correlation-Id", c));
             }
             // The reaction continues the trace of the event that called for it.
-            let span = tracing::info_span!("reaction", kind = %kind, reaction = %id, trace_id = tracing::field::Empty, correlation_id = ?correlation_of(&headers));
+            let span =
+                tracing::info_span!("reaction", kind = %kind, reaction = %id, trace_id = tracing::field::Empty, correlation_id = ?correlation_of(&headers));
             platform::telemetry::continue_trace(&span, traceparent.as_deref());
             if let Some(t) = platform::telemetry::traceparent(&span).or(traceparent) {
                 headers.push(("traceparent", t));
@@ -190,20 +184,12 @@ impl Reactor {
             match self.send(&user, &format!("/internal/v1/tasks/{task}/remind"), &body, &[]).await {
                 Outcome::Done => {
                     metrics::counter!("reminders_fired_total").increment(1);
-                    sqlx::query("DELETE FROM reminder_schedule WHERE task_id = $1 AND remind_at = $2")
-                        .bind(task)
-                        .bind(remind_at)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query("DELETE FROM reminder_schedule WHERE task_id = $1 AND remind_at = $2").bind(task).bind(remind_at).execute(&mut *tx).await?;
                 }
                 Outcome::Retry(e) => tracing::warn!(task_id = %task, error.message = %e, "firing a reminder failed; retrying"),
                 Outcome::Failed(e) => {
                     tracing::error!(task_id = %task, error.message = %e, "the command API refused a reminder; dropping it");
-                    sqlx::query("DELETE FROM reminder_schedule WHERE task_id = $1 AND remind_at = $2")
-                        .bind(task)
-                        .bind(remind_at)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query("DELETE FROM reminder_schedule WHERE task_id = $1 AND remind_at = $2").bind(task).bind(remind_at).execute(&mut *tx).await?;
                 }
             }
             tracing::debug!(task_id = %task, elapsed_ms = started.elapsed().as_millis() as u64, "reminder handled");
