@@ -2,10 +2,9 @@
 //! built with `command_api::router` and driven with `oneshot`, and assertions on problem+json.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
@@ -17,14 +16,14 @@ use tower::ServiceExt;
 use command_api::idempotency::IdempotencyCache;
 use command_api::log::{EventLog, LogError, Offsets};
 use command_api::AppState;
-use platform::auth::JwtAuth;
 use domain::TaskEvent;
 use platform::codec::{self, DecodeError, EncodedEvent, Envelope, Record};
 use platform::position::Position;
-use platform::secret::Secret;
+use test_support::{eventually, Tokens};
 
 pub const PARTITIONS: i32 = 12;
-pub const SECRET: &str = "test-secret";
+pub const ALICE: &str = "alice";
+pub const BOB: &str = "bob";
 
 /// One record as the fake log holds it (what Kafka would hold: key, headers, value, position).
 #[derive(Clone)]
@@ -38,10 +37,7 @@ pub struct LogRecord {
 impl LogRecord {
     /// The record's headers as a map (a header set twice keeps its last value, as the codec reads it).
     pub fn header_map(&self) -> BTreeMap<String, String> {
-        self.headers
-            .iter()
-            .map(|h| (h.key.to_owned(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
-            .collect()
+        self.headers.iter().map(|h| (h.key.to_owned(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect()
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
@@ -143,11 +139,7 @@ impl EventLog for FakeLog {
         Ok(positions)
     }
 
-    async fn read_from(
-        &mut self,
-        from: Offsets,
-        mut apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>,
-    ) -> Result<Offsets, LogError> {
+    async fn read_from(&mut self, from: Offsets, mut apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>) -> Result<Offsets, LogError> {
         self.check()?;
         let data = self.lock();
         let mut next = from;
@@ -162,33 +154,17 @@ impl EventLog for FakeLog {
     }
 }
 
-/// Polls `check` until it yields a value or `timeout` passes (then panics with `what`).
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 pub struct TestApp {
     pub router: axum::Router,
     pub log: FakeLog,
-    pub auth: JwtAuth,
+    pub tokens: Tokens,
 }
 
 /// An app over `log` without waiting for it to become ready.
 pub fn build_app(log: FakeLog) -> TestApp {
-    let auth = JwtAuth::new(&Secret::new(SECRET));
-    let state = AppState::new(log.clone(), auth.clone(), 100, IdempotencyCache::new(1000, Duration::from_secs(60)));
-    TestApp { router: command_api::router(state, Duration::from_secs(10)), log, auth }
+    let tokens = Tokens::default();
+    let state = AppState::new(log.clone(), tokens.auth(), 100, IdempotencyCache::new(1000, Duration::from_secs(60)));
+    TestApp { router: command_api::router(state, Duration::from_secs(10)), log, tokens }
 }
 
 /// An app over `log` (e.g. the records of a previous app: a restart), once `/readyz` says 200.
@@ -228,14 +204,13 @@ impl Resp {
 
 impl TestApp {
     pub fn token(&self, user: &str) -> String {
-        self.auth.issue(user, 300)
+        self.tokens.user(user)
     }
 
     pub async fn wait_ready(&self) {
-        eventually("GET /readyz to answer 200", Duration::from_secs(10), || async {
-            (self.get("/readyz").await.status == StatusCode::OK).then_some(())
-        })
-        .await;
+        eventually("GET /readyz to answer 200", Duration::from_secs(10), || async { (self.get("/readyz").await.status == StatusCode::OK).then_some(()) })
+            .await
+            .unwrap();
     }
 
     pub async fn raw(&self, req: Request<Body>) -> Resp {
@@ -340,4 +315,9 @@ pub fn assert_field_error(r: &Resp, field: &str) {
     let b = assert_problem(r, 422);
     let fields: Vec<&str> = b["errors"].as_array().unwrap().iter().filter_map(|e| e["field"].as_str()).collect();
     assert!(fields.contains(&field), "expected an error on `{field}`, got {fields:?}: {}", r.text);
+}
+
+/// The `type` of a problem answer (empty when there is none).
+pub fn problem_type(r: &Resp) -> &str {
+    r.body["type"].as_str().unwrap_or_default()
 }
