@@ -126,7 +126,7 @@ mod tests {
         assert_eq!(w.high_watermarks("task-events", &[]).await.unwrap(), HashMap::new());
     }
 
-    /// Against the broker of `./dev test` (skipped without `KAFKA_BROKERS`): a topic of its own,
+    /// Against the broker of `./dev test` (`KAFKA_BROKERS` is required): a topic of its own,
     /// three records in partition 1, none in partition 0.
     #[tokio::test]
     async fn a_real_broker_reports_where_each_partition_ends() {
@@ -134,10 +134,7 @@ mod tests {
         use rdkafka::client::DefaultClientContext;
         use rdkafka::producer::{FutureProducer, FutureRecord};
 
-        let Ok(brokers) = std::env::var("KAFKA_BROKERS") else {
-            eprintln!("\n*** KAFKA_BROKERS is not set: SKIPPING the real-broker watermark test ***\n");
-            return;
-        };
+        let brokers = test_support::required_env("KAFKA_BROKERS");
         let topic = format!("query-api-test-{}", uuid::Uuid::new_v4().simple());
         let settings = KafkaSettings { kafka_brokers: brokers, task_events_topic: topic.clone(), ..unreachable_kafka() };
         let admin: AdminClient<DefaultClientContext> = platform::kafka::client_config(&settings, "query-api-test").create().unwrap();
