@@ -26,6 +26,28 @@ pub fn projection_label() -> String {
     store::PROJECTIONS.join(",")
 }
 
+/// Why a live batch could not be applied (with its dead letters and parked records).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("could not produce to the dead-letter topic: {0}")]
+    DeadLetterTopic(String),
+}
+
+impl ApplyError {
+    /// See [`StoreError::is_deterministic`]; the dead-letter topic being away is transient.
+    pub fn is_deterministic(&self) -> bool {
+        matches!(self, ApplyError::Store(e) if e.is_deterministic())
+    }
+}
+
+impl From<sqlx::Error> for ApplyError {
+    fn from(e: sqlx::Error) -> Self {
+        ApplyError::Store(StoreError::Db(e))
+    }
+}
+
 /// Produces dead letters to the dead-letter topic.
 pub struct DeadLetterSink {
     producer: FutureProducer,
@@ -39,7 +61,7 @@ impl DeadLetterSink {
     }
 
     /// Sends one dead letter and waits until the broker has it.
-    async fn send(&self, source_topic: &str, raw: &RawRecord, error: &str, id: i64) -> Result<(), StoreError> {
+    async fn send(&self, source_topic: &str, raw: &RawRecord, error: &str, id: i64) -> Result<(), ApplyError> {
         let mut headers = OwnedHeaders::new_with_capacity(raw.header_names.len() + 6);
         for (key, value) in raw.header_names.iter().zip(&raw.header_values) {
             headers = headers.insert(Header { key: key.as_str(), value: Some(value.as_slice()) });
@@ -63,7 +85,7 @@ impl DeadLetterSink {
         if let Some(p) = raw.payload.as_deref() {
             record = record.payload(p);
         }
-        self.producer.send(record, Duration::from_secs(10)).await.map(|_| ()).map_err(|(e, _)| StoreError::DeadLetterTopic(e.to_string()))
+        self.producer.send(record, Duration::from_secs(10)).await.map(|_| ()).map_err(|(e, _)| ApplyError::DeadLetterTopic(e.to_string()))
     }
 }
 
@@ -82,7 +104,7 @@ enum Blocker {
 /// Applies a live batch in one transaction: its failed records become dead letters, the records
 /// whose key waits behind an open dead letter are parked ([`park`]), the others are written, and
 /// the offsets move to the end of the whole batch.
-pub async fn apply_live(pool: &PgPool, topic: &str, batch: &Batch, from: &HashMap<i32, i64>, sink: &DeadLetterSink) -> Result<(Applied, Parking), StoreError> {
+pub async fn apply_live(pool: &PgPool, topic: &str, batch: &Batch, from: &HashMap<i32, i64>, sink: &DeadLetterSink) -> Result<(Applied, Parking), ApplyError> {
     let mut tx = pool.begin().await?;
     let (admitted, parking) = park(&mut tx, topic, batch, sink).await?;
     let mut applied = store::apply_batch_in(&mut tx, topic, &admitted, from, ApplyMode::Live).await?;
@@ -100,7 +122,7 @@ pub async fn park<'b>(
     topic: &str,
     batch: &'b Batch,
     sink: &DeadLetterSink,
-) -> Result<(Cow<'b, Batch>, Parking), StoreError> {
+) -> Result<(Cow<'b, Batch>, Parking), ApplyError> {
     let mut keys: Vec<String> = batch.keys().map(|(k, _)| k).chain(batch.failed.iter().map(|f| f.raw.key_text())).collect();
     keys.sort_unstable();
     keys.dedup();
@@ -180,8 +202,8 @@ pub async fn park<'b>(
     Ok((Cow::Owned(admitted), Parking { dead_lettered: letters.len(), parked: to_park.len() }))
 }
 
-fn missing_raw(p: Position) -> StoreError {
-    StoreError::DeadLetterTopic(format!("internal: the raw record at {}/{} was not kept", p.partition, p.offset))
+fn missing_raw(p: Position) -> ApplyError {
+    ApplyError::DeadLetterTopic(format!("internal: the raw record at {}/{} was not kept", p.partition, p.offset))
 }
 
 async fn insert_letter(tx: &mut Transaction<'_, Postgres>, topic: &str, f: &FailedRecord) -> Result<i64, sqlx::Error> {
@@ -314,12 +336,18 @@ pub enum ReleaseError {
     #[error("dead letter {id} still fails, left as it was: {error}")]
     StillFails { id: i64, error: String },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Apply(#[from] ApplyError),
+}
+
+impl From<StoreError> for ReleaseError {
+    fn from(e: StoreError) -> Self {
+        ReleaseError::Apply(ApplyError::Store(e))
+    }
 }
 
 impl From<sqlx::Error> for ReleaseError {
     fn from(e: sqlx::Error) -> Self {
-        ReleaseError::Store(StoreError::Db(e))
+        ReleaseError::Apply(ApplyError::from(e))
     }
 }
 

@@ -16,7 +16,7 @@ use platform::retry::{Jitter, Policy};
 use platform::settings::KafkaSettings;
 
 use crate::consumer::{assign, log_consumer, read_batch};
-use crate::dlq::{self, DeadLetterSink};
+use crate::dlq::{self, ApplyError, DeadLetterSink};
 use crate::model::{Batch, FailedRecord, RawRecord};
 use crate::store::{self, StoreError};
 
@@ -217,7 +217,7 @@ impl Runner {
     /// Transient failures (PostgreSQL or Kafka away, timeouts, deadlocks) are retried with
     /// exponential backoff and jitter for as long as they last; a failure that repeats on the same
     /// records (bad data) is returned after a few attempts.
-    async fn apply_with_retry(&self, topic: &str, batch: &Batch, from: &HashMap<i32, i64>) -> Result<Outcome, StoreError> {
+    async fn apply_with_retry(&self, topic: &str, batch: &Batch, from: &HashMap<i32, i64>) -> Result<Outcome, ApplyError> {
         let mut backoff = APPLY_RETRY.backoff();
         loop {
             let started = Instant::now();
@@ -231,7 +231,7 @@ impl Runner {
                     }
                     return Ok(Outcome::Applied);
                 }
-                Err(StoreError::Fenced { .. }) => return Ok(Outcome::Fenced),
+                Err(ApplyError::Store(StoreError::Fenced { .. })) => return Ok(Outcome::Fenced),
                 Err(e) if e.is_deterministic() && backoff.attempts() >= 2 => return Err(e),
                 Err(e) => {
                     let delay = backoff.next_delay();

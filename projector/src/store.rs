@@ -34,8 +34,6 @@ pub enum StoreError {
     Fenced { topic: String },
     #[error(transparent)]
     Db(#[from] sqlx::Error),
-    #[error("could not produce to the dead-letter topic: {0}")]
-    DeadLetterTopic(String),
 }
 
 impl StoreError {
