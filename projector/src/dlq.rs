@@ -2,6 +2,8 @@
 //! naming the projection, the error and the original position) and to the `dead_letters` table;
 //! the later records of the same key (task or user) are parked in `parked_records`, in log order,
 //! until the dead letter is replayed (after a fix) or discarded. Other keys go on unaffected.
+//! The live projector applies its batches through [`apply_live`], which makes these decisions and
+//! hands the admitted records to `store` in the same transaction.
 //!
 //! Locking: the live projector reads the open dead letters of its batch's keys `FOR SHARE`, and a
 //! replay/discard takes its dead letter `FOR UPDATE`, so a record is never parked behind a dead

@@ -1,5 +1,6 @@
 //! The run mode: consume `task-events` (read_committed) from the offsets stored in PostgreSQL and
-//! apply it in batches, each batch and its offsets in one transaction.
+//! apply it in batches, each batch and its offsets in one transaction (`dlq::apply_live`: dead
+//! letters and parking, then `store`). Transient failures are retried with `platform::retry`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

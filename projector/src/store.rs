@@ -1,6 +1,7 @@
 //! PostgreSQL side of the projections: load rows, write a folded batch with UNNEST, and move the
 //! per-partition offsets in the same transaction (with a compare-and-set, so two projector
-//! instances can never both apply the same records).
+//! instances can never both apply the same records). SQL only: it writes every record it is
+//! given; which records wait behind a dead letter is decided above it, in `dlq`. Imports `model`.
 
 use std::collections::HashMap;
 
