@@ -6,12 +6,12 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use domain::recurrence::{next_occurrence, NextOccurrence};
-use domain::{ids, Recurrence, TaskEvent, TaskId, TimeZone};
 use domain::user::UserEvent;
+use domain::{ids, Recurrence, TaskEvent, TaskId, TimeZone};
 use platform::codec::{self, Envelope};
 use platform::position::Position;
-pub use platform::readmodel::TaskRow;
 use platform::readmodel::status;
+pub use platform::readmodel::TaskRow;
 
 /// A decoded record with its place in the log.
 #[derive(Debug, Clone)]
