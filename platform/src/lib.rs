@@ -1,6 +1,7 @@
 //! The thin, non-pure pieces that more than one taskstream service needs: settings shared by all
 //! binaries, the CloudEvents codec for Kafka records, Kafka client set-up, JWT auth, the consistency
-//! position token, database set-up and telemetry. Nothing here holds business rules.
+//! position token, database set-up, the retry/backoff policy and telemetry. Nothing here holds
+//! business rules.
 //!
 //! Read side, shared by the projector (writer) and the query API (reader): `readmodel` holds the
 //! read-model rows (`TaskRow`) as PostgreSQL stores them; `projections` the projection names, the
