@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::decider::DomainError;
+use crate::error::DomainError;
 use crate::values::{UserId, ValidationError};
 
 /// The key of an aggregate's stream: the Kafka record key and the CloudEvents `ce_subject`.

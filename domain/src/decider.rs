@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::aggregate::{Decider, Receipt, StreamId};
+pub use crate::error::DomainError;
 use crate::events::{NewTask, ReminderDue, TaskEvent, TaskPatch};
 use crate::values::{FieldError, RemindBefore, TaskId, UserId, ValidationError};
 
@@ -97,28 +98,6 @@ impl TaskState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DomainError {
-    /// The task does not exist, or belongs to someone else (answered the same way).
-    #[error("task not found")]
-    NotFound,
-    #[error("a task with this id already exists")]
-    AlreadyExists,
-    #[error("the task was deleted")]
-    Deleted,
-    #[error("the task is already completed")]
-    AlreadyCompleted,
-    #[error("the task is not completed")]
-    NotCompleted,
-    #[error("no reminder is due for this task at that time (rescheduled, cancelled or already fired)")]
-    NoReminderDue,
-    #[error("the notification is already read")]
-    AlreadyRead,
-    #[error("the task is at version {actual}, not {expected}")]
-    VersionMismatch { expected: u32, actual: u32 },
-    #[error("validation failed")]
-    Invalid(Vec<FieldError>),
-}
 
 /// The task aggregate's decider; its stream is keyed by the task id.
 pub struct TaskDecider;

@@ -2,13 +2,15 @@
 //! shape (`aggregate::Decider`: commands, past-tense events with type name + schema version, state,
 //! `decide` holding every business rule, `evolve` only applying facts). No IO, no async.
 //!
-//! Modules, bottom to top: `values` (parsed value types) and `ids` (derived ids) <- `aggregate` (the
+//! Modules, bottom to top: `values` (parsed value types), `ids` (derived ids) and `error` (why a
+//! command is refused) <- `aggregate` (the
 //! decider shape, the event envelope and its metadata, the registry macro) <- the aggregates:
 //! `decider` + `events` (tasks), `user` (notification read state, webhook registration);
 //! `recurrence` (next occurrence of a series, used by the projector's reactions).
 
 pub mod aggregate;
 pub mod decider;
+pub mod error;
 pub mod events;
 pub mod ids;
 pub mod recurrence;
