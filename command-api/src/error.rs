@@ -17,6 +17,9 @@ pub enum ApiError {
     Unauthorized(#[from] AuthError),
     #[error("task not found")]
     NotFound,
+    /// A 404 whose detail says more than "task not found" (an unknown notification).
+    #[error("{0}")]
+    NotFoundBecause(String),
     #[error("this method is not allowed here (see the Allow header)")]
     MethodNotAllowed,
     #[error("{0}")]
@@ -62,7 +65,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NotFoundBecause(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
@@ -78,7 +81,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad-request",
             ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::NotFound => "not-found",
+            ApiError::NotFound | ApiError::NotFoundBecause(_) => "not-found",
             ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::PreconditionFailed { .. } => "version-mismatch",
@@ -100,6 +103,7 @@ impl From<DomainError> for ApiError {
     fn from(e: DomainError) -> Self {
         match e {
             DomainError::NotFound => ApiError::NotFound,
+            e @ DomainError::UnknownNotification => ApiError::NotFoundBecause(e.to_string()),
             DomainError::VersionMismatch { expected, actual } => ApiError::PreconditionFailed { expected, actual },
             DomainError::Invalid(errors) => ApiError::Validation(errors),
             e @ (DomainError::AlreadyExists
@@ -107,7 +111,8 @@ impl From<DomainError> for ApiError {
             | DomainError::AlreadyCompleted
             | DomainError::NotCompleted
             | DomainError::NoReminderDue
-            | DomainError::AlreadyRead) => ApiError::Conflict(e.to_string()),
+            | DomainError::AlreadyRead
+            | DomainError::NotificationExists) => ApiError::Conflict(e.to_string()),
         }
     }
 }

@@ -15,10 +15,8 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use domain::user::UserState;
 use domain::{
-    AnyCommand, CommandVisitor, Decider, DomainError, DomainEvent, Envelope, FieldError, IdempotencyTag, Metadata, Receipt, Record, RecordVisitor, UserDecider,
-    UserId,
+    AnyCommand, CommandVisitor, Decider, DomainError, DomainEvent, Envelope, FieldError, IdempotencyTag, Metadata, Receipt, Record, RecordVisitor, UserId,
 };
 use platform::codec::{self, EncodedEvent};
 use platform::position::Position;
@@ -340,17 +338,13 @@ impl RecordVisitor for Replay<'_> {
 
 type Subject<D> = <<D as Decider>::Event as DomainEvent>::Subject;
 
-/// Applies one accepted event to its stream's state (and announces what it tells another stream);
-/// returns the stream's version after it. The live path and the restore both go through here.
+/// Applies one accepted event to its stream's state (and to no other stream's: every command is
+/// decided from its own stream); returns the stream's version after it. The live path and the
+/// restore both go through here.
 fn apply_event<D: Decider>(streams: &mut Layered<'_>, id: &Subject<D>, actor: &UserId, event: &D::Event) -> u32 {
     let state = streams.state::<D>(id);
     *state = D::evolve(std::mem::take(state), actor, event);
-    let version = D::version(state);
-    if let Some(notification) = D::announces_notification(id, event) {
-        let user = streams.state::<UserDecider>(actor);
-        *user = std::mem::take::<UserState>(user).with_notification(notification);
-    }
-    version
+    D::version(state)
 }
 
 /// The states of every stream, one map per aggregate (keyed by the decider's type).

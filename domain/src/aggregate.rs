@@ -106,12 +106,6 @@ pub trait Decider: 'static {
     /// function answers a live command and, at restore, a command found in the log, so a retried
     /// Idempotency-Key always gets the first answer.
     fn receipt(subject: &<Self::Event as DomainEvent>::Subject, event: &Self::Event) -> Receipt;
-    /// The notification this event makes known to its actor's user stream, if any. This is the one
-    /// fact that crosses streams today: MarkNotificationRead (user stream) refuses ids that no fired
-    /// reminder (task stream) announced.
-    fn announces_notification(_subject: &<Self::Event as DomainEvent>::Subject, _event: &Self::Event) -> Option<Uuid> {
-        None
-    }
 }
 
 /// Everything the log records about an event besides its data and subject.

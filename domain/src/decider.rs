@@ -239,13 +239,6 @@ impl Decider for TaskDecider {
         let created = matches!(event, TaskEvent::Created(_));
         Receipt { id_field: "task_id", id: *task.as_uuid(), created, etag: true, secret: None }
     }
-
-    fn announces_notification(task: &TaskId, event: &TaskEvent) -> Option<uuid::Uuid> {
-        match event {
-            TaskEvent::ReminderDue(r) => Some(crate::ids::reminder_notification_id(*task, r.remind_at)),
-            _ => None,
-        }
-    }
 }
 
 /// Timestamps are compared at microsecond precision (what the read models store).

@@ -5,7 +5,7 @@
 //! Modules, bottom to top: `values` (parsed value types), `ids` (derived ids) and `error` (why a
 //! command is refused) <- `aggregate` (the
 //! decider shape, the event envelope and its metadata, the registry macro) <- the aggregates:
-//! `decider` + `events` (tasks), `user` (notification read state, webhook registration);
+//! `decider` + `events` (tasks), `user` (notifications recorded and read, webhook registration);
 //! `recurrence` (next occurrence of a series, used by the projector's reactions).
 
 pub mod aggregate;

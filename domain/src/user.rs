@@ -1,16 +1,20 @@
-//! The user-level aggregate: notification read state and the webhook registration. Its events are
-//! keyed by the user id in the log (`ce_subject` = user id), with their own version sequence.
+//! The user-level aggregate: the user's notifications (recorded, then read) and the webhook
+//! registration. Its events are keyed by the user id in the log (`ce_subject` = user id), with their
+//! own version sequence. Everything its rules look at is in this stream: a notification becomes
+//! known to it by its own `notification.created` (recorded by the projector's reaction to a fired
+//! reminder), never by reading another stream, so the user's partition decides alone.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::aggregate::{empty_json, parse_empty, parse_json, Decider, DomainEvent, Receipt, StreamId, UnknownEventType};
 use crate::decider::DomainError;
-use crate::ids::webhook_id;
-use crate::values::{FieldError, UserId, ValidationError};
+use crate::ids::{reminder_notification_id, webhook_id};
+use crate::values::{FieldError, TaskId, UserId, ValidationError};
 
 /// A webhook endpoint: an absolute http(s) URL. Literal loopback, private, link-local, metadata and
 /// other non-public addresses are refused unless `allow_private` (names are checked again after DNS
@@ -114,6 +118,15 @@ pub struct WebhookRegistered {
     pub secret: String,
 }
 
+/// A notification now exists for the user: the reminder of `task_id` at `remind_at` fired. Its id is
+/// `ids::reminder_notification_id(task_id, remind_at)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationCreated {
+    pub notification_id: Uuid,
+    pub task_id: TaskId,
+    pub remind_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotificationRead {
     pub notification_id: Uuid,
@@ -121,6 +134,7 @@ pub struct NotificationRead {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserEvent {
+    NotificationCreated(NotificationCreated),
     NotificationRead(NotificationRead),
     WebhookRegistered(WebhookRegistered),
     WebhookRemoved,
@@ -128,10 +142,11 @@ pub enum UserEvent {
 
 impl DomainEvent for UserEvent {
     type Subject = UserId;
-    const TYPES: &'static [&'static str] = &["notification.read", "webhook.registered", "webhook.removed"];
+    const TYPES: &'static [&'static str] = &["notification.created", "notification.read", "webhook.registered", "webhook.removed"];
 
     fn event_type(&self) -> &'static str {
         match self {
+            UserEvent::NotificationCreated(_) => "notification.created",
             UserEvent::NotificationRead(_) => "notification.read",
             UserEvent::WebhookRegistered(_) => "webhook.registered",
             UserEvent::WebhookRemoved => "webhook.removed",
@@ -140,6 +155,7 @@ impl DomainEvent for UserEvent {
 
     fn to_json(&self) -> Vec<u8> {
         match self {
+            UserEvent::NotificationCreated(e) => serde_json::to_vec(e).expect("event data always serializes"),
             UserEvent::NotificationRead(e) => serde_json::to_vec(e).expect("event data always serializes"),
             UserEvent::WebhookRegistered(e) => serde_json::to_vec(e).expect("event data always serializes"),
             UserEvent::WebhookRemoved => empty_json(),
@@ -148,6 +164,7 @@ impl DomainEvent for UserEvent {
 
     fn from_json(event_type: &str, data: &[u8]) -> Result<Self, UnknownEventType> {
         Ok(match event_type {
+            "notification.created" => UserEvent::NotificationCreated(parse_json(event_type, data)?),
             "notification.read" => UserEvent::NotificationRead(parse_json(event_type, data)?),
             "webhook.registered" => UserEvent::WebhookRegistered(parse_json(event_type, data)?),
             "webhook.removed" => parse_empty(event_type, data).map(|()| UserEvent::WebhookRemoved)?,
@@ -158,14 +175,25 @@ impl DomainEvent for UserEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserCommandKind {
+    /// Service only (the projector's reaction to `task.reminder_due`): the notification of the
+    /// reminder of `task_id` at `remind_at` exists. Once per notification id.
+    RecordNotification {
+        notification_id: Uuid,
+        task_id: TaskId,
+        remind_at: DateTime<Utc>,
+    },
     MarkNotificationRead(Uuid),
-    SetWebhook { url: WebhookUrl, secret: String },
+    SetWebhook {
+        url: WebhookUrl,
+        secret: String,
+    },
     RemoveWebhook,
 }
 
 impl UserCommandKind {
     pub fn name(&self) -> &'static str {
         match self {
+            UserCommandKind::RecordNotification { .. } => "RecordNotification",
             UserCommandKind::MarkNotificationRead(_) => "MarkNotificationRead",
             UserCommandKind::SetWebhook { .. } => "SetWebhook",
             UserCommandKind::RemoveWebhook => "RemoveWebhook",
@@ -179,21 +207,13 @@ pub struct UserCommand {
     pub kind: UserCommandKind,
 }
 
-/// What the user-level decider needs: known notifications (from `task.reminder_due` of the user's
-/// tasks; `true` once read) and whether a webhook is registered.
+/// What the user-level decider needs: the notifications this stream recorded (`true` once read)
+/// and whether a webhook is registered.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserState {
     pub version: u32,
     pub notifications: HashMap<Uuid, bool>,
     pub webhook: Option<WebhookUrl>,
-}
-
-impl UserState {
-    /// A notification now exists for the user (the writer sees its `task.reminder_due`).
-    pub fn with_notification(mut self, id: Uuid) -> Self {
-        self.notifications.entry(id).or_insert(false);
-        self
-    }
 }
 
 /// The user-level aggregate's decider; its stream is keyed by the user id.
@@ -224,8 +244,17 @@ impl Decider for UserDecider {
     }
     fn decide(cmd: &UserCommand, state: &UserState) -> Result<Vec<UserEvent>, DomainError> {
         match &cmd.kind {
+            UserCommandKind::RecordNotification { notification_id, task_id, remind_at } => {
+                if *notification_id != reminder_notification_id(*task_id, *remind_at) {
+                    return Err(DomainError::Invalid(vec![FieldError::new("notification_id", "is not the id of the reminder of task_id at remind_at")]));
+                }
+                if state.notifications.contains_key(notification_id) {
+                    return Err(DomainError::NotificationExists);
+                }
+                Ok(vec![UserEvent::NotificationCreated(NotificationCreated { notification_id: *notification_id, task_id: *task_id, remind_at: *remind_at })])
+            }
             UserCommandKind::MarkNotificationRead(id) => match state.notifications.get(id) {
-                None => Err(DomainError::NotFound),
+                None => Err(DomainError::UnknownNotification),
                 Some(true) => Err(DomainError::AlreadyRead),
                 Some(false) => Ok(vec![UserEvent::NotificationRead(NotificationRead { notification_id: *id })]),
             },
@@ -244,6 +273,9 @@ impl Decider for UserDecider {
     fn evolve(mut state: UserState, _actor: &UserId, event: &UserEvent) -> UserState {
         state.version += 1;
         match event {
+            UserEvent::NotificationCreated(e) => {
+                state.notifications.entry(e.notification_id).or_insert(false);
+            }
             UserEvent::NotificationRead(e) => {
                 state.notifications.insert(e.notification_id, true);
             }
@@ -257,6 +289,7 @@ impl Decider for UserDecider {
     }
     fn receipt(user: &UserId, event: &UserEvent) -> Receipt {
         let (id_field, id, secret) = match event {
+            UserEvent::NotificationCreated(e) => ("notification_id", e.notification_id, None),
             UserEvent::NotificationRead(e) => ("notification_id", e.notification_id, None),
             UserEvent::WebhookRegistered(e) => ("webhook_id", webhook_id(user), Some(e.secret.as_str().into())),
             UserEvent::WebhookRemoved => ("webhook_id", webhook_id(user), None),
@@ -277,16 +310,85 @@ mod tests {
         UserCommand { user: alice(), kind }
     }
 
+    fn task() -> TaskId {
+        TaskId::from_uuid(Uuid::from_u128(42))
+    }
+
+    fn at() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn record(task: TaskId, remind_at: DateTime<Utc>) -> UserCommand {
+        cmd(UserCommandKind::RecordNotification { notification_id: reminder_notification_id(task, remind_at), task_id: task, remind_at })
+    }
+
+    fn read(id: Uuid) -> UserCommand {
+        cmd(UserCommandKind::MarkNotificationRead(id))
+    }
+
+    /// The state after `events`, each applied as the log would (`evolve` only).
+    fn given(events: &[UserEvent]) -> UserState {
+        events.iter().fold(UserState::default(), |s, e| UserDecider::evolve(s, &alice(), e))
+    }
+
+    fn created(task: TaskId, remind_at: DateTime<Utc>) -> UserEvent {
+        UserEvent::NotificationCreated(NotificationCreated { notification_id: reminder_notification_id(task, remind_at), task_id: task, remind_at })
+    }
+
     #[test]
-    fn a_known_notification_is_read_once() {
-        let id = Uuid::from_u128(5);
-        let s = UserState::default().with_notification(id);
-        let events = UserDecider::decide(&cmd(UserCommandKind::MarkNotificationRead(id)), &s).unwrap();
+    fn a_fired_reminder_is_recorded_once_per_notification_id() {
+        let events = UserDecider::decide(&record(task(), at()), &UserState::default()).unwrap();
+        assert_eq!(events, vec![created(task(), at())]);
+        let s = given(&events);
+        assert_eq!(s.version, 1);
+        assert_eq!(s.notifications.get(&reminder_notification_id(task(), at())), Some(&false));
+        // A repeat (a re-sent reaction) is refused: the reactor counts the 409 as done.
+        assert_eq!(UserDecider::decide(&record(task(), at()), &s), Err(DomainError::NotificationExists));
+        // Another remind time of the same task is another notification.
+        let later = at() + chrono::Duration::days(1);
+        assert_eq!(UserDecider::decide(&record(task(), later), &s).unwrap(), vec![created(task(), later)]);
+    }
+
+    #[test]
+    fn a_notification_id_that_is_not_the_reminders_is_refused() {
+        let forged = cmd(UserCommandKind::RecordNotification { notification_id: Uuid::from_u128(7), task_id: task(), remind_at: at() });
+        assert!(matches!(UserDecider::decide(&forged, &UserState::default()), Err(DomainError::Invalid(e)) if e[0].field == "notification_id"));
+    }
+
+    #[test]
+    fn a_recorded_notification_is_read_once() {
+        let id = reminder_notification_id(task(), at());
+        let s = given(&[created(task(), at())]);
+        let events = UserDecider::decide(&read(id), &s).unwrap();
         assert_eq!(events, vec![UserEvent::NotificationRead(NotificationRead { notification_id: id })]);
         let s = UserDecider::evolve(s, &alice(), &events[0]);
-        assert_eq!(s.version, 1);
-        assert_eq!(UserDecider::decide(&cmd(UserCommandKind::MarkNotificationRead(id)), &s), Err(DomainError::AlreadyRead));
-        assert_eq!(UserDecider::decide(&cmd(UserCommandKind::MarkNotificationRead(Uuid::from_u128(6))), &s), Err(DomainError::NotFound));
+        assert_eq!(s.version, 2);
+        assert_eq!(UserDecider::decide(&read(id), &s), Err(DomainError::AlreadyRead));
+        // Reading does not make it new again: recording it once more is still a repeat.
+        assert_eq!(UserDecider::decide(&record(task(), at()), &s), Err(DomainError::NotificationExists));
+    }
+
+    #[test]
+    fn only_the_users_own_stream_makes_a_notification_known() {
+        // Not recorded (yet): whatever happened in the task's stream, this stream has not heard of it.
+        let id = reminder_notification_id(task(), at());
+        assert_eq!(UserDecider::decide(&read(id), &UserState::default()), Err(DomainError::UnknownNotification));
+        assert_eq!(UserDecider::decide(&read(Uuid::from_u128(6)), &given(&[created(task(), at())])), Err(DomainError::UnknownNotification));
+        // A log written before notification.created existed: read marks still make the id known (read).
+        let old = given(&[UserEvent::NotificationRead(NotificationRead { notification_id: id })]);
+        assert_eq!(UserDecider::decide(&read(id), &old), Err(DomainError::AlreadyRead));
+        assert_eq!(UserDecider::decide(&record(task(), at()), &old), Err(DomainError::NotificationExists));
+    }
+
+    #[test]
+    fn notification_created_round_trips_through_json() {
+        let e = created(task(), at());
+        assert_eq!(e.event_type(), "notification.created");
+        assert!(UserEvent::TYPES.contains(&"notification.created"));
+        assert_eq!(UserEvent::from_json("notification.created", &e.to_json()).unwrap(), e);
+        let json: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(json["task_id"], task().to_string());
+        assert_eq!(UserDecider::receipt(&alice(), &e).id, reminder_notification_id(task(), at()));
     }
 
     #[test]

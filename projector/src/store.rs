@@ -201,6 +201,9 @@ async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[Recorded
         let e = &r.envelope;
         let version = i32::try_from(e.meta.sequence).unwrap_or(i32::MAX);
         match &e.event {
+            // The row came from the reminder's `task.reminder_due` (logs written before this event
+            // existed have none); the user stream's own record of it changes no row.
+            UserEvent::NotificationCreated(_) => {}
             UserEvent::NotificationRead(n) => {
                 sqlx::query(
                     "INSERT INTO notification_reads (notification_id, user_id, read_at) VALUES ($1, $2, $3)

@@ -2,14 +2,16 @@
 //! `oneshot`, over an in-memory fake of the event log (`helpers`), one file per family of routes
 //! or concern: the task routes and the records they append (`tasks`), authentication (`auth`),
 //! problem+json answers to bad input (`problems`), `If-Match` (`conditional`), `Idempotency-Key`
-//! (`idempotency`, also across a restart), ordering, log outages and restarts (`log`), and the
-//! documentation and operations endpoints (`operations`).
+//! (`idempotency`, also across a restart), ordering, log outages and restarts (`log`), the
+//! notifications the user's stream records and reads (`notifications`), and the documentation and
+//! operations endpoints (`operations`).
 
 mod auth;
 mod conditional;
 mod helpers;
 mod idempotency;
 mod log;
+mod notifications;
 mod operations;
 mod problems;
 mod tasks;
