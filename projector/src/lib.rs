@@ -22,7 +22,8 @@
 //!
 //! The reactions stand apart from the projection path: `reactor` (outbox commands, reminders)
 //! starts and imports `webhooks` (signed deliveries), whose retry schedule (`webhooks::RETRY`) the
-//! reactor shares; neither imports anything else of this crate.
+//! reactor shares, and `model` (the reaction kinds it sends); `webhooks` imports nothing else of
+//! this crate.
 
 pub mod consumer;
 pub mod dlq;

@@ -150,6 +150,12 @@ pub enum RowState {
     Removed,
 }
 
+/// Reaction kind: CreateTask of a recurring task's next occurrence (`POST /v1/tasks`).
+pub const SPAWN_OCCURRENCE: &str = "spawn_occurrence";
+/// Reaction kind: RecordNotification of a fired reminder in its user's stream
+/// (`POST /internal/v1/notifications/{id}`).
+pub const RECORD_NOTIFICATION: &str = "record_notification";
+
 /// A command that a live event calls for (sent through the command API by the reactor).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reaction {
@@ -213,7 +219,7 @@ fn spawn_next_occurrence(r: &TaskRow, env: &Envelope<TaskEvent>) -> Option<React
     }
     Some(Reaction {
         id,
-        kind: "spawn_occurrence",
+        kind: SPAWN_OCCURRENCE,
         user_id: r.user_id.clone(),
         task_id: r.id,
         payload,
@@ -221,6 +227,22 @@ fn spawn_next_occurrence(r: &TaskRow, env: &Envelope<TaskEvent>) -> Option<React
         correlation_id: env.meta.correlation_id.clone(),
         traceparent: env.meta.traceparent.clone(),
     })
+}
+
+/// The notification of a fired reminder, recorded in its user's stream (RecordNotification): the
+/// user's stream learns its notifications only from its own events, so MarkNotificationRead is
+/// decided from the user's partition alone. The reaction's id is the notification's.
+fn record_notification(r: &TaskRow, env: &Envelope<TaskEvent>, id: Uuid, remind_at: DateTime<Utc>) -> Reaction {
+    Reaction {
+        id,
+        kind: RECORD_NOTIFICATION,
+        user_id: r.user_id.clone(),
+        task_id: r.id,
+        payload: serde_json::json!({ "task_id": r.id, "remind_at": remind_at }),
+        causation_id: env.meta.event_id,
+        correlation_id: env.meta.correlation_id.clone(),
+        traceparent: env.meta.traceparent.clone(),
+    }
 }
 
 /// Applies one event to the current row (if any). Events at or below the row's version were
@@ -303,8 +325,10 @@ pub fn apply_with_effects(row: Option<RowState>, env: &Envelope<TaskEvent>, effe
                 }
                 TaskEvent::ReminderDue(rd) => {
                     r.reminded_for = Some(rd.remind_at);
+                    let id = ids::reminder_notification_id(env.subject, rd.remind_at);
+                    effects.reactions.push(record_notification(&r, env, id, rd.remind_at));
                     effects.notifications.push(NotificationRow {
-                        id: ids::reminder_notification_id(env.subject, rd.remind_at),
+                        id,
                         user_id: r.user_id.clone(),
                         task_id: r.id,
                         kind: "reminder",
@@ -417,6 +441,42 @@ mod tests {
         last.occurrence = Some(2);
         let (_, none) = fold_with_effects(HashMap::from([(TaskId::from_uuid(Uuid::from_u128(7)), last)]), &[env(7, 3, TaskEvent::Completed)]);
         assert!(none.reactions.is_empty());
+    }
+
+    #[test]
+    fn completing_a_minutely_or_secondly_series_80_days_late_calls_for_the_next_instance_after_the_completion() {
+        // The completion (sequence 2) happens at 1_700_000_002; the task was due 80 days before.
+        let due = 1_700_000_000 - 80 * 86_400;
+        for (rule, next) in [("FREQ=MINUTELY", 1_700_000_060), ("FREQ=SECONDLY", 1_700_000_003)] {
+            let mut t = NewTask::new(Title::parse("ping".into()).unwrap());
+            t.due_at = DateTime::from_timestamp(due, 0);
+            t.recurrence = Some(Recurrence::parse(rule.into()).unwrap());
+            let (_, effects) = fold_with_effects(HashMap::new(), &[env(8, 1, TaskEvent::Created(t)), env(8, 2, TaskEvent::Completed)]);
+            assert_eq!(effects.reactions.len(), 1, "{rule}");
+            assert_eq!(effects.reactions[0].payload["due_at"], serde_json::json!(DateTime::from_timestamp(next, 0).unwrap()), "{rule}");
+            assert_eq!(effects.reactions[0].payload["occurrence"], 2, "{rule}");
+        }
+    }
+
+    #[test]
+    fn a_fired_reminder_gives_its_notification_and_records_it_in_the_users_stream_once() {
+        let remind_at = DateTime::from_timestamp(1_800_000_000 - 3600, 0).unwrap();
+        let due = TaskEvent::ReminderDue(domain::ReminderDue { remind_at, due_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap() });
+        let batch = vec![env(3, 1, created()), env(3, 2, due)];
+        let (rows, effects) = fold_with_effects(HashMap::new(), &batch);
+        let task = TaskId::from_uuid(Uuid::from_u128(3));
+        let id = ids::reminder_notification_id(task, remind_at);
+        assert_eq!(effects.notifications.len(), 1);
+        assert_eq!((effects.notifications[0].id, effects.notifications[0].event_id), (id, batch[1].envelope.meta.event_id));
+        assert_eq!(effects.reactions.len(), 1);
+        let r = &effects.reactions[0];
+        assert_eq!((r.id, r.kind, r.user_id.as_str(), r.task_id), (id, RECORD_NOTIFICATION, "alice", Uuid::from_u128(3)));
+        assert_eq!(r.payload, serde_json::json!({ "task_id": Uuid::from_u128(3), "remind_at": remind_at }));
+        assert_eq!(r.causation_id, batch[1].envelope.meta.event_id);
+        // Redelivered: already applied, neither a second notification nor a second reaction.
+        let Some(Some(RowState::Present(row))) = rows.get(&task).cloned() else { panic!() };
+        let (_, again) = fold_with_effects(HashMap::from([(task, row)]), &batch[1..]);
+        assert!(again.reactions.is_empty() && again.notifications.is_empty());
     }
 
     fn any_history() -> impl Strategy<Value = Vec<Recorded>> {

@@ -1,9 +1,10 @@
 //! The reactions of the live projector: it sends the outbox's reaction commands (next occurrence
-//! of a recurring task) and fires due reminders, both through the command API with a service
-//! identity, so validation and the single-writer rule hold. Both loops take their rows with
-//! FOR UPDATE SKIP LOCKED, so two projector instances never send the same row at once, and every
-//! command is deterministic (ids derived from the triggering event, decided by the task's state),
-//! so a re-send after a crash changes nothing. Never runs during a replay.
+//! of a recurring task; a fired reminder's notification recorded in its user's stream) and fires
+//! due reminders, all through the command API with a service identity, so validation and the
+//! single-writer rule hold. Both loops take their rows with FOR UPDATE SKIP LOCKED, so two projector
+//! instances never send the same row at once, and every command is deterministic (ids derived from
+//! the triggering event, decided by the state of the stream it names), so a re-send after a crash
+//! changes nothing. Never runs during a replay.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use uuid::Uuid;
 use domain::UserId;
 use platform::auth::JwtAuth;
 
+use crate::model::{RECORD_NOTIFICATION, SPAWN_OCCURRENCE};
 use crate::webhooks::{Deliverer, RETRY};
 
 /// The identity the projector acts as.
@@ -68,7 +70,8 @@ impl Reactor {
             req = req.header(*k, v);
         }
         match req.send().await {
-            // 409: already done (the occurrence exists / the reminder already fired or is stale).
+            // 409: already done (the occurrence exists / the reminder already fired or is stale /
+            // the notification is already recorded).
             Ok(r) if r.status().is_success() || r.status() == StatusCode::CONFLICT || r.status() == StatusCode::NOT_FOUND => Outcome::Done,
             Ok(r) if r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS => {
                 Outcome::Retry(format!("command API answered {}", r.status()))
@@ -118,7 +121,8 @@ impl Reactor {
                 headers.push(("traceparent", t));
             }
             let outcome = match kind.as_str() {
-                "spawn_occurrence" => self.send(&user, "/v1/tasks", &payload, &headers).instrument(span).await,
+                SPAWN_OCCURRENCE => self.send(&user, "/v1/tasks", &payload, &headers).instrument(span).await,
+                RECORD_NOTIFICATION => self.send(&user, &format!("/internal/v1/notifications/{id}"), &payload, &headers).instrument(span).await,
                 other => Outcome::Failed(format!("unknown reaction kind {other}")),
             };
             match outcome {
