@@ -19,6 +19,15 @@ pub enum DomainError {
     NoReminderDue,
     #[error("the notification is already read")]
     AlreadyRead,
+    /// MarkNotificationRead of an id the user's own stream has not recorded: another user's, made
+    /// up, or a reminder's notification whose `notification.created` is not in the log yet.
+    #[error(
+        "no notification with this id is recorded for you; a reminder's notification can be marked read once it is recorded in your stream, moments after it appears"
+    )]
+    UnknownNotification,
+    /// RecordNotification of an id the user's stream already recorded.
+    #[error("the notification is already recorded")]
+    NotificationExists,
     #[error("the task is at version {actual}, not {expected}")]
     VersionMismatch { expected: u32, actual: u32 },
     #[error("validation failed")]
