@@ -119,7 +119,13 @@ async fn write_history(stack: &Stack) -> anyhow::Result<usize> {
         sqlx::query_scalar("SELECT id FROM notifications WHERE user_id = 'cid'").fetch_one(&mut db).await.ok()
     })
     .await?;
-    let (s, _, b) = stack.command("cid", Method::POST, &format!("/v1/notifications/{note}/read"), None, &[]).await?;
+    // Readable once the reaction recorded it in cid's own stream, moments after the row appears
+    // (until then the command API answers 404).
+    let (s, _, b) = eventually("the notification to be recorded in cid's stream", Duration::from_secs(30), || async {
+        let answer = stack.command("cid", Method::POST, &format!("/v1/notifications/{note}/read"), None, &[]).await.ok()?;
+        (answer.0 != 404).then_some(answer)
+    })
+    .await?;
     anyhow::ensure!(s == 200, "mark read: {s} {b}");
     settled(stack).await?;
     let events = scalar(stack, "SELECT count(*) FROM task_history").await?;

@@ -199,3 +199,54 @@ async fn reminders_follow_reschedules_cancellations_and_projector_downtime() -> 
     }
     stack.cleanup().await
 }
+
+/// The data of the user-level records of `user` with type `ce_type` in the log, in log order.
+async fn user_records(stack: &Stack, user: &str, ce_type: &str) -> anyhow::Result<Vec<Value>> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.brokers)
+        .set("group.id", format!("e2e-user-records-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    consumer.subscribe(&[&stack.topic])?;
+    let mut out = Vec::new();
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+        let header =
+            |name: &str| m.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned()));
+        if header("ce_subject").as_deref() == Some(user) && header("ce_type").as_deref() == Some(ce_type) {
+            out.push(serde_json::from_slice(m.payload().unwrap_or_default())?);
+        }
+    }
+    Ok(out)
+}
+
+/// The user's stream owns its notifications: the projector's reaction to the fired reminder records
+/// it there (`notification.created`, once), and only then is it marked read (once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fired_reminders_notification_is_recorded_in_the_users_stream_then_read_once() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let due = Utc::now() + chrono::Duration::seconds(3);
+    let id = id_of(&stack.create("alice", json!({"title": "water the plants", "due_at": due, "remind_before": "PT2S"})).await?);
+    eventually("the reminder", Duration::from_secs(30), || async { (reminder_events(&stack, &id).await.ok()? == 1).then_some(()) }).await?;
+    // Settled: the RecordNotification reaction was answered, so its event is in the log.
+    settled(&stack).await?;
+    let mut db = stack.db().await?;
+    let (note, reminder): (uuid::Uuid, Value) =
+        sqlx::query_as("SELECT n.id, h.data FROM notifications n JOIN task_history h ON h.event_id = n.event_id WHERE n.user_id = 'alice'")
+            .fetch_one(&mut db)
+            .await?;
+    let remind_at: DateTime<Utc> = serde_json::from_value(reminder["remind_at"].clone())?;
+    assert_eq!(note, domain::ids::reminder_notification_id(domain::TaskId::from_uuid(id.parse()?), remind_at));
+    let recorded = user_records(&stack, "alice", "notification.created").await?;
+    assert_eq!(recorded, vec![json!({"notification_id": note, "task_id": id, "remind_at": reminder["remind_at"]})]);
+
+    let (s, _, read) = stack.command("alice", Method::POST, &format!("/v1/notifications/{note}/read"), None, &[]).await?;
+    assert_eq!((s, read["notification_id"].as_str()), (200, Some(note.to_string().as_str())), "{read}");
+    let (s, _, again) = stack.command("alice", Method::POST, &format!("/v1/notifications/{note}/read"), None, &[]).await?;
+    assert_eq!(s, 409, "{again}");
+    let data = stack.query("alice", "{ notifications { edges { node { id readAt } } } }", json!({}), read["position"].as_str()).await?;
+    assert!(data["notifications"]["edges"][0]["node"]["readAt"].is_string(), "{data}");
+    stack.cleanup().await
+}
