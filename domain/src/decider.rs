@@ -6,7 +6,8 @@ use chrono::{DateTime, Utc};
 use crate::aggregate::{Decider, Receipt, StreamId};
 pub use crate::error::DomainError;
 use crate::events::{NewTask, ReminderDue, TaskEvent, TaskPatch};
-use crate::values::{FieldError, RemindBefore, TaskId, UserId, ValidationError};
+use crate::recurrence::recurs_after;
+use crate::values::{FieldError, Recurrence, RemindBefore, TaskId, TimeZone, UserId, ValidationError};
 
 /// An intent, already parsed at the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +59,8 @@ pub struct LiveTask {
     pub status: TaskStatus,
     pub due_at: Option<DateTime<Utc>>,
     pub remind_before: Option<RemindBefore>,
-    pub has_recurrence: bool,
+    pub recurrence: Option<Recurrence>,
+    pub timezone: TimeZone,
     /// The remind time whose reminder already fired, if any.
     pub reminded_for: Option<DateTime<Utc>>,
 }
@@ -140,7 +142,7 @@ impl Decider for TaskDecider {
         }
         let live = match (state, &cmd.kind) {
             (TaskState::Absent, CommandKind::Create(new)) => {
-                check_schedule(new.due_at, new.remind_before.is_some(), new.recurrence.is_some())?;
+                check_schedule(new.due_at, new.remind_before.is_some(), new.recurrence.as_ref().map(|r| (r, new.timezone)), true)?;
                 return Ok(vec![TaskEvent::Created(new.clone())]);
             }
             (_, CommandKind::Create(_)) => return Err(DomainError::AlreadyExists),
@@ -156,8 +158,10 @@ impl Decider for TaskDecider {
                 }
                 let due_at = patch.due_at.clone().unwrap_or(live.due_at);
                 let remind = patch.remind_before.as_ref().map_or(live.remind_before.is_some(), Option::is_some);
-                let recurs = patch.recurrence.as_ref().map_or(live.has_recurrence, Option::is_some);
-                check_schedule(due_at, remind, recurs)?;
+                let rule = patch.recurrence.as_ref().map_or(live.recurrence.as_ref(), Option::as_ref);
+                let recurrence = rule.map(|r| (r, patch.timezone.unwrap_or(live.timezone)));
+                let rescheduled = patch.due_at.is_some() || patch.recurrence.is_some() || patch.timezone.is_some();
+                check_schedule(due_at, remind, recurrence, rescheduled)?;
                 Ok(vec![TaskEvent::Updated(patch.clone())])
             }
             CommandKind::Complete => match live.status {
@@ -192,7 +196,8 @@ impl Decider for TaskDecider {
                 status: TaskStatus::Open,
                 due_at: t.due_at,
                 remind_before: t.remind_before.clone(),
-                has_recurrence: t.recurrence.is_some(),
+                recurrence: t.recurrence.clone(),
+                timezone: t.timezone,
                 reminded_for: None,
             }),
             (TaskState::Live(mut t), TaskEvent::Updated(p)) => {
@@ -204,7 +209,10 @@ impl Decider for TaskDecider {
                     t.remind_before = r.clone();
                 }
                 if let Some(r) = &p.recurrence {
-                    t.has_recurrence = r.is_some();
+                    t.recurrence = r.clone();
+                }
+                if let Some(z) = p.timezone {
+                    t.timezone = z;
                 }
                 TaskState::Live(t)
             }
@@ -246,14 +254,22 @@ fn same_instant(a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
     a.timestamp_micros() == b.timestamp_micros()
 }
 
-/// A reminder and a recurrence are both anchored on the due date.
-fn check_schedule(due_at: Option<DateTime<Utc>>, remind: bool, recurs: bool) -> Result<(), DomainError> {
+/// A reminder and a recurrence are both anchored on the due date, and a recurrence must have an
+/// occurrence after it (a rule that never matches would have its next occurrence searched for at
+/// every completion). That search runs when the schedule is set or changed (`rescheduled`), not
+/// for every edit of a task whose rule was stored before the check.
+fn check_schedule(due_at: Option<DateTime<Utc>>, remind: bool, recurrence: Option<(&Recurrence, TimeZone)>, rescheduled: bool) -> Result<(), DomainError> {
     let mut errors = Vec::new();
     if due_at.is_none() && remind {
         errors.push(FieldError::new("remind_before", "needs due_at"));
     }
-    if due_at.is_none() && recurs {
-        errors.push(FieldError::new("recurrence", "needs due_at (the first occurrence)"));
+    match (due_at, recurrence) {
+        (None, Some(_)) => errors.push(FieldError::new("recurrence", "needs due_at (the first occurrence)")),
+        (Some(due_at), Some((rule, timezone))) if rescheduled && !recurs_after(rule, timezone, due_at) => errors.push(FieldError::new(
+            "recurrence",
+            "has no occurrence after due_at: the rule never matches again from there (e.g. BYMONTH=2;BYMONTHDAY=30), or not for centuries",
+        )),
+        _ => {}
     }
     if errors.is_empty() {
         Ok(())
@@ -321,6 +337,12 @@ mod tests {
         fn then_error(self, err: DomainError) {
             assert_eq!(self.result, Err(err));
         }
+        /// Refused as invalid, naming exactly `fields`.
+        #[track_caller]
+        fn then_invalid(self, fields: &[&str]) {
+            let Err(DomainError::Invalid(errors)) = &self.result else { panic!("expected invalid, got {:?}", self.result) };
+            assert_eq!(errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), fields, "{errors:?}");
+        }
     }
 
     #[test]
@@ -355,6 +377,44 @@ mod tests {
         t.remind_before = Some(remind());
         t.due_at = Some(due());
         given(&[]).when(CommandKind::Create(t.clone())).then(vec![TaskEvent::Created(t)]);
+    }
+    fn recurring(rule: &str, due_at: DateTime<Utc>) -> NewTask {
+        let mut t = new_task();
+        t.due_at = Some(due_at);
+        t.recurrence = Some(Recurrence::parse(rule.into()).unwrap());
+        t
+    }
+    #[test]
+    fn create_with_a_rule_that_never_matches_after_due_at_is_invalid() {
+        let march = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        for rule in ["FREQ=DAILY;BYMONTH=2;BYMONTHDAY=30", "FREQ=MINUTELY;BYMONTH=2;BYMONTHDAY=30", "FREQ=YEARLY;BYMONTH=4;BYMONTHDAY=31"] {
+            given(&[]).when(CommandKind::Create(recurring(rule, march))).then_invalid(&["recurrence"]);
+        }
+        // A rule whose next match is years away is fine; COUNT and UNTIL end a series on purpose
+        // (the last occurrence of a series is created like any other).
+        for rule in ["FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=29", "FREQ=DAILY;COUNT=1", "FREQ=DAILY;UNTIL=20260301T000000Z"] {
+            let t = recurring(rule, march);
+            given(&[]).when(CommandKind::Create(t.clone())).then(vec![TaskEvent::Created(t)]);
+        }
+    }
+    #[test]
+    fn update_leaving_a_rule_without_an_occurrence_after_due_at_is_invalid() {
+        // 2026-03-03 is a Tuesday: every seventh day from it is a Tuesday, from a Monday never.
+        let tuesday = Utc.with_ymd_and_hms(2026, 3, 3, 9, 0, 0).unwrap();
+        let created = TaskEvent::Created(recurring("FREQ=DAILY;INTERVAL=7;BYDAY=TU", tuesday));
+        let to_monday = TaskPatch { due_at: Some(Some(tuesday - chrono::Duration::days(1))), ..Default::default() };
+        given(&[created.clone()]).when(CommandKind::Update(to_monday)).then_invalid(&["recurrence"]);
+        let never = Recurrence::parse("FREQ=MINUTELY;BYMONTH=2;BYMONTHDAY=30".into()).unwrap();
+        let to_never = TaskPatch { recurrence: Some(Some(never.clone())), ..Default::default() };
+        given(&[created.clone()]).when(CommandKind::Update(to_never)).then_invalid(&["recurrence"]);
+        let next_week = TaskPatch { due_at: Some(Some(tuesday + chrono::Duration::days(7))), ..Default::default() };
+        given(&[created.clone()]).when(CommandKind::Update(next_week.clone())).then(vec![TaskEvent::Updated(next_week)]);
+        // A task stored with such a rule before the check can still be edited, or its rule cleared.
+        let stored = TaskEvent::Created(NewTask { recurrence: Some(never), ..recurring("FREQ=DAILY", tuesday) });
+        let CommandKind::Update(retitle) = patch_title("New") else { unreachable!() };
+        given(&[stored.clone()]).when(patch_title("New")).then(vec![TaskEvent::Updated(retitle)]);
+        let clear = TaskPatch { recurrence: Some(None), ..Default::default() };
+        given(&[stored]).when(CommandKind::Update(clear.clone())).then(vec![TaskEvent::Updated(clear)]);
     }
     #[test]
     fn create_if_match_zero_creates_and_other_versions_fail() {

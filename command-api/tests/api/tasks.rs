@@ -12,7 +12,7 @@ use uuid::Uuid;
 use domain::TaskEvent;
 use platform::position::Position;
 
-use crate::helpers::{assert_problem, partition_for, problem_type, spawn_app, Resp, ALICE, BOB};
+use crate::helpers::{assert_field_error, assert_problem, partition_for, problem_type, spawn_app, Resp, ALICE, BOB};
 
 #[tokio::test]
 async fn create_answers_201_with_id_version_position_location_and_etag() {
@@ -193,4 +193,23 @@ async fn commands_that_conflict_with_the_task_state_are_409() {
     assert_problem(&app.patch(BOB, &id, json!({"title": "x"}), &[]).await, 404);
     let seqs: Vec<u32> = app.log.envelopes().iter().map(|e| e.meta.sequence).collect();
     assert_eq!(seqs, [1, 2, 3, 4], "only accepted events are in the log");
+}
+
+#[tokio::test]
+async fn a_recurrence_without_any_occurrence_after_due_at_is_422_on_create_and_update() {
+    let app = spawn_app().await;
+    // February never has a 30th: completing such a task would search for its next occurrence forever.
+    let never = json!({"title": "never", "due_at": "2026-03-01T00:00:00Z", "recurrence": "FREQ=DAILY;BYMONTH=2;BYMONTHDAY=30"});
+    let r = app.send(Some(ALICE), "POST", "/v1/tasks", Some(&never), &[]).await;
+    assert_field_error(&r, "recurrence");
+    assert!(r.text.contains("no occurrence after due_at"), "{}", r.text);
+    assert_eq!(app.log.len(), 0);
+
+    // 2026-03-03 is a Tuesday; every seventh day from a Monday is never a Tuesday.
+    let weekly = json!({"title": "weekly", "due_at": "2026-03-03T09:00:00Z", "recurrence": "FREQ=DAILY;INTERVAL=7;BYDAY=TU"});
+    let id = app.create(ALICE, weekly).await.task_id();
+    assert_field_error(&app.patch(ALICE, &id, json!({"due_at": "2026-03-02T09:00:00Z"}), &[]).await, "recurrence");
+    assert_field_error(&app.patch(ALICE, &id, json!({"recurrence": "FREQ=MINUTELY;BYMONTH=2;BYMONTHDAY=30"}), &[]).await, "recurrence");
+    assert_eq!(app.log.records_of(&id).len(), 1, "nothing refused is appended");
+    assert_eq!(app.patch(ALICE, &id, json!({"due_at": "2026-03-10T09:00:00Z"}), &[]).await.version(), 2);
 }
