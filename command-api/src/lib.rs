@@ -80,6 +80,9 @@ pub struct Settings {
     pub request_timeout_ms: u64,
 }
 
+/// How often readiness asks the brokers whether they answer.
+const BROKER_PROBE_PERIOD: Duration = Duration::from_secs(1);
+
 pub struct Application {
     listener: tokio::net::TcpListener,
     router: Router,
@@ -98,7 +101,10 @@ impl Application {
             tracing::warn!("SERVICE_JWT_SECRET is not set: the projector's reactions will be refused");
         }
         let auth = JwtAuth::new(&settings.auth.auth_jwt_secret).with_service_secret(settings.service_jwt_secret.as_ref());
-        let state = AppState::new(log, auth, settings.max_batch, idempotency).allow_private_webhooks(settings.webhook_allow_private);
+        let brokers = platform::kafka::watch_brokers(&settings.kafka, "taskstream-command-api-probe", BROKER_PROBE_PERIOD)?;
+        let state = AppState::new(log, auth, settings.max_batch, idempotency)
+            .allow_private_webhooks(settings.webhook_allow_private)
+            .with_brokers(brokers);
         let listener = tokio::net::TcpListener::bind(settings.addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "command API listening");
         Ok(Self { listener, router: router(state, Duration::from_millis(settings.request_timeout_ms)) })

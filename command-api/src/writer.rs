@@ -69,7 +69,13 @@ impl Writer {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Hands a command to the writer and waits for its answer. While the writer is not ready
+    /// (restoring, or reconnecting after the log failed) the command is refused at once instead of
+    /// waiting in the queue.
     pub async fn submit(&self, cmd: AnyCommand, meta: CommandMeta) -> Result<Answer, WriteError> {
+        if !self.is_ready() {
+            return Err(WriteError::Unavailable("the writer is restoring its state from the log or reconnecting to Kafka".into()));
+        }
         let (reply, rx) = oneshot::channel();
         self.tx.send(Submission { cmd, meta, reply }).await.map_err(|_| WriteError::Unavailable("the writer has stopped".into()))?;
         rx.await.map_err(|_| WriteError::Unavailable("the writer has stopped".into()))?

@@ -1,11 +1,13 @@
 //! Kafka client set-up shared by the services.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::settings::KafkaSettings;
@@ -72,4 +74,46 @@ pub fn partitions<C: ConsumerContext, K: Consumer<C>>(consumer: &K, topic: &str,
         anyhow::bail!("topic {topic} has no partitions");
     }
     Ok(ps)
+}
+
+/// Whether the brokers answered lately, as a readiness probe sees it (cheap to clone and read).
+#[derive(Clone, Debug)]
+pub struct Reachability(Arc<AtomicBool>);
+
+impl Reachability {
+    /// Assumed reachable until told otherwise (for a log that is not Kafka, e.g. a test's fake).
+    pub fn assumed() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+
+    pub fn is_reachable(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Asks the brokers for the metadata of `topic` every `every` (each request bounded by `every` as
+/// well) and keeps the answer in a [`Reachability`]: a broker that is down, paused or unreachable
+/// shows within about two periods, without waiting for a command to fail.
+pub fn watch_brokers(settings: &KafkaSettings, client_id: &str, every: Duration) -> anyhow::Result<Reachability> {
+    let consumer: Arc<BaseConsumer<QuietEof>> = Arc::new(client_config(settings, client_id).create_with_context(QuietEof)?);
+    let reachable = Reachability(Arc::new(AtomicBool::new(false)));
+    let flag = reachable.clone();
+    let topic = settings.task_events_topic.clone();
+    tokio::spawn(async move {
+        loop {
+            let (c, t) = (consumer.clone(), topic.clone());
+            let ok = tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), every).is_ok()).await.unwrap_or(false);
+            if ok != flag.is_reachable() {
+                if ok {
+                    tracing::info!("Kafka brokers reachable");
+                } else {
+                    tracing::warn!("Kafka brokers unreachable (metadata request failed); not ready");
+                }
+            }
+            flag.0.store(ok, Ordering::Release);
+            metrics::gauge!("kafka_brokers_reachable").set(if ok { 1.0 } else { 0.0 });
+            tokio::time::sleep(every).await;
+        }
+    });
+    Ok(reachable)
 }

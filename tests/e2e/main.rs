@@ -351,6 +351,37 @@ async fn command_api_restart_restores_state_and_versions_continue() -> anyhow::R
     stack.cleanup().await
 }
 
+/// Readiness follows the broker by itself (no command has to fail first), and while it is down a
+/// command is refused with problem+json and Retry-After rather than queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_api_readiness_follows_the_broker() -> anyhow::Result<()> {
+    let mut broker = PrivateBroker::start().await?;
+    let stack = Stack::start_with(StackOptions { kafka_brokers: Some(broker.brokers()), partitions: 2, ..Default::default() }).await?;
+    let http = reqwest::Client::new();
+    let readyz = stack.url(Svc::CommandApi, "/readyz");
+    let status = |http: reqwest::Client, url: String| async move { http.get(url).send().await.ok().map(|r| r.status().as_u16()) };
+    assert_eq!(status(http.clone(), readyz.clone()).await, Some(200));
+    broker.kill().await?;
+    eventually("the command API to report not ready while the broker is down", Duration::from_secs(30), || {
+        let (http, url) = (http.clone(), readyz.clone());
+        async move { (status(http, url).await == Some(503)).then_some(()) }
+    })
+    .await?;
+    let (s, h, problem) = stack.command("alice", Method::POST, "/v1/tasks", Some(json!({"title": "during the outage"})), &[]).await?;
+    assert_eq!(s, 503, "{problem}");
+    assert!(h.get("retry-after").is_some());
+    assert_eq!(h.get("content-type").and_then(|v| v.to_str().ok()), Some("application/problem+json"));
+    broker.resume().await?;
+    eventually("the command API to be ready again", Duration::from_secs(120), || {
+        let (http, url) = (http.clone(), readyz.clone());
+        async move { (status(http, url).await == Some(200)).then_some(()) }
+    })
+    .await?;
+    let (s, _, created) = stack.command("alice", Method::POST, "/v1/tasks", Some(json!({"title": "after the outage"})), &[]).await?;
+    assert_eq!(s, 201, "{created}");
+    stack.cleanup().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_down_gives_503_and_the_service_recovers() -> anyhow::Result<()> {
     let mut broker = PrivateBroker::start().await?;

@@ -11,12 +11,12 @@ pub mod webhooks;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use tower_http::timeout::TimeoutLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -55,14 +55,25 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))
+        .layer(middleware::from_fn(move |req, next| time_limit(request_timeout, req, next)))
         .with_state(state)
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.writer.is_ready() {
-        (StatusCode::OK, "ready")
+    if !state.brokers.is_reachable() {
+        (StatusCode::SERVICE_UNAVAILABLE, "the Kafka brokers do not answer")
+    } else if !state.writer.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "restoring state from the log or reconnecting to Kafka")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "restoring state from the log or waiting for Kafka")
+        (StatusCode::OK, "ready")
+    }
+}
+
+/// Bounds every request; one that takes longer is answered 503 problem+json with Retry-After, like
+/// every other 503 (tower's timeout answers a bare status).
+async fn time_limit(limit: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => ApiError::Unavailable(format!("the request took longer than {} ms", limit.as_millis())).into_response(),
     }
 }
