@@ -3,16 +3,27 @@
 # Local Apache Kafka and PostgreSQL for ./dev (sourced, never run). Everything lives under
 # $ROOT/.local, which git ignores:
 #
-#   .local/kafka/libs/        Kafka 3.9.1 runtime jars, resolved from Maven Central by mvn (once)
-#   .local/kafka/data/        KRaft log dirs of the single combined broker+controller node
-#   .local/kafka/kafka.log    broker log (log4j), kafka.pid, server.properties, cluster-id
+#   .local/kafka/libs/        Kafka runtime jars ($KAFKA_VERSION below), resolved from Maven Central by mvn
+#                             (once, and again when deploy/local/kafka/pom.xml changes)
+#   .local/kafka/data/        KRaft log dirs of the single combined broker+controller node (formatted
+#                             with a standalone dynamic quorum); data.version says which Kafka formatted it
+#   .local/kafka/kafka.log    broker log (log4j2), kafka.pid, server.properties, cluster-id
 #   .local/pg/data/           private PostgreSQL cluster (127.0.0.1:55432, trust auth)
 #   .local/pg/run/            its unix socket; .local/pg/postgres.log its log
+#
+# A broker of another Kafka version left running (or a data dir formatted) by an older checkout is
+# stopped and its data dir formatted again by ensure_kafka, with a message: local topics are test data.
+#
+# Overrides (environment): LOCAL_DIR (default $ROOT/.local), KAFKA_PORT (9092) and
+# KAFKA_CONTROLLER_PORT (9093), e.g. to try a second broker beside the usual one:
+#   LOCAL_DIR=/tmp/k KAFKA_PORT=19092 KAFKA_CONTROLLER_PORT=19093 bash -c '. deploy/local/lib.sh && ensure_kafka'
+#   LOCAL_DIR=/tmp/k bash -c '. deploy/local/lib.sh && stop_kafka'
 #
 # Kafka's command-line tools run from the same jars, e.g.
 #   java -cp ".local/kafka/libs/*" org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 --list
 #   java -cp ".local/kafka/libs/*" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server 127.0.0.1:9092 \
 #     --topic task-events --from-beginning --property print.headers=true
+#   java -cp ".local/kafka/libs/*" org.apache.kafka.tools.FeatureCommand --bootstrap-server 127.0.0.1:9092 describe
 #
 # Functions: ensure_kafka, ensure_postgres, stop_local (and stop_kafka, stop_postgres).
 # ensure_kafka exports KAFKA_BROKERS and TASKSTREAM_KAFKA_LIBS; ensure_postgres exports DATABASE_URL.
@@ -23,12 +34,14 @@ if [ -z "${ROOT:-}" ]; then
   ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 fi
 
-LOCAL_DIR="$ROOT/.local"
-KAFKA_VERSION=3.9.1
+LOCAL_DIR="${LOCAL_DIR:-$ROOT/.local}"
+# The Apache Kafka release of the local broker: the same in deploy/local/kafka/pom.xml,
+# deploy/docker-compose.yml and deploy/k8s/kafka.yaml (tests/tests/deploy.rs checks it).
+KAFKA_VERSION=4.4.0
 KAFKA_DIR="$LOCAL_DIR/kafka"
 KAFKA_LIBS="$KAFKA_DIR/libs"
-KAFKA_PORT=9092
-KAFKA_CONTROLLER_PORT=9093
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 KAFKA_START_TIMEOUT=90
 PG_DIR="$LOCAL_DIR/pg"
 PG_PORT=55432
@@ -67,6 +80,8 @@ apt_install() {
 
 # --- Kafka -----------------------------------------------------------------------------------
 
+shown() { printf '%s' "${1#"$ROOT"/}"; } # a path as messages show it: relative inside the checkout
+
 kafka_pom_digest() { sha256sum "$ROOT/deploy/local/kafka/pom.xml" | cut -c1-16; }
 
 fetch_kafka_jars() {
@@ -90,9 +105,10 @@ fetch_kafka_jars() {
     org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
     -DincludeScope=runtime -DoutputDirectory="$tmp" >"$KAFKA_DIR/mvn.log" 2>&1; then
     tail -n 30 "$KAFKA_DIR/mvn.log" >&2
-    die "mvn could not fetch the Kafka jars (full output: .local/kafka/mvn.log); Maven Central must be reachable (proxy: ~/.m2/settings.xml)"
+    die "mvn could not fetch the Kafka jars (full output: $(shown "$KAFKA_DIR")/mvn.log); Maven Central must be reachable (proxy: ~/.m2/settings.xml)"
   fi
-  [ -f "$tmp/kafka_2.13-$KAFKA_VERSION.jar" ] || die "mvn finished but kafka_2.13-$KAFKA_VERSION.jar is missing from $tmp"
+  [ -f "$tmp/kafka_2.13-$KAFKA_VERSION.jar" ] \
+    || die "mvn finished but kafka_2.13-$KAFKA_VERSION.jar is missing from $tmp (KAFKA_VERSION in deploy/local/lib.sh and deploy/local/kafka/pom.xml must agree)"
   # Swap the jars in file by file (rename), so a broker running from the old ones is not disturbed.
   local wanted f
   wanted=$(cd "$tmp" && ls -- *.jar)
@@ -107,8 +123,8 @@ fetch_kafka_jars() {
   say "fetched $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars ($(du -sh "$KAFKA_LIBS" | cut -f1)) in $(since "$t0")"
 }
 
-kafka_java() { # runs a Kafka main class from the cached jars, logging to .local/kafka/kafka.log
-  java -cp "$KAFKA_LIBS/*" -Dlog4j.configuration="file:$KAFKA_DIR/log4j.properties" "$@"
+kafka_java() { # runs a Kafka main class from the cached jars, logging to kafka.log (log4j2)
+  java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" "$@"
 }
 
 # The pid of the broker this script started, if it is still running.
@@ -123,43 +139,86 @@ kafka_pid() {
   echo "$pid"
 }
 
+# The Kafka version a running broker was started with: the kafka_2.13-<version>.jar it holds open
+# (still listed, as "(deleted)", after its jars were swapped for another version's). Empty if unknown.
+kafka_running_version() { # pid
+  ls -l "/proc/$1/fd" 2>/dev/null | sed -n 's#.*/kafka_2\.13-\([0-9][^/ ]*\)\.jar.*#\1#p' | head -n 1
+}
+
+# A broker that an older checkout started from this directory runs another Kafka version (e.g.
+# 3.9.1): stop it before its jars are swapped; its data dir is formatted again before the new start.
+stop_outdated_kafka() {
+  local pid running
+  pid=$(kafka_pid) || return 0
+  running=$(kafka_running_version "$pid")
+  if [ -z "$running" ] || [ "$running" = "$KAFKA_VERSION" ]; then
+    return 0
+  fi
+  warn "the local Kafka broker (pid $pid, $(shown "$KAFKA_DIR")) runs Kafka $running; this checkout uses Kafka $KAFKA_VERSION: stopping it to replace it"
+  stop_kafka
+}
+
 write_kafka_config() {
   mkdir -p "$KAFKA_DIR/data" "$KAFKA_DIR/logs"
+  rm -f "$KAFKA_DIR/log4j.properties" # the log4j 1 configuration of Kafka 3.x
   cat >"$KAFKA_DIR/server.properties" <<PROPS
 # Written by deploy/local/lib.sh on every start; edit that file instead.
-# One KRaft node that is both broker and controller.
+# One KRaft node that is both broker and controller (Kafka $KAFKA_VERSION).
 node.id=1
 process.roles=broker,controller
 listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+# A dynamic quorum (KIP-853) of this one controller, formatted with --standalone.
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
 log.dirs=$KAFKA_DIR/data
 num.partitions=1
 auto.create.topics.enable=false
 offsets.topic.replication.factor=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# Consumer groups of the new protocol (KIP-848, group.protocol=consumer): the broker owns the
+# session timeout and heartbeat interval. Its defaults (45 s, 5 s; minimums 45 s, 5 s) would keep
+# the partitions of a killed member unowned for 45 s; a group may ask for its own values within the
+# minimums (group configs consumer.session.timeout.ms, consumer.heartbeat.interval.ms).
+group.consumer.min.session.timeout.ms=1000
+group.consumer.session.timeout.ms=6000
+group.consumer.min.heartbeat.interval.ms=250
+group.consumer.heartbeat.interval.ms=1000
 # The log is the source of truth: keep it (the broker default deletes segments after 7 days).
 log.retention.ms=-1
 PROPS
-  cat >"$KAFKA_DIR/log4j.properties" <<PROPS
-# Written by deploy/local/lib.sh. The broker logs to .local/kafka/kafka.log, never to the terminal.
-log4j.rootLogger=WARN, file
-log4j.appender.file=org.apache.log4j.RollingFileAppender
-log4j.appender.file.File=$KAFKA_DIR/kafka.log
-log4j.appender.file.MaxFileSize=20MB
-log4j.appender.file.MaxBackupIndex=2
-log4j.appender.file.layout=org.apache.log4j.PatternLayout
-log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+  cat >"$KAFKA_DIR/log4j2.properties" <<PROPS
+# Written by deploy/local/lib.sh. The broker logs to kafka.log beside this file, never to the terminal.
+status = warn
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = $KAFKA_DIR/kafka.log
+appender.file.filePattern = $KAFKA_DIR/kafka.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 2
+rootLogger.level = warn
+rootLogger.appenderRef.file.ref = file
 # start-up, shutdown and role changes at INFO; everything else at WARN
-log4j.logger.kafka.Kafka\$=INFO
-log4j.logger.kafka.server.KafkaRaftServer=INFO
-log4j.logger.kafka.server.BrokerServer=INFO
-log4j.logger.kafka.server.ControllerServer=INFO
-log4j.logger.kafka.server.SharedServer=INFO
+logger.main.name = kafka.Kafka
+logger.main.level = info
+logger.raft.name = kafka.server.KafkaRaftServer
+logger.raft.level = info
+logger.broker.name = kafka.server.BrokerServer
+logger.broker.level = info
+logger.controller.name = kafka.server.ControllerServer
+logger.controller.level = info
+logger.shared.name = kafka.server.SharedServer
+logger.shared.level = info
 PROPS
 }
 
@@ -173,11 +232,31 @@ kafka_cluster_id() {
     fi
   fi
   id=$(tr -d '[:space:]' <"$f")
-  [[ "$id" =~ ^[A-Za-z0-9_-]{22}$ ]] || die "bad Kafka cluster id '$id' in .local/kafka/cluster-id (delete .local/kafka to start over)"
+  [[ "$id" =~ ^[A-Za-z0-9_-]{22}$ ]] || die "bad Kafka cluster id '$id' in $(shown "$f") (delete $(shown "$KAFKA_DIR") to start over)"
   echo "$id"
 }
 
+# Formats the data dir when it is new, or when another Kafka version formatted it (data.version;
+# none means the 3.9.1 of older checkouts): its topics are local test data, and a fresh format gets
+# this version's features (transaction.version, group.version, ...) at their latest levels.
+kafka_format_storage() {
+  local formatted="" cluster_id
+  [ -f "$KAFKA_DIR/data.version" ] && formatted=$(tr -d '[:space:]' <"$KAFKA_DIR/data.version")
+  if [ -f "$KAFKA_DIR/data/meta.properties" ] && [ "$formatted" != "$KAFKA_VERSION" ]; then
+    warn "$(shown "$KAFKA_DIR/data") was formatted by Kafka ${formatted:-3.9.1}; formatting it again for Kafka $KAFKA_VERSION (its local topics are discarded)"
+    rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/data.version"
+    mkdir -p "$KAFKA_DIR/data"
+  fi
+  [ -f "$KAFKA_DIR/data/meta.properties" ] && return 0
+  cluster_id=$(kafka_cluster_id) || exit 1
+  say "formatting Kafka storage in $(shown "$KAFKA_DIR/data") (KRaft, single node, cluster id $cluster_id)"
+  kafka_java kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$KAFKA_DIR/server.properties" \
+    >"$KAFKA_DIR/format.log" 2>&1 || { cat "$KAFKA_DIR/format.log" >&2; die "formatting the Kafka storage failed"; }
+  echo "$KAFKA_VERSION" >"$KAFKA_DIR/data.version"
+}
+
 ensure_kafka() {
+  [ -n "${KAFKA_BROKERS:-}" ] || stop_outdated_kafka
   fetch_kafka_jars
   export TASKSTREAM_KAFKA_LIBS="$KAFKA_LIBS"
   if [ -n "${KAFKA_BROKERS:-}" ]; then
@@ -188,9 +267,9 @@ ensure_kafka() {
   local pid
   if port_open "$KAFKA_PORT"; then
     if pid=$(kafka_pid); then
-      say "Kafka $KAFKA_VERSION already running on $KAFKA_BROKERS (pid $pid, .local/kafka); reusing it"
+      say "Kafka $KAFKA_VERSION already running on $KAFKA_BROKERS (pid $pid, $(shown "$KAFKA_DIR")); reusing it"
     else
-      warn "something that is not .local/kafka already listens on $KAFKA_BROKERS; using it as Kafka"
+      warn "something that is not $(shown "$KAFKA_DIR") already listens on $KAFKA_BROKERS; using it as Kafka"
     fi
     return
   fi
@@ -198,20 +277,16 @@ ensure_kafka() {
     die "127.0.0.1:$KAFKA_CONTROLLER_PORT (the local Kafka controller port) is taken by another process; stop it, or set KAFKA_BROKERS"
   fi
   write_kafka_config
-  local cluster_id
-  cluster_id=$(kafka_cluster_id) || exit 1
-  if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
-    say "formatting Kafka storage in .local/kafka/data (KRaft, single node, cluster id $cluster_id)"
-    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" \
-      >"$KAFKA_DIR/format.log" 2>&1 || { cat "$KAFKA_DIR/format.log" >&2; die "formatting the Kafka storage failed"; }
-  fi
-  say "starting Kafka $KAFKA_VERSION on $KAFKA_BROKERS (log: .local/kafka/kafka.log)"
+  kafka_format_storage
+  local log
+  log=$(shown "$KAFKA_DIR/kafka.log")
+  say "starting Kafka $KAFKA_VERSION on $KAFKA_BROKERS (log: $log)"
   local t0 log_from=0
   t0=$(now_ms)
   [ -f "$KAFKA_DIR/kafka.log" ] && log_from=$(stat -c %s "$KAFKA_DIR/kafka.log")
   # setsid: its own session, so a Ctrl-C in the terminal does not reach the broker; ./dev stops it.
   setsid java -Xmx1g -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j.configuration="file:$KAFKA_DIR/log4j.properties" -Dkafka.logs.dir="$KAFKA_DIR/logs" \
+    -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -Dkafka.logs.dir="$KAFKA_DIR/logs" \
     -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" </dev/null >"$KAFKA_DIR/stdout.log" 2>&1 &
   pid=$!
   echo "$pid" >"$KAFKA_DIR/kafka.pid"
@@ -224,15 +299,15 @@ ensure_kafka() {
       kafka_show_failure "$log_from"
       rm -f "$KAFKA_DIR/kafka.pid"
       STARTED_KAFKA=0
-      die "Kafka exited while starting (logs: .local/kafka/kafka.log, .local/kafka/stdout.log)"
+      die "Kafka exited while starting (logs: $log, $(shown "$KAFKA_DIR/stdout.log"))"
     fi
     if ((SECONDS >= deadline)); then
       kafka_show_failure "$log_from"
-      die "Kafka did not come up on $KAFKA_BROKERS within $KAFKA_START_TIMEOUT s (log: .local/kafka/kafka.log); it is still running as pid $pid"
+      die "Kafka did not come up on $KAFKA_BROKERS within $KAFKA_START_TIMEOUT s (log: $log); it is still running as pid $pid"
     fi
     sleep 0.2
   done
-  say "Kafka is up on $KAFKA_BROKERS (pid $pid, started in $(since "$t0"))"
+  say "Kafka $KAFKA_VERSION is up on $KAFKA_BROKERS (pid $pid, started in $(since "$t0"))"
 }
 
 kafka_logged_started() { # byte offset of kafka.log when the broker was launched
