@@ -6,6 +6,12 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
 }
 
+/// The documents of a multi-document YAML file of the repository.
+fn yaml_documents(path: &str) -> Vec<serde_yaml::Value> {
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    serde_yaml::Deserializer::from_str(&text).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect()
+}
+
 #[test]
 fn compose_file_is_valid_and_wires_every_service() {
     let text = std::fs::read_to_string(root().join("deploy/docker-compose.yml")).unwrap();
@@ -31,14 +37,31 @@ fn compose_file_is_valid_and_wires_every_service() {
 
 #[test]
 fn kubernetes_manifests_parse_and_keep_a_single_writer() {
-    let text = std::fs::read_to_string(root().join("deploy/k8s/taskstream.yaml")).unwrap();
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect();
+    let docs = yaml_documents("deploy/k8s/taskstream.yaml");
     let writer = docs.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "command-api").expect("command-api deployment");
     assert_eq!(writer["spec"]["replicas"].as_u64(), Some(1), "the command API is the single writer");
     assert_eq!(writer["spec"]["strategy"]["type"].as_str(), Some("Recreate"));
     for name in ["command-api", "projector", "query-api"] {
         assert!(docs.iter().any(|d| d["kind"] == "Service" && d["metadata"]["name"] == name), "{name} service missing");
     }
+}
+
+/// The local broker, the compose file and the Strimzi cluster run the same Apache Kafka release.
+#[test]
+fn every_deployment_runs_the_same_kafka_release() {
+    let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap();
+    let lib = read("deploy/local/lib.sh");
+    let version = lib.lines().find_map(|l| l.strip_prefix("KAFKA_VERSION=")).expect("KAFKA_VERSION in lib.sh").trim();
+    assert!(version.starts_with("4."), "the local broker is Kafka 4.x, not {version}");
+    let pom = read("deploy/local/kafka/pom.xml");
+    assert!(pom.contains(&format!("<kafka.version>{version}</kafka.version>")), "pom.xml: kafka.version is not {version}");
+    let compose: serde_yaml::Value = serde_yaml::from_str(&read("deploy/docker-compose.yml")).unwrap();
+    assert_eq!(compose["services"]["kafka"]["image"].as_str(), Some(format!("apache/kafka:{version}").as_str()));
+    let docs = yaml_documents("deploy/k8s/kafka.yaml");
+    let kafka = docs.iter().find(|d| d["kind"] == "Kafka").expect("Strimzi Kafka resource");
+    assert_eq!(kafka["spec"]["kafka"]["version"].as_str(), Some(version));
+    let bootstrap = format!("{}-kafka-bootstrap:9092", kafka["metadata"]["name"].as_str().unwrap());
+    assert!(read("deploy/k8s/taskstream.yaml").contains(&format!("KAFKA_BROKERS: {bootstrap}")), "KAFKA_BROKERS is not {bootstrap}");
 }
 
 use serde::Deserialize;
