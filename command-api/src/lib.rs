@@ -9,7 +9,7 @@
 //! - `command`: one submission path for every route (trace span, event metadata, metrics, the
 //!   answer as HTTP); `state`: the `AppState` handlers share.
 //! - `extract`: problem+json extractors (caller, command headers, JSON body, `CommandRoute` for the
-//!   Idempotency-Key digest); `webhook_dns`: the DNS half of the webhook SSRF check.
+//!   Idempotency-Key digest).
 //! - `writer`: the single writer, generic over the registered aggregates (`domain::Decider`):
 //!   decides, stages and answers through one path, live and at restore.
 //! - `idempotency`: the Idempotency-Key decision (`IdempotencyCache::execute`) and `Answer`.
@@ -23,7 +23,6 @@ pub mod idempotency;
 pub mod log;
 pub mod routes;
 pub mod state;
-pub mod webhook_dns;
 pub mod writer;
 
 use std::net::SocketAddr;

@@ -54,24 +54,14 @@ pub fn is_forbidden_address(ip: IpAddr) -> bool {
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] & 0xffc0) == 0xfec0 // site local (deprecated, still routed inside sites)
                 || v6.to_ipv4_mapped().is_some_and(|v4| is_forbidden_address(IpAddr::V4(v4)))
+                || s[..6] == [0; 6] // IPv4-compatible (::a.b.c.d, deprecated): never a real destination
+                || s[0] == 0x2002 // 6to4: a tunnel to any IPv4 address
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo: a tunnel to any IPv4 address
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
                 || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64
         }
-    }
-}
-
-/// The host and port of an absolute http(s) URL (default port by scheme; IPv6 without brackets).
-pub fn host_port(url: &str) -> Option<(String, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let default = if scheme.eq_ignore_ascii_case("https") { 443 } else { 80 };
-    let authority = rest.split(['/', '?', '#']).next()?;
-    if let Some(v6) = authority.strip_prefix('[') {
-        let (host, after) = v6.split_once(']')?;
-        return Some((host.to_owned(), after.strip_prefix(':').and_then(|p| p.parse().ok()).unwrap_or(default)));
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => Some((h.to_owned(), p.parse().ok()?)),
-        _ => Some((authority.to_owned(), default)),
     }
 }
 
@@ -405,13 +395,6 @@ mod tests {
     }
 
     #[test]
-    fn host_and_port_are_found() {
-        assert_eq!(host_port("https://a.example/x"), Some(("a.example".into(), 443)));
-        assert_eq!(host_port("http://a.example:8080/x?y"), Some(("a.example".into(), 8080)));
-        assert_eq!(host_port("http://[::1]:9/x"), Some(("::1".into(), 9)));
-    }
-
-    #[test]
     fn webhook_urls_refuse_ssrf_targets() {
         for ok in ["https://hooks.example.com/x", "http://93.184.216.34:8080/hook", "https://[2606:4700::1]/h"] {
             assert!(WebhookUrl::parse(ok.into(), false).is_ok(), "{ok}");
@@ -436,5 +419,26 @@ mod tests {
             assert!(WebhookUrl::parse(bad.into(), false).is_err(), "{bad} should be refused");
         }
         assert!(WebhookUrl::parse("http://127.0.0.1:9000/".into(), true).is_ok());
+    }
+
+    #[test]
+    fn ipv6_forms_that_reach_ipv4_or_site_local_space_are_refused() {
+        for bad in [
+            "::127.0.0.1",   // IPv4-compatible
+            "::10.0.0.1",    // IPv4-compatible, private
+            "::8.8.8.8",     // IPv4-compatible (deprecated form: never a real destination)
+            "2002:7f00:1::", // 6to4 of 127.0.0.1
+            "2002:0808:0808::1", // 6to4 of a public address: a tunnel, refused as a whole
+            "fec0::1",       // site-local
+            "2001:db8::1",   // documentation
+            "2001:0:4136:e378::1", // Teredo
+        ] {
+            let ip: IpAddr = bad.parse().unwrap();
+            assert!(is_forbidden_address(ip), "{bad} should be refused");
+            assert!(WebhookUrl::parse(format!("http://[{bad}]/h"), false).is_err(), "{bad} should be refused in a URL");
+        }
+        for ok in ["2606:4700::1", "2a00:1450:4001::200e"] {
+            assert!(!is_forbidden_address(ok.parse().unwrap()), "{ok} is public");
+        }
     }
 }

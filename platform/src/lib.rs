@@ -19,3 +19,4 @@ pub mod retry;
 pub mod secret;
 pub mod settings;
 pub mod telemetry;
+pub mod webhook;

@@ -8,7 +8,6 @@
 //! A receiver recomputes the HMAC over the timestamp, a dot and the raw body, compares in constant
 //! time, and refuses timestamps older than a few minutes (replay protection).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,6 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
-use domain::user::{host_port, is_forbidden_address};
 use platform::retry::{Jitter, Policy};
 
 pub const MAX_ATTEMPTS: i32 = 8;
@@ -166,30 +164,14 @@ impl Deliverer {
 
     /// One POST; the status code, or why there was none.
     async fn post(&self, d: &Leased, secret: &str) -> Result<u16, String> {
-        let (host, port) = host_port(&d.url).ok_or("invalid webhook URL")?;
-        // Resolve once, check every address, and connect to exactly what was checked (no DNS
-        // rebinding between the check and the request).
-        let addrs: Vec<SocketAddr> = tokio::time::timeout(TIMEOUT, tokio::net::lookup_host((host.as_str(), port)))
-            .await
-            .map_err(|_| "DNS lookup timed out".to_owned())?
-            .map_err(|e| format!("DNS lookup failed: {e}"))?
-            .collect();
-        if addrs.is_empty() {
-            return Err("the host does not resolve".into());
-        }
-        if !self.allow_private && addrs.iter().any(|a| is_forbidden_address(a.ip())) {
-            return Err("refused: the host resolves to a non-public address".into());
-        }
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .resolve_to_addrs(&host, &addrs)
-            .build()
-            .map_err(|e| e.to_string())?;
+        // Resolve the canonical host once, check every address, and connect to exactly what was
+        // checked (no DNS rebinding between the check and the request).
+        let target = platform::webhook::resolve(&d.url, self.allow_private, TIMEOUT).await.map_err(|e| format!("refused: {e}"))?;
+        let client = target.client(TIMEOUT).map_err(|e| e.to_string())?;
         let body = serde_json::to_vec(&d.payload).map_err(|e| e.to_string())?;
         let now = chrono::Utc::now().timestamp();
         let res = client
-            .post(&d.url)
+            .post(target.url.clone())
             .header("content-type", "application/json")
             .header("user-agent", "taskstream-webhooks/1")
             .header("taskstream-delivery", d.id.to_string())

@@ -17,6 +17,9 @@ use crate::error::{ApiError, Problem};
 use crate::extract::{AuthUser, CommandHeaders, CommandRoute, JsonBody};
 use crate::state::AppState;
 
+/// How long registration waits for the webhook host to resolve.
+const DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(set_webhook, remove_webhook))
 }
@@ -54,7 +57,7 @@ pub async fn set_webhook(
     let raw = req.url.ok_or_else(|| ApiError::validation("url", "is required"))?;
     let url = WebhookUrl::parse(raw, state.allow_private_webhooks).map_err(|e| ApiError::validation("url", e.0))?;
     if !state.allow_private_webhooks {
-        crate::webhook_dns::check_resolves_publicly(url.as_ref()).await.map_err(|m| ApiError::validation("url", m))?;
+        platform::webhook::resolve(url.as_ref(), false, DNS_TIMEOUT).await.map_err(|m| ApiError::validation("url", m))?;
     }
     let generated = req.secret.is_none();
     let secret = req.secret.unwrap_or_else(|| format!("whsec_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple()));
