@@ -243,7 +243,7 @@ kafka_format_storage() {
   local formatted="" cluster_id
   [ -f "$KAFKA_DIR/data.version" ] && formatted=$(tr -d '[:space:]' <"$KAFKA_DIR/data.version")
   if [ -f "$KAFKA_DIR/data/meta.properties" ] && [ "$formatted" != "$KAFKA_VERSION" ]; then
-    warn "$(shown "$KAFKA_DIR/data") was formatted by Kafka ${formatted:-3.9.1}; formatting it again for Kafka $KAFKA_VERSION (its local topics are discarded)"
+    warn "$(shown "$KAFKA_DIR/data") was formatted by Kafka ${formatted:-3.9.1}; formatting it again for Kafka $KAFKA_VERSION: its local topics are discarded (the read models of ./dev up's database then describe a log that is gone: './dev projector rebuild --yes' rebuilds them)"
     rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/data.version"
     mkdir -p "$KAFKA_DIR/data"
   fi
