@@ -1,7 +1,8 @@
 //! `projector status` and the lag gauges on `/metrics`. The status itself (stored offset, high
 //! watermark, lag and state per projection and partition) is computed by
 //! [`platform::projections`], the same for the query API; this module only asks Kafka for the high
-//! watermarks and prints.
+//! watermarks and prints. It also prints and exports the reactions waiting after a failure (the
+//! counts come from `reactor`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,6 +13,8 @@ use sqlx::PgPool;
 use platform::projections::Stored;
 pub use platform::projections::{PartitionStatus, ProjectionStatus};
 use platform::settings::KafkaSettings;
+
+use crate::reactor::{self, Failure, Waiting, REACTIONS};
 
 /// The projections' statuses now, by name; fails when Kafka does not answer.
 pub async fn collect(pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<Vec<ProjectionStatus>> {
@@ -44,7 +47,39 @@ pub fn render(statuses: &[ProjectionStatus]) -> String {
     out
 }
 
-/// Publishes `projection_lag{projection,partition}` and `projector_dead_letters` every few seconds.
+/// The lines `projector status` prints about reactions and reminders that have not gone through:
+/// nothing when every one went through.
+pub fn render_reactions(waiting: &[Waiting], failed: i64) -> String {
+    let mut out = String::new();
+    if !waiting.is_empty() {
+        let total: i64 = waiting.iter().map(|w| w.count).sum();
+        out.push_str(&format!("reactions waiting to be retried: {total}\n"));
+        for w in waiting {
+            out.push_str(&format!("  {} {}: {} ({})\n    last error: {}\n", w.reaction, w.failure.as_str(), w.count, w.failure.hint(), w.last_error));
+        }
+    }
+    if failed > 0 {
+        out.push_str(&format!("reactions refused for good: {failed} (reaction_outbox rows with failed = true; see last_error)\n"));
+    }
+    out
+}
+
+/// Publishes `reactions_waiting{reaction,failure}` (every pair, 0 when none) and `reactions_failed`.
+async fn export_reactions(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let waiting = reactor::waiting(pool).await?;
+    let failed = reactor::failed_for_good(pool).await?;
+    for reaction in REACTIONS {
+        for failure in Failure::ALL {
+            let n: i64 = waiting.iter().filter(|w| w.reaction == reaction && w.failure == failure).map(|w| w.count).sum();
+            metrics::gauge!("reactions_waiting", "reaction" => reaction, "failure" => failure.as_str()).set(n as f64);
+        }
+    }
+    metrics::gauge!("reactions_failed").set(failed as f64);
+    Ok(())
+}
+
+/// Publishes `projection_lag{projection,partition}`, `projector_dead_letters` and the reactions'
+/// gauges every few seconds.
 pub async fn export_lag(pool: PgPool, kafka: KafkaSettings, every: Duration) {
     loop {
         match collect(&pool, &kafka).await {
@@ -55,6 +90,9 @@ pub async fn export_lag(pool: PgPool, kafka: KafkaSettings, every: Duration) {
             sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE topic = $1 AND status = 'open'").bind(&kafka.task_events_topic).fetch_one(&pool).await;
         if let Ok(open) = open {
             metrics::gauge!("projector_dead_letters").set(open as f64);
+        }
+        if let Err(e) = export_reactions(&pool).await {
+            tracing::debug!(error.message = %e, "could not count the waiting reactions");
         }
         tokio::time::sleep(every).await;
     }
@@ -88,5 +126,19 @@ mod tests {
              \x20         0           10              12           1\n\
              \x20         1            5               6           0\n"
         );
+    }
+
+    #[test]
+    fn waiting_and_refused_reactions_are_listed_with_what_to_check() {
+        assert_eq!(render_reactions(&[], 0), "");
+        let waiting = [
+            Waiting { reaction: "fire_reminder".into(), failure: Failure::Auth, count: 2, last_error: "command API answered 401: {}".into() },
+            Waiting { reaction: "spawn_occurrence".into(), failure: Failure::Unavailable, count: 1, last_error: "connection refused".into() },
+        ];
+        let text = render_reactions(&waiting, 3);
+        assert!(text.starts_with("reactions waiting to be retried: 3\n  fire_reminder auth: 2 (the command API refuses"), "{text}");
+        assert!(text.contains("SERVICE_JWT_SECRET"), "{text}");
+        assert!(text.contains("    last error: command API answered 401: {}\n  spawn_occurrence unavailable: 1"), "{text}");
+        assert!(text.ends_with("reactions refused for good: 3 (reaction_outbox rows with failed = true; see last_error)\n"), "{text}");
     }
 }

@@ -1,19 +1,24 @@
 //! The projector's store against a real PostgreSQL (a fresh database per test, from
 //! `test_support`; `DATABASE_URL` is required, `./dev test` sets it): exactly-once offsets,
-//! reactions recorded live but never during a replay, and the notifications' record in the user's
-//! stream (the reaction, the read model unchanged by `notification.created`, the backfill of old ones).
+//! reactions recorded live but never during a replay, the notifications' record in the user's
+//! stream (the reaction, the read model unchanged by `notification.created`, the backfill of old
+//! ones), and how the reactor takes the command API's answers (against a stand-in command API).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use domain::user::{NotificationCreated, NotificationRead, UserEvent};
-use domain::{ids, NewTask, Recurrence, RemindBefore, ReminderDue, TaskEvent, TaskId, Title, UserId};
+use domain::{ids, NewTask, Recurrence, RemindBefore, ReminderDue, TaskEvent, TaskId, TaskPatch, Title, UserId};
+use platform::auth::JwtAuth;
 use platform::codec::{Envelope, Metadata};
 use platform::position::Position;
-use projector::model::{Batch, Recorded, RecordedUser};
+use platform::secret::Secret;
+use projector::model::{self, Batch, Recorded, RecordedUser};
+use projector::reactor::{self, Failure, Reactor};
 use projector::store::{self, ApplyMode, StoreError};
 use test_support::{fresh_database, TestDatabase};
 
@@ -191,5 +196,238 @@ async fn notifications_from_before_notification_created_are_queued_for_recording
             sqlx::query_as("SELECT id, kind, user_id, task_id, payload, causation_id FROM reaction_outbox").fetch_all(&pool).await.unwrap();
         assert_eq!(queued, live);
     }
+    db.drop_database().await.unwrap();
+}
+
+/// A request the stand-in command API received.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    path: String,
+    key: Option<String>,
+    body: serde_json::Value,
+}
+
+/// How the stand-in answers a request (status, body), given the earlier ones.
+type Answer = Arc<dyn Fn(&Seen, &[Seen]) -> (u16, String) + Send + Sync>;
+
+/// A stand-in for the command API on a free port: answers what `answer` decides and remembers
+/// every request.
+struct FakeCommandApi {
+    url: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    answer: Arc<Mutex<Answer>>,
+}
+
+impl FakeCommandApi {
+    async fn start(answer: Answer) -> Self {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let answer = Arc::new(Mutex::new(answer));
+        let (s, a) = (seen.clone(), answer.clone());
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let (seen, answer) = (s.clone(), a.clone());
+            async move {
+                let request = Seen {
+                    path: uri.path().to_owned(),
+                    key: headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned),
+                    body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                };
+                let mut seen = seen.lock().unwrap();
+                let (status, text) = (answer.lock().unwrap())(&request, &seen[..]);
+                seen.push(request);
+                (axum::http::StatusCode::from_u16(status).unwrap(), [(axum::http::header::CONTENT_TYPE, "application/problem+json")], text)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { url, seen, answer }
+    }
+
+    fn answer_with(&self, answer: Answer) {
+        *self.answer.lock().unwrap() = answer;
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn reactor(&self, pool: &PgPool) -> Reactor {
+        let auth = JwtAuth::new(&Secret::new("store-test-user-secret")).with_service_secret(Some(&Secret::new("store-test-service-secret")));
+        Reactor::new(pool.clone(), self.url.clone(), auth, false).unwrap()
+    }
+}
+
+/// The command API's problem+json for `status`.
+fn problem(status: u16, slug: &str) -> String {
+    serde_json::json!({ "type": format!("urn:taskstream:problem:{slug}"), "title": "t", "status": status, "detail": "d" }).to_string()
+}
+
+/// Always the same answer.
+fn always(status: u16, body: String) -> Answer {
+    Arc::new(move |_: &Seen, _: &[Seen]| (status, body.clone()))
+}
+
+/// Whatever waits for a retry is due now (as if its backoff had passed).
+async fn backoff_over(pool: &PgPool) {
+    sqlx::query("UPDATE reminder_attempts SET next_attempt_at = now()").execute(pool).await.unwrap();
+    sqlx::query("UPDATE reaction_outbox SET next_attempt_at = now()").execute(pool).await.unwrap();
+}
+
+async fn schedule_due_reminder(pool: &PgPool, task: Uuid) {
+    sqlx::query("INSERT INTO reminder_schedule (task_id, user_id, remind_at) VALUES ($1, 'alice', now() - interval '1 second')")
+        .bind(task)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Issue 11, defect 3: a 401 (the projector's SERVICE_JWT_SECRET differs from the command API's)
+/// used to delete the reminder for good. Only a definitive "stale" answer may drop one.
+#[tokio::test]
+async fn a_reminder_refused_for_authentication_is_kept_retried_with_backoff_and_reported_until_it_fires() {
+    let (db, pool) = fresh_store().await;
+    let fake = FakeCommandApi::start(always(401, problem(401, "unauthorized"))).await;
+    let sender = fake.reactor(&pool);
+    let task = Uuid::now_v7();
+    schedule_due_reminder(&pool, task).await;
+    assert_eq!(sender.fire_due_reminders().await.unwrap(), 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reminder_schedule").await, 1, "a 401 must not drop the reminder");
+    let (attempts, failure, later): (i32, String, bool) =
+        sqlx::query_as("SELECT attempts, failure, next_attempt_at > now() FROM reminder_attempts").fetch_one(&pool).await.unwrap();
+    assert_eq!((attempts, failure.as_str(), later), (1, "auth", true));
+    // Not sent again before its backoff is over.
+    assert_eq!(sender.fire_due_reminders().await.unwrap(), 0);
+    assert_eq!(fake.seen().len(), 1);
+    assert_eq!(fake.seen()[0].path, format!("/internal/v1/tasks/{task}/remind"));
+    // Reported (readyz, status, gauges).
+    let (failure, error) = reactor::configuration_failure(&pool).await.unwrap().expect("a configuration failure");
+    assert_eq!(failure, Failure::Auth);
+    assert!(error.contains("401"), "{error}");
+    let waiting = reactor::waiting(&pool).await.unwrap();
+    assert_eq!(waiting.iter().map(|w| (w.reaction.as_str(), w.failure, w.count)).collect::<Vec<_>>(), [(reactor::FIRE_REMINDER, Failure::Auth, 1)]);
+
+    // Another server's 404 (a wrong COMMAND_API_URL) is no "task gone" either.
+    fake.answer_with(always(404, "<html>Not Found</html>".into()));
+    backoff_over(&pool).await;
+    assert_eq!(sender.fire_due_reminders().await.unwrap(), 1);
+    let (attempts, failure): (i32, String) = sqlx::query_as("SELECT attempts, failure FROM reminder_attempts").fetch_one(&pool).await.unwrap();
+    assert_eq!((attempts, failure.as_str()), (2, "config"));
+    assert_eq!(count(&pool, "SELECT count(*) FROM reminder_schedule").await, 1);
+
+    // Accepted: fired, and nothing waits any more.
+    fake.answer_with(always(200, "{}".into()));
+    backoff_over(&pool).await;
+    assert_eq!(sender.fire_due_reminders().await.unwrap(), 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reminder_schedule").await, 0);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reminder_attempts").await, 0);
+    assert_eq!(reactor::configuration_failure(&pool).await.unwrap(), None);
+    assert!(reactor::waiting(&pool).await.unwrap().is_empty());
+
+    // The command API's definitive "stale" answers drop one: the task is gone, or the reminder
+    // already fired or was moved.
+    for (status, slug) in [(404, "not-found"), (409, "conflict")] {
+        fake.answer_with(always(status, problem(status, slug)));
+        schedule_due_reminder(&pool, Uuid::now_v7()).await;
+        assert_eq!(sender.fire_due_reminders().await.unwrap(), 1);
+        assert_eq!(count(&pool, "SELECT count(*) FROM reminder_schedule").await, 0, "{status}");
+        assert_eq!(count(&pool, "SELECT count(*) FROM reminder_attempts").await, 0, "{status}");
+    }
+    db.drop_database().await.unwrap();
+}
+
+/// The batch of `events` for `task`, at sequence numbers and offsets from `first` on.
+fn events_batch(task: TaskId, first: u32, events: Vec<TaskEvent>) -> Batch {
+    let mut batch = Batch::default();
+    for (i, event) in events.into_iter().enumerate() {
+        let sequence = first + i as u32;
+        batch.tasks.push(Recorded {
+            position: Position { partition: 0, offset: i64::from(sequence) - 1 },
+            envelope: Envelope {
+                subject: task,
+                meta: Metadata {
+                    event_id: Uuid::now_v7(),
+                    user_id: UserId::parse("alice".into()).unwrap(),
+                    sequence,
+                    occurred_at: at(i64::from(sequence) * 1000),
+                    correlation_id: None,
+                    causation_id: None,
+                    traceparent: None,
+                    idempotency: None,
+                },
+                event,
+            },
+        });
+    }
+    batch.to.insert(0, i64::from(first) - 1 + batch.tasks.len() as i64);
+    batch
+}
+
+/// Issue 11, defect 4: complete a recurring task, edit its title, reopen and complete again: the
+/// next-occurrence reaction comes again under the same Idempotency-Key with another body, which the
+/// command API answers 422 `idempotency-key-reused`; that reaction was marked failed for good. It
+/// is already done (the command API remembers only a key whose command succeeded).
+#[tokio::test]
+async fn a_next_occurrence_reaction_repeated_after_an_edit_is_recognised_as_already_done() {
+    let (db, pool) = fresh_store().await;
+    // Like the command API: a key's first request succeeds, a repeat with another body is refused.
+    let idempotent: Answer = Arc::new(|now: &Seen, before: &[Seen]| match before.iter().find(|s| s.key == now.key) {
+        Some(first) if first.body != now.body => (422, problem(422, "idempotency-key-reused")),
+        _ => (201, "{}".into()),
+    });
+    let fake = FakeCommandApi::start(idempotent).await;
+    let sender = fake.reactor(&pool);
+    let task = TaskId::new_v7();
+    let mut t = NewTask::new(Title::parse("water plants".into()).unwrap());
+    t.due_at = Some(at(3600));
+    t.recurrence = Some(Recurrence::parse("FREQ=DAILY".into()).unwrap());
+    store::apply_batch(&pool, TOPIC, &events_batch(task, 1, vec![TaskEvent::Created(t), TaskEvent::Completed]), &HashMap::from([(0, 0)]), ApplyMode::Live)
+        .await
+        .unwrap();
+    assert_eq!(sender.send_outbox().await.unwrap(), 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox").await, 0);
+    let edit = TaskEvent::Updated(TaskPatch { title: Some(Title::parse("water the plants".into()).unwrap()), ..Default::default() });
+    let again = events_batch(task, 3, vec![edit, TaskEvent::Reopened, TaskEvent::Completed]);
+    store::apply_batch(&pool, TOPIC, &again, &HashMap::from([(0, 2)]), ApplyMode::Live).await.unwrap();
+    assert_eq!(sender.send_outbox().await.unwrap(), 1);
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!((seen[0].path.as_str(), &seen[0].key), ("/v1/tasks", &seen[1].key));
+    assert_ne!(seen[0].body, seen[1].body, "the repeat carries the edited title");
+    assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox WHERE failed").await, 0, "a repeated reaction must not be marked failed");
+    assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox").await, 0);
+    db.drop_database().await.unwrap();
+}
+
+/// A reaction refused for authentication, or by an unavailable command API, is retried for as
+/// long as it takes (it used to be marked failed after 12 attempts); only a refusal of what the
+/// command says (422 `validation`) marks it failed, for an operator.
+#[tokio::test]
+async fn reactions_are_retried_for_as_long_as_auth_fails_and_marked_failed_only_when_refused() {
+    let (db, pool) = fresh_store().await;
+    let fake = FakeCommandApi::start(always(401, problem(401, "unauthorized"))).await;
+    let sender = fake.reactor(&pool);
+    store::apply_batch(&pool, TOPIC, &history(TaskId::new_v7()), &HashMap::from([(0, 0)]), ApplyMode::Live).await.unwrap();
+    for round in 0..14 {
+        fake.answer_with(if round % 2 == 0 { always(401, problem(401, "unauthorized")) } else { always(503, problem(503, "log-unavailable")) });
+        assert_eq!(sender.send_outbox().await.unwrap(), 2, "round {round}");
+        assert_eq!(sender.send_outbox().await.unwrap(), 0, "round {round}: backing off");
+        backoff_over(&pool).await;
+    }
+    assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox WHERE NOT failed AND attempts = 14 AND failure = 'unavailable'").await, 2);
+    fake.answer_with(always(401, problem(401, "unauthorized")));
+    sender.send_outbox().await.unwrap();
+    let waiting = reactor::waiting(&pool).await.unwrap();
+    let mut by_reaction: Vec<(&str, Failure, i64)> = waiting.iter().map(|w| (w.reaction.as_str(), w.failure, w.count)).collect();
+    by_reaction.sort();
+    assert_eq!(by_reaction, [(model::RECORD_NOTIFICATION, Failure::Auth, 1), (model::SPAWN_OCCURRENCE, Failure::Auth, 1)]);
+    assert_eq!(reactor::configuration_failure(&pool).await.unwrap().map(|f| f.0), Some(Failure::Auth));
+    // Refused for what it says: kept, marked failed, no longer waiting or blocking readiness.
+    fake.answer_with(always(422, problem(422, "validation")));
+    backoff_over(&pool).await;
+    assert_eq!(sender.send_outbox().await.unwrap(), 2);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox WHERE failed AND failure = 'refused'").await, 2);
+    assert_eq!(reactor::failed_for_good(&pool).await.unwrap(), 2);
+    assert!(reactor::waiting(&pool).await.unwrap().is_empty());
+    assert_eq!(reactor::configuration_failure(&pool).await.unwrap(), None);
     db.drop_database().await.unwrap();
 }
