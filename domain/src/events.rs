@@ -170,8 +170,32 @@ mod tests {
     }
 
     #[test]
+    fn events_are_read_as_facts_without_todays_rules() {
+        // An event says what was accepted when it was appended: a stricter rule later (shorter
+        // titles, fewer tags, a shorter reminder range) must not make it unreadable.
+        let long = "x".repeat(500);
+        let tags: Vec<String> = (0..30).map(|i| format!("t{i}")).collect();
+        let data = serde_json::json!({"title": long, "tags": tags, "remind_before": "P400D", "due_at": "2030-01-01T00:00:00Z"}).to_string();
+        let TaskEvent::Created(t) = TaskEvent::from_json("task.created", data.as_bytes()).unwrap() else { panic!("not a creation") };
+        assert_eq!(t.title.as_ref(), long);
+        assert_eq!(t.tags.iter().count(), 30);
+        assert_eq!(t.remind_before.as_ref().map(|r| r.seconds()), Some(400 * 86_400));
+        // It is written back as it was read.
+        assert_eq!(TaskEvent::from_json("task.created", &TaskEvent::Created(t.clone()).to_json()).unwrap(), TaskEvent::Created(t));
+        // Input is still held to today's rules.
+        assert!(Title::parse(long).is_err());
+        assert!(Tags::parse(tags).is_err());
+        assert!(RemindBefore::parse("P400D".into()).is_err());
+        let patch = TaskEvent::from_json("task.updated", br#"{"title": "", "tags": [""]}"#).unwrap();
+        assert!(matches!(patch, TaskEvent::Updated(p) if p.title.as_ref().map(|t| t.as_ref()) == Some("")));
+    }
+
+    #[test]
     fn invalid_data_is_refused_on_decode() {
-        assert!(TaskEvent::from_json("task.created", br#"{"title": ""}"#).is_err());
+        // What cannot be represented at all is refused.
+        assert!(TaskEvent::from_json("task.created", br#"{"title": 1}"#).is_err());
+        assert!(TaskEvent::from_json("task.created", br#"{"title": "a", "remind_before": "soon"}"#).is_err());
+        assert!(TaskEvent::from_json("task.created", br#"{"title": "a", "timezone": "Nowhere/City"}"#).is_err());
         assert!(TaskEvent::from_json("task.exploded", b"{}").is_err());
         // Unknown (newer, optional) fields are tolerated.
         assert!(TaskEvent::from_json("task.created", br#"{"title": "a", "color": "red"}"#).is_ok());

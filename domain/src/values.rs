@@ -1,5 +1,13 @@
 //! Value types. Each is parsed once at the edge (`parse` / `TryFrom`); the rest of the code cannot
-//! hold an invalid value. Serde goes through the same parsers, so a decoded event is valid too.
+//! hold a value that today's rules refuse, except one read back from the log.
+//!
+//! Deserializing reads facts: events that were valid when they were appended. It keeps what the
+//! event says without re-checking today's limits (a title longer than a later, stricter limit, a tag
+//! list longer than today's maximum, a rule a newer `rrule` would refuse), so that a stricter
+//! validator can never make old events unreadable; only data that cannot be represented at all (a
+//! number where a string belongs, a duration that is not ISO 8601, an unknown time zone) is refused.
+//! Input from users never goes through `Deserialize` into these types: requests are parsed into
+//! plain fields and then through `parse`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -62,6 +70,17 @@ macro_rules! string_newtype {
     };
 }
 
+/// Deserializes a string newtype as the fact it is (see the module doc): no re-validation.
+macro_rules! fact_string {
+    ($name:ident) => {
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d).map(Self)
+            }
+        }
+    };
+}
+
 /// A task id: a UUID, chosen by the client or generated (v7, time-ordered) by the command API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -112,10 +131,11 @@ impl UserId {
 }
 
 /// A task title: 1..=200 characters after trimming, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub struct Title(String);
 string_newtype!(Title);
+fact_string!(Title);
 
 impl Title {
     pub const MAX_CHARS: usize = 200;
@@ -135,10 +155,11 @@ impl Title {
 }
 
 /// A task description: at most 10 000 characters (newlines and tabs allowed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub struct Description(String);
 string_newtype!(Description);
+fact_string!(Description);
 
 impl Description {
     pub const MAX_CHARS: usize = 10_000;
@@ -228,10 +249,11 @@ impl From<TimeZone> for String {
 
 /// An RFC 5545 recurrence rule (the RRULE value only, e.g. `FREQ=WEEKLY;BYDAY=MO`), validated with
 /// the `rrule` crate and stored in its canonical form.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub struct Recurrence(String);
 string_newtype!(Recurrence);
+fact_string!(Recurrence);
 
 impl Recurrence {
     pub const MAX_LEN: usize = 1000;
@@ -259,8 +281,8 @@ impl Recurrence {
 
 /// How long before `due_at` the reminder fires: an ISO 8601 duration with fixed-length units only
 /// (`PnW`, or `PnDTnHnMnS`; years and months have no fixed length and are refused).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub struct RemindBefore {
     text: String,
     seconds: i64,
@@ -293,6 +315,16 @@ impl RemindBefore {
 impl AsRef<str> for RemindBefore {
     fn as_ref(&self) -> &str {
         &self.text
+    }
+}
+
+impl<'de> Deserialize<'de> for RemindBefore {
+    /// The duration as recorded: it must be ISO 8601 (to be read at all), but today's range
+    /// (more than zero, at most 366 days) is not applied to a fact.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let seconds = parse_iso8601_duration(&text).map_err(serde::de::Error::custom)?;
+        Ok(Self { text, seconds })
     }
 }
 
@@ -354,10 +386,11 @@ fn parse_iso8601_duration(s: &str) -> Result<i64, ValidationError> {
 }
 
 /// A tag: 1..=50 characters after trimming.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "String")]
 pub struct Tag(String);
 string_newtype!(Tag);
+fact_string!(Tag);
 
 impl Tag {
     pub const MAX_CHARS: usize = 50;
@@ -377,9 +410,16 @@ impl Tag {
 }
 
 /// At most 20 distinct tags, in the order given (duplicates are dropped).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(into = "Vec<String>")]
 pub struct Tags(Vec<Tag>);
+
+impl<'de> Deserialize<'de> for Tags {
+    /// The tags as recorded (a fact: neither today's count nor today's length limits apply).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<String>::deserialize(d).map(|v| Self(v.into_iter().map(Tag).collect()))
+    }
+}
 
 impl Tags {
     pub const MAX: usize = 20;
