@@ -2,6 +2,8 @@
 
 use axum::extract::State;
 use axum::response::Response;
+use serde::Serialize;
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -9,6 +11,7 @@ use uuid::Uuid;
 use domain::user::{UserCommand, UserCommandKind};
 use domain::AnyCommand;
 
+use super::responses::CommandProblems;
 use crate::command::submit;
 use crate::error::{ApiError, Problem};
 use crate::extract::{AuthUser, CommandHeaders, CommandRoute};
@@ -18,13 +21,25 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(mark_notification_read))
 }
 
+/// The answer to MarkNotificationRead (for the OpenAPI document; `crate::command` writes it).
+#[derive(Serialize, ToSchema)]
+pub struct NotificationReadResponse {
+    pub notification_id: Uuid,
+    /// The version of your user stream after the command.
+    pub version: u32,
+    /// Opaque consistency token: send it as `X-Consistency-Token` to the query API.
+    pub position: String,
+}
+
 /// Mark one of your notifications as read.
 #[utoipa::path(
     post, path = "/v1/notifications/{id}/read", tag = "notifications",
     params(("id" = Uuid, Path, description = "Notification id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry")),
     responses(
-        (status = 200, description = "Read; the event is durable in the log"),
-        (status = 401, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem),
+        (status = 200, description = "Read; the event is durable in the log", body = NotificationReadResponse),
+        (status = 404, description = "No such notification of yours (or not recorded yet: a reminder's notification is recorded a moment after it fires)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The notification is already read", body = Problem, content_type = "application/problem+json"),
+        CommandProblems,
     ),
     security(("bearer" = []))
 )]

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use domain::{CommandKind, Description, FieldError, NewTask, Priority, Recurrence, RemindBefore, Tags, TaskId, TaskPatch, TimeZone, Title, ValidationError};
 
+use super::responses::{CommandProblems, JsonBodyProblems, TaskProblems};
 use crate::command::{submit, task_command};
 use crate::error::{ApiError, Problem};
 use crate::extract::{AuthUser, CommandHeaders, CommandRoute, JsonBody, TaskPath};
@@ -212,9 +213,9 @@ fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
     ),
     responses(
         (status = 201, description = "Created; the event is durable in the log", body = CommandResponse),
-        (status = 400, body = Problem), (status = 401, body = Problem), (status = 409, body = Problem),
-        (status = 412, body = Problem), (status = 413, body = Problem), (status = 415, body = Problem),
-        (status = 422, body = Problem), (status = 503, body = Problem),
+        (status = 409, description = "A task with this id exists (another user's, or deleted)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match: \"0\" but a task with this id exists", body = Problem, content_type = "application/problem+json"),
+        JsonBodyProblems, CommandProblems,
     ),
     security(("bearer" = []))
 )]
@@ -243,9 +244,7 @@ pub async fn create_task(
     ),
     responses(
         (status = 200, description = "Updated; the event is durable in the log", body = CommandResponse),
-        (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
-        (status = 409, body = Problem), (status = 412, body = Problem), (status = 413, body = Problem),
-        (status = 415, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem),
+        TaskProblems, JsonBodyProblems, CommandProblems,
     ),
     security(("bearer" = []))
 )]
@@ -263,23 +262,24 @@ pub async fn update_task(
     submit(&state, caller, headers, digest, cmd).await
 }
 
+// rustfmt re-indents an attribute inside macro_rules! further on every run; this one is laid out by hand.
+#[rustfmt::skip]
 macro_rules! lifecycle_handler {
     ($name:ident, $method:ident, $path:literal, $kind:expr, $doc:literal) => {
         #[doc = $doc]
         #[utoipa::path(
-                                    $method, path = $path, tag = "tasks",
-                                    params(
-                                        ("id" = Uuid, Path, description = "Task id"),
-                                        ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
-                                        ("If-Match" = Option<String>, Header, description = "Only if the task is at this version, e.g. \"3\""),
-                                    ),
-                                    responses(
-                                        (status = 200, description = "Done; the event is durable in the log", body = CommandResponse),
-                                        (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
-                                        (status = 409, body = Problem), (status = 412, body = Problem), (status = 503, body = Problem),
-                                    ),
-                                    security(("bearer" = []))
-                                )]
+            $method, path = $path, tag = "tasks",
+            params(
+                ("id" = Uuid, Path, description = "Task id"),
+                ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
+                ("If-Match" = Option<String>, Header, description = "Only if the task is at this version, e.g. \"3\""),
+            ),
+            responses(
+                (status = 200, description = "Done; the event is durable in the log", body = CommandResponse),
+                TaskProblems, CommandProblems,
+            ),
+            security(("bearer" = []))
+        )]
         pub async fn $name(
             State(state): State<AppState>,
             caller: AuthUser,

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -12,6 +12,7 @@ use uuid::Uuid;
 use domain::user::{UserCommand, UserCommandKind, WebhookUrl};
 use domain::AnyCommand;
 
+use super::responses::{CommandProblems, JsonBodyProblems};
 use crate::command::submit;
 use crate::error::{ApiError, Problem};
 use crate::extract::{AuthUser, CommandHeaders, CommandRoute, JsonBody};
@@ -34,14 +35,27 @@ pub struct SetWebhookRequest {
     pub secret: Option<String>,
 }
 
+/// The answer to SetWebhook and RemoveWebhook (for the OpenAPI document; `crate::command` writes it).
+#[derive(Serialize, ToSchema)]
+pub struct WebhookResponse {
+    pub webhook_id: Uuid,
+    /// The version of your user stream after the command.
+    pub version: u32,
+    /// Opaque consistency token: send it as `X-Consistency-Token` to the query API.
+    pub position: String,
+    /// The signing secret, only when SetWebhook generated it (it is never shown again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
 /// Register (or replace) your webhook.
 #[utoipa::path(
     put, path = "/v1/webhook", tag = "webhooks",
     request_body = SetWebhookRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry")),
     responses(
-        (status = 200, description = "Registered; the answer carries `secret` when it was generated"),
-        (status = 400, body = Problem), (status = 401, body = Problem), (status = 415, body = Problem),
-        (status = 422, body = Problem), (status = 503, body = Problem),
+        (status = 200, description = "Registered; the answer carries `secret` when it was generated", body = WebhookResponse),
+        JsonBodyProblems, CommandProblems,
     ),
     security(("bearer" = []))
 )]
@@ -85,7 +99,12 @@ pub async fn set_webhook(
 /// Remove your webhook.
 #[utoipa::path(
     delete, path = "/v1/webhook", tag = "webhooks",
-    responses((status = 200, description = "Removed"), (status = 401, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem)),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry")),
+    responses(
+        (status = 200, description = "Removed", body = WebhookResponse),
+        (status = 404, description = "You have no webhook", body = Problem, content_type = "application/problem+json"),
+        CommandProblems,
+    ),
     security(("bearer" = []))
 )]
 pub async fn remove_webhook(State(state): State<AppState>, caller: AuthUser, route: CommandRoute, headers: CommandHeaders) -> Result<Response, ApiError> {

@@ -36,3 +36,67 @@ async fn openapi_healthz_and_metrics_are_served() {
     let r = app.get("/metrics").await;
     assert!(r.text.contains("commands_total"), "commands are counted: {}", r.text);
 }
+
+/// What each operation can be answered, as its handler, the extractors and `ApiError` decide
+/// (`./dev test` also runs schemathesis against a live command API, which fails on any status the
+/// document does not list).
+const OPERATIONS: &[(&str, &str, &[&str])] = &[
+    ("post", "/v1/tasks", &["201", "400", "401", "409", "412", "413", "415", "422", "503"]),
+    ("patch", "/v1/tasks/{id}", &["200", "400", "401", "404", "409", "412", "413", "415", "422", "503"]),
+    ("delete", "/v1/tasks/{id}", &["200", "400", "401", "404", "409", "412", "422", "503"]),
+    ("post", "/v1/tasks/{id}/complete", &["200", "400", "401", "404", "409", "412", "422", "503"]),
+    ("post", "/v1/tasks/{id}/reopen", &["200", "400", "401", "404", "409", "412", "422", "503"]),
+    ("post", "/v1/notifications/{id}/read", &["200", "400", "401", "404", "409", "422", "503"]),
+    ("put", "/v1/webhook", &["200", "400", "401", "413", "415", "422", "503"]),
+    ("delete", "/v1/webhook", &["200", "400", "401", "404", "422", "503"]),
+];
+
+#[tokio::test]
+async fn every_operation_documents_every_status_it_can_answer() {
+    let app = spawn_app().await;
+    let doc = app.get("/v1/openapi.json").await.body;
+    let mut operations = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            let responses = op["responses"].as_object().unwrap_or_else(|| panic!("{method} {path}: no responses"));
+            let statuses: Vec<&str> = responses.keys().map(String::as_str).collect();
+            let header_params: Vec<&str> =
+                op["parameters"].as_array().into_iter().flatten().filter(|p| p["in"] == "header").filter_map(|p| p["name"].as_str()).collect();
+            let has_path_id = op["parameters"].as_array().into_iter().flatten().any(|p| p["in"] == "path");
+            let op_name = format!("{method} {path}");
+            // What every command can meet, whatever it is: a malformed header, no token, a reused
+            // Idempotency-Key (every command honours the header), the log being unavailable.
+            for status in ["400", "401", "422", "503"] {
+                assert!(statuses.contains(&status), "{op_name} does not document {status}: {statuses:?}");
+            }
+            assert!(header_params.contains(&"Idempotency-Key"), "{op_name} does not document Idempotency-Key: {header_params:?}");
+            if op.get("requestBody").is_some() {
+                assert!(statuses.contains(&"413") && statuses.contains(&"415"), "{op_name} takes a body: 413 and 415 ({statuses:?})");
+            }
+            if header_params.contains(&"If-Match") {
+                assert!(statuses.contains(&"412"), "{op_name} takes If-Match: 412 ({statuses:?})");
+            }
+            if has_path_id {
+                assert!(statuses.contains(&"404"), "{op_name} names a thing by id: 404 ({statuses:?})");
+            }
+            for (status, response) in responses {
+                let content = response["content"].as_object().unwrap_or_else(|| panic!("{op_name} {status}: no content"));
+                let types: Vec<&str> = content.keys().map(String::as_str).collect();
+                if status.starts_with('2') {
+                    assert_eq!(types, ["application/json"], "{op_name} {status}");
+                } else {
+                    assert_eq!(types, ["application/problem+json"], "{op_name} {status}");
+                    assert_eq!(content["application/problem+json"]["schema"]["$ref"], "#/components/schemas/Problem", "{op_name} {status}");
+                }
+            }
+            assert!(responses["503"]["headers"].get("Retry-After").is_some(), "{op_name}: 503 documents Retry-After");
+            operations.push((method.clone(), path.clone(), statuses.iter().map(|s| s.to_string()).collect::<Vec<_>>()));
+        }
+    }
+    let mut expected: Vec<_> = OPERATIONS.iter().map(|(m, p, s)| (m.to_string(), p.to_string(), s.iter().map(|s| s.to_string()).collect::<Vec<_>>())).collect();
+    operations.sort();
+    expected.sort();
+    assert_eq!(operations, expected, "the documented operations and their statuses");
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas["Problem"]["properties"]["errors"].is_object() && schemas.get("ProblemField").is_some(), "Problem is a component: {schemas}");
+}

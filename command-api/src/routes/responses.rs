@@ -1,0 +1,70 @@
+//! The problem+json answers of the OpenAPI document, in the sets the handlers list in their
+//! `#[utoipa::path(responses(...))]`: what every command can be answered (`CommandProblems`), what a
+//! JSON body adds (`JsonBodyProblems`) and what a command on an existing task adds
+//! (`TaskProblems`). Which status means what is `crate::error::ApiError::status_code`; these sets
+//! say which of them each operation can meet, so that a client (or schemathesis) finds every status
+//! it is answered in the document. Imports nothing from `routes`.
+
+use std::collections::BTreeMap;
+
+use utoipa::openapi::schema::{ObjectBuilder, Ref, Type};
+use utoipa::openapi::{ContentBuilder, HeaderBuilder, RefOr, Response, ResponseBuilder};
+use utoipa::{IntoResponses, ToSchema};
+
+use crate::error::Problem;
+
+/// The media type of every error answer (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// A `Problem` answer with `status` and `description` (and `Retry-After` on a 503).
+fn problem(status: u16, description: &str) -> (String, RefOr<Response>) {
+    let content = ContentBuilder::new().schema(Some(Ref::from_schema_name(Problem::name()))).build();
+    let mut response = ResponseBuilder::new().description(description).content(PROBLEM_JSON, content);
+    if status == 503 {
+        let seconds = ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0));
+        response = response.header("Retry-After", HeaderBuilder::new().schema(seconds).description(Some("Seconds to wait before retrying")).build());
+    }
+    (status.to_string(), response.build().into())
+}
+
+fn problems(list: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
+    list.iter().map(|&(status, description)| problem(status, description)).collect()
+}
+
+/// Every command: a malformed header (any command reads `Idempotency-Key`, `If-Match` and
+/// `X-Correlation-Id`), no valid token, a refused field or a reused `Idempotency-Key`, and the log
+/// being unavailable (or the request timing out).
+pub struct CommandProblems;
+
+impl IntoResponses for CommandProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems(&[
+            (400, "A malformed header (Idempotency-Key, If-Match, X-Correlation-Id), or a body that is not valid JSON"),
+            (401, "Missing, invalid or expired bearer token"),
+            (422, "Validation failed (`errors` names the fields), or this Idempotency-Key was already used with a different request"),
+            (503, "The event log is unavailable or the request took too long; nothing was appended (retry after Retry-After seconds)"),
+        ])
+    }
+}
+
+/// Commands with a JSON body.
+pub struct JsonBodyProblems;
+
+impl IntoResponses for JsonBodyProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems(&[(413, "The body is larger than 64 KiB"), (415, "The body is not JSON (Content-Type: application/json)")])
+    }
+}
+
+/// Commands on an existing task (`/v1/tasks/{id}...`), which honour `If-Match`.
+pub struct TaskProblems;
+
+impl IntoResponses for TaskProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems(&[
+            (404, "No such task (or it is another user's)"),
+            (409, "The command conflicts with the task's state (e.g. the task is deleted, or already completed)"),
+            (412, "If-Match: the task is at another version"),
+        ])
+    }
+}
