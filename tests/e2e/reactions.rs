@@ -250,3 +250,99 @@ async fn a_fired_reminders_notification_is_recorded_in_the_users_stream_then_rea
     assert!(data["notifications"]["edges"][0]["node"]["readAt"].is_string(), "{data}");
     stack.cleanup().await
 }
+
+/// Issue 11, defect 4: completing a recurring task, editing it, reopening and completing it again
+/// re-sends the next-occurrence reaction under the same Idempotency-Key with another body; the
+/// command API answers 422 `idempotency-key-reused`, which used to mark the reaction failed for
+/// good. It is already done: exactly the expected occurrences, and no reaction fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_series_edited_reopened_and_completed_again_yields_its_occurrences_once_and_no_failed_reaction() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let due: DateTime<Utc> = (Utc::now() + chrono::Duration::days(1)).date_naive().and_hms_opt(9, 0, 0).unwrap().and_utc();
+    let first_id = id_of(&stack.create("alice", json!({"title": "water the plants", "due_at": due, "recurrence": "FREQ=DAILY;COUNT=3"})).await?);
+    let complete = |id: String| {
+        let stack = &stack;
+        async move { Ok::<_, anyhow::Error>(stack.command("alice", Method::POST, &format!("/v1/tasks/{id}/complete"), None, &[]).await?.0) }
+    };
+    assert_eq!(complete(first_id.clone()).await?, 200);
+    let second_id = next_id(&first_id, 2);
+    settled(&stack).await?;
+    assert_eq!(scalar(&stack, &format!("SELECT count(*) FROM tasks WHERE id = '{second_id}'")).await?, 1);
+    let (s, _, _) = stack.command("alice", Method::PATCH, &format!("/v1/tasks/{first_id}"), Some(json!({"title": "water all the plants"})), &[]).await?;
+    assert_eq!(s, 200);
+    assert_eq!(stack.command("alice", Method::POST, &format!("/v1/tasks/{first_id}/reopen"), None, &[]).await?.0, 200);
+    assert_eq!(complete(first_id.clone()).await?, 200);
+    // Settled asserts that no reaction failed for good.
+    settled(&stack).await?;
+    let rows = occurrence_rows(&stack).await?;
+    assert_eq!(rows.iter().map(|r| r.2).collect::<Vec<_>>(), vec![None, Some(2)], "{rows:?}");
+    let mut db = stack.db().await?;
+    let title: String = sqlx::query_scalar("SELECT title FROM tasks WHERE id = $1").bind(second_id.parse::<uuid::Uuid>()?).fetch_one(&mut db).await?;
+    assert_eq!(title, "water the plants", "occurrence 2 was created once, by the first completion");
+    // The series goes on.
+    assert_eq!(complete(second_id.clone()).await?, 200);
+    settled(&stack).await?;
+    let rows = occurrence_rows(&stack).await?;
+    assert_eq!(rows.iter().map(|r| r.2).collect::<Vec<_>>(), vec![None, Some(2), Some(3)], "{rows:?}");
+    stack.cleanup().await
+}
+
+/// The projector's `/readyz`: status and body.
+async fn projector_readyz(stack: &Stack) -> Option<(u16, String)> {
+    let res = stack.http.get(stack.url(Svc::Projector, "/readyz")).send().await.ok()?;
+    Some((res.status().as_u16(), res.text().await.ok()?))
+}
+
+/// Issue 11, defect 3: a projector whose SERVICE_JWT_SECRET differs from the command API's is
+/// answered 401; its reminders used to be dropped for good. They and the reactions are kept and
+/// retried, the failure shows in `/readyz`, `/metrics` and `projector status`, and once the
+/// projector is restarted with the right secret each is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_with_the_wrong_service_secret_keeps_and_reports_its_reactions_and_delivers_them_once_fixed() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.stop(Svc::Projector).await?;
+    stack.set_env("SERVICE_JWT_SECRET", "not-the-command-apis-service-secret-0123456789");
+    stack.restart(Svc::Projector).await?;
+    let reminded =
+        id_of(&stack.create("alice", json!({"title": "call the bank", "due_at": Utc::now() + chrono::Duration::seconds(3), "remind_before": "PT2S"})).await?);
+    let due: DateTime<Utc> = (Utc::now() + chrono::Duration::days(1)).date_naive().and_hms_opt(9, 0, 0).unwrap().and_utc();
+    let series = id_of(&stack.create("alice", json!({"title": "water the plants", "due_at": due, "recurrence": "FREQ=DAILY"})).await?);
+    assert_eq!(stack.command("alice", Method::POST, &format!("/v1/tasks/{series}/complete"), None, &[]).await?.0, 200);
+
+    // Refused: reported as not ready, with what to check.
+    let body = eventually("the projector to report the refused reactions", Duration::from_secs(60), || async {
+        let (status, body) = projector_readyz(&stack).await?;
+        (status == 503 && body.contains("reactions are refused")).then_some(body)
+    })
+    .await?;
+    assert!(body.contains("SERVICE_JWT_SECRET"), "{body}");
+    eventually("the reminder and the reaction to wait after a 401", Duration::from_secs(30), || async {
+        let reminder = scalar(&stack, &format!("SELECT count(*) FROM reminder_attempts WHERE task_id = '{reminded}' AND failure = 'auth'")).await.ok()?;
+        let reaction = scalar(&stack, "SELECT count(*) FROM reaction_outbox WHERE kind = 'spawn_occurrence' AND failure = 'auth' AND NOT failed").await.ok()?;
+        (reminder == 1 && reaction == 1).then_some(())
+    })
+    .await?;
+    assert_eq!(scalar(&stack, &format!("SELECT count(*) FROM reminder_schedule WHERE task_id = '{reminded}'")).await?, 1, "the reminder is kept");
+    assert_eq!(reminder_events(&stack, &reminded).await?, 0);
+    let metrics = stack.http.get(stack.url(Svc::Projector, "/metrics")).send().await?.text().await?;
+    let refused = |reaction: &str| {
+        metrics.lines().any(|l| l.starts_with("reaction_failures_total{") && l.contains(&format!("reaction=\"{reaction}\"")) && l.contains("failure=\"auth\""))
+    };
+    assert!(refused("fire_reminder") && refused("spawn_occurrence"), "{metrics}");
+    let status = stack.projector_cli(&["status"]).output().await?;
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{stdout} {}", String::from_utf8_lossy(&status.stderr));
+    assert!(stdout.contains("reactions waiting to be retried") && stdout.contains("fire_reminder auth: 1"), "{stdout}");
+
+    // Fixed and restarted: each is delivered once, and the projector is ready again.
+    stack.stop(Svc::Projector).await?;
+    stack.set_env("SERVICE_JWT_SECRET", test_support::tokens::SERVICE_SECRET);
+    stack.restart(Svc::Projector).await?;
+    eventually("the reminder after the fix", Duration::from_secs(30), || async { (reminder_events(&stack, &reminded).await.ok()? == 1).then_some(()) }).await?;
+    settled(&stack).await?;
+    assert_eq!(reminder_events(&stack, &reminded).await?, 1);
+    assert_eq!(scalar(&stack, &format!("SELECT count(*) FROM tasks WHERE recurrence_parent_id = '{series}'")).await?, 1);
+    assert_eq!(scalar(&stack, "SELECT count(*) FROM reminder_attempts").await?, 0);
+    assert_eq!(projector_readyz(&stack).await.map(|r| r.0), Some(200));
+    stack.cleanup().await
+}

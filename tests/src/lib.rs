@@ -186,6 +186,14 @@ impl Stack {
         Ok(())
     }
 
+    /// Sets an environment variable of the services started from now on (`spawn`, `restart`,
+    /// `projector_cli`); running ones keep theirs (e.g. a projector with another secret than the
+    /// command API).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     pub async fn restart(&mut self, svc: Svc) -> anyhow::Result<()> {
         self.spawn(svc)?;
         self.wait_ready(svc).await
