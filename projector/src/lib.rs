@@ -11,7 +11,7 @@
 //! - `rebuild`: replays the log into `ts_rebuild` copies and switches them in. Imports `dlq` (the
 //!   positions to skip), `store`, `consumer`, `model`.
 //! - `status`: `projector status` and the lag gauges (the status itself is
-//!   `platform::projections`). Imports nothing of this crate.
+//!   `platform::projections`). Imports `reactor` (the reactions waiting after a failure).
 //! - `dlq`: dead letters and parking: decides which records of a live batch become dead letters or
 //!   wait behind one (`park`, `apply_live`), `dlq list/replay/discard`. Imports `store`, `model`.
 //! - `store`: PostgreSQL only: writes what it is given (rows, history, outbox, offsets with their
@@ -153,9 +153,14 @@ pub fn router(pool: PgPool, ready: Arc<AtomicBool>) -> Router {
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let db_ok = sqlx::query("SELECT 1").execute(&s.pool).await.is_ok();
     if db_ok && s.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready")
+        // Reactions refused for authentication or configuration reasons wait for an operator.
+        if let Ok(Some((failure, error))) = reactor::configuration_failure(&s.pool).await {
+            let reason = format!("not ready: reactions are refused ({}): {}; last error: {error}", failure.as_str(), failure.hint());
+            return (StatusCode::SERVICE_UNAVAILABLE, reason);
+        }
+        (StatusCode::OK, "ready".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for PostgreSQL or Kafka")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for PostgreSQL or Kafka".to_owned())
     }
 }
 
@@ -296,6 +301,10 @@ pub async fn print_status(settings: Settings) -> anyhow::Result<()> {
     if !open.is_empty() {
         let parked: i64 = open.iter().map(|d| d.parked).sum();
         println!("dead letters: {} open, {parked} record(s) parked behind them (projector dlq list)", open.len());
+    }
+    match (reactor::waiting(&pool).await, reactor::failed_for_good(&pool).await) {
+        (Ok(waiting), Ok(failed)) => print!("{}", status::render_reactions(&waiting, failed)),
+        (Err(e), _) | (_, Err(e)) => eprintln!("could not read the reactions' state: {e}"),
     }
     Ok(())
 }
