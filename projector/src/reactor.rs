@@ -287,7 +287,7 @@ impl Reactor {
                 tracing::warn!(error.message = %e, "reminder scheduler pass failed");
             }
             passes = passes.wrapping_add(1);
-            if passes % CLEAN_UP_EVERY == 0 {
+            if passes.is_multiple_of(CLEAN_UP_EVERY) {
                 if let Err(e) = forget_unscheduled_attempts(&self.pool).await {
                     tracing::warn!(error.message = %e, "could not clean up reminder_attempts");
                 }
