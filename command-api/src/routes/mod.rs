@@ -1,11 +1,12 @@
 //! The HTTP surface, by resource: each module parses its requests into domain commands and has its
 //! own `router()`; this module puts them together with the operational routes (health, readiness,
 //! metrics, the OpenAPI document) and the shared layers (body limit, timeout, problem+json
-//! fallbacks). `responses` holds the problem+json answer sets the resource modules document.
+//! fallbacks). `openapi` holds what the resource modules' OpenAPI annotations share (command headers,
+//! problem+json answer sets).
 
 pub mod internal;
 pub mod notifications;
-mod responses;
+pub mod openapi;
 pub mod tasks;
 pub mod webhooks;
 
@@ -30,7 +31,7 @@ use crate::state::AppState;
 #[openapi(
     info(title = "taskstream command API", description = "Commands on tasks. Every success means the events are durable in Kafka."),
     modifiers(&BearerAuth),
-    // Referenced by name from `responses` (its answer sets do not collect schemas themselves).
+    // Referenced by name from `openapi`'s answer sets (which do not collect schemas themselves).
     components(schemas(crate::error::Problem)),
     tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"))
 )]

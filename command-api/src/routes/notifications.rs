@@ -11,7 +11,7 @@ use uuid::Uuid;
 use domain::user::{UserCommand, UserCommandKind};
 use domain::AnyCommand;
 
-use super::responses::CommandProblems;
+use super::openapi::{CommandProblems, IdempotencyKey};
 use crate::command::submit;
 use crate::error::{ApiError, Problem};
 use crate::extract::{AuthUser, CommandHeaders, CommandRoute};
@@ -34,7 +34,7 @@ pub struct NotificationReadResponse {
 /// Mark one of your notifications as read.
 #[utoipa::path(
     post, path = "/v1/notifications/{id}/read", tag = "notifications",
-    params(("id" = Uuid, Path, description = "Notification id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry")),
+    params(("id" = Uuid, Path, description = "Notification id"), IdempotencyKey),
     responses(
         (status = 200, description = "Read; the event is durable in the log", body = NotificationReadResponse),
         (status = 404, description = "No such notification of yours (or not recorded yet: a reminder's notification is recorded a moment after it fires)", body = Problem, content_type = "application/problem+json"),

@@ -1,17 +1,40 @@
-//! The problem+json answers of the OpenAPI document, in the sets the handlers list in their
-//! `#[utoipa::path(responses(...))]`: what every command can be answered (`CommandProblems`), what a
-//! JSON body adds (`JsonBodyProblems`) and what a command on an existing task adds
-//! (`TaskProblems`). Which status means what is `crate::error::ApiError::status_code`; these sets
-//! say which of them each operation can meet, so that a client (or schemathesis) finds every status
-//! it is answered in the document. Imports nothing from `routes`.
+//! The parts of the OpenAPI document that several operations share: the command headers
+//! (`IdempotencyKey`, `IfMatch`, with the constraints `crate::extract::CommandHeaders` enforces) and
+//! the problem+json answer sets the handlers list in their `#[utoipa::path(responses(...))]`: what
+//! every command can be answered (`CommandProblems`), what a JSON body adds (`JsonBodyProblems`)
+//! and what a command on an existing task adds (`TaskProblems`). Which status means what is
+//! `crate::error::ApiError::status_code`; these sets say which of them each operation can meet, so
+//! that a client (or schemathesis, in `./dev test`) finds every status it is answered in the
+//! document. Imports nothing from `routes`.
 
 use std::collections::BTreeMap;
 
 use utoipa::openapi::schema::{ObjectBuilder, Ref, Type};
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, RefOr, Response, ResponseBuilder};
-use utoipa::{IntoResponses, ToSchema};
+use utoipa::{IntoParams, IntoResponses, ToSchema};
 
 use crate::error::Problem;
+
+/// `Idempotency-Key`, which every command honours.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IdempotencyKey {
+    /// Makes the command safe to retry: the same key with the same request is answered the first
+    /// answer again (with `Idempotent-Replayed: true`), with another request 422. 1..=255 visible
+    /// ASCII characters.
+    #[param(rename = "Idempotency-Key", nullable = false, min_length = 1, max_length = 255, pattern = "^[!-~]+$")]
+    pub key: Option<String>,
+}
+
+/// `If-Match`, which the commands on a task honour.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IfMatch {
+    /// Only if the task is at this version, e.g. `"3"` (412 otherwise); `"0"` on create: only if
+    /// the id is unused.
+    #[param(rename = "If-Match", nullable = false, pattern = r#"^"[0-9]{1,9}"$"#)]
+    pub version: Option<String>,
+}
 
 /// The media type of every error answer (RFC 9457).
 pub const PROBLEM_JSON: &str = "application/problem+json";

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use domain::{CommandKind, Description, FieldError, NewTask, Priority, Recurrence, RemindBefore, Tags, TaskId, TaskPatch, TimeZone, Title, ValidationError};
 
-use super::responses::{CommandProblems, JsonBodyProblems, TaskProblems};
+use super::openapi::{CommandProblems, IdempotencyKey, IfMatch, JsonBodyProblems, TaskProblems};
 use crate::command::{submit, task_command};
 use crate::error::{ApiError, Problem};
 use crate::extract::{AuthUser, CommandHeaders, CommandRoute, JsonBody, TaskPath};
@@ -208,8 +208,7 @@ fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
     post, path = "/v1/tasks", tag = "tasks",
     request_body = CreateTaskRequest,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
-        ("If-Match" = Option<String>, Header, description = "\"0\": only if the id is unused"),
+        IdempotencyKey, IfMatch,
     ),
     responses(
         (status = 201, description = "Created; the event is durable in the log", body = CommandResponse),
@@ -239,8 +238,7 @@ pub async fn create_task(
     request_body = UpdateTaskRequest,
     params(
         ("id" = Uuid, Path, description = "Task id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
-        ("If-Match" = Option<String>, Header, description = "Only if the task is at this version, e.g. \"3\""),
+        IdempotencyKey, IfMatch,
     ),
     responses(
         (status = 200, description = "Updated; the event is durable in the log", body = CommandResponse),
@@ -271,8 +269,7 @@ macro_rules! lifecycle_handler {
             $method, path = $path, tag = "tasks",
             params(
                 ("id" = Uuid, Path, description = "Task id"),
-                ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry"),
-                ("If-Match" = Option<String>, Header, description = "Only if the task is at this version, e.g. \"3\""),
+                IdempotencyKey, IfMatch,
             ),
             responses(
                 (status = 200, description = "Done; the event is durable in the log", body = CommandResponse),

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use domain::user::{UserCommand, UserCommandKind, WebhookUrl};
 use domain::AnyCommand;
 
-use super::responses::{CommandProblems, JsonBodyProblems};
+use super::openapi::{CommandProblems, IdempotencyKey, JsonBodyProblems};
 use crate::command::submit;
 use crate::error::{ApiError, Problem};
 use crate::extract::{AuthUser, CommandHeaders, CommandRoute, JsonBody};
@@ -52,7 +52,7 @@ pub struct WebhookResponse {
 #[utoipa::path(
     put, path = "/v1/webhook", tag = "webhooks",
     request_body = SetWebhookRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry")),
+    params(IdempotencyKey),
     responses(
         (status = 200, description = "Registered; the answer carries `secret` when it was generated", body = WebhookResponse),
         JsonBodyProblems, CommandProblems,
@@ -99,7 +99,7 @@ pub async fn set_webhook(
 /// Remove your webhook.
 #[utoipa::path(
     delete, path = "/v1/webhook", tag = "webhooks",
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry")),
+    params(IdempotencyKey),
     responses(
         (status = 200, description = "Removed", body = WebhookResponse),
         (status = 404, description = "You have no webhook", body = Problem, content_type = "application/problem+json"),

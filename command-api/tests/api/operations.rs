@@ -70,6 +70,10 @@ async fn every_operation_documents_every_status_it_can_answer() {
                 assert!(statuses.contains(&status), "{op_name} does not document {status}: {statuses:?}");
             }
             assert!(header_params.contains(&"Idempotency-Key"), "{op_name} does not document Idempotency-Key: {header_params:?}");
+            for p in op["parameters"].as_array().into_iter().flatten().filter(|p| p["in"] == "header") {
+                assert_eq!(p["schema"]["type"], "string", "{op_name}: a header is a string, never null: {p}");
+                assert!(p["schema"]["pattern"].is_string(), "{op_name}: the header's format is documented: {p}");
+            }
             if op.get("requestBody").is_some() {
                 assert!(statuses.contains(&"413") && statuses.contains(&"415"), "{op_name} takes a body: 413 and 415 ({statuses:?})");
             }
