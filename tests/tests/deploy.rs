@@ -64,4 +64,66 @@ fn every_deployment_runs_the_same_kafka_release() {
     assert!(read("deploy/k8s/taskstream.yaml").contains(&format!("KAFKA_BROKERS: {bootstrap}")), "KAFKA_BROKERS is not {bootstrap}");
 }
 
+/// No deploy file holds a usable default for the JWT secrets: compose requires them from the
+/// environment (`${VAR:?...}`, no `:-default`), the Kubernetes manifest takes them from a Secret it
+/// does not define, and none of the well-known defaults the services refuse appears anywhere.
+#[test]
+fn deploy_files_hold_no_default_secrets() {
+    const SECRETS: [&str; 2] = ["AUTH_JWT_SECRET", "SERVICE_JWT_SECRET"];
+    let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap();
+
+    let compose_text = read("deploy/docker-compose.yml");
+    let mut compose: serde_yaml::Value = serde_yaml::from_str(&compose_text).unwrap();
+    compose.apply_merge().unwrap();
+    let mut seen = 0;
+    for (name, service) in compose["services"].as_mapping().expect("services") {
+        let Some(env) = service["environment"].as_mapping() else { continue };
+        for var in SECRETS {
+            if let Some(value) = env.get(var) {
+                seen += 1;
+                let value = value.as_str().unwrap_or_default();
+                assert!(value.starts_with(&format!("${{{var}:?")) && value.ends_with('}'), "{name:?}: {var} must be required from the environment, not {value:?}");
+            }
+        }
+    }
+    assert_eq!(seen, 5, "the three services get AUTH_JWT_SECRET (the shared block), command-api and projector SERVICE_JWT_SECRET");
+
+    let docs = yaml_documents("deploy/k8s/taskstream.yaml");
+    assert!(!docs.iter().any(|d| d["kind"] == "Secret"), "the manifest must not define the Secret (with placeholder values)");
+    let mut refs = 0;
+    for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
+        for container in d["spec"]["template"]["spec"]["containers"].as_sequence().expect("containers") {
+            for env in container["env"].as_sequence().into_iter().flatten() {
+                if SECRETS.iter().any(|s| env["name"] == *s) {
+                    refs += 1;
+                    assert!(env.get("value").is_none(), "{env:?}: a secret inline");
+                    assert_eq!(env["valueFrom"]["secretKeyRef"]["name"].as_str(), Some("taskstream"), "{env:?}");
+                }
+            }
+        }
+    }
+    assert_eq!(refs, 4, "each service reads its secrets from the Secret");
+
+    // No value anywhere (comments aside) is one of the defaults the services refuse.
+    fn scalars(v: &serde_yaml::Value, out: &mut Vec<String>) {
+        match v {
+            serde_yaml::Value::String(s) => out.push(s.clone()),
+            serde_yaml::Value::Sequence(items) => items.iter().for_each(|i| scalars(i, out)),
+            serde_yaml::Value::Mapping(m) => m.iter().for_each(|(k, v)| {
+                scalars(k, out);
+                scalars(v, out)
+            }),
+            serde_yaml::Value::Tagged(t) => scalars(&t.value, out),
+            _ => {}
+        }
+    }
+    let mut values = Vec::new();
+    scalars(&compose, &mut values);
+    docs.iter().for_each(|d| scalars(d, &mut values));
+    for value in values {
+        let refused = platform::secret::KNOWN_DEFAULTS.iter().any(|known| value.contains(&format!(":-{known}")) || value.trim().eq_ignore_ascii_case(known));
+        assert!(!refused, "a deploy file holds the well-known secret {value:?}");
+    }
+}
+
 use serde::Deserialize;
