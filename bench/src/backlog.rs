@@ -197,7 +197,7 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
             .env("DATABASE_URL", &db_url)
             .env("TASK_EVENTS_TOPIC", &topic)
             .env("AUTH_JWT_SECRET", &ctx.cli.secret)
-            .env("SERVICE_JWT_SECRET", "bench-service-secret")
+            .env("SERVICE_JWT_SECRET", format!("bench-service-secret-{}", Uuid::new_v4().simple()))
             .env("COMMAND_API_URL", "http://127.0.0.1:9")
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())

@@ -32,7 +32,7 @@ use axum::Router;
 use clap::Parser;
 
 use platform::auth::JwtAuth;
-use platform::settings::{AuthSettings, KafkaSettings};
+use platform::settings::{AuthSettings, KafkaSettings, SecretPolicy};
 
 pub use crate::extract::BODY_LIMIT_BYTES;
 use crate::idempotency::IdempotencyCache;
@@ -50,8 +50,8 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     #[command(flatten)]
     pub auth: AuthSettings,
-    /// Secret of the service identity (the projector's reactions); users never see it. Without it,
-    /// service calls are refused.
+    /// Secret of the service identity (the projector's reactions); users never see it. Required
+    /// (at least 32 bytes) unless in dev mode, where without it service calls are refused.
     #[arg(long, env = "SERVICE_JWT_SECRET")]
     pub service_jwt_secret: Option<platform::secret::Secret>,
     /// Kafka transactional.id of the single writer. A second instance with the same id fences the
@@ -77,6 +77,8 @@ pub struct Settings {
     /// Request timeout (longer than a log operation, so a command is never cut off mid-append).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
+    #[command(flatten)]
+    pub secrets: SecretPolicy,
 }
 
 /// How often readiness asks the brokers whether they answer.
@@ -89,6 +91,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.secrets.enforce(&[("AUTH_JWT_SECRET", Some(&settings.auth.auth_jwt_secret)), ("SERVICE_JWT_SECRET", settings.service_jwt_secret.as_ref())])?;
         platform::http::metrics_handle();
         let log = KafkaLog::new(KafkaLogSettings {
             kafka: settings.kafka.clone(),
@@ -96,9 +99,6 @@ impl Application {
             transaction_timeout: Duration::from_millis(settings.transaction_timeout_ms),
         });
         let idempotency = IdempotencyCache::new(settings.idempotency_max_entries, Duration::from_secs(settings.idempotency_ttl_seconds));
-        if settings.service_jwt_secret.is_none() {
-            tracing::warn!("SERVICE_JWT_SECRET is not set: the projector's reactions will be refused");
-        }
         let auth = JwtAuth::new(&settings.auth.auth_jwt_secret).with_service_secret(settings.service_jwt_secret.as_ref());
         let brokers = platform::kafka::watch_brokers(&settings.kafka, "taskstream-command-api-probe", BROKER_PROBE_PERIOD)?;
         let state = AppState::new(log, auth, settings.max_batch, idempotency)

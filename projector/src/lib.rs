@@ -4,7 +4,11 @@
 //!
 //! Modules, top to bottom; each imports only modules below it (no loops):
 //!
-//! - `lib` / `main`: settings, the CLI commands and the health/metrics router; wiring only.
+//! - `lib` / `main`: settings, the CLI commands and the health/metrics router; wiring only. The
+//!   run mode checks its secret (`SecretPolicy`), serves health at once and starts `reactor` and
+//!   `runner` once the start-up migrations are applied (`platform::db::Migrations`, retried while
+//!   PostgreSQL is away; `/readyz` 503 with the reason meanwhile). The one-shot commands connect
+//!   with `platform::db::connect` and fail at once when PostgreSQL is not there.
 //! - `runner`: the live loop: reads batches, applies them through `dlq::apply_live` with retries
 //!   (`platform::retry`), isolates a failing record, starts the rebuild of new projections.
 //!   Imports `rebuild`, `dlq`, `store`, `consumer`, `model`.
@@ -49,8 +53,9 @@ use clap::{Parser, Subcommand};
 use sqlx::PgPool;
 
 use platform::auth::JwtAuth;
+use platform::db::Migrations;
 use platform::secret::Secret;
-use platform::settings::{DatabaseSettings, KafkaSettings};
+use platform::settings::{DatabaseSettings, KafkaSettings, SecretPolicy};
 
 use crate::runner::{RunSettings, Runner};
 
@@ -134,23 +139,29 @@ pub struct Settings {
     /// Deliver webhooks to loopback/private addresses (local development only; `./dev` sets it).
     #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE", default_value_t = false, global = true)]
     pub webhook_allow_private: bool,
+    #[command(flatten)]
+    pub secrets: SecretPolicy,
 }
 
 #[derive(Clone)]
 struct AppState {
     pool: PgPool,
+    migrations: Migrations,
     ready: Arc<AtomicBool>,
 }
 
-pub fn router(pool: PgPool, ready: Arc<AtomicBool>) -> Router {
+pub fn router(pool: PgPool, migrations: Migrations, ready: Arc<AtomicBool>) -> Router {
     Router::new()
         .route("/healthz", get(platform::http::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(platform::http::metrics))
-        .with_state(AppState { pool, ready })
+        .with_state(AppState { pool, migrations, ready })
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if let Some(reason) = s.migrations.pending_reason() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}"));
+    }
     let db_ok = sqlx::query("SELECT 1").execute(&s.pool).await.is_ok();
     if db_ok && s.ready.load(Ordering::Acquire) {
         // Reactions refused for authentication or configuration reasons wait for an operator.
@@ -171,10 +182,11 @@ pub struct Application {
 }
 
 impl Application {
+    /// Checks the secrets and binds the listener; PostgreSQL need not be up (see `run_until_stopped`).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.secrets.enforce(&[("SERVICE_JWT_SECRET", settings.service_jwt_secret.as_ref())])?;
         platform::http::metrics_handle();
         let pool = platform::db::pool(&settings.database)?;
-        platform::db::migrate(&pool).await?;
         let listener = tokio::net::TcpListener::bind(settings.addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "projector health/metrics listening");
         Ok(Self { listener, settings, pool })
@@ -184,17 +196,16 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
+    /// Serves health and metrics at once; applies the migrations in the background (retrying while
+    /// PostgreSQL is away, `/readyz` 503 meanwhile) and then starts the reactions, the live loop
+    /// and the lag gauges.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let ready = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        if self.settings.service_jwt_secret.is_none() {
-            tracing::warn!("SERVICE_JWT_SECRET is not set: reactions (next occurrences, reminders) cannot be sent");
-        }
         // The service key only signs; user tokens are never verified here.
         let service_auth = JwtAuth::new(&Secret::new(uuid::Uuid::new_v4().to_string())).with_service_secret(self.settings.service_jwt_secret.as_ref());
         let reactor = reactor::Reactor::new(self.pool.clone(), self.settings.command_api_url.clone(), service_auth, self.settings.webhook_allow_private)?;
         let wake = reactor.wake.clone();
-        let reactions = tokio::spawn(reactor.run());
         let runner = Runner::new(
             RunSettings {
                 kafka: self.settings.kafka.clone(),
@@ -206,15 +217,27 @@ impl Application {
             ready.clone(),
             wake,
         )?;
-        let runner = tokio::spawn(runner.run(stop_rx));
-        let lag = tokio::spawn(status::export_lag(self.pool.clone(), self.settings.kafka.clone(), Duration::from_secs(5)));
-        let app = router(self.pool.clone(), ready);
+        let migrations = Migrations::in_background(self.pool.clone());
+        let work = {
+            let (migrations, pool, kafka) = (migrations.clone(), self.pool.clone(), self.settings.kafka.clone());
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = migrations.applied() => {}
+                    _ = stop.wait_for(|stopped| *stopped) => return,
+                }
+                let reactions = tokio::spawn(reactor.run());
+                let lag = tokio::spawn(status::export_lag(pool, kafka, Duration::from_secs(5)));
+                runner.run(stop_rx).await;
+                reactions.abort();
+                lag.abort();
+            })
+        };
+        let app = router(self.pool.clone(), migrations, ready);
         axum::serve(self.listener, app).with_graceful_shutdown(platform::http::shutdown_signal()).await?;
         // Stop between batches: an in-flight transaction either commits or is rolled back.
         let _ = stop_tx.send(true);
-        let _ = runner.await;
-        reactions.abort();
-        lag.abort();
+        let _ = work.await;
         self.pool.close().await;
         Ok(())
     }
@@ -238,6 +261,8 @@ pub async fn rebuild_cli(settings: Settings, projections: Vec<String>, yes: bool
             return Ok(());
         }
     }
+    // Fail at once with a clear message when PostgreSQL is not there (a one-shot command).
+    platform::db::connect(&settings.database).await?.close().await;
     let opts = rebuild::Options {
         kafka: settings.kafka,
         database: settings.database,
@@ -257,7 +282,7 @@ pub async fn rebuild_cli(settings: Settings, projections: Vec<String>, yes: bool
 
 /// `projector dlq ...`.
 pub async fn dlq_cli(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {
-    let pool = platform::db::pool(&settings.database)?;
+    let pool = platform::db::connect(&settings.database).await?;
     platform::db::migrate(&pool).await?;
     let topic = settings.kafka.task_events_topic.clone();
     let ids: Vec<(i64, dlq::Release)> = match command {
@@ -294,7 +319,7 @@ pub async fn dlq_cli(settings: Settings, command: DlqCommand) -> anyhow::Result<
 
 /// `projector status`.
 pub async fn print_status(settings: Settings) -> anyhow::Result<()> {
-    let pool = platform::db::pool(&settings.database)?;
+    let pool = platform::db::connect(&settings.database).await?;
     let statuses = status::collect(&pool, &settings.kafka).await?;
     print!("{}", status::render(&statuses));
     let open = dlq::list(&pool, &settings.kafka.task_events_topic, false).await?;

@@ -25,6 +25,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("the request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// The service started but cannot serve queries yet (PostgreSQL not reached since start).
+    #[error("the query API is not ready yet: PostgreSQL has not been reached since it started (retrying); try again shortly")]
+    NotReady,
 }
 
 impl ApiError {
@@ -32,7 +35,7 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::BadConsistencyToken | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::ConsistencyTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ConsistencyTimeout(_) | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
@@ -45,6 +48,7 @@ impl ApiError {
             ApiError::ConsistencyTimeout(_) => "CONSISTENCY_TIMEOUT",
             ApiError::BadRequest(_) => "BAD_REQUEST",
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            ApiError::NotReady => "NOT_READY",
         }
     }
 }
@@ -57,7 +61,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthenticated(_) => {
                 res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::ConsistencyTimeout(_) => {
+            ApiError::ConsistencyTimeout(_) | ApiError::NotReady => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

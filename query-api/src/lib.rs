@@ -2,7 +2,9 @@
 //! read-your-writes consistency tokens.
 //!
 //! `main.rs` only wires: it parses [`Settings`], builds the [`Application`] and runs it. Tests build
-//! an [`AppState`] themselves and drive [`router`] with `oneshot`.
+//! an [`AppState`] themselves and drive [`router`] with `oneshot`. The application starts without
+//! PostgreSQL: it applies the migrations in the background (`platform::db::Migrations`), answering
+//! `/readyz` and GraphQL with 503 until they are applied.
 //!
 //! Modules, top to bottom; each imports only modules further down the list, so no module imports
 //! one that imports it back:
@@ -45,7 +47,8 @@ use clap::Parser;
 use tokio::net::TcpListener;
 
 use platform::auth::JwtAuth;
-use platform::settings::{AuthSettings, DatabaseSettings, KafkaSettings};
+use platform::db::Migrations;
+use platform::settings::{AuthSettings, DatabaseSettings, KafkaSettings, SecretPolicy};
 
 pub use crate::progress::ProgressTracker;
 pub use crate::routes::{router, AppState, Limits, TaskSchema};
@@ -76,6 +79,8 @@ pub struct Settings {
     /// Longest time, in milliseconds, a request may take (503 after).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    #[command(flatten)]
+    pub secrets: SecretPolicy,
 }
 
 impl From<&Settings> for Limits {
@@ -96,17 +101,25 @@ pub struct Application {
 }
 
 impl Application {
-    /// Migrates the database, starts following the projector's progress and binds the listener.
+    /// Checks the secret and binds the listener. PostgreSQL need not be up: the migrations are
+    /// applied in the background (retried while it is away; `/readyz` and GraphQL answer 503
+    /// meanwhile), and following the projector's progress and changes starts once they are.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.secrets.enforce(&[("AUTH_JWT_SECRET", Some(&settings.auth.auth_jwt_secret))])?;
         platform::http::metrics_handle();
         let pool = platform::db::pool(&settings.database)?;
-        platform::db::migrate(&pool).await.context("applying migrations")?;
+        let migrations = Migrations::in_background(pool.clone());
         let progress = ProgressTracker::new(&settings.kafka.task_events_topic);
-        progress.spawn(pool.clone());
         let watermarks: Arc<dyn crate::watermarks::Watermarks> = Arc::new(KafkaWatermarks::new(&settings.kafka)?);
-        tokio::spawn(projections::export_lag(pool.clone(), settings.kafka.task_events_topic.clone(), watermarks.clone(), Duration::from_secs(2)));
-        let state = AppState::new(pool.clone(), JwtAuth::new(&settings.auth.auth_jwt_secret), progress, watermarks, Limits::from(&settings));
-        state.hub().spawn(pool);
+        let state = AppState::new(pool.clone(), JwtAuth::new(&settings.auth.auth_jwt_secret), progress.clone(), watermarks.clone(), Limits::from(&settings))
+            .with_migrations(migrations.clone());
+        let (hub, topic) = (state.hub().clone(), settings.kafka.task_events_topic.clone());
+        tokio::spawn(async move {
+            migrations.applied().await;
+            progress.spawn(pool.clone());
+            hub.spawn(pool.clone());
+            projections::export_lag(pool, topic, watermarks, Duration::from_secs(2)).await;
+        });
         let listener = TcpListener::bind(settings.addr).await.with_context(|| format!("binding {}", settings.addr))?;
         tracing::info!(addr = %listener.local_addr()?, "query API listening");
         Ok(Self { listener, router: router(state) })

@@ -22,6 +22,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use platform::auth::JwtAuth;
+use platform::db::Migrations;
 use platform::position::Position;
 
 use crate::error::ApiError;
@@ -74,6 +75,8 @@ pub struct AppState {
     progress: ProgressTracker,
     limits: Arc<Limits>,
     hub: Hub,
+    /// The start-up migrations: until they are applied, GraphQL answers 503 (NOT_READY).
+    migrations: Migrations,
 }
 
 impl AppState {
@@ -90,7 +93,22 @@ impl AppState {
                 .finish()
         };
         let (schema, introspection) = (build(limits.max_depth), build(limits.max_depth.max(INTROSPECTION_MIN_DEPTH)));
-        Self { schema, introspection, auth, pool, progress, limits: Arc::new(limits), hub }
+        Self { schema, introspection, auth, pool, progress, limits: Arc::new(limits), hub, migrations: Migrations::already_applied() }
+    }
+
+    /// Serves GraphQL only once `migrations` are applied (by default the database is taken as
+    /// migrated already).
+    pub fn with_migrations(self, migrations: Migrations) -> Self {
+        Self { migrations, ..self }
+    }
+
+    /// 503 until the read models can be queried.
+    fn check_started(&self) -> Result<(), ApiError> {
+        if self.migrations.is_applied() {
+            Ok(())
+        } else {
+            Err(ApiError::NotReady)
+        }
     }
 
     /// The fan-out of committed changes to subscriptions; start it with [`Hub::spawn`].
@@ -123,6 +141,9 @@ pub fn router(state: AppState) -> Router {
 /// WebSocket subscriptions (`graphql-transport-ws` or `graphql-ws`); the token goes in the
 /// `connection_init` payload as `{"Authorization": "Bearer <token>"}` (or `{"token": "<token>"}`).
 async fn graphql_ws(State(state): State<AppState>, protocol: GraphQLProtocol, upgrade: WebSocketUpgrade) -> Response {
+    if let Err(e) = state.check_started() {
+        return e.into_response();
+    }
     let schema = state.schema.clone();
     let auth = state.auth.clone();
     upgrade.protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS).on_upgrade(move |stream| {
@@ -164,6 +185,7 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Result
 }
 
 async fn execute(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<async_graphql::Response, ApiError> {
+    state.check_started()?;
     // A header that is not visible ASCII cannot be a valid bearer token.
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
     let user = state.auth.authenticate(authorization)?;
@@ -198,9 +220,13 @@ async fn graphiql() -> Html<String> {
     Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish())
 }
 
-/// 200 when PostgreSQL answers and every migration is applied; 503 otherwise.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    match tokio::time::timeout(Duration::from_secs(3), crate::store::is_ready(&state.pool)).await {
+/// 200 when the start-up migrations are done, PostgreSQL answers and every migration is applied;
+/// 503 with the reason otherwise.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    if let Some(reason) = state.migrations.pending_reason() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}"));
+    }
+    let (status, text) = match tokio::time::timeout(Duration::from_secs(3), crate::store::is_ready(&state.pool)).await {
         Ok(Ok(true)) => (StatusCode::OK, "ready"),
         Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: migrations are pending"),
         Ok(Err(e)) => {
@@ -208,5 +234,64 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
             (StatusCode::SERVICE_UNAVAILABLE, "not ready: PostgreSQL is unavailable")
         }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: PostgreSQL did not answer in time"),
+    };
+    (status, text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    struct NoWatermarks;
+
+    #[async_trait::async_trait]
+    impl Watermarks for NoWatermarks {
+        async fn high_watermarks(&self, _topic: &str, _partitions: &[i32]) -> anyhow::Result<HashMap<i32, i64>> {
+            Ok(HashMap::new())
+        }
+    }
+
+    /// A query API started while PostgreSQL is unreachable (nothing listens on port 1).
+    fn started_without_postgres() -> Router {
+        let pool =
+            sqlx::postgres::PgPoolOptions::new().acquire_timeout(Duration::from_millis(500)).connect_lazy("postgres://postgres@127.0.0.1:1/none").unwrap();
+        let tokens = test_support::Tokens::default();
+        let state = AppState::new(pool.clone(), tokens.auth(), ProgressTracker::new("task-events"), Arc::new(NoWatermarks), Limits::default())
+            .with_migrations(Migrations::in_background(pool));
+        router(state)
+    }
+
+    async fn send(router: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, String) {
+        let res = router.clone().oneshot(request).await.unwrap();
+        let (parts, body) = res.into_parts();
+        (parts.status, parts.headers, String::from_utf8_lossy(&body.collect().await.unwrap().to_bytes()).into_owned())
+    }
+
+    #[tokio::test]
+    async fn before_postgres_is_reached_health_is_200_and_readiness_and_queries_503() {
+        let app = started_without_postgres();
+        let (status, _, _) = send(&app, Request::get("/healthz").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, reason) = send(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(reason.starts_with("not ready: ") && reason.contains("migrations"), "{reason}");
+        let query = Request::post("/graphql")
+            .header(header::AUTHORIZATION, test_support::Tokens::default().bearer("alice"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(r#"{"query": "{ stats { total } }"}"#))
+            .unwrap();
+        let (status, headers, body) = send(&app, query).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(headers.contains_key(header::RETRY_AFTER));
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["errors"][0]["extensions"]["code"], "NOT_READY", "{body}");
+        assert!(body["errors"][0]["message"].as_str().unwrap().contains("PostgreSQL"), "{body}");
     }
 }

@@ -5,10 +5,11 @@ use domain::UserId;
 use platform::auth::JwtAuth;
 use platform::secret::Secret;
 
-/// The user-token secret (`AUTH_JWT_SECRET`) the tests configure the services with.
-pub const USER_SECRET: &str = "taskstream-test-secret";
-/// The service-token secret (`SERVICE_JWT_SECRET`) the tests configure the services with.
-pub const SERVICE_SECRET: &str = "taskstream-test-service-secret";
+/// The user-token secret (`AUTH_JWT_SECRET`) the tests configure the services with: strong enough
+/// (at least 32 bytes, not a known default) that the services start without dev mode.
+pub const USER_SECRET: &str = "taskstream-test-user-secret-4mX9qT2vR7wK";
+/// The service-token secret (`SERVICE_JWT_SECRET`) the tests configure the services with (as strong).
+pub const SERVICE_SECRET: &str = "taskstream-test-service-secret-8pL3nZ6cH1yD";
 
 /// How long a test token is valid.
 const TTL_SECONDS: i64 = 3600;
@@ -77,5 +78,12 @@ mod tests {
         assert_eq!(auth.verify(&Tokens::signed_with("another secret").user("alice")), Err(AuthError::Invalid));
         let caller = auth.authenticate_caller(Some(&format!("Bearer {}", tokens.service("service:projector", "alice")))).unwrap();
         assert_eq!((caller.user.as_ref(), caller.service.as_deref()), ("alice", Some("service:projector")));
+    }
+
+    #[test]
+    fn the_test_secrets_pass_the_production_rules() {
+        for (var, secret) in [("AUTH_JWT_SECRET", super::USER_SECRET), ("SERVICE_JWT_SECRET", super::SERVICE_SECRET)] {
+            assert_eq!(platform::secret::check(var, Some(&platform::secret::Secret::new(secret))), Ok(()));
+        }
     }
 }
