@@ -6,6 +6,7 @@ mod lifecycle;
 mod live;
 mod observability;
 mod reactions;
+mod startup;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

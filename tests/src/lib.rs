@@ -136,6 +136,8 @@ impl Stack {
         let path = bin_dir().join(svc.binary());
         let quiet = std::env::var("TEST_LOG").is_err();
         let child = Command::new(&path)
+            // Production rules for secrets, whoever runs the tests (./dev up sets TASKSTREAM_DEV).
+            .env_remove("TASKSTREAM_DEV")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(if quiet { Stdio::null() } else { Stdio::inherit() })
             .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })

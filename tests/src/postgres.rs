@@ -14,6 +14,14 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// initdb + start on a free port (Debian's server binaries, as `postgres` when run as root).
     pub async fn start() -> anyhow::Result<Self> {
+        let pg = Self::init().await?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// initdb only: the cluster has its port (see [`url`](Self::url)) but nothing listens there
+    /// until [`start_server`](Self::start_server).
+    pub async fn init() -> anyhow::Result<Self> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .context("PostgreSQL server binaries not found in /usr/lib/postgresql (./dev test installs them)")?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -28,8 +36,12 @@ impl PrivatePostgres {
         }
         let data = pg.dir.join("data");
         pg.as_pg(&["initdb", "-A", "trust", "-U", "postgres", "--no-sync", "-D"], &[data.to_str().unwrap_or_default()])?;
-        pg.pg_ctl("start")?;
         Ok(pg)
+    }
+
+    /// Starts the server (waits until it accepts connections).
+    pub fn start_server(&self) -> anyhow::Result<()> {
+        self.pg_ctl("start")
     }
 
     pub fn url(&self, db: &str) -> String {

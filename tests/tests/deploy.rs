@@ -82,7 +82,10 @@ fn deploy_files_hold_no_default_secrets() {
             if let Some(value) = env.get(var) {
                 seen += 1;
                 let value = value.as_str().unwrap_or_default();
-                assert!(value.starts_with(&format!("${{{var}:?")) && value.ends_with('}'), "{name:?}: {var} must be required from the environment, not {value:?}");
+                assert!(
+                    value.starts_with(&format!("${{{var}:?")) && value.ends_with('}'),
+                    "{name:?}: {var} must be required from the environment, not {value:?}"
+                );
             }
         }
     }
