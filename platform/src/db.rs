@@ -67,7 +67,10 @@ async fn try_migrate(pool: &PgPool) -> anyhow::Result<()> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MigrationState {
     /// Not applied yet: `failed_attempts` attempts failed so far, the last one with `last_error`.
-    Pending { failed_attempts: u32, last_error: Option<String> },
+    Pending {
+        failed_attempts: u32,
+        last_error: Option<String>,
+    },
     Applied,
 }
 
@@ -131,9 +134,9 @@ impl Migrations {
         match self.state() {
             MigrationState::Applied => None,
             MigrationState::Pending { failed_attempts: 0, .. } => Some("applying the database migrations".to_owned()),
-            MigrationState::Pending { failed_attempts, .. } => Some(format!(
-                "waiting for PostgreSQL: the start-up migrations failed {failed_attempts} time(s) and are retried (the log has the errors)"
-            )),
+            MigrationState::Pending { failed_attempts, .. } => {
+                Some(format!("waiting for PostgreSQL: the start-up migrations failed {failed_attempts} time(s) and are retried (the log has the errors)"))
+            }
         }
     }
 
