@@ -1,13 +1,13 @@
-//! Reading the log from Kafka: the read_committed consumer that the live projector and the
-//! rebuild both use (assigned by hand: offsets live in PostgreSQL, never in Kafka), and batching of
-//! what it delivers. Depends only on the pure model (`Batch`).
+//! Reading the log: the read_committed consumer of the rebuild (assigned by hand, every partition)
+//! and the batching of the live loop (whose consumer is a group member, see `group`).
+//! Imports `model`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 
 use platform::settings::KafkaSettings;
 
@@ -26,44 +26,44 @@ pub fn log_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<Stream
     Ok(cfg.create()?)
 }
 
-/// Waits for at least one record, then takes what else arrives within `linger` (records below
-/// `next` were applied already and are skipped).
-pub async fn read_batch(
-    consumer: &StreamConsumer,
+/// Waits for at least one record, then takes what else arrives within `linger`. Only records of
+/// the partitions in `next` at or past their next offset are taken (records below it were applied
+/// already; a partition not in `next` is not positioned yet). Returns early, possibly empty, when
+/// `interrupted` resolves (a rebalance: the caller takes the changes before applying anything).
+pub async fn read_batch<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
     topic: &str,
     next: &HashMap<i32, i64>,
     max_batch: usize,
     linger: Duration,
     keep_raw: bool,
+    interrupted: impl Future<Output = ()>,
 ) -> anyhow::Result<Batch> {
     let mut batch = Batch::default();
-    let first = consumer.recv().await?;
+    tokio::pin!(interrupted);
+    let first = tokio::select! {
+        m = consumer.recv() => m?,
+        () = &mut interrupted => return Ok(batch),
+    };
     let deadline = tokio::time::Instant::now() + linger;
     let mut msg = Some(first.detach());
     loop {
         if let Some(m) = msg.take() {
-            if m.topic() == topic && m.offset() >= *next.get(&m.partition()).unwrap_or(&0) {
+            if m.topic() == topic && next.get(&m.partition()).is_some_and(|n| m.offset() >= *n) {
                 batch.push_message(m, keep_raw);
             }
         }
         if batch.len() + batch.failed.len() >= max_batch {
             break;
         }
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => msg = Some(m.detach()),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => break,
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, consumer.recv()) => match r {
+                Ok(Ok(m)) => msg = Some(m.detach()),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => break,
+            },
+            () = &mut interrupted => break,
         }
     }
     Ok(batch)
-}
-
-/// Points the consumer at `next` (partition -> offset).
-pub fn assign(consumer: &StreamConsumer, topic: &str, next: &HashMap<i32, i64>) -> anyhow::Result<()> {
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in next {
-        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
-    }
-    consumer.assign(&tpl)?;
-    Ok(())
 }

@@ -31,6 +31,7 @@
 
 pub mod consumer;
 pub mod dlq;
+pub mod group;
 pub mod model;
 pub mod reactor;
 pub mod rebuild;
@@ -120,6 +121,10 @@ pub struct Settings {
     /// Address of the health and metrics endpoint (port 0 picks a free port).
     #[arg(long, env = "PROJECTOR_ADDR", default_value = "127.0.0.1:8082", global = true)]
     pub addr: SocketAddr,
+    /// This instance's id in the projectors' consumer group, shown by `projector status` as the
+    /// owner of its partitions (default: `<hostname>:<port of PROJECTOR_ADDR>`).
+    #[arg(long, env = "PROJECTOR_INSTANCE_ID", global = true)]
+    pub instance_id: Option<String>,
     #[command(flatten)]
     pub kafka: KafkaSettings,
     #[command(flatten)]
@@ -148,17 +153,27 @@ struct AppState {
     pool: PgPool,
     migrations: Migrations,
     ready: Arc<AtomicBool>,
+    membership: Arc<group::Membership>,
 }
 
-pub fn router(pool: PgPool, migrations: Migrations, ready: Arc<AtomicBool>) -> Router {
+/// The header of `/readyz` that lists the partitions this instance applies (`0,3,7`; empty when
+/// none).
+pub const PARTITIONS_HEADER: &str = "projector-partitions";
+
+pub fn router(pool: PgPool, migrations: Migrations, ready: Arc<AtomicBool>, membership: Arc<group::Membership>) -> Router {
     Router::new()
         .route("/healthz", get(platform::http::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(platform::http::metrics))
-        .with_state(AppState { pool, migrations, ready })
+        .with_state(AppState { pool, migrations, ready, membership })
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let owned: Vec<String> = s.membership.books().owned().iter().map(|(p, _)| p.to_string()).collect();
+    ([(PARTITIONS_HEADER, owned.join(","))], readiness(&s).await)
+}
+
+async fn readiness(s: &AppState) -> (StatusCode, String) {
     if let Some(reason) = s.migrations.pending_reason() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}"));
     }
@@ -196,6 +211,12 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
+    /// This instance in the projectors' group (its id defaults to `<hostname>:<port>`).
+    pub fn instance(&self) -> group::Instance {
+        let addr = self.listener.local_addr().unwrap_or(self.settings.addr);
+        group::Instance::new(self.settings.instance_id.clone(), addr)
+    }
+
     /// Serves health and metrics at once; applies the migrations in the background (retrying while
     /// PostgreSQL is away, `/readyz` 503 meanwhile) and then starts the reactions, the live loop
     /// and the lag gauges.
@@ -204,17 +225,21 @@ impl Application {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // The service key only signs; user tokens are never verified here.
         let service_auth = JwtAuth::new(&Secret::new(uuid::Uuid::new_v4().to_string())).with_service_secret(self.settings.service_jwt_secret.as_ref());
-        let reactor = reactor::Reactor::new(self.pool.clone(), self.settings.command_api_url.clone(), service_auth, self.settings.webhook_allow_private)?;
+        let reactor = reactor::Reactor::new(self.pool.clone(), self.settings.command_api_url.clone(), service_auth, self.settings.webhook_allow_private)?
+            .claiming_as(&self.instance().id);
         let wake = reactor.wake.clone();
+        let membership = Arc::new(group::Membership::default());
         let runner = Runner::new(
             RunSettings {
                 kafka: self.settings.kafka.clone(),
                 database: self.settings.database.clone(),
                 max_batch: self.settings.max_batch,
                 linger: Duration::from_millis(self.settings.linger_ms),
+                instance: self.instance(),
             },
             self.pool.clone(),
             ready.clone(),
+            membership.clone(),
             wake,
         )?;
         let migrations = Migrations::in_background(self.pool.clone());
@@ -233,7 +258,7 @@ impl Application {
                 lag.abort();
             })
         };
-        let app = router(self.pool.clone(), migrations, ready);
+        let app = router(self.pool.clone(), migrations, ready, membership);
         axum::serve(self.listener, app).with_graceful_shutdown(platform::http::shutdown_signal()).await?;
         // Stop between batches: an in-flight transaction either commits or is rolled back.
         let _ = stop_tx.send(true);

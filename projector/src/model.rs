@@ -135,6 +135,17 @@ impl Batch {
         }
     }
 
+    /// Keeps only the records (and end offsets) of the partitions `keep` accepts: the records of a
+    /// partition revoked by a rebalance while the batch was read are dropped, never applied.
+    pub fn retain_partitions(&mut self, keep: impl Fn(i32) -> bool) {
+        use rdkafka::message::Message;
+        self.tasks.retain(|r| keep(r.position.partition));
+        self.users.retain(|r| keep(r.position.partition));
+        self.failed.retain(|f| keep(f.raw.position.partition));
+        self.raw.retain(|m| keep(m.partition()));
+        self.to.retain(|p, _| keep(*p));
+    }
+
     /// The key (task or user id) of every decoded record with its position.
     pub fn keys(&self) -> impl Iterator<Item = (String, Position)> + '_ {
         let tasks = self.tasks.iter().map(|r| (r.envelope.subject.to_string(), r.position));
@@ -391,6 +402,27 @@ mod tests {
                 event,
             },
         }
+    }
+
+    #[test]
+    fn retaining_partitions_drops_the_records_and_end_offsets_of_the_others() {
+        let mut batch = Batch::default();
+        for (partition, offset) in [(0, 5), (1, 7), (0, 6), (2, 1)] {
+            let mut r = env(u128::from(offset as u64) + 1, 1, created());
+            r.position = Position { partition, offset };
+            batch.tasks.push(r);
+            batch.to.insert(partition, offset + 1);
+        }
+        let raw = RawRecord { position: Position { partition: 1, offset: 8 }, key: None, header_names: vec![], header_values: vec![], payload: None };
+        batch.failed.push(FailedRecord { raw, error: "x".into() });
+        batch.to.insert(1, 9);
+        batch.retain_partitions(|p| p != 1);
+        let positions: Vec<(i32, i64)> = batch.tasks.iter().map(|r| (r.position.partition, r.position.offset)).collect();
+        assert_eq!(positions, [(0, 5), (0, 6), (2, 1)]);
+        assert!(batch.failed.is_empty());
+        assert_eq!(batch.to, HashMap::from([(0, 7), (2, 2)]));
+        batch.retain_partitions(|_| false);
+        assert!(batch.is_empty() && batch.len() == 0);
     }
 
     fn created() -> TaskEvent {

@@ -1,10 +1,14 @@
 //! The reactions of the live projector: it sends the outbox's reaction commands (next occurrence
 //! of a recurring task; a fired reminder's notification recorded in its user's stream) and fires
 //! due reminders, all through the command API with a service identity, so validation and the
-//! single-writer rule hold. Both loops take their rows with FOR UPDATE SKIP LOCKED, so two projector
-//! instances never send the same row at once, and every command is deterministic (ids derived from
-//! the triggering event, decided by the state of the stream it names), so a re-send after a crash
-//! changes nothing. Never runs during a replay.
+//! single-writer rule hold. Several projector instances run these loops side by side: each pass
+//! claims its rows in one short statement (`FOR UPDATE SKIP LOCKED`, then a claim with an expiry:
+//! `claimed_by`/`claimed_until` on the outbox row, the reminder's row in `reminder_attempts`), so
+//! two instances never send the same row at once, and no row lock is held while the command API
+//! answers (a batch touching the task never waits for it). The claimed rows are sent concurrently
+//! (bounded) and each outcome is recorded afterwards. Every command is deterministic (ids derived
+//! from the triggering event, decided by the state of the stream it names), so a re-send after a
+//! crash, or after a claim expired, changes nothing. Never runs during a replay.
 //!
 //! Every answer is classified once ([`classify`]): only a definitive one ends a reaction or a
 //! reminder (done, or already done / no longer applicable); authentication, configuration and
@@ -16,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt};
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -39,6 +44,14 @@ pub const REACTIONS: [&str; 3] = [SPAWN_OCCURRENCE, RECORD_NOTIFICATION, FIRE_RE
 const PROBLEM: &str = "urn:taskstream:problem:";
 /// Passes of the reminder loop between two clean-ups of `reminder_attempts` (about a minute).
 const CLEAN_UP_EVERY: u32 = 240;
+/// How long a claim keeps the other instances off a reaction or a reminder: longer than the
+/// requests of one pass take at worst ([`PER_PASS`] / [`CONCURRENCY`] rounds of the 10 s request
+/// timeout). A crashed instance's claims expire after it (a restarted one drops its own at once).
+const CLAIM: Duration = Duration::from_secs(30);
+/// Requests in flight at once, per loop.
+const CONCURRENCY: usize = 32;
+/// Rows claimed per pass (two rounds of [`CONCURRENCY`]).
+const PER_PASS: i64 = 64;
 
 /// Why a reaction or a reminder has not gone through; stored as text (`failure` columns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -155,17 +168,27 @@ pub struct Reactor {
     /// Woken when a batch recorded reactions (the loops also poll).
     pub wake: Arc<Notify>,
     allow_private_webhooks: bool,
+    /// Who claims rows: the projector instance's id.
+    claimant: String,
 }
 
 impl Reactor {
     pub fn new(pool: PgPool, command_api: String, auth: JwtAuth, allow_private_webhooks: bool) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
-        Ok(Self { pool, http, command_api: command_api.trim_end_matches('/').to_owned(), auth, wake: Arc::default(), allow_private_webhooks })
+        let command_api = command_api.trim_end_matches('/').to_owned();
+        let claimant = format!("reactor-{}", Uuid::new_v4());
+        Ok(Self { pool, http, command_api, auth, wake: Arc::default(), allow_private_webhooks, claimant })
+    }
+
+    /// Claims rows as `instance` (the projector instance's id; a random one by default).
+    pub fn claiming_as(mut self, instance: &str) -> Self {
+        self.claimant = instance.to_owned();
+        self
     }
 
     /// Runs the loops until the process stops.
     pub async fn run(self) {
-        if let Err(e) = retry_waiting_now(&self.pool).await {
+        if let Err(e) = retry_waiting_now(&self.pool, &self.claimant).await {
             tracing::warn!(error.message = %e, "could not move the waiting reactions' next attempt forward");
         }
         let outbox = self.clone();
@@ -210,71 +233,85 @@ impl Reactor {
         }
     }
 
-    /// Sends the due outbox rows; returns how many were handled. A row is deleted once done or
-    /// already done, marked failed when the command API refuses it for what it says, and otherwise
-    /// retried with backoff (`webhooks::RETRY`) for as long as it takes.
+    /// Sends the due outbox rows; returns how many were handled. They are claimed first (a short
+    /// statement, [`CLAIM`]), then sent concurrently ([`CONCURRENCY`]) with no lock held, and
+    /// each outcome is recorded: a row is deleted once done or already done, marked failed when the
+    /// command API refuses it for what it says, and otherwise retried with backoff
+    /// (`webhooks::RETRY`) for as long as it takes.
     pub async fn send_outbox(&self) -> Result<usize, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let rows: Vec<(Uuid, String, String, serde_json::Value, Uuid, Option<String>, Option<String>, i32)> = sqlx::query_as(
-            "SELECT id, kind, user_id, payload, causation_id, correlation_id, traceparent, attempts FROM reaction_outbox
-             WHERE NOT failed AND next_attempt_at <= now() ORDER BY created_at LIMIT 50 FOR UPDATE SKIP LOCKED",
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "UPDATE reaction_outbox o SET claimed_by = $1, claimed_until = now() + make_interval(secs => $2)
+             FROM (SELECT id FROM reaction_outbox
+                   WHERE NOT failed AND next_attempt_at <= now() AND (claimed_until IS NULL OR claimed_until < now())
+                   ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED) due
+             WHERE o.id = due.id
+             RETURNING o.id, o.kind, o.user_id, o.payload, o.causation_id, o.correlation_id, o.traceparent, o.attempts",
         )
-        .fetch_all(&mut *tx)
+        .bind(&self.claimant)
+        .bind(CLAIM.as_secs_f64())
+        .bind(PER_PASS)
+        .fetch_all(&self.pool)
         .await?;
         let n = rows.len();
-        for (id, kind, user, payload, causation, correlation, traceparent, attempts) in rows {
-            let mut headers = vec![("Idempotency-Key", format!("reaction:{id}")), ("X-Causation-Id", causation.to_string())];
-            if let Some(c) = correlation {
-                headers.push(("X-Correlation-Id", c));
+        let outcomes: Vec<Result<(), sqlx::Error>> = stream::iter(rows).map(|row| self.send_reaction(row)).buffer_unordered(CONCURRENCY).collect().await;
+        outcomes.into_iter().collect::<Result<(), _>>()?;
+        Ok(n)
+    }
+
+    /// Sends one claimed outbox row and records the outcome.
+    async fn send_reaction(&self, (id, kind, user, payload, causation, correlation, traceparent, attempts): OutboxRow) -> Result<(), sqlx::Error> {
+        let mut headers = vec![("Idempotency-Key", format!("reaction:{id}")), ("X-Causation-Id", causation.to_string())];
+        if let Some(c) = correlation {
+            headers.push(("X-Correlation-Id", c));
+        }
+        // The reaction continues the trace of the event that called for it.
+        let span = tracing::info_span!("reaction", kind = %kind, reaction = %id, trace_id = tracing::field::Empty, correlation_id = ?correlation_of(&headers));
+        platform::telemetry::continue_trace(&span, traceparent.as_deref());
+        if let Some(t) = platform::telemetry::traceparent(&span).or(traceparent) {
+            headers.push(("traceparent", t));
+        }
+        let verdict = match kind.as_str() {
+            SPAWN_OCCURRENCE => self.send(&user, "/v1/tasks", &payload, &headers).instrument(span).await,
+            RECORD_NOTIFICATION => self.send(&user, &format!("/internal/v1/notifications/{id}"), &payload, &headers).instrument(span).await,
+            other => Verdict::Failed { failure: Failure::Refused, status: None, error: format!("unknown reaction kind {other}") },
+        };
+        match verdict {
+            Verdict::Done | Verdict::AlreadyDone => {
+                metrics::counter!("reactions_total", "kind" => kind.clone(), "outcome" => "done").increment(1);
+                sqlx::query("DELETE FROM reaction_outbox WHERE id = $1").bind(id).execute(&self.pool).await?;
             }
-            // The reaction continues the trace of the event that called for it.
-            let span =
-                tracing::info_span!("reaction", kind = %kind, reaction = %id, trace_id = tracing::field::Empty, correlation_id = ?correlation_of(&headers));
-            platform::telemetry::continue_trace(&span, traceparent.as_deref());
-            if let Some(t) = platform::telemetry::traceparent(&span).or(traceparent) {
-                headers.push(("traceparent", t));
+            Verdict::Failed { failure: Failure::Refused, status, error } => {
+                count_failure(&kind, Failure::Refused, status);
+                metrics::counter!("reactions_total", "kind" => kind.clone(), "outcome" => "failed").increment(1);
+                tracing::error!(reaction = %id, error.message = %error, "the command API refused a reaction; it stays in reaction_outbox with failed = true");
+                sqlx::query(
+                    "UPDATE reaction_outbox SET attempts = attempts + 1, last_error = $2, failure = $3, failed = true, claimed_until = NULL
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(&error)
+                .bind(Failure::Refused.as_str())
+                .execute(&self.pool)
+                .await?;
             }
-            let verdict = match kind.as_str() {
-                SPAWN_OCCURRENCE => self.send(&user, "/v1/tasks", &payload, &headers).instrument(span).await,
-                RECORD_NOTIFICATION => self.send(&user, &format!("/internal/v1/notifications/{id}"), &payload, &headers).instrument(span).await,
-                other => Verdict::Failed { failure: Failure::Refused, status: None, error: format!("unknown reaction kind {other}") },
-            };
-            match verdict {
-                Verdict::Done | Verdict::AlreadyDone => {
-                    metrics::counter!("reactions_total", "kind" => kind.clone(), "outcome" => "done").increment(1);
-                    sqlx::query("DELETE FROM reaction_outbox WHERE id = $1").bind(id).execute(&mut *tx).await?;
-                }
-                Verdict::Failed { failure: Failure::Refused, status, error } => {
-                    count_failure(&kind, Failure::Refused, status);
-                    metrics::counter!("reactions_total", "kind" => kind.clone(), "outcome" => "failed").increment(1);
-                    tracing::error!(reaction = %id, error.message = %error, "the command API refused a reaction; it stays in reaction_outbox with failed = true");
-                    sqlx::query("UPDATE reaction_outbox SET attempts = attempts + 1, last_error = $2, failure = $3, failed = true WHERE id = $1")
-                        .bind(id)
-                        .bind(&error)
-                        .bind(Failure::Refused.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                Verdict::Failed { failure, status, error } => {
-                    count_failure(&kind, failure, status);
-                    metrics::counter!("reactions_total", "kind" => kind.clone(), "outcome" => "retry").increment(1);
-                    log_failure(&kind, &id.to_string(), attempts + 1, failure, &error);
-                    let delay = RETRY.delay(u32::try_from(attempts).unwrap_or(0));
-                    sqlx::query(
-                        "UPDATE reaction_outbox SET attempts = attempts + 1, last_error = $2, failure = $3,
-                         next_attempt_at = now() + make_interval(secs => $4) WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(&error)
-                    .bind(failure.as_str())
-                    .bind(delay.as_secs_f64())
-                    .execute(&mut *tx)
-                    .await?;
-                }
+            Verdict::Failed { failure, status, error } => {
+                count_failure(&kind, failure, status);
+                metrics::counter!("reactions_total", "kind" => kind.clone(), "outcome" => "retry").increment(1);
+                log_failure(&kind, &id.to_string(), attempts + 1, failure, &error);
+                let delay = RETRY.delay(u32::try_from(attempts).unwrap_or(0));
+                sqlx::query(
+                    "UPDATE reaction_outbox SET attempts = attempts + 1, last_error = $2, failure = $3,
+                     next_attempt_at = now() + make_interval(secs => $4), claimed_until = NULL WHERE id = $1",
+                )
+                .bind(id)
+                .bind(&error)
+                .bind(failure.as_str())
+                .bind(delay.as_secs_f64())
+                .execute(&self.pool)
+                .await?;
             }
         }
-        tx.commit().await?;
-        Ok(n)
+        Ok(())
     }
 
     async fn reminder_loop(self) {
@@ -282,9 +319,16 @@ impl Reactor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut passes = 0u32;
         loop {
-            tick.tick().await;
-            if let Err(e) = self.fire_due_reminders().await {
-                tracing::warn!(error.message = %e, "reminder scheduler pass failed");
+            match self.fire_due_reminders().await {
+                // A full pass: more may be due, go on at once.
+                Ok(n) if n as i64 >= PER_PASS => {}
+                Ok(_) => {
+                    tick.tick().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "reminder scheduler pass failed");
+                    tick.tick().await;
+                }
             }
             passes = passes.wrapping_add(1);
             if passes.is_multiple_of(CLEAN_UP_EVERY) {
@@ -296,65 +340,101 @@ impl Reactor {
     }
 
     /// Fires every reminder whose time (and, after a failure, whose next attempt) has come; returns
-    /// how many were handled. Only a definitive answer removes a reminder from the schedule: fired,
-    /// or stale (404: the task is gone; 409: the reminder already fired or was moved). Any other
-    /// answer keeps it, with its next attempt in `reminder_attempts` (backoff as `webhooks::RETRY`).
+    /// how many were handled. The due reminders are claimed in one short statement (their claim in
+    /// `reminder_attempts`, [`CLAIM`]; no lock is held afterwards, so a batch touching their tasks
+    /// never waits for the command API), fired concurrently ([`CONCURRENCY`]), and each outcome is
+    /// recorded. Only a definitive answer removes a reminder from the schedule: fired, or stale
+    /// (404: the task is gone; 409: the reminder already fired or was moved). Any other answer
+    /// keeps it, with its next attempt in `reminder_attempts` (backoff as `webhooks::RETRY`).
     pub async fn fire_due_reminders(&self) -> Result<usize, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let rows: Vec<(Uuid, String, DateTime<Utc>, i32)> = sqlx::query_as(
-            "SELECT s.task_id, s.user_id, s.remind_at, COALESCE(a.attempts, 0)
-             FROM reminder_schedule s
-             LEFT JOIN reminder_attempts a ON a.task_id = s.task_id AND a.remind_at = s.remind_at
-             WHERE s.remind_at <= now() AND (a.next_attempt_at IS NULL OR a.next_attempt_at <= now())
-             ORDER BY s.remind_at LIMIT 100 FOR UPDATE OF s SKIP LOCKED",
+        let due: Vec<DueReminder> = sqlx::query_as(
+            "WITH due AS (
+                SELECT s.task_id, s.user_id, s.remind_at, COALESCE(a.attempts, 0) AS attempts
+                FROM reminder_schedule s
+                LEFT JOIN reminder_attempts a ON a.task_id = s.task_id AND a.remind_at = s.remind_at
+                WHERE s.remind_at <= now() AND (a.next_attempt_at IS NULL OR a.next_attempt_at <= now())
+                  AND (a.claimed_until IS NULL OR a.claimed_until < now())
+                ORDER BY s.remind_at LIMIT $3
+                FOR UPDATE OF s SKIP LOCKED
+             ), claimed AS (
+                INSERT INTO reminder_attempts (task_id, remind_at, claimed_by, claimed_until)
+                SELECT task_id, remind_at, $1, now() + make_interval(secs => $2) FROM due
+                ON CONFLICT (task_id, remind_at) DO UPDATE SET claimed_by = EXCLUDED.claimed_by, claimed_until = EXCLUDED.claimed_until
+                WHERE reminder_attempts.claimed_until IS NULL OR reminder_attempts.claimed_until < now()
+                RETURNING task_id, remind_at
+             )
+             SELECT d.task_id, d.user_id, d.remind_at, d.attempts FROM due d
+             JOIN claimed c ON c.task_id = d.task_id AND c.remind_at = d.remind_at",
         )
-        .fetch_all(&mut *tx)
+        .bind(&self.claimant)
+        .bind(CLAIM.as_secs_f64())
+        .bind(PER_PASS)
+        .fetch_all(&self.pool)
         .await?;
-        let n = rows.len();
-        for (task, user, remind_at, attempts) in rows {
-            let started = Instant::now();
-            let delay = (Utc::now() - remind_at).num_milliseconds().max(0) as f64 / 1000.0;
-            metrics::histogram!("reminder_scheduler_delay_seconds").record(delay);
-            let body = json!({ "remind_at": remind_at });
-            match self.send(&user, &format!("/internal/v1/tasks/{task}/remind"), &body, &[]).await {
-                Verdict::Done | Verdict::AlreadyDone => {
-                    metrics::counter!("reminders_fired_total").increment(1);
-                    sqlx::query("DELETE FROM reminder_schedule WHERE task_id = $1 AND remind_at = $2").bind(task).bind(remind_at).execute(&mut *tx).await?;
-                    sqlx::query("DELETE FROM reminder_attempts WHERE task_id = $1 AND remind_at = $2").bind(task).bind(remind_at).execute(&mut *tx).await?;
-                }
-                Verdict::Failed { failure, status, error } => {
-                    count_failure(FIRE_REMINDER, failure, status);
-                    log_failure(FIRE_REMINDER, &task.to_string(), attempts + 1, failure, &error);
-                    let delay = RETRY.delay(u32::try_from(attempts).unwrap_or(0));
-                    sqlx::query(
-                        "INSERT INTO reminder_attempts (task_id, remind_at, attempts, next_attempt_at, failure, last_error)
-                         VALUES ($1, $2, 1, now() + make_interval(secs => $3), $4, $5)
-                         ON CONFLICT (task_id, remind_at) DO UPDATE SET attempts = reminder_attempts.attempts + 1,
-                            next_attempt_at = EXCLUDED.next_attempt_at, failure = EXCLUDED.failure, last_error = EXCLUDED.last_error",
-                    )
-                    .bind(task)
-                    .bind(remind_at)
-                    .bind(delay.as_secs_f64())
-                    .bind(failure.as_str())
-                    .bind(&error)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-            tracing::debug!(task_id = %task, elapsed_ms = started.elapsed().as_millis() as u64, "reminder handled");
-        }
-        tx.commit().await?;
+        let n = due.len();
+        let outcomes: Vec<Result<(), sqlx::Error>> = stream::iter(due).map(|r| self.fire(r)).buffer_unordered(CONCURRENCY).collect().await;
+        outcomes.into_iter().collect::<Result<(), _>>()?;
         Ok(n)
+    }
+
+    /// Fires one claimed reminder and records the outcome.
+    async fn fire(&self, (task, user, remind_at, attempts): DueReminder) -> Result<(), sqlx::Error> {
+        let started = Instant::now();
+        let delay = (Utc::now() - remind_at).num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::histogram!("reminder_scheduler_delay_seconds").record(delay);
+        let body = json!({ "remind_at": remind_at });
+        match self.send(&user, &format!("/internal/v1/tasks/{task}/remind"), &body, &[]).await {
+            Verdict::Done | Verdict::AlreadyDone => {
+                metrics::counter!("reminders_fired_total").increment(1);
+                sqlx::query(
+                    "WITH fired AS (DELETE FROM reminder_schedule WHERE task_id = $1 AND remind_at = $2)
+                     DELETE FROM reminder_attempts WHERE task_id = $1 AND remind_at = $2",
+                )
+                .bind(task)
+                .bind(remind_at)
+                .execute(&self.pool)
+                .await?;
+            }
+            Verdict::Failed { failure, status, error } => {
+                count_failure(FIRE_REMINDER, failure, status);
+                log_failure(FIRE_REMINDER, &task.to_string(), attempts + 1, failure, &error);
+                let delay = RETRY.delay(u32::try_from(attempts).unwrap_or(0));
+                sqlx::query(
+                    "INSERT INTO reminder_attempts (task_id, remind_at, attempts, next_attempt_at, failure, last_error)
+                     VALUES ($1, $2, 1, now() + make_interval(secs => $3), $4, $5)
+                     ON CONFLICT (task_id, remind_at) DO UPDATE SET attempts = reminder_attempts.attempts + 1,
+                        next_attempt_at = EXCLUDED.next_attempt_at, failure = EXCLUDED.failure, last_error = EXCLUDED.last_error,
+                        claimed_until = NULL",
+                )
+                .bind(task)
+                .bind(remind_at)
+                .bind(delay.as_secs_f64())
+                .bind(failure.as_str())
+                .bind(&error)
+                .execute(&self.pool)
+                .await?;
+            }
+        }
+        tracing::debug!(task_id = %task, elapsed_ms = started.elapsed().as_millis() as u64, "reminder handled");
+        Ok(())
     }
 }
 
+/// An outbox row as claimed: id, kind, user, payload, causation, correlation, traceparent, attempts.
+type OutboxRow = (Uuid, String, String, serde_json::Value, Uuid, Option<String>, Option<String>, i32);
+/// A due reminder as claimed: task, user, remind time, failed attempts so far.
+type DueReminder = (Uuid, String, DateTime<Utc>, i32);
+
 /// At start (a restart often follows a fix of the configuration): every reaction and reminder
 /// waiting after a failure is tried again at once instead of at the end of its backoff.
-async fn retry_waiting_now(pool: &PgPool) -> Result<(), sqlx::Error> {
+/// The claims this instance held before it restarted are dropped: nothing of it is sending them.
+async fn retry_waiting_now(pool: &PgPool, claimant: &str) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE reaction_outbox SET next_attempt_at = now() WHERE NOT failed AND failure IS NOT NULL AND next_attempt_at > now()")
         .execute(pool)
         .await?;
     sqlx::query("UPDATE reminder_attempts SET next_attempt_at = now() WHERE next_attempt_at > now()").execute(pool).await?;
+    sqlx::query("UPDATE reaction_outbox SET claimed_until = NULL WHERE claimed_by = $1").bind(claimant).execute(pool).await?;
+    sqlx::query("UPDATE reminder_attempts SET claimed_until = NULL WHERE claimed_by = $1").bind(claimant).execute(pool).await?;
     Ok(())
 }
 
@@ -386,8 +466,9 @@ pub async fn waiting(pool: &PgPool) -> Result<Vec<Waiting>, sqlx::Error> {
         "SELECT kind, failure, count(*), COALESCE(max(last_error), '') FROM reaction_outbox
          WHERE NOT failed AND failure IS NOT NULL GROUP BY kind, failure
          UNION ALL
-         SELECT $1::text, a.failure, count(*), max(a.last_error) FROM reminder_attempts a
+         SELECT $1::text, a.failure, count(*), COALESCE(max(a.last_error), '') FROM reminder_attempts a
          JOIN reminder_schedule s ON s.task_id = a.task_id AND s.remind_at = a.remind_at
+         WHERE a.failure IS NOT NULL
          GROUP BY a.failure
          ORDER BY 1, 2",
     )
@@ -412,7 +493,7 @@ pub async fn configuration_failure(pool: &PgPool) -> Result<Option<(Failure, Str
     let row: Option<(String, String)> = sqlx::query_as(
         "(SELECT failure, COALESCE(last_error, '') FROM reaction_outbox WHERE NOT failed AND failure = ANY($1) LIMIT 1)
          UNION ALL
-         (SELECT a.failure, a.last_error FROM reminder_attempts a
+         (SELECT a.failure, COALESCE(a.last_error, '') FROM reminder_attempts a
           JOIN reminder_schedule s ON s.task_id = a.task_id AND s.remind_at = a.remind_at
           WHERE a.failure = ANY($1) LIMIT 1)
          LIMIT 1",

@@ -1,13 +1,18 @@
-//! The run mode: consume `task-events` (read_committed) from the offsets stored in PostgreSQL and
-//! apply it in batches, each batch and its offsets in one transaction (`dlq::apply_live`: dead
-//! letters and parking, then `store`). Transient failures are retried with `platform::retry`.
+//! The run mode: a member of the projectors' consumer group of `task-events` (read_committed;
+//! `group`), applying the records of the partitions Kafka assigns it from the offsets stored in
+//! PostgreSQL, in batches, each batch and its offsets in one transaction (`dlq::apply_live`: dead
+//! letters and parking, then `store`). After a rebalance it drops what it read of revoked
+//! partitions and seeks assigned ones to their stored offsets before applying anything. Transient
+//! failures are retried with `platform::retry`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tracing::Instrument;
 
@@ -16,8 +21,9 @@ use platform::position::Position;
 use platform::retry::{Jitter, Policy};
 use platform::settings::KafkaSettings;
 
-use crate::consumer::{assign, log_consumer, read_batch};
+use crate::consumer::read_batch;
 use crate::dlq::{self, ApplyError, DeadLetterSink};
+use crate::group::{self, GroupContext, Instance, Membership};
 use crate::model::{Batch, FailedRecord, RawRecord};
 use crate::store::{self, StoreError};
 
@@ -26,6 +32,9 @@ use crate::store::{self, StoreError};
 const RESTART: Policy = Policy::new(Duration::from_millis(200), Duration::from_secs(10)).with_jitter(Jitter::Equal);
 /// Applying the same batch again after a failure: 100 ms doubled up to 10 s, the same jitter.
 const APPLY_RETRY: Policy = Policy::new(Duration::from_millis(100), Duration::from_secs(10)).with_jitter(Jitter::Equal);
+/// Ready once Kafka assigned this member its partitions, or after this long in the group (an
+/// instance that gets no partition, e.g. more projectors than partitions, is ready too).
+const JOIN_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -33,12 +42,15 @@ pub struct RunSettings {
     pub database: platform::settings::DatabaseSettings,
     pub max_batch: usize,
     pub linger: Duration,
+    pub instance: Instance,
 }
 
 pub struct Runner {
     settings: RunSettings,
     pool: PgPool,
     ready: Arc<AtomicBool>,
+    /// The partitions Kafka assigned this instance (shared with `/readyz`).
+    membership: Arc<Membership>,
     /// Woken after a batch recorded reactions.
     reactions: Arc<tokio::sync::Notify>,
     dead_letters: DeadLetterSink,
@@ -46,63 +58,138 @@ pub struct Runner {
     rebuilding: Arc<AtomicBool>,
 }
 
+type GroupConsumer = Arc<StreamConsumer<GroupContext>>;
+
 impl Runner {
-    pub fn new(settings: RunSettings, pool: PgPool, ready: Arc<AtomicBool>, reactions: Arc<tokio::sync::Notify>) -> anyhow::Result<Self> {
+    pub fn new(
+        settings: RunSettings,
+        pool: PgPool,
+        ready: Arc<AtomicBool>,
+        membership: Arc<Membership>,
+        reactions: Arc<tokio::sync::Notify>,
+    ) -> anyhow::Result<Self> {
         let dead_letters = DeadLetterSink::new(&settings.kafka)?;
-        Ok(Self { settings, pool, ready, reactions, dead_letters, rebuilding: Arc::default() })
+        Ok(Self { settings, pool, ready, membership, reactions, dead_letters, rebuilding: Arc::default() })
     }
 
     /// Runs until `stop` resolves; transient failures (Kafka or PostgreSQL away) are retried with
-    /// backoff, never skipped.
+    /// backoff, never skipped. Stopping leaves the group (the partitions move to the other
+    /// instances at once) and deletes this instance's owner rows.
     pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut backoff = RESTART.backoff();
         loop {
             if *stop.borrow() {
-                return;
+                break;
             }
             let result = tokio::select! {
                 r = self.run_once() => r,
-                _ = stop.changed() => return,
+                _ = stop.changed() => break,
             };
             self.ready.store(false, Ordering::Release);
+            self.membership.reset();
+            publish_owned(0);
             match result {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error.message = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "projector loop failed; restarting it");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {},
-                        _ = stop.changed() => return,
+                        _ = stop.changed() => break,
                     }
                 }
             }
+        }
+        self.membership.reset();
+        let topic = &self.settings.kafka.task_events_topic;
+        if let Err(e) = group::forget_owners(&self.pool, topic, None, &self.settings.instance).await {
+            tracing::debug!(error.message = %e, "could not delete this instance's partition owner rows");
         }
     }
 
     async fn run_once(&self) -> anyhow::Result<()> {
         platform::kafka::ensure_topics(&self.settings.kafka).await?;
         let topic = self.settings.kafka.task_events_topic.clone();
-        let consumer = Arc::new(log_consumer(&self.settings.kafka, "taskstream-projector")?);
-        let c = consumer.clone();
-        let t = topic.clone();
-        let partitions = tokio::task::spawn_blocking(move || platform::kafka::partitions(c.as_ref(), &t, Duration::from_secs(10))).await??;
         self.rebuild_new_projections(&topic).await?;
-        let mut next = store::init_offsets(&self.pool, &topic, &partitions).await?;
-        assign(&consumer, &topic, &next)?;
-        self.ready.store(true, Ordering::Release);
-        tracing::info!(partitions = partitions.len(), "projector consuming from stored offsets");
-
+        self.membership.reset();
+        let consumer: GroupConsumer = Arc::new(group::consumer(&self.settings.kafka, self.membership.clone())?);
+        consumer.subscribe(&[&topic])?;
+        tracing::info!(group = %group::group_id(&topic), instance = %self.settings.instance.id, "projector joined its consumer group");
+        let joined_by = Instant::now() + JOIN_WAIT;
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        let mut batch = Batch::default();
         loop {
-            let batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, true).await?;
-            if batch.is_empty() {
-                continue;
+            // Rebalances happen only inside `read_batch`: take their changes before applying what
+            // it read, so nothing of a revoked partition is applied after its revocation.
+            let revoked = self.follow_rebalances(&consumer, &topic, &mut next).await?;
+            if self.membership.books().joined() || Instant::now() >= joined_by {
+                self.ready.store(true, Ordering::Release);
             }
-            if let Outcome::Fenced = self.apply(&topic, batch, &mut next).await? {
-                tracing::warn!("offsets moved under us (another projector instance, or a rebuild switched tables); re-reading them");
-                next = store::init_offsets(&self.pool, &topic, &partitions).await?;
-                assign(&consumer, &topic, &next)?;
+            batch.retain_partitions(|p| !revoked.contains(&p) && next.contains_key(&p));
+            if !batch.is_empty() {
+                if let Outcome::Fenced = self.apply(&topic, batch, &mut next).await? {
+                    tracing::warn!("offsets moved under us (a partition moved to another instance, or a rebuild switched tables); re-reading them");
+                    self.membership.books().reposition_all();
+                }
+            }
+            batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, true, self.membership.rebalanced()).await?;
+        }
+    }
+
+    /// Takes the rebalances' changes: forgets revoked partitions (returned, so that what was read
+    /// of them is dropped) and seeks assigned ones to their stored offsets, then lets them be
+    /// fetched; records the owners for `projector status`.
+    async fn follow_rebalances(&self, consumer: &GroupConsumer, topic: &str, next: &mut HashMap<i32, i64>) -> anyhow::Result<BTreeSet<i32>> {
+        let changes = self.membership.books().take_changes();
+        let me = &self.settings.instance;
+        for p in &changes.revoked {
+            next.remove(p);
+        }
+        if !changes.revoked.is_empty() {
+            let revoked: Vec<i32> = changes.revoked.iter().copied().collect();
+            if let Err(e) = group::forget_owners(&self.pool, topic, Some(&revoked), me).await {
+                tracing::warn!(error.message = %e, "could not delete the owner rows of revoked partitions (display only)");
             }
         }
+        if !changes.to_position.is_empty() {
+            if let Err(e) = self.position(consumer, topic, &changes.to_position, next).await {
+                // Positioned afresh after the restart of the loop (a new member of the group).
+                for p in &changes.to_position {
+                    next.remove(p);
+                }
+                return Err(e);
+            }
+            let owned = self.membership.books().owned();
+            tracing::info!(partitions = ?changes.to_position, "consuming newly assigned partitions from their stored offsets");
+            if let Err(e) = group::record_owners(&self.pool, topic, &owned, me).await {
+                tracing::warn!(error.message = %e, "could not record the partitions' owner (display only)");
+            }
+        }
+        if !changes.revoked.is_empty() || !changes.to_position.is_empty() {
+            publish_owned(self.membership.books().owned().len());
+        }
+        Ok(changes.revoked)
+    }
+
+    /// Reads the stored offsets of `partitions`, seeks them there and resumes fetching them.
+    async fn position(&self, consumer: &GroupConsumer, topic: &str, partitions: &[i32], next: &mut HashMap<i32, i64>) -> anyhow::Result<()> {
+        let stored = store::init_offsets(&self.pool, topic, partitions).await?;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            let offset = stored.get(p).copied().unwrap_or(0);
+            next.insert(*p, offset);
+            tpl.add_partition_offset(topic, *p, Offset::Offset(offset))?;
+        }
+        let (c, t) = (consumer.clone(), tpl.clone());
+        let sought = tokio::task::spawn_blocking(move || c.seek_partitions(t, Duration::from_secs(10))).await??;
+        for e in sought.elements() {
+            if let Err(err) = e.error() {
+                anyhow::bail!("seeking partition {} to its stored offset: {err}", e.partition());
+            }
+        }
+        consumer.resume(&tpl)?;
+        self.membership.books().positioned(partitions);
+        Ok(())
     }
 
     /// A projection added in code (no stored offsets) is rebuilt from offset zero in the
@@ -262,6 +349,11 @@ fn count_consumed(batch: &Batch) {
             metrics::counter!("projector_events_consumed_total", "projection" => projection, "type" => *t).increment(*n);
         }
     }
+}
+
+/// `projector_partitions_owned`: the partitions this instance applies.
+fn publish_owned(n: usize) {
+    metrics::gauge!("projector_partitions_owned").set(n as f64);
 }
 
 /// Whether a batch was applied, or the stored offsets moved under this instance.

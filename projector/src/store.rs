@@ -50,7 +50,7 @@ impl StoreError {
 
 /// Makes sure every (projection, partition) has an offset row (a new partition starts at 0; a new
 /// projection at the others' offsets, and `rebuild::new_projections` rebuilds it) and returns
-/// the next offset to apply per partition (the minimum across projections).
+/// the next offset to apply for each of `partitions` (the minimum across projections).
 pub async fn init_offsets(pool: &PgPool, topic: &str, partitions: &[i32]) -> Result<HashMap<i32, i64>, sqlx::Error> {
     let names: Vec<String> = PROJECTIONS.iter().map(|s| s.to_string()).collect();
     sqlx::query(
@@ -67,10 +67,11 @@ pub async fn init_offsets(pool: &PgPool, topic: &str, partitions: &[i32]) -> Res
     .await?;
     let rows: Vec<(i32, i64, i64)> = sqlx::query_as(
         "SELECT partition, min(next_offset), max(next_offset) FROM projection_offsets
-         WHERE topic = $1 AND projection = ANY($2) GROUP BY partition",
+         WHERE topic = $1 AND projection = ANY($2) AND partition = ANY($3) GROUP BY partition",
     )
     .bind(topic)
     .bind(&names)
+    .bind(partitions)
     .fetch_all(pool)
     .await?;
     let mut out = HashMap::new();

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -216,35 +217,48 @@ struct FakeCommandApi {
     url: String,
     seen: Arc<Mutex<Vec<Seen>>>,
     answer: Arc<Mutex<Answer>>,
+    /// How long it takes to answer (a slow command API).
+    delay: Arc<Mutex<Duration>>,
 }
 
 impl FakeCommandApi {
     async fn start(answer: Answer) -> Self {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let answer = Arc::new(Mutex::new(answer));
-        let (s, a) = (seen.clone(), answer.clone());
+        let delay: Arc<Mutex<Duration>> = Arc::default();
+        let (s, a, d) = (seen.clone(), answer.clone(), delay.clone());
         let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-            let (seen, answer) = (s.clone(), a.clone());
+            let (seen, answer, delay) = (s.clone(), a.clone(), d.clone());
             async move {
                 let request = Seen {
                     path: uri.path().to_owned(),
                     key: headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned),
                     body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
                 };
-                let mut seen = seen.lock().unwrap();
-                let (status, text) = (answer.lock().unwrap())(&request, &seen[..]);
-                seen.push(request);
+                let (status, text) = {
+                    let mut seen = seen.lock().unwrap();
+                    let answer = (answer.lock().unwrap())(&request, &seen[..]);
+                    seen.push(request);
+                    answer
+                };
+                let delay = *delay.lock().unwrap();
+                tokio::time::sleep(delay).await;
                 (axum::http::StatusCode::from_u16(status).unwrap(), [(axum::http::header::CONTENT_TYPE, "application/problem+json")], text)
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { url, seen, answer }
+        Self { url, seen, answer, delay }
     }
 
     fn answer_with(&self, answer: Answer) {
         *self.answer.lock().unwrap() = answer;
+    }
+
+    /// Answers each request only after `delay` (requests are received, and counted, at once).
+    fn answer_after(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -429,5 +443,79 @@ async fn reactions_are_retried_for_as_long_as_auth_fails_and_marked_failed_only_
     assert_eq!(reactor::failed_for_good(&pool).await.unwrap(), 2);
     assert!(reactor::waiting(&pool).await.unwrap().is_empty());
     assert_eq!(reactor::configuration_failure(&pool).await.unwrap(), None);
+    db.drop_database().await.unwrap();
+}
+
+/// Polls `done` every 10 ms for at most 10 s.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A task created at offset 0 whose reminder is due (remind time a minute ago).
+async fn task_with_a_due_reminder(pool: &PgPool) -> TaskId {
+    let task = TaskId::new_v7();
+    let mut t = NewTask::new(Title::parse("call the bank".into()).unwrap());
+    t.due_at = Some(Utc::now() + chrono::Duration::minutes(59));
+    t.remind_before = Some(RemindBefore::parse("PT1H".into()).unwrap());
+    store::apply_batch(pool, TOPIC, &events_batch(task, 1, vec![TaskEvent::Created(t)]), &HashMap::from([(0, 0)]), ApplyMode::Live).await.unwrap();
+    assert_eq!(count(pool, "SELECT count(*) FROM reminder_schedule WHERE remind_at <= now()").await, 1);
+    task
+}
+
+/// Issue 11, defect 5: the reminder pass held `FOR UPDATE` on its schedule rows across the HTTP
+/// calls, so a batch touching a task whose reminder was being fired waited for the command API
+/// (up to its 10 s timeout). The rows are claimed in a short transaction and the call is made
+/// outside it: the batch is applied while the command API is still answering.
+#[tokio::test]
+async fn a_batch_touching_a_task_whose_reminder_is_being_fired_does_not_wait_for_the_command_api() {
+    let (db, pool) = fresh_store().await;
+    let fake = FakeCommandApi::start(always(200, "{}".into())).await;
+    fake.answer_after(Duration::from_secs(4));
+    let task = task_with_a_due_reminder(&pool).await;
+    let sender = fake.reactor(&pool);
+    let firing = tokio::spawn(async move { sender.fire_due_reminders().await });
+    wait_until("the reminder to be sent", || fake.seen().len() == 1).await;
+    let edit = TaskEvent::Updated(TaskPatch { title: Some(Title::parse("call the bank today".into()).unwrap()), ..Default::default() });
+    let started = Instant::now();
+    let (batch, from) = (events_batch(task, 2, vec![edit]), HashMap::from([(0, 1)]));
+    let applied = tokio::time::timeout(Duration::from_secs(2), store::apply_batch(&pool, TOPIC, &batch, &from, ApplyMode::Live)).await;
+    assert!(matches!(applied, Ok(Ok(_))), "the batch waited for the reminder's HTTP call: {applied:?} after {:?}", started.elapsed());
+    assert!(!firing.is_finished(), "the command API has not answered yet");
+    // The reminder's outcome is recorded once the command API answers.
+    assert_eq!(firing.await.unwrap().unwrap(), 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reminder_schedule").await, 0);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reminder_attempts").await, 0);
+    assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, 2);
+    db.drop_database().await.unwrap();
+}
+
+/// Issue 11, defect 5: reminders due together are fired concurrently (a slow command API does not
+/// make them wait for each other), and a reminder being fired is never sent by a second reactor
+/// (another projector instance) at the same time.
+#[tokio::test]
+async fn due_reminders_fire_concurrently_and_a_claimed_one_is_not_sent_twice() {
+    let (db, pool) = fresh_store().await;
+    let fake = FakeCommandApi::start(always(200, "{}".into())).await;
+    fake.answer_after(Duration::from_millis(500));
+    for _ in 0..40 {
+        schedule_due_reminder(&pool, Uuid::now_v7()).await;
+    }
+    let (one, two) = (fake.reactor(&pool), fake.reactor(&pool));
+    let started = Instant::now();
+    let (a, b) = tokio::join!(one.fire_due_reminders(), two.fire_due_reminders());
+    let elapsed = started.elapsed();
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a + b, 40, "every reminder handled once: {a} + {b}");
+    assert!(elapsed < Duration::from_secs(5), "40 reminders of 500 ms each took {elapsed:?}: not fired concurrently");
+    let seen = fake.seen();
+    let mut paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    paths.sort_unstable();
+    paths.dedup();
+    assert_eq!((seen.len(), paths.len()), (40, 40), "a reminder was sent twice");
+    assert_eq!(count(&pool, "SELECT count(*) FROM reminder_schedule").await, 0);
     db.drop_database().await.unwrap();
 }
