@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use domain::{AnyCommand, Command, CommandKind, IdempotencyTag, TaskId};
 
+use crate::cluster::Route;
 use crate::error::ApiError;
 use crate::extract::{AuthUser, CommandHeaders, RequestDigest};
 use crate::idempotency::{Answer, Executed};
@@ -29,8 +30,38 @@ pub fn task_command(caller: &AuthUser, headers: &CommandHeaders, task_id: TaskId
     AnyCommand::Task(Command { task_id, user: caller.0.clone(), expected_version: headers.if_match, kind })
 }
 
+/// Ids of tasks created with an Idempotency-Key and no `task_id` are derived from the caller and the
+/// key, so a retry (on any instance) names the same task, in the same partition, whose owner
+/// remembers the first answer.
+const KEYED_TASK_IDS: Uuid = Uuid::from_u128(0x7a51_5c0e_8d0b_4f6e_9a3c_1b2d_3e4f_5a6b);
+
+/// The id of a task created without a `task_id`: the one a forwarding instance chose; derived from
+/// the Idempotency-Key when there is one; else a new UUID v7, preferably in a partition this
+/// instance owns (so the create needs no forwarding).
+pub fn new_task_id(state: &AppState, caller: &AuthUser, headers: &CommandHeaders) -> TaskId {
+    if let Some(id) = headers.forwarded_task_id {
+        return TaskId::from_uuid(id);
+    }
+    if let Some(key) = &headers.idempotency_key {
+        return TaskId::from_uuid(Uuid::new_v5(&KEYED_TASK_IDS, format!("{}\n{key}", caller.0).as_bytes()));
+    }
+    let local = state.cluster.ready_local_partitions();
+    let mut id = TaskId::new_v7();
+    if local.is_empty() {
+        return id;
+    }
+    for _ in 0..256 {
+        if state.cluster.partition_of(&id.to_string()).is_some_and(|p| local.contains(&p)) {
+            break;
+        }
+        id = TaskId::new_v7();
+    }
+    id
+}
+
 /// Submits a parsed command (already carrying the caller as its actor) and answers it once its
-/// events are durable.
+/// events are durable: decided by this instance when it owns the command's partition, forwarded to
+/// the owner otherwise.
 pub async fn submit(state: &AppState, caller: AuthUser, mut headers: CommandHeaders, digest: RequestDigest, cmd: AnyCommand) -> Result<Response, ApiError> {
     let span = tracing::info_span!(
         "command",
@@ -45,6 +76,26 @@ pub async fn submit(state: &AppState, caller: AuthUser, mut headers: CommandHead
 }
 
 async fn run(state: &AppState, caller: AuthUser, headers: CommandHeaders, digest: RequestDigest, cmd: AnyCommand) -> Result<Response, ApiError> {
+    let key = cmd.stream_key();
+    let Some(partition) = state.cluster.partition_of(&key) else {
+        return Err(ApiError::Unavailable("the partitions of the event log are not known yet (is Kafka reachable?)".into()));
+    };
+    let writer = match state.cluster.route(partition) {
+        Route::Local(writer) => writer,
+        Route::Remote(owner) if !headers.forwarded => {
+            let Some(raw) = headers.raw.as_deref() else {
+                return Err(ApiError::Internal("the request was not kept for forwarding".into()));
+            };
+            let created = matches!(&cmd, AnyCommand::Task(Command { kind: CommandKind::Create(_), .. })).then(|| Uuid::parse_str(&key).ok()).flatten();
+            tracing::debug!(partition, owner = %owner.instance, "forwarding the command to its partition's owner");
+            return state.forwarder.forward(&owner, raw, created).await;
+        }
+        _ => {
+            return Err(ApiError::Unavailable(format!(
+                "partition {partition} has no owner right now (it is moving to another instance); retry shortly"
+            )))
+        }
+    };
     let request_id = Uuid::new_v4().to_string();
     let causation_id = headers.causation_id.filter(|_| caller.is_service()).unwrap_or_else(|| request_id.clone());
     let meta = CommandMeta {
@@ -58,7 +109,7 @@ async fn run(state: &AppState, caller: AuthUser, headers: CommandHeaders, digest
     }
     let name = cmd.name();
     let started = std::time::Instant::now();
-    let command = async { state.writer.submit(cmd, meta).await.map_err(ApiError::from) };
+    let command = async { writer.submit(cmd, meta).await.map_err(ApiError::from) };
     let result = state.idempotency.execute(&caller.0, headers.idempotency_key.as_deref(), &digest, command).await;
     let outcome = match &result {
         Ok(_) => "accepted",

@@ -1,9 +1,14 @@
-//! Request extractors whose rejections are problem+json: the caller, command headers, JSON bodies.
+//! Request extractors whose rejections are problem+json: the caller, command headers, JSON bodies;
+//! and the layer that keeps a command request as it arrived (to forward it to its partition's owner).
 
-use axum::body::Bytes;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, MatchedPath, Path, RawPathParams, Request};
-use axum::http::{header, request::Parts, HeaderMap, Method};
+use axum::http::{header, request::Parts, HeaderMap, Method, Uri};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
@@ -85,6 +90,12 @@ pub struct CommandHeaders {
     /// `X-Causation-Id` (honoured for service callers: the event that caused a reaction).
     pub causation_id: Option<String>,
     pub traceparent: Option<String>,
+    /// Forwarded by another instance (which found this one the partition's owner).
+    pub forwarded: bool,
+    /// On a forwarded create without `task_id`: the id the forwarding instance chose.
+    pub forwarded_task_id: Option<uuid::Uuid>,
+    /// The request as it arrived, to forward it to the partition's owner.
+    pub raw: Option<Arc<RawRequest>>,
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -128,7 +139,11 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
         let causation_id = header_str(h, "x-causation-id")?.filter(|c| visible_ascii(c, 128)).map(str::to_owned);
         // W3C trace context: version-traceid-parentid-flags; an invalid one is ignored, as the spec says.
         let traceparent = header_str(h, "traceparent")?.filter(|t| is_traceparent(t)).map(str::to_owned);
-        Ok(Self { if_match, idempotency_key, correlation_id, causation_id, traceparent })
+        let forwarded = h.contains_key(FORWARDED_BY);
+        let forwarded_task_id =
+            if forwarded { header_str(h, FORWARDED_TASK_ID)?.and_then(|v| v.parse::<uuid::Uuid>().ok()) } else { None };
+        let raw = parts.extensions.get::<Arc<RawRequest>>().cloned();
+        Ok(Self { if_match, idempotency_key, correlation_id, causation_id, traceparent, forwarded, forwarded_task_id, raw })
     }
 }
 
@@ -270,3 +285,33 @@ mod tests {
         assert_eq!(field_from_message("unknown field `colour`, expected one of ..."), Some("colour".into()));
     }
 }
+
+/// Marks a forwarded request (its value: the forwarding instance).
+pub const FORWARDED_BY: &str = "taskstream-forwarded-by";
+/// On a forwarded create without a `task_id`: the id the forwarding instance chose.
+pub const FORWARDED_TASK_ID: &str = "taskstream-task-id";
+
+/// A command request as it arrived.
+#[derive(Debug)]
+pub struct RawRequest {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Layer on the command routes: keeps the request (body included) so it can be forwarded.
+pub async fn capture(req: Request, next: Next) -> Response {
+    if req.method() == Method::GET {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, BODY_LIMIT_BYTES).await {
+        Ok(b) => b,
+        Err(_) => return ApiError::PayloadTooLarge(BODY_LIMIT_BYTES).into_response(),
+    };
+    let raw = Arc::new(RawRequest { method: parts.method.clone(), uri: parts.uri.clone(), headers: parts.headers.clone(), body: body.clone() });
+    parts.extensions.insert(raw);
+    next.run(Request::from_parts(parts, Body::from(body))).await
+}
+

@@ -83,3 +83,62 @@ impl IdempotencyCache {
         self.cache.insert((user.clone(), tag.key.clone()), stored).await;
     }
 }
+
+/// An answer as a partition snapshot keeps it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeptAnswer {
+    pub user: String,
+    pub key: String,
+    pub digest: String,
+    pub id_field: String,
+    pub id: uuid::Uuid,
+    pub created: bool,
+    pub etag: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    pub version: u32,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The `id_field`s a receipt can name (`Receipt::id_field` is a static name).
+fn id_field(name: &str) -> Option<&'static str> {
+    ["task_id", "notification_id", "webhook_id"].into_iter().find(|f| *f == name)
+}
+
+impl IdempotencyCache {
+    /// Every answer remembered for a command of `partition`, for its snapshot.
+    pub fn export(&self, partition: i32) -> Vec<KeptAnswer> {
+        self.cache
+            .iter()
+            .filter(|(_, v)| v.answer.position.partition == partition)
+            .map(|(k, v)| {
+                let (user, key) = &*k;
+                let a = &v.answer;
+                KeptAnswer {
+                    user: user.to_string(),
+                    key: key.clone(),
+                    digest: v.request_digest.clone(),
+                    id_field: a.receipt.id_field.to_owned(),
+                    id: a.receipt.id,
+                    created: a.receipt.created,
+                    etag: a.receipt.etag,
+                    secret: a.receipt.secret.as_deref().map(str::to_owned),
+                    version: a.version,
+                    partition: a.position.partition,
+                    offset: a.position.offset,
+                }
+            })
+            .collect()
+    }
+
+    /// Remembers the answers of a snapshot.
+    pub async fn import(&self, answers: Vec<KeptAnswer>) {
+        for k in answers {
+            let (Some(id_field), Ok(user)) = (id_field(&k.id_field), UserId::parse(k.user)) else { continue };
+            let receipt = Receipt { id_field, id: k.id, created: k.created, etag: k.etag, secret: k.secret.map(Arc::from) };
+            let answer = Answer::new(receipt, k.version, Position { partition: k.partition, offset: k.offset });
+            self.cache.insert((user, k.key), Arc::new(Stored { request_digest: k.digest, answer })).await;
+        }
+    }
+}

@@ -1,5 +1,7 @@
-//! taskstream command API: HTTP -> command -> decide -> append to Kafka (transactional, group
-//! commit) -> answer. See `writer` for the single-writer design.
+//! taskstream command API: HTTP -> command -> route to the partition's owner -> decide -> append to
+//! Kafka (transactional, group commit) -> answer. Every partition of `task-events` has one writer in
+//! the whole deployment (see `writer`); instances share the partitions through Kafka's consumer
+//! group (`membership`) and forward commands to the owner (`forward`).
 //!
 //! A command's way through the modules, top to bottom (each imports only modules below it):
 //! - `lib` (settings, `Application`) wires everything; `main` only starts it.
@@ -10,22 +12,33 @@
 //!   answer as HTTP); `state`: the `AppState` handlers share.
 //! - `extract`: problem+json extractors (caller, command headers, JSON body, `CommandRoute` for the
 //!   Idempotency-Key digest).
-//! - `writer`: the single writer, generic over the registered aggregates (`domain::Decider`):
-//!   decides, stages and answers through one path, live and at restore.
+//! - `forward`: replays a command request to its partition's owner; `membership`: the consumer group
+//!   that assigns partitions (starting and stopping writers) and the owners topic's follower;
+//!   `cluster`: this instance's writers and the announced owners (`Cluster::route`).
+//! - `writer`: a partition's writer, generic over the registered aggregates (`domain::Decider`):
+//!   decides, stages and answers through one path, live and at restore; snapshots. `streams`: the
+//!   per-aggregate state maps it keeps; `partition`: which partition a stream lives in.
 //! - `idempotency`: the Idempotency-Key decision (`IdempotencyCache::execute`) and `Answer`.
 //! - `error`: `ApiError`, the one problem+json error type; `log`: the `EventLog` port and its Kafka
 //!   adapter.
 
+pub mod cluster;
 pub mod command;
 pub mod error;
 pub mod extract;
+pub mod forward;
 pub mod idempotency;
 pub mod log;
+pub mod membership;
+pub mod partition;
 pub mod routes;
 pub mod state;
+pub mod streams;
 pub mod writer;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -35,8 +48,11 @@ use platform::auth::JwtAuth;
 use platform::settings::{AuthSettings, KafkaSettings, SecretPolicy};
 
 pub use crate::extract::BODY_LIMIT_BYTES;
+use crate::cluster::{Cluster, Instance};
 use crate::idempotency::IdempotencyCache;
 use crate::log::{KafkaLog, KafkaLogSettings};
+use crate::membership::WriterFactory;
+use crate::writer::{Writer, WriterConfig};
 pub use crate::routes::router;
 pub use crate::state::AppState;
 
@@ -54,10 +70,29 @@ pub struct Settings {
     /// (at least 32 bytes) unless in dev mode, where without it service calls are refused.
     #[arg(long, env = "SERVICE_JWT_SECRET")]
     pub service_jwt_secret: Option<platform::secret::Secret>,
-    /// Kafka transactional.id of the single writer. A second instance with the same id fences the
-    /// first (the first then answers 503 until it is stopped).
+    /// Prefix of the partition writers' Kafka transactional.id (`<prefix>-p<partition>`). A new
+    /// owner of a partition fences the previous one with it.
     #[arg(long, env = "KAFKA_TRANSACTIONAL_ID", default_value = "taskstream-command-api")]
     pub transactional_id: String,
+    /// Kafka consumer group through which the command-API instances share the partitions.
+    #[arg(long, env = "COMMAND_API_GROUP", default_value = "taskstream-command-api")]
+    pub group: String,
+    /// This instance's id in `GET /v1/cluster` and the owners topic (default: host:port).
+    #[arg(long, env = "COMMAND_API_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Where the other instances reach this one to forward commands (default: http://<COMMAND_API_ADDR>).
+    #[arg(long, env = "COMMAND_API_ADVERTISED_URL")]
+    pub advertised_url: Option<String>,
+    /// A partition writer records a snapshot after this many events...
+    #[arg(long, env = "SNAPSHOT_EVERY_EVENTS", default_value_t = 100_000)]
+    pub snapshot_every_events: u64,
+    /// ... or after this many seconds with at least one event.
+    #[arg(long, env = "SNAPSHOT_INTERVAL_SECONDS", default_value_t = 300)]
+    pub snapshot_interval_seconds: u64,
+    /// Undecodable records an operator released (`partition:offset,...`): skipped at restore
+    /// instead of stopping the writes to their stream.
+    #[arg(long, env = "COMMAND_API_RELEASED_RECORDS", value_delimiter = ',', value_parser = parse_position)]
+    pub released_records: Vec<(i32, i64)>,
     /// Kafka transaction timeout; operations on the log give up after half of it.
     #[arg(long, env = "KAFKA_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000)]
     pub transaction_timeout_ms: u64,
@@ -93,19 +128,36 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.secrets.enforce(&[("AUTH_JWT_SECRET", Some(&settings.auth.auth_jwt_secret)), ("SERVICE_JWT_SECRET", settings.service_jwt_secret.as_ref())])?;
         platform::http::metrics_handle();
-        let log = KafkaLog::new(KafkaLogSettings {
+        let listener = tokio::net::TcpListener::bind(settings.addr).await?;
+        let addr = listener.local_addr()?;
+        let me = Instance {
+            id: settings.instance_id.clone().unwrap_or_else(|| format!("{}:{}", hostname(), addr.port())),
+            url: settings.advertised_url.clone().unwrap_or_else(|| format!("http://{addr}")),
+        };
+        let cluster = Arc::new(Cluster::new(me.clone(), 0));
+        let log_settings = KafkaLogSettings {
             kafka: settings.kafka.clone(),
-            transactional_id: settings.transactional_id.clone(),
+            transactional_id_prefix: settings.transactional_id.clone(),
             transaction_timeout: Duration::from_millis(settings.transaction_timeout_ms),
-        });
+        };
         let idempotency = IdempotencyCache::new(settings.idempotency_max_entries, Duration::from_secs(settings.idempotency_ttl_seconds));
+        let config = WriterConfig {
+            max_batch: settings.max_batch,
+            owner: Some((me.id.clone(), me.url.clone())),
+            snapshot_every_events: settings.snapshot_every_events,
+            snapshot_interval: Duration::from_secs(settings.snapshot_interval_seconds),
+            released: settings.released_records.iter().copied().collect::<HashSet<_>>(),
+        };
+        let cache = idempotency.clone();
+        let factory: WriterFactory = Arc::new(move |p| Writer::spawn(p, KafkaLog::new(log_settings.clone(), p), cache.clone(), config.clone()));
+        tokio::spawn(join_when_reachable(settings.kafka.clone(), settings.group.clone(), cluster.clone(), factory));
         let auth = JwtAuth::new(&settings.auth.auth_jwt_secret).with_service_secret(settings.service_jwt_secret.as_ref());
         let brokers = platform::kafka::watch_brokers(&settings.kafka, "taskstream-command-api-probe", BROKER_PROBE_PERIOD)?;
-        let state = AppState::new(log, auth, settings.max_batch, idempotency)
+        let forward_timeout = Duration::from_millis(settings.request_timeout_ms / 2);
+        let state = AppState::with_cluster(cluster, auth, idempotency, forward_timeout)
             .allow_private_webhooks(settings.webhook_allow_private)
             .with_brokers(brokers);
-        let listener = tokio::net::TcpListener::bind(settings.addr).await?;
-        tracing::info!(addr = %listener.local_addr()?, "command API listening");
+        tracing::info!(%addr, instance = %me.id, url = %me.url, "command API listening");
         Ok(Self { listener, router: router(state, Duration::from_millis(settings.request_timeout_ms)) })
     }
 
@@ -116,5 +168,47 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         axum::serve(self.listener, self.router).with_graceful_shutdown(platform::http::shutdown_signal()).await?;
         Ok(())
+    }
+}
+
+fn parse_position(s: &str) -> Result<(i32, i64), String> {
+    let (p, o) = s.trim().split_once(':').ok_or_else(|| format!("{s}: expected partition:offset"))?;
+    Ok((p.parse().map_err(|_| format!("{s}: bad partition"))?, o.parse().map_err(|_| format!("{s}: bad offset"))?))
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned())).unwrap_or_else(|| "command-api".into())
+}
+
+/// Creates the topics and learns the partition count (retrying until Kafka answers), then joins the
+/// group and follows the owners topic.
+async fn join_when_reachable(kafka: platform::settings::KafkaSettings, group: String, cluster: Arc<Cluster>, factory: WriterFactory) {
+    let mut backoff = platform::retry::Policy::new(Duration::from_millis(200), Duration::from_secs(5)).backoff();
+    loop {
+        let attempt = async {
+            platform::kafka::ensure_topics(&kafka).await?;
+            let k = kafka.clone();
+            let n = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+                let consumer: rdkafka::consumer::BaseConsumer = platform::kafka::client_config(&k, "taskstream-command-api-metadata").create()?;
+                Ok(platform::kafka::partitions(&consumer, &k.task_events_topic, Duration::from_secs(5))?.len())
+            })
+            .await??;
+            anyhow::Ok(n as i32)
+        };
+        match attempt.await {
+            Ok(n) => {
+                cluster.set_partitions(n);
+                let joined = membership::follow_owners(&kafka, cluster.clone()).and_then(|_| membership::join(&kafka, &group, cluster.clone(), factory.clone()));
+                if let Err(e) = joined {
+                    tracing::error!(error.message = %e, "could not start the group membership");
+                }
+                return;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "Kafka is not reachable yet; the command API owns no partition until it is");
+                tokio::time::sleep(delay).await;
+            }
+        }
     }
 }

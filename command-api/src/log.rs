@@ -1,16 +1,20 @@
-//! The event log port and its Kafka adapter. The writer appends whole batches atomically (one Kafka
-//! transaction) and, after a failure or at start, catches up by reading the log (read_committed).
+//! The event log port and its Kafka adapter, for one partition of `task-events`. A partition's
+//! writer appends whole batches atomically (one Kafka transaction of its own transactional producer,
+//! `<prefix>-p<partition>`), announces itself as the partition's owner in the same way, records
+//! snapshots of its state, and, after a failure or when it takes the partition over, catches up by
+//! reading the partition (read_committed).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -19,57 +23,147 @@ use platform::kafka::QuietEof;
 use platform::position::Position;
 use platform::settings::KafkaSettings;
 
-/// Next offset to read per partition.
-pub type Offsets = HashMap<i32, i64>;
-
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("the event log is unavailable: {0}")]
     Unavailable(String),
+    /// Another instance took the partition over (its producer fenced ours): stop writing to it.
+    #[error("another instance owns this partition now (our producer was fenced): {0}")]
+    Fenced(String),
 }
 
 impl From<KafkaError> for LogError {
     fn from(e: KafkaError) -> Self {
-        LogError::Unavailable(e.to_string())
+        let fenced = matches!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::TransactionCoordinatorFenced)
+        );
+        if fenced {
+            LogError::Fenced(e.to_string())
+        } else {
+            LogError::Unavailable(e.to_string())
+        }
     }
 }
 
-/// Where the writer appends. One implementation talks to Kafka; tests use an in-memory one.
+/// The owner of a partition as it announces itself (the value of its key in the owners topic).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OwnerRecord {
+    pub partition: i32,
+    pub instance: String,
+    /// Where peers forward the commands of this partition.
+    pub url: String,
+    pub since: chrono::DateTime<chrono::Utc>,
+}
+
+/// A record of the log that cannot be decoded, with its key (the stream it belongs to) if readable.
+#[derive(Debug)]
+pub struct Undecodable {
+    pub key: Option<String>,
+    pub error: DecodeError,
+}
+
+/// What a restore is handed for each record read.
+pub type Apply = Box<dyn FnMut(Position, Result<Record, Undecodable>) + Send>;
+
+/// A partition of the log, as its writer sees it. One implementation talks to Kafka; tests use an
+/// in-memory one.
 pub trait EventLog: Send + 'static {
-    /// Makes the log writable (fences other writers) and returns immediately if it already is.
+    /// Makes the partition writable by this writer (fences any previous owner of the partition and
+    /// completes or aborts its open transaction); returns at once if it already is.
     fn connect(&mut self) -> impl std::future::Future<Output = Result<(), LogError>> + Send;
     /// Appends all records atomically; returns each record's position, in order. On error nothing
-    /// is known to be appended; the caller must `read_from` its last known offsets to find out.
+    /// is known to be appended; the caller must `read_from` its next offset to find out.
     fn append(&mut self, records: Vec<EncodedEvent>) -> impl std::future::Future<Output = Result<Vec<Position>, LogError>> + Send;
-    /// Reads every committed record from `from` to the end, calling `apply` for each, and returns
-    /// the offsets after the last one read.
-    fn read_from(
-        &mut self,
-        from: Offsets,
-        apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>,
-    ) -> impl std::future::Future<Output = Result<Offsets, LogError>> + Send;
+    /// Reads every committed record of the partition from offset `from` to the end, calling `apply`
+    /// for each, and returns the offset after the last one read.
+    fn read_from(&mut self, from: i64, apply: Apply) -> impl std::future::Future<Output = Result<i64, LogError>> + Send;
+    /// Tells the other instances that this writer owns the partition (in its own transaction, so a
+    /// fenced writer cannot).
+    fn announce(&mut self, _owner: &OwnerRecord) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
+        async { Ok(()) }
+    }
+    /// Records a snapshot of the writer's state (atomically replacing the previous one).
+    fn write_snapshot(&mut self, _snapshot: Vec<u8>) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
+        async { Ok(()) }
+    }
+    /// The latest snapshot recorded for the partition, if any.
+    fn read_snapshot(&mut self) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, LogError>> + Send {
+        async { Ok(None) }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct KafkaLogSettings {
     pub kafka: KafkaSettings,
-    pub transactional_id: String,
+    /// The partition's producer is `<prefix>-p<partition>`.
+    pub transactional_id_prefix: String,
     pub transaction_timeout: Duration,
 }
 
+impl KafkaLogSettings {
+    pub fn transactional_id(&self, partition: i32) -> String {
+        format!("{}-p{partition}", self.transactional_id_prefix)
+    }
+}
+
+/// Snapshots are split into records of at most this size (the snapshot topic allows 8 MiB).
+const SNAPSHOT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
 pub struct KafkaLog {
     settings: KafkaLogSettings,
+    partition: i32,
     producer: Option<Arc<BaseProducer<TxnContext>>>,
+    /// Chunks of the last snapshot written or read (the extra ones are deleted by the next).
+    snapshot_chunks: usize,
 }
 
 impl KafkaLog {
-    pub fn new(settings: KafkaLogSettings) -> Self {
-        Self { settings, producer: None }
+    pub fn new(settings: KafkaLogSettings, partition: i32) -> Self {
+        Self { settings, partition, producer: None, snapshot_chunks: 0 }
     }
 
     fn op_timeout(&self) -> Duration {
         self.settings.transaction_timeout / 2
     }
+
+    fn reader(&self, purpose: &str) -> Result<BaseConsumer<QuietEof>, LogError> {
+        let mut cfg = platform::kafka::client_config(&self.settings.kafka, &format!("taskstream-command-api-{purpose}"));
+        cfg.set("group.id", format!("{}-{purpose}", self.settings.transactional_id(self.partition)))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("fetch.max.bytes", "52428800")
+            .set("max.partition.fetch.bytes", "16777216")
+            .set("auto.offset.reset", "earliest");
+        Ok(cfg.create_with_context(QuietEof)?)
+    }
+
+    async fn transact(&mut self, records: Vec<Outgoing>) -> Result<Vec<Position>, LogError> {
+        let producer = self.producer.clone().ok_or_else(|| LogError::Unavailable("not connected".into()))?;
+        let timeout = self.op_timeout();
+        let result = tokio::task::spawn_blocking(move || append_in_transaction(&producer, records, timeout))
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))
+            .and_then(|r| r);
+        if result.is_err() {
+            // Whatever state the transaction is in, a new producer with the same transactional.id
+            // resolves it (init_transactions); the caller then reads the log to learn the outcome.
+            self.producer = None;
+        }
+        result
+    }
+}
+
+/// A record to send in a transaction.
+struct Outgoing {
+    topic: String,
+    partition: i32,
+    key: String,
+    /// `None` deletes the key (a tombstone, in a compacted topic).
+    payload: Option<Vec<u8>>,
+    headers: OwnedHeaders,
 }
 
 impl EventLog for KafkaLog {
@@ -78,9 +172,10 @@ impl EventLog for KafkaLog {
             return Ok(());
         }
         platform::kafka::ensure_topics(&self.settings.kafka).await.map_err(|e| LogError::Unavailable(format!("{e:#}")))?;
+        let transactional_id = self.settings.transactional_id(self.partition);
         let mut cfg = platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api");
         let txn_ms = self.settings.transaction_timeout.as_millis().to_string();
-        cfg.set("transactional.id", &self.settings.transactional_id)
+        cfg.set("transactional.id", &transactional_id)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             // No linger: a batch is already one transaction, and with linger.ms > 0 librdkafka's
@@ -94,48 +189,142 @@ impl EventLog for KafkaLog {
             .set("retry.backoff.max.ms", "10")
             .set("transaction.timeout.ms", &txn_ms)
             .set("message.timeout.ms", &txn_ms)
+            .set("message.max.bytes", "8388608")
             .set("queue.buffering.max.messages", "200000");
         // A BaseProducer driven from the appending thread: rdkafka's threaded producers poll on a
         // 100 ms cycle, which made every commit_transaction (it flushes) take ~100 ms.
         let producer: Arc<BaseProducer<TxnContext>> = Arc::new(cfg.create_with_context(TxnContext::default())?);
         let timeout = self.op_timeout();
         let p = producer.clone();
-        // Fences any other instance with the same transactional.id and completes its open transaction.
+        // Fences the previous owner of the partition (same transactional.id) and completes or
+        // aborts its open transaction.
         tokio::task::spawn_blocking(move || p.init_transactions(timeout)).await.map_err(|e| LogError::Unavailable(e.to_string()))??;
-        tracing::info!(transactional_id = %self.settings.transactional_id, "transactional producer ready");
+        tracing::debug!(transactional_id, "transactional producer ready");
         self.producer = Some(producer);
         Ok(())
     }
 
     async fn append(&mut self, records: Vec<EncodedEvent>) -> Result<Vec<Position>, LogError> {
-        let producer = self.producer.clone().ok_or_else(|| LogError::Unavailable("not connected".into()))?;
-        let topic = self.settings.kafka.task_events_topic.clone();
-        let timeout = self.op_timeout();
-        let result = tokio::task::spawn_blocking(move || append_in_transaction(&producer, &topic, records, timeout))
-            .await
-            .map_err(|e| LogError::Unavailable(e.to_string()))
-            .and_then(|r| r);
-        if result.is_err() {
-            // Whatever state the transaction is in, a new producer with the same transactional.id
-            // resolves it (init_transactions); the caller then reads the log to learn the outcome.
-            self.producer = None;
-        }
-        result
+        let topic = &self.settings.kafka.task_events_topic;
+        let outgoing = records
+            .into_iter()
+            .map(|r| Outgoing { topic: topic.clone(), partition: self.partition, key: r.key, payload: Some(r.payload), headers: r.headers })
+            .collect();
+        self.transact(outgoing).await
     }
 
-    async fn read_from(&mut self, from: Offsets, apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>) -> Result<Offsets, LogError> {
-        let mut cfg = platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api-restore");
-        cfg.set("group.id", format!("{}-restore", self.settings.transactional_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .set("fetch.max.bytes", "52428800")
-            .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer<QuietEof> = cfg.create_with_context(QuietEof)?;
+    async fn read_from(&mut self, from: i64, apply: Apply) -> Result<i64, LogError> {
+        let consumer = self.reader("restore")?;
         let topic = self.settings.kafka.task_events_topic.clone();
         let timeout = self.op_timeout();
-        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, from, apply, timeout)).await.map_err(|e| LogError::Unavailable(e.to_string()))?
+        let partition = self.partition;
+        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, partition, from, apply, timeout))
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))?
+    }
+
+    async fn announce(&mut self, owner: &OwnerRecord) -> Result<(), LogError> {
+        let payload = serde_json::to_vec(owner).map_err(|e| LogError::Unavailable(e.to_string()))?;
+        let record =
+            Outgoing { topic: self.settings.kafka.owners_topic(), partition: 0, key: self.partition.to_string(), payload: Some(payload), headers: OwnedHeaders::new() };
+        self.transact(vec![record]).await.map(|_| ())
+    }
+
+    async fn write_snapshot(&mut self, snapshot: Vec<u8>) -> Result<(), LogError> {
+        let topic = self.settings.kafka.snapshots_topic();
+        let id = uuid::Uuid::now_v7().to_string();
+        let chunks: Vec<&[u8]> = snapshot.chunks(SNAPSHOT_CHUNK_BYTES).collect();
+        let n = chunks.len();
+        let mut records: Vec<Outgoing> = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Outgoing {
+                topic: topic.clone(),
+                partition: self.partition,
+                key: format!("{}:{i}", self.partition),
+                payload: Some(c.to_vec()),
+                headers: OwnedHeaders::new()
+                    .insert(Header { key: "snapshot_id", value: Some(id.as_str()) })
+                    .insert(Header { key: "chunks", value: Some(n.to_string().as_str()) }),
+            })
+            .collect();
+        // The previous snapshot's extra chunks are deleted in the same transaction.
+        for i in n..self.snapshot_chunks {
+            records.push(Outgoing { topic: topic.clone(), partition: self.partition, key: format!("{}:{i}", self.partition), payload: None, headers: OwnedHeaders::new() });
+        }
+        self.transact(records).await?;
+        self.snapshot_chunks = n;
+        Ok(())
+    }
+
+    async fn read_snapshot(&mut self) -> Result<Option<Vec<u8>>, LogError> {
+        let consumer = self.reader("snapshot")?;
+        let topic = self.settings.kafka.snapshots_topic();
+        let timeout = self.op_timeout();
+        let partition = self.partition;
+        let chunks = tokio::task::spawn_blocking(move || read_snapshot_chunks(&consumer, &topic, partition, timeout))
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))??;
+        self.snapshot_chunks = self.snapshot_chunks.max(chunks.len());
+        Ok(assemble_snapshot(chunks))
+    }
+}
+
+/// One chunk of a snapshot as read back: (snapshot id, chunk count, bytes), by chunk index.
+type SnapshotChunks = HashMap<usize, (String, usize, Vec<u8>)>;
+
+/// The latest snapshot whose chunks are all present (they are written in one transaction, so the
+/// latest value of every key belongs to the same snapshot unless a previous one had more chunks).
+fn assemble_snapshot(mut chunks: SnapshotChunks) -> Option<Vec<u8>> {
+    let (id, n, _) = chunks.get(&0)?.clone();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let (cid, _, bytes) = chunks.remove(&i)?;
+        if cid != id {
+            tracing::error!(chunk = i, "snapshot chunks of different snapshots; ignoring the snapshot");
+            return None;
+        }
+        out.extend_from_slice(&bytes);
+    }
+    Some(out)
+}
+
+fn read_snapshot_chunks(consumer: &BaseConsumer<QuietEof>, topic: &str, partition: i32, timeout: Duration) -> Result<SnapshotChunks, LogError> {
+    let mut chunks = SnapshotChunks::new();
+    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    if high <= low {
+        return Ok(chunks);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut last_progress = Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                last_progress = Instant::now();
+                let Some(index) = m.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.rsplit(':').next()).and_then(|i| i.parse::<usize>().ok()) else {
+                    continue;
+                };
+                match m.payload() {
+                    None => {
+                        chunks.remove(&index);
+                    }
+                    Some(bytes) => {
+                        let header = |name: &str| {
+                            m.headers().and_then(|h| h.iter().find(|x| x.key == name)).and_then(|x| x.value).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_owned)
+                        };
+                        let (Some(id), Some(n)) = (header("snapshot_id"), header("chunks").and_then(|n| n.parse().ok())) else { continue };
+                        chunks.insert(index, (id, n, bytes.to_vec()));
+                    }
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(chunks),
+            Some(Err(e)) if last_progress.elapsed() > timeout => return Err(e.into()),
+            Some(Err(e)) => tracing::warn!(error.message = %e, "error while reading the snapshot"),
+            None if last_progress.elapsed() > timeout => return Err(LogError::Unavailable("timed out reading the snapshot".into())),
+            None => {}
+        }
     }
 }
 
@@ -163,18 +352,21 @@ impl ProducerContext for TxnContext {
     }
 }
 
-fn append_in_transaction(producer: &BaseProducer<TxnContext>, topic: &str, records: Vec<EncodedEvent>, timeout: Duration) -> Result<Vec<Position>, LogError> {
+fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgoing>, timeout: Duration) -> Result<Vec<Position>, LogError> {
     let n = records.len();
     *producer.context().reports.lock().map_err(|_| LogError::Unavailable("poisoned".into()))? = vec![None; n];
     producer.begin_transaction()?;
     for (i, r) in records.into_iter().enumerate() {
-        let EncodedEvent { key, payload, headers, .. } = r;
-        let mut record = BaseRecord::with_opaque_to(topic, Box::new(i)).key(key.as_str()).payload(payload.as_slice()).headers(headers);
+        let Outgoing { topic, partition, key, payload, headers } = r;
+        let mut record = BaseRecord::with_opaque_to(&topic, Box::new(i)).partition(partition).key(key.as_str()).headers(headers);
+        if let Some(payload) = &payload {
+            record = record.payload(payload.as_slice());
+        }
         let deadline = Instant::now() + timeout;
         loop {
             match producer.send(record) {
                 Ok(()) => break,
-                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) if Instant::now() < deadline => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) if Instant::now() < deadline => {
                     producer.poll(Duration::from_millis(5));
                     record = back;
                 }
@@ -225,44 +417,41 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, topic: &str, recor
 fn read_to_end(
     consumer: &BaseConsumer<QuietEof>,
     topic: &str,
-    mut next: Offsets,
-    mut apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>,
+    partition: i32,
+    mut next: i64,
+    mut apply: Apply,
     timeout: Duration,
-) -> Result<Offsets, LogError> {
-    let partitions = platform::kafka::partitions(consumer, topic, timeout).map_err(|e| LogError::Unavailable(format!("{e:#}")))?;
-    let mut tpl = TopicPartitionList::new();
-    let mut pending = Vec::new();
-    for p in &partitions {
-        let (_, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
-        let from = *next.entry(*p).or_insert(0);
-        if from < high {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(from))?;
-            pending.push(*p);
-        }
-    }
-    if pending.is_empty() {
+) -> Result<i64, LogError> {
+    let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    if next >= high {
         return Ok(next);
     }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
     consumer.assign(&tpl)?;
     let mut last_progress = Instant::now();
     let mut count: u64 = 0;
     let started = Instant::now();
-    while !pending.is_empty() {
+    loop {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 last_progress = Instant::now();
                 let pos = Position { partition: m.partition(), offset: m.offset() };
-                next.insert(pos.partition, pos.offset + 1);
-                apply(pos, codec::decode_record(m.key(), m.headers(), m.payload()));
+                next = pos.offset + 1;
+                let rec = codec::decode_record(m.key(), m.headers(), m.payload())
+                    .map_err(|error| Undecodable { key: m.key().and_then(|k| std::str::from_utf8(k).ok()).map(str::to_owned), error });
+                apply(pos, rec);
                 count += 1;
             }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                pending.retain(|x| *x != p);
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                // Past transaction markers and aborted records the position is further than the
+                // last record read.
                 if let Ok(position) = consumer.position() {
-                    if let Some(Offset::Offset(o)) = position.find_partition(topic, p).map(|e| e.offset()) {
-                        next.insert(p, o.max(*next.get(&p).unwrap_or(&0)));
+                    if let Some(Offset::Offset(o)) = position.find_partition(topic, partition).map(|e| e.offset()) {
+                        next = next.max(o);
                     }
                 }
+                break;
             }
             Some(Err(e)) => {
                 tracing::warn!(error.message = %e, "error while reading the log");
@@ -277,7 +466,7 @@ fn read_to_end(
         }
     }
     if count > 0 {
-        tracing::info!(events = count, elapsed_ms = started.elapsed().as_millis() as u64, "read the log");
+        tracing::info!(partition, events = count, elapsed_ms = started.elapsed().as_millis() as u64, "read the log");
     }
     Ok(next)
 }

@@ -1,17 +1,25 @@
-//! What every handler shares: the writer, token verification, the Idempotency-Key answers.
+//! What every handler shares: the cluster (this instance's partition writers and who owns the
+//! others), the forwarder, token verification, the Idempotency-Key answers.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::FromRef;
 
 use platform::auth::JwtAuth;
 use platform::kafka::Reachability;
 
+use crate::cluster::{Cluster, Instance};
+use crate::forward::Forwarder;
 use crate::idempotency::IdempotencyCache;
 use crate::log::EventLog;
-use crate::writer::Writer;
+use crate::membership::{self, WriterFactory};
+use crate::writer::{Writer, WriterConfig};
 
 #[derive(Clone)]
 pub struct AppState {
-    pub writer: Writer,
+    pub cluster: Arc<Cluster>,
+    pub forwarder: Forwarder,
     pub auth: JwtAuth,
     pub idempotency: IdempotencyCache,
     /// Accept webhook URLs on loopback/private addresses (local development only).
@@ -26,22 +34,37 @@ impl FromRef<AppState> for JwtAuth {
     }
 }
 
+/// The partition count of the in-process logs (`AppState::new`), as the default topic has.
+pub const DEFAULT_PARTITIONS: i32 = 12;
+
 impl AppState {
-    /// Wires the state around any event log (Kafka in production, in-memory in unit tests).
-    pub fn new<L: EventLog>(log: L, auth: JwtAuth, max_batch: usize, idempotency: IdempotencyCache) -> Self {
-        let writer = Writer::spawn(log, idempotency.clone(), max_batch);
-        Self { writer, auth, idempotency, allow_private_webhooks: false, brokers: Reachability::assumed() }
+    /// Wires the state around `cluster` (whose partitions arrive later, e.g. from Kafka's group).
+    pub fn with_cluster(cluster: Arc<Cluster>, auth: JwtAuth, idempotency: IdempotencyCache, forward_timeout: Duration) -> Self {
+        let forwarder = Forwarder::new(&cluster.me().id, forward_timeout);
+        Self { cluster, forwarder, auth, idempotency, allow_private_webhooks: false, brokers: Reachability::assumed() }
     }
 
-    /// Readiness follows this probe of the brokers as well as the writer's restored state.
+    /// One process owning every partition of `log` (an in-memory log in tests): `log` is cloned for
+    /// each partition's writer.
+    pub fn new<L: EventLog + Clone + Sync>(log: L, auth: JwtAuth, max_batch: usize, idempotency: IdempotencyCache) -> Self {
+        let cluster = Arc::new(Cluster::new(Instance { id: "local".into(), url: "http://127.0.0.1".into() }, DEFAULT_PARTITIONS));
+        let cache = idempotency.clone();
+        let factory: WriterFactory =
+            Arc::new(move |p| Writer::spawn(p, log.clone(), cache.clone(), WriterConfig { max_batch, ..WriterConfig::default() }));
+        membership::own_all(&cluster, &factory);
+        Self::with_cluster(cluster, auth, idempotency, Duration::from_secs(10))
+    }
+
+    /// Readiness follows this probe of the brokers as well as the partitions' state.
     pub fn with_brokers(mut self, brokers: Reachability) -> Self {
         self.brokers = brokers;
         self
     }
 
-    /// Ready to accept commands: the state is restored and the brokers answer.
+    /// Ready to accept commands: the brokers answer, this instance's partitions are restored and
+    /// every partition has a known owner.
     pub fn is_ready(&self) -> bool {
-        self.writer.is_ready() && self.brokers.is_reachable()
+        self.brokers.is_reachable() && self.cluster.is_ready()
     }
 
     pub fn allow_private_webhooks(mut self, allow: bool) -> Self {

@@ -1,29 +1,30 @@
-//! The single writer: every command goes through one task that decides against the in-memory state
-//! of all tasks and users (restored from the log at start), appends the accepted events of all
-//! concurrent commands in one Kafka transaction (group commit), and only then answers. Commands on
-//! one task are therefore applied in order, versions are contiguous, and the log never holds a
-//! rejected event.
+//! A partition's writer: every command on a stream of the partition goes through one task that
+//! decides against the in-memory state of the partition's streams (restored from its snapshot and
+//! the log after it), appends the accepted events of all concurrent commands in one Kafka
+//! transaction of the partition's own producer (group commit), and only then answers. Commands on
+//! one stream are therefore applied in order, versions are contiguous, and the log never holds a
+//! rejected event. Writers of different partitions commit in parallel.
+//!
+//! Taking a partition over: fence the previous owner (`EventLog::connect`), restore the latest
+//! snapshot and read the partition to its end, announce the ownership, then accept commands. Giving
+//! it up (`Writer::stop`): stop accepting, finish the transaction in flight, refuse what is queued.
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
-use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use domain::{
-    AnyCommand, CommandVisitor, Decider, DomainError, DomainEvent, Envelope, FieldError, IdempotencyTag, Metadata, Receipt, Record, RecordVisitor, UserId,
-};
+use domain::{AnyCommand, CommandVisitor, Decider, DomainError, Envelope, FieldError, IdempotencyTag, Metadata, Receipt, Record, RecordVisitor, UserId};
 use platform::codec::{self, EncodedEvent};
 use platform::position::Position;
 use platform::retry::Policy;
 
-use crate::idempotency::{Answer, IdempotencyCache};
-use crate::log::{EventLog, LogError, Offsets};
+use crate::idempotency::{Answer, IdempotencyCache, KeptAnswer};
+use crate::log::{EventLog, LogError, OwnerRecord, Undecodable};
+use crate::streams::{apply_event, Layered, States};
 
 /// Metadata carried with a command into its events.
 #[derive(Debug, Clone, Default)]
@@ -48,25 +49,95 @@ struct Submission {
     reply: oneshot::Sender<Result<Answer, WriteError>>,
 }
 
-/// Handle used by the HTTP layer.
+/// Where a partition's writer is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Fencing the previous owner and reading the snapshot and the log.
+    Restoring,
+    Ready,
+    /// The log failed; reconnecting and reading what it missed.
+    Recovering,
+    /// Gave the partition up (revoked, fenced, or shutting down).
+    Stopped,
+}
+
+/// How a writer is run.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub max_batch: usize,
+    /// Announced as the partition's owner once restored (instance id, URL).
+    pub owner: Option<(String, String)>,
+    /// A snapshot is recorded after this many events since the last one...
+    pub snapshot_every_events: u64,
+    /// ... or after this long with at least one event.
+    pub snapshot_interval: Duration,
+    /// Undecodable records an operator released (`partition:offset`): skipped instead of blocking
+    /// their stream.
+    pub released: HashSet<(i32, i64)>,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self { max_batch: 2_000, owner: None, snapshot_every_events: 100_000, snapshot_interval: Duration::from_secs(300), released: HashSet::new() }
+    }
+}
+
+/// Handle of one partition's writer, used by the HTTP layer.
 #[derive(Clone)]
 pub struct Writer {
+    partition: i32,
     tx: mpsc::Sender<Submission>,
-    ready: Arc<AtomicBool>,
+    phase: watch::Receiver<Phase>,
+    stop: Arc<watch::Sender<bool>>,
 }
 
 impl Writer {
-    /// Starts the writer task. It connects, restores state from the log, then serves commands.
-    pub fn spawn<L: EventLog>(log: L, idempotency: IdempotencyCache, max_batch: usize) -> Self {
-        let (tx, rx) = mpsc::channel(max_batch * 4);
-        let ready = Arc::new(AtomicBool::new(false));
-        let actor = Actor { log, states: States::default(), offsets: Offsets::new(), idempotency, ready: ready.clone(), max_batch, recovering: true };
-        tokio::spawn(actor.run(rx));
-        Self { tx, ready }
+    /// Starts the writer of `partition`: it connects (fencing the previous owner), restores, then
+    /// serves commands.
+    pub fn spawn<L: EventLog>(partition: i32, log: L, idempotency: IdempotencyCache, config: WriterConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.max_batch * 4);
+        let (phase_tx, phase) = watch::channel(Phase::Restoring);
+        let (stop, stop_rx) = watch::channel(false);
+        let actor = Actor {
+            partition,
+            log,
+            states: States::default(),
+            next_offset: 0,
+            idempotency,
+            phase: phase_tx,
+            config,
+            recovering: true,
+            restored_once: false,
+            blocked: HashMap::new(),
+            since_snapshot: 0,
+            last_snapshot: Instant::now(),
+        };
+        tokio::spawn(actor.run(rx, stop_rx));
+        Self { partition, tx, phase, stop: Arc::new(stop) }
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.phase() == Phase::Ready
+    }
+
+    /// Gives the partition up: stop accepting, finish the transaction in flight, refuse the rest.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the writer has stopped (after `stop`, or after it was fenced).
+    pub async fn stopped(&self) {
+        let mut phase = self.phase.clone();
+        let _ = phase.wait_for(|p| *p == Phase::Stopped).await;
     }
 
     /// Hands a command to the writer and waits for its answer. While the writer is not ready
@@ -74,24 +145,56 @@ impl Writer {
     /// waiting in the queue.
     pub async fn submit(&self, cmd: AnyCommand, meta: CommandMeta) -> Result<Answer, WriteError> {
         if !self.is_ready() {
-            return Err(WriteError::Unavailable("the writer is restoring its state from the log or reconnecting to Kafka".into()));
+            return Err(WriteError::Unavailable(format!(
+                "partition {} is {}",
+                self.partition,
+                match self.phase() {
+                    Phase::Stopped => "moving to another instance",
+                    _ => "restoring its state from the log or reconnecting to Kafka",
+                }
+            )));
         }
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Submission { cmd, meta, reply }).await.map_err(|_| WriteError::Unavailable("the writer has stopped".into()))?;
-        rx.await.map_err(|_| WriteError::Unavailable("the writer has stopped".into()))?
+        let gone = || WriteError::Unavailable(format!("partition {} is moving to another instance", self.partition));
+        self.tx.send(Submission { cmd, meta, reply }).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 }
 
+/// What a partition snapshot holds: the state of every stream of the partition after the records
+/// before `next_offset`, and the Idempotency-Key answers remembered then.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot {
+    format: u32,
+    partition: i32,
+    next_offset: i64,
+    taken_at: DateTime<Utc>,
+    states: serde_json::Value,
+    answers: Vec<KeptAnswer>,
+    /// Streams whose records cannot be decoded (key -> position of the first such record).
+    #[serde(default)]
+    blocked: Vec<(String, i32, i64)>,
+}
+
+const SNAPSHOT_FORMAT: u32 = 1;
+
 struct Actor<L> {
+    partition: i32,
     log: L,
-    /// The committed state of every stream of every aggregate.
+    /// The committed state of every stream of the partition.
     states: States,
-    /// Next offset per partition that this writer has seen (restored or appended).
-    offsets: Offsets,
+    /// Next offset of the partition that this writer has seen (restored or appended).
+    next_offset: i64,
     idempotency: IdempotencyCache,
-    ready: Arc<AtomicBool>,
-    max_batch: usize,
+    phase: watch::Sender<Phase>,
+    config: WriterConfig,
     recovering: bool,
+    restored_once: bool,
+    /// Streams with a record that cannot be decoded: their writes are refused (the state would be
+    /// wrong) until an operator releases the record.
+    blocked: HashMap<String, Position>,
+    since_snapshot: u64,
+    last_snapshot: Instant,
 }
 
 /// How long the writer waits between attempts to reach the log again: 100 ms doubling up to 5 s.
@@ -115,82 +218,219 @@ struct Decided {
 }
 
 impl<L: EventLog> Actor<L> {
-    async fn run(mut self, mut rx: mpsc::Receiver<Submission>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Submission>, mut stop: watch::Receiver<bool>) {
         let mut backoff = RECOVERY_BACKOFF.backoff();
-        loop {
+        'serve: loop {
+            if *stop.borrow() {
+                break;
+            }
             if self.recovering {
                 match self.recover().await {
                     Ok(()) => {
                         self.recovering = false;
-                        self.ready.store(true, Ordering::Release);
+                        let _ = self.phase.send(Phase::Ready);
                         backoff.reset();
+                    }
+                    Err(LogError::Fenced(e)) => {
+                        tracing::warn!(partition = self.partition, error.message = %e, "another instance took the partition over; stopping its writer");
+                        break;
                     }
                     Err(e) => {
                         let delay = backoff.next_delay();
-                        tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "event log unavailable; commands get 503 until it is back");
-                        let until = Instant::now() + delay;
+                        tracing::warn!(partition = self.partition, error.message = %e, retry_in_ms = delay.as_millis() as u64, "event log unavailable; commands on the partition get 503 until it is back");
+                        let until = tokio::time::Instant::now() + delay;
                         // Refuse what arrives meanwhile: nothing is appended while recovering.
-                        while let Ok(Some(s)) = tokio::time::timeout_at(until.into(), rx.recv()).await {
-                            let _ = s.reply.send(Err(WriteError::Unavailable(e.to_string())));
+                        loop {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(until) => break,
+                                _ = stop.changed() => break 'serve,
+                                s = rx.recv() => match s {
+                                    Some(s) => { let _ = s.reply.send(Err(WriteError::Unavailable(e.to_string()))); }
+                                    None => break 'serve,
+                                },
+                            }
                         }
                         continue;
                     }
                 }
             }
-            let Some(first) = rx.recv().await else { return };
+            let first = tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                s = rx.recv() => match s { Some(s) => s, None => break },
+            };
             let mut batch = vec![first];
-            while batch.len() < self.max_batch {
+            while batch.len() < self.config.max_batch {
                 match rx.try_recv() {
                     Ok(s) => batch.push(s),
                     Err(_) => break,
                 }
             }
-            self.process(batch).await;
+            if let Err(LogError::Fenced(e)) = self.process(batch).await {
+                tracing::warn!(partition = self.partition, error.message = %e, "another instance took the partition over; stopping its writer");
+                break;
+            }
+            if !self.recovering && self.snapshot_due() {
+                self.snapshot().await;
+            }
+        }
+        let _ = self.phase.send(Phase::Stopped);
+        rx.close();
+        while let Ok(s) = rx.try_recv() {
+            let _ = s.reply.send(Err(WriteError::Unavailable(format!("partition {} is moving to another instance", self.partition))));
+        }
+        tracing::info!(partition = self.partition, "partition writer stopped");
+    }
+
+    fn snapshot_due(&self) -> bool {
+        self.since_snapshot >= self.config.snapshot_every_events || (self.since_snapshot > 0 && self.last_snapshot.elapsed() >= self.config.snapshot_interval)
+    }
+
+    /// Records a snapshot of the partition's state (the writer waits for it: a few ms per thousand
+    /// live streams).
+    async fn snapshot(&mut self) {
+        let started = Instant::now();
+        let snap = Snapshot {
+            format: SNAPSHOT_FORMAT,
+            partition: self.partition,
+            next_offset: self.next_offset,
+            taken_at: Utc::now(),
+            states: self.states.to_snapshot(),
+            answers: self.idempotency.export(self.partition),
+            blocked: self.blocked.iter().map(|(k, p)| (k.clone(), p.partition, p.offset)).collect(),
+        };
+        let bytes = match serde_json::to_vec(&snap) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(partition = self.partition, error.message = %e, "could not encode a snapshot");
+                return;
+            }
+        };
+        let size = bytes.len();
+        match self.log.write_snapshot(bytes).await {
+            Ok(()) => {
+                self.since_snapshot = 0;
+                self.last_snapshot = Instant::now();
+                metrics::histogram!("command_api_snapshot_seconds").record(started.elapsed().as_secs_f64());
+                tracing::info!(partition = self.partition, next_offset = self.next_offset, streams = self.states.len(), bytes = size, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot recorded");
+            }
+            Err(e) => {
+                tracing::warn!(partition = self.partition, error.message = %e, "could not record a snapshot; reconnecting");
+                self.recovering = true;
+            }
         }
     }
 
-    /// Connects to the log and reads everything this writer has not seen yet.
-    /// Reads the log from the offsets restored so far and applies every record to the state as it
-    /// streams in (nothing is buffered, so memory follows the number of tasks, not of events). A
-    /// failure part-way keeps what was applied and the offsets it reached: the retry goes on from
-    /// there.
+    /// Connects to the log (fencing the previous owner), restores the latest snapshot the first time,
+    /// and reads everything of the partition this writer has not seen yet, applying every record to
+    /// the state as it streams in (nothing is buffered, so memory follows the number of streams, not
+    /// of events). A failure part-way keeps what was applied and the offset it reached: the retry
+    /// goes on from there.
     async fn recover(&mut self) -> Result<(), LogError> {
-        self.ready.store(false, Ordering::Release);
+        if self.restored_once {
+            let _ = self.phase.send(Phase::Recovering);
+        }
         self.log.connect().await?;
         let started = Instant::now();
-        let restoring =
-            Arc::new(std::sync::Mutex::new(Restoring { states: std::mem::take(&mut self.states), next: self.offsets.clone(), ..Restoring::default() }));
+        if !self.restored_once && self.next_offset == 0 {
+            if let Some(bytes) = self.log.read_snapshot().await? {
+                self.restore_snapshot(&bytes).await;
+            }
+        }
+        let partition = self.partition;
+        let restoring = Arc::new(Mutex::new(Restoring {
+            partition,
+            states: std::mem::take(&mut self.states),
+            next: self.next_offset,
+            blocked: std::mem::take(&mut self.blocked),
+            released: self.config.released.clone(),
+            ..Restoring::default()
+        }));
         let sink = restoring.clone();
-        let result = self.log.read_from(self.offsets.clone(), Box::new(move |pos, rec| sink.lock().unwrap_or_else(|e| e.into_inner()).apply(pos, rec))).await;
+        let result = self.log.read_from(self.next_offset, Box::new(move |pos, rec| sink.lock().unwrap_or_else(|e| e.into_inner()).apply(pos, rec))).await;
         let restored = std::mem::take(&mut *restoring.lock().unwrap_or_else(|e| e.into_inner()));
         self.states = restored.states;
+        self.blocked = restored.blocked;
+        metrics::gauge!("command_api_blocked_streams", "partition" => partition.to_string()).set(self.blocked.len() as f64);
         for (user, tag, answer) in restored.keyed {
             self.idempotency.remember(&user, &tag, answer).await;
         }
+        self.since_snapshot += restored.applied;
         match result {
-            Ok(offsets) => self.offsets = offsets,
+            Ok(next) => self.next_offset = next.max(restored.next),
             Err(e) => {
-                self.offsets = restored.next;
+                self.next_offset = restored.next;
                 return Err(e);
             }
         }
+        if let Some((instance, url)) = &self.config.owner {
+            self.log.announce(&OwnerRecord { partition, instance: instance.clone(), url: url.clone(), since: Utc::now() }).await?;
+        }
+        self.restored_once = true;
+        metrics::histogram!("command_api_restore_seconds").record(started.elapsed().as_secs_f64());
         tracing::info!(
+            partition,
             events = restored.applied,
             streams = self.states.len(),
+            next_offset = self.next_offset,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "state restored from the log"
+            "partition state restored"
         );
+        // A long tail makes the next owner's restore long: record a snapshot now.
+        if self.since_snapshot >= self.config.snapshot_every_events {
+            self.snapshot().await;
+        }
         Ok(())
     }
 
-    async fn process(&mut self, batch: Vec<Submission>) {
+    async fn restore_snapshot(&mut self, bytes: &[u8]) {
+        let snap: Snapshot = match serde_json::from_slice(bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(partition = self.partition, error.message = %e, "the partition's snapshot cannot be read; restoring from the start of the log");
+                return;
+            }
+        };
+        if snap.format != SNAPSHOT_FORMAT || snap.partition != self.partition {
+            tracing::warn!(partition = self.partition, format = snap.format, "ignoring a snapshot of another format or partition; restoring from the start of the log");
+            return;
+        }
+        match States::from_snapshot(snap.states) {
+            Ok(states) => {
+                self.states = states;
+                self.next_offset = snap.next_offset;
+                self.blocked = snap.blocked.into_iter().map(|(k, partition, offset)| (k, Position { partition, offset })).collect();
+                self.blocked.retain(|_, p| !self.config.released.contains(&(p.partition, p.offset)));
+                let answers = snap.answers.len();
+                self.idempotency.import(snap.answers).await;
+                self.last_snapshot = Instant::now();
+                tracing::info!(partition = self.partition, next_offset = self.next_offset, streams = self.states.len(), answers, taken_at = %snap.taken_at, "snapshot restored");
+            }
+            Err(e) => {
+                tracing::error!(partition = self.partition, error.message = %e, "the partition's snapshot cannot be read; restoring from the start of the log");
+            }
+        }
+    }
+
+    async fn process(&mut self, batch: Vec<Submission>) -> Result<(), LogError> {
         let now = Utc::now();
         let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         // State after this batch's accepted commands, not yet durable.
         let mut staged = States::default();
         let mut records: Vec<EncodedEvent> = Vec::new();
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        let mut refused: Vec<(Submission, String)> = Vec::new();
         for sub in batch {
+            if !self.blocked.is_empty() {
+                if let Some(p) = self.blocked.get(&sub.cmd.stream_key()) {
+                    let msg = format!(
+                        "the log holds a record of this stream that cannot be decoded (partition {}, offset {}); writes to it are stopped until an operator releases that record",
+                        p.partition, p.offset
+                    );
+                    refused.push((sub, msg));
+                    continue;
+                }
+            }
             let mut stage = Stage {
                 streams: Layered { committed: Some(&self.states), staged: &mut staged },
                 records: &mut records,
@@ -202,13 +442,16 @@ impl<L: EventLog> Actor<L> {
             let saw_staged = stage.saw_staged;
             pending.push(Pending { sub, outcome, saw_staged });
         }
+        for (sub, msg) in refused {
+            let _ = sub.reply.send(Err(WriteError::Unavailable(msg)));
+        }
         if records.is_empty() {
             for p in pending {
                 if let Err(e) = p.outcome {
                     let _ = p.sub.reply.send(Err(WriteError::Domain(e)));
                 }
             }
-            return;
+            return Ok(());
         }
         let started = Instant::now();
         let n = records.len();
@@ -223,18 +466,19 @@ impl<L: EventLog> Actor<L> {
                 for (t, count) in types {
                     metrics::counter!("events_published_total", "type" => t).increment(count);
                 }
-                for p in &positions {
-                    let next = self.offsets.entry(p.partition).or_insert(0);
-                    *next = (*next).max(p.offset + 1);
+                if let Some(last) = positions.last() {
+                    self.next_offset = self.next_offset.max(last.offset + 1);
                 }
+                self.since_snapshot += n as u64;
                 self.states.absorb(staged);
                 for p in pending {
                     let answer = p.outcome.map(|d| Answer::new(d.receipt, d.version, positions[d.last_record])).map_err(WriteError::from);
                     let _ = p.sub.reply.send(answer);
                 }
+                Ok(())
             }
             Err(e) => {
-                tracing::warn!(error.message = %e, events = n, "append failed; nothing acknowledged");
+                tracing::warn!(partition = self.partition, error.message = %e, events = n, "append failed; nothing acknowledged");
                 let msg = e.to_string();
                 for p in pending {
                     // A refusal decided on state that was never made durable is not a real answer.
@@ -246,6 +490,10 @@ impl<L: EventLog> Actor<L> {
                 }
                 // The outcome of the failed transaction is learnt from the log itself.
                 self.recovering = true;
+                match e {
+                    LogError::Fenced(_) => Err(e),
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -295,23 +543,40 @@ impl CommandVisitor for Stage<'_> {
 /// The state being rebuilt from the log during a restore.
 #[derive(Default)]
 struct Restoring {
+    partition: i32,
     states: States,
-    /// Next offset per partition after the records applied so far.
-    next: Offsets,
+    /// Next offset after the records applied so far.
+    next: i64,
     /// Answers of commands sent with an Idempotency-Key, to remember once restored.
     keyed: Vec<(UserId, IdempotencyTag, Answer)>,
     applied: u64,
+    blocked: HashMap<String, Position>,
+    released: HashSet<(i32, i64)>,
 }
 
 impl Restoring {
-    fn apply(&mut self, pos: Position, rec: Result<Record, codec::DecodeError>) {
-        let next = self.next.entry(pos.partition).or_insert(0);
-        *next = (*next).max(pos.offset + 1);
+    fn apply(&mut self, pos: Position, rec: Result<Record, Undecodable>) {
+        if pos.partition != self.partition {
+            return;
+        }
+        self.next = self.next.max(pos.offset + 1);
         let rec = match rec {
             Ok(rec) => rec,
-            Err(e) => {
+            Err(Undecodable { key, error }) => {
                 metrics::counter!("command_api_restore_undecodable_total").increment(1);
-                tracing::error!(partition = pos.partition, offset = pos.offset, error.message = %e, "skipping an undecodable record in the log");
+                if self.released.contains(&(pos.partition, pos.offset)) {
+                    tracing::warn!(partition = pos.partition, offset = pos.offset, error.message = %error, "skipping an undecodable record an operator released");
+                    return;
+                }
+                match key {
+                    Some(key) => {
+                        tracing::error!(partition = pos.partition, offset = pos.offset, stream = %key, error.message = %error, "the log holds a record that cannot be decoded: writes to its stream are stopped until an operator releases it (COMMAND_API_RELEASED_RECORDS)");
+                        self.blocked.entry(key).or_insert(pos);
+                    }
+                    None => {
+                        tracing::error!(partition = pos.partition, offset = pos.offset, error.message = %error, "skipping an undecodable record without a key (it belongs to no stream)");
+                    }
+                }
                 return;
             }
         };
@@ -339,92 +604,5 @@ impl RecordVisitor for Replay<'_> {
             tracing::warn!(subject = %env.subject, expected = env.meta.sequence, got = version, "log sequence differs from replayed version");
         }
         Answer::new(D::receipt(&env.subject, &env.event), env.meta.sequence, self.position)
-    }
-}
-
-type Subject<D> = <<D as Decider>::Event as DomainEvent>::Subject;
-
-/// Applies one accepted event to its stream's state (and to no other stream's: every command is
-/// decided from its own stream); returns the stream's version after it. The live path and the
-/// restore both go through here.
-fn apply_event<D: Decider>(streams: &mut Layered<'_>, id: &Subject<D>, actor: &UserId, event: &D::Event) -> u32 {
-    let state = streams.state::<D>(id);
-    *state = D::evolve(std::mem::take(state), actor, event);
-    D::version(state)
-}
-
-/// The states of every stream, one map per aggregate (keyed by the decider's type).
-#[derive(Default)]
-struct States(HashMap<TypeId, Box<dyn AnyStreams>>);
-
-/// One aggregate's states by stream id.
-struct Streams<D: Decider>(HashMap<Subject<D>, D::State>, PhantomData<fn() -> D>);
-
-trait AnyStreams: Send {
-    fn as_any(&self) -> &dyn Any;
-    fn as_any_mut(&mut self) -> &mut dyn Any;
-    fn len(&self) -> usize;
-    /// Moves every state into `into`, replacing what it held for the same streams.
-    fn merge_into(self: Box<Self>, into: &mut States);
-}
-
-impl<D: Decider> AnyStreams for Streams<D> {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn merge_into(self: Box<Self>, into: &mut States) {
-        into.of::<D>().extend(self.0);
-    }
-}
-
-impl States {
-    fn get<D: Decider>(&self) -> Option<&HashMap<Subject<D>, D::State>> {
-        self.0.get(&TypeId::of::<D>()).and_then(|s| s.as_any().downcast_ref::<Streams<D>>()).map(|s| &s.0)
-    }
-
-    fn of<D: Decider>(&mut self) -> &mut HashMap<Subject<D>, D::State> {
-        let streams = self.0.entry(TypeId::of::<D>()).or_insert_with(|| Box::new(Streams::<D>(HashMap::new(), PhantomData)));
-        &mut streams.as_any_mut().downcast_mut::<Streams<D>>().expect("keyed by the decider's type").0
-    }
-
-    /// Takes over every state of `staged` (a batch made durable).
-    fn absorb(&mut self, staged: States) {
-        for (_, streams) in staged.0 {
-            streams.merge_into(self);
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.0.values().map(|s| s.len()).sum()
-    }
-}
-
-/// A batch's staged states over the committed ones: reads see staged first, writes go to staged.
-struct Layered<'a> {
-    committed: Option<&'a States>,
-    staged: &'a mut States,
-}
-
-impl Layered<'_> {
-    fn is_staged<D: Decider>(&self, id: &Subject<D>) -> bool {
-        self.staged.get::<D>().is_some_and(|m| m.contains_key(id))
-    }
-
-    /// The stream's current state, to decide on (nothing is staged for a refused command).
-    fn current<D: Decider>(&self, id: &Subject<D>) -> D::State {
-        let staged = self.staged.get::<D>().and_then(|m| m.get(id));
-        staged.or_else(|| self.committed.and_then(|c| c.get::<D>()).and_then(|m| m.get(id))).cloned().unwrap_or_default()
-    }
-
-    /// The stream's state to evolve (copied from the committed state on first touch).
-    fn state<D: Decider>(&mut self, id: &Subject<D>) -> &mut D::State {
-        let committed = self.committed;
-        self.staged.of::<D>().entry(id.clone()).or_insert_with(|| committed.and_then(|c| c.get::<D>()).and_then(|m| m.get(id)).cloned().unwrap_or_default())
     }
 }

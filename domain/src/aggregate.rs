@@ -89,7 +89,8 @@ pub trait Decider: 'static {
     type Command: Clone + Debug + Send + Sync + 'static;
     type Event: DomainEvent;
     /// Only what the rules look at; `Default` is the state of a stream with no events.
-    type State: Default + Clone + Debug + Send + Sync + 'static;
+    /// Serializable: a partition writer records its states in snapshots.
+    type State: Default + Clone + Debug + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static;
 
     /// The stream the command is decided on.
     fn stream_id(cmd: &Self::Command) -> <Self::Event as DomainEvent>::Subject;
@@ -170,6 +171,12 @@ pub trait CommandVisitor {
     fn command<D: Decider>(&mut self, cmd: &D::Command) -> Self::Output;
 }
 
+/// Generic code over every registered aggregate: `Aggregates::visit` calls `decider::<D>` once per
+/// aggregate with its registered name.
+pub trait DeciderVisitor {
+    fn decider<D: Decider>(&mut self, name: &'static str);
+}
+
 /// Generic code over records: `Record::visit` calls `record::<D>` with the concrete decider.
 pub trait RecordVisitor {
     type Output;
@@ -201,6 +208,22 @@ macro_rules! aggregates {
                 match self {
                     $(AnyCommand::$name(c) => <$decider as $crate::aggregate::Decider>::actor(c),)+
                 }
+            }
+            /// The id of the stream the command decides on: the Kafka key of its events (so it
+            /// names the partition whose writer decides it).
+            pub fn stream_key(&self) -> String {
+                match self {
+                    $(AnyCommand::$name(c) => <$decider as $crate::aggregate::Decider>::stream_id(c).to_string(),)+
+                }
+            }
+        }
+
+        /// Every registered aggregate, for code that handles each (snapshots).
+        pub struct Aggregates;
+
+        impl Aggregates {
+            pub fn visit<V: $crate::aggregate::DeciderVisitor>(v: &mut V) {
+                $(v.decider::<$decider>(stringify!($name));)+
             }
         }
 

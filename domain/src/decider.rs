@@ -45,14 +45,14 @@ impl CommandKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TaskStatus {
     Open,
     Completed,
 }
 
 /// What the decider needs to know about a live task: only the fields its rules look at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LiveTask {
     pub owner: UserId,
     pub version: u32,
@@ -72,7 +72,7 @@ impl LiveTask {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum TaskState {
     #[default]
     Absent,

@@ -18,7 +18,7 @@ pub mod user;
 pub mod values;
 
 pub use aggregate::{
-    CommandVisitor, Decider, DomainEvent, Envelope, EnvelopeError, IdempotencyTag, Metadata, Receipt, RecordVisitor, StreamId, UnknownEventType,
+    CommandVisitor, DeciderVisitor, Decider, DomainEvent, Envelope, EnvelopeError, IdempotencyTag, Metadata, Receipt, RecordVisitor, StreamId, UnknownEventType,
 };
 pub use decider::{Command, CommandKind, DomainError, LiveTask, TaskDecider, TaskState, TaskStatus};
 pub use events::{NewTask, ReminderDue, TaskEvent, TaskPatch};

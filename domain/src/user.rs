@@ -199,7 +199,7 @@ pub struct UserCommand {
 
 /// What the user-level decider needs: the notifications this stream recorded (`true` once read)
 /// and whether a webhook is registered.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct UserState {
     pub version: u32,
     pub notifications: HashMap<Uuid, bool>,

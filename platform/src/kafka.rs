@@ -23,10 +23,12 @@ pub fn client_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig 
     c
 }
 
-/// Creates `task-events` and its dead-letter topic if they do not exist yet.
+/// Creates `task-events`, its dead-letter topic and the command API's ownership and snapshot topics
+/// if they do not exist yet.
 pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(settings, "taskstream-admin").create()?;
     let dlq = settings.dlq_topic();
+    let (owners, snapshots) = (settings.owners_topic(), settings.snapshots_topic());
     let replication = || TopicReplication::Fixed(settings.task_events_replication);
     let topics = [
         // The log is the source of truth: never delete it by age or size.
@@ -35,6 +37,14 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
             .set("retention.ms", "-1")
             .set("retention.bytes", "-1"),
         NewTopic::new(&dlq, settings.task_events_partitions, replication()),
+        // Small and only the latest value per key matters: compact often.
+        NewTopic::new(&owners, 1, replication()).set("cleanup.policy", "compact").set("segment.ms", "600000").set("min.cleanable.dirty.ratio", "0.1"),
+        // One snapshot per partition (in chunks); older snapshots are compacted away.
+        NewTopic::new(&snapshots, settings.task_events_partitions, replication())
+            .set("cleanup.policy", "compact")
+            .set("segment.ms", "600000")
+            .set("min.cleanable.dirty.ratio", "0.1")
+            .set("max.message.bytes", "8388608"),
     ];
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
     for result in admin.create_topics(&topics, &opts).await? {

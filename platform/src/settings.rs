@@ -24,6 +24,18 @@ impl KafkaSettings {
     pub fn dlq_topic(&self) -> String {
         format!("{}.dlq", self.task_events_topic)
     }
+
+    /// Which command-API instance owns which partition (compacted, key = partition, written in the
+    /// owner's transaction right after it took the partition over).
+    pub fn owners_topic(&self) -> String {
+        format!("{}.owners", self.task_events_topic)
+    }
+
+    /// The command API's partition snapshots (compacted; partition p's snapshot lives in its
+    /// partition p).
+    pub fn snapshots_topic(&self) -> String {
+        format!("{}.snapshots", self.task_events_topic)
+    }
 }
 
 #[derive(Debug, Clone, Args)]

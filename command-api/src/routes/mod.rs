@@ -52,6 +52,9 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(tasks::router()).merge(notifications::router()).merge(webhooks::router()).split_for_parts();
     let openapi = Arc::new(openapi);
     api.merge(internal::router())
+        // Command requests are kept as they arrived, to be forwarded to their partition's owner.
+        .layer(middleware::from_fn(crate::extract::capture))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
         .route("/healthz", get(platform::http::healthz))
         .route("/readyz", get(readyz))
@@ -63,14 +66,19 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .with_state(state)
 }
 
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+async fn readyz(State(state): State<AppState>) -> Response {
     if !state.brokers.is_reachable() {
-        (StatusCode::SERVICE_UNAVAILABLE, "the Kafka brokers do not answer")
-    } else if !state.writer.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "restoring state from the log or reconnecting to Kafka")
+        (StatusCode::SERVICE_UNAVAILABLE, "the Kafka brokers do not answer").into_response()
+    } else if let Some(reason) = state.cluster.not_ready_reason() {
+        (StatusCode::SERVICE_UNAVAILABLE, reason).into_response()
     } else {
-        (StatusCode::OK, "ready")
+        (StatusCode::OK, "ready").into_response()
     }
+}
+
+/// `GET /v1/cluster`: which instance owns which partition of the log, and whether it is ready.
+async fn cluster(State(state): State<AppState>) -> Json<crate::cluster::ClusterView> {
+    Json(state.cluster.view())
 }
 
 /// Bounds every request; one that takes longer is answered 503 problem+json with Retry-After, like

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use domain::{CommandKind, Description, FieldError, NewTask, Priority, Recurrence, RemindBefore, Tags, TaskId, TaskPatch, TimeZone, Title, ValidationError};
 
 use super::openapi::{CommandProblems, IdempotencyKey, IfMatch, JsonBodyProblems, TaskProblems};
-use crate::command::{submit, task_command};
+use crate::command::{new_task_id, submit, task_command};
 use crate::error::{ApiError, Problem};
 use crate::extract::{AuthUser, CommandHeaders, CommandRoute, JsonBody, TaskPath};
 use crate::state::AppState;
@@ -227,7 +227,7 @@ pub async fn create_task(
 ) -> Result<Response, ApiError> {
     let digest = route.digest(headers.if_match, &body.canonical);
     let (task_id, task) = parse_create(body.value, caller.is_service())?;
-    let task_id = task_id.unwrap_or_else(TaskId::new_v7);
+    let task_id = task_id.unwrap_or_else(|| new_task_id(&state, &caller, &headers));
     let cmd = task_command(&caller, &headers, task_id, CommandKind::Create(task));
     submit(&state, caller, headers, digest, cmd).await
 }

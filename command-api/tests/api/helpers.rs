@@ -14,10 +14,10 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 use command_api::idempotency::IdempotencyCache;
-use command_api::log::{EventLog, LogError, Offsets};
+use command_api::log::{Apply, EventLog, LogError, Undecodable};
 use command_api::AppState;
 use domain::TaskEvent;
-use platform::codec::{self, DecodeError, EncodedEvent, Envelope, Record};
+use platform::codec::{self, DecodeError, EncodedEvent, Envelope};
 use platform::position::Position;
 use test_support::{eventually, Tokens};
 
@@ -65,14 +65,9 @@ pub struct FakeLog {
     failed_appends: Arc<AtomicUsize>,
 }
 
-/// FNV-1a: a stable stand-in for Kafka's murmur2 key partitioner.
+/// The partition Kafka (librdkafka's default partitioner) puts a key in.
 pub fn partition_for(key: &str) -> i32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in key.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    (h % PARTITIONS as u32) as i32
+    command_api::partition::partition_of(key, PARTITIONS)
 }
 
 impl FakeLog {
@@ -139,18 +134,19 @@ impl EventLog for FakeLog {
         Ok(positions)
     }
 
-    async fn read_from(&mut self, from: Offsets, mut apply: Box<dyn FnMut(Position, Result<Record, DecodeError>) + Send>) -> Result<Offsets, LogError> {
+    /// Hands every record at or after `from` in its partition to `apply` (the writer keeps those of
+    /// its own partition).
+    async fn read_from(&mut self, from: i64, mut apply: Apply) -> Result<i64, LogError> {
         self.check()?;
         let data = self.lock();
-        let mut next = from;
         for r in &data.records {
-            let n = next.entry(r.position.partition).or_insert(0);
-            if r.position.offset >= *n {
-                *n = r.position.offset + 1;
-                apply(r.position, codec::decode_record(Some(r.key.as_bytes()), Some(&r.headers), Some(&r.payload)));
+            if r.position.offset >= from {
+                let rec = codec::decode_record(Some(r.key.as_bytes()), Some(&r.headers), Some(&r.payload))
+                    .map_err(|error| Undecodable { key: Some(r.key.clone()), error });
+                apply(r.position, rec);
             }
         }
-        Ok(next)
+        Ok(from)
     }
 }
 
