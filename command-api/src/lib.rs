@@ -74,9 +74,10 @@ pub struct Settings {
     /// owner of a partition fences the previous one with it.
     #[arg(long, env = "KAFKA_TRANSACTIONAL_ID", default_value = "taskstream-command-api")]
     pub transactional_id: String,
-    /// Kafka consumer group through which the command-API instances share the partitions.
-    #[arg(long, env = "COMMAND_API_GROUP", default_value = "taskstream-command-api")]
-    pub group: String,
+    /// Kafka consumer group through which the command-API instances share the partitions
+    /// (default: the transactional.id prefix, so one deployment = one group).
+    #[arg(long, env = "COMMAND_API_GROUP")]
+    pub group: Option<String>,
     /// This instance's id in `GET /v1/cluster` and the owners topic (default: host:port).
     #[arg(long, env = "COMMAND_API_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -150,7 +151,8 @@ impl Application {
         };
         let cache = idempotency.clone();
         let factory: WriterFactory = Arc::new(move |p| Writer::spawn(p, KafkaLog::new(log_settings.clone(), p), cache.clone(), config.clone()));
-        tokio::spawn(join_when_reachable(settings.kafka.clone(), settings.group.clone(), cluster.clone(), factory));
+        let group = settings.group.clone().unwrap_or_else(|| settings.transactional_id.clone());
+        tokio::spawn(join_when_reachable(settings.kafka.clone(), group, cluster.clone(), factory));
         let auth = JwtAuth::new(&settings.auth.auth_jwt_secret).with_service_secret(settings.service_jwt_secret.as_ref());
         let brokers = platform::kafka::watch_brokers(&settings.kafka, "taskstream-command-api-probe", BROKER_PROBE_PERIOD)?;
         let forward_timeout = Duration::from_millis(settings.request_timeout_ms / 2);

@@ -64,7 +64,7 @@ impl Membership {
             w.stop();
         }
         for w in writers {
-            if self.rt.block_on(tokio::time::timeout(STOP_TIMEOUT, w.stopped())).is_err() {
+            if self.rt.block_on(async { tokio::time::timeout(STOP_TIMEOUT, w.stopped()).await }).is_err() {
                 tracing::warn!(partition = w.partition(), "the revoked partition's writer did not stop in time; the new owner's fencing aborts its transaction");
             }
         }
