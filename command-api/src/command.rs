@@ -21,6 +21,7 @@ impl From<WriteError> for ApiError {
         match e {
             WriteError::Domain(d) => d.into(),
             WriteError::Unavailable(m) => ApiError::Unavailable(m),
+            WriteError::Blocked(m) => ApiError::Blocked(m),
         }
     }
 }

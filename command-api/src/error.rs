@@ -36,6 +36,9 @@ pub enum ApiError {
     IdempotencyKeyReused,
     #[error("the event log is unavailable; nothing was appended, retry later")]
     Unavailable(String),
+    /// Writes to a stream are stopped (its log holds a record that cannot be decoded).
+    #[error("{0}")]
+    Blocked(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -72,7 +75,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Validation(_) | ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Blocked(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -90,6 +93,7 @@ impl ApiError {
             ApiError::Validation(_) => "validation",
             ApiError::IdempotencyKeyReused => "idempotency-key-reused",
             ApiError::Unavailable(_) => "log-unavailable",
+            ApiError::Blocked(_) => "stream-blocked",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -152,6 +156,9 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::Unavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Blocked(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
             ApiError::Unauthorized(_) => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

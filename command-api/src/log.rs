@@ -69,6 +69,9 @@ pub type Apply = Box<dyn FnMut(Position, Result<Record, Undecodable>) + Send>;
 /// A partition of the log, as its writer sees it. One implementation talks to Kafka; tests use an
 /// in-memory one.
 pub trait EventLog: Send + 'static {
+    /// Called once by the writer of `partition` before anything else (a log that serves several
+    /// partitions, like the in-memory one of the tests, learns which one it is for).
+    fn bind(&mut self, _partition: i32) {}
     /// Makes the partition writable by this writer (fences any previous owner of the partition and
     /// completes or aborts its open transaction); returns at once if it already is.
     fn connect(&mut self) -> impl std::future::Future<Output = Result<(), LogError>> + Send;

@@ -6,9 +6,10 @@
 //! refuses the rest before the callback returns. A second thread tails the owners topic so every
 //! instance knows where to forward commands.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -29,6 +30,11 @@ pub type WriterFactory = Arc<dyn Fn(i32) -> Writer + Send + Sync>;
 /// How long a revoked writer may take to finish its transaction in flight.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A writer that stopped by itself (fenced) while the group still assigns its partition to this
+/// instance is started again after this long: longer than the group's session timeout, so a real
+/// new owner has had the time to take the partition (and this instance to learn it lost it).
+const RESTART_FENCED_AFTER: Duration = Duration::from_secs(15);
+
 /// Owns every partition (one process, no group): for tests and single-instance tools.
 pub fn own_all(cluster: &Cluster, factory: &WriterFactory) {
     for p in 0..cluster.partitions() {
@@ -42,6 +48,9 @@ struct Membership {
     topic: String,
     rt: Handle,
     fatal: AtomicBool,
+    /// The partitions the group assigns to this instance, with when their writer was first seen
+    /// stopped (fenced) while still assigned.
+    assigned: Mutex<HashMap<i32, Option<Instant>>>,
 }
 
 impl ClientContext for Membership {
@@ -59,6 +68,12 @@ impl Membership {
     }
 
     fn revoke(&self, partitions: &[i32]) {
+        {
+            let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+            for p in partitions {
+                assigned.remove(p);
+            }
+        }
         let writers: Vec<Writer> = partitions.iter().filter_map(|p| self.cluster.remove_local(*p)).collect();
         for w in &writers {
             w.stop();
@@ -72,6 +87,30 @@ impl Membership {
             tracing::info!(?partitions, "partitions revoked");
         }
         metrics::gauge!("command_api_partitions_owned").set(self.cluster.local_partitions().len() as f64);
+    }
+}
+
+impl Membership {
+    /// Restarts the writers that stopped by themselves (fenced) on partitions the group still
+    /// assigns to this instance, once `RESTART_FENCED_AFTER` has passed.
+    fn restart_fenced(&self) {
+        let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, stopped_since) in assigned.iter_mut() {
+            if self.cluster.route(*p).is_local() {
+                *stopped_since = None;
+                continue;
+            }
+            match stopped_since {
+                None => *stopped_since = Some(Instant::now()),
+                Some(t) if t.elapsed() >= RESTART_FENCED_AFTER => {
+                    tracing::warn!(partition = *p, "the group still assigns this partition to this instance although its writer was fenced; taking it over again");
+                    let _guard = self.rt.enter();
+                    self.cluster.add_local((self.factory)(*p));
+                    *stopped_since = None;
+                }
+                Some(_) => {}
+            }
+        }
     }
 }
 
@@ -90,6 +129,7 @@ impl ConsumerContext for Membership {
                 tracing::warn!(error.message = %e, "could not pause the group consumer's partitions");
             }
             let _guard = self.rt.enter();
+            self.assigned.lock().unwrap_or_else(|e| e.into_inner()).extend(partitions.iter().map(|p| (*p, None)));
             for p in &partitions {
                 if self.cluster.route(*p).is_local() {
                     continue;
@@ -111,7 +151,14 @@ pub fn join(settings: &KafkaSettings, group: &str, cluster: Arc<Cluster>, factor
     let settings = settings.clone();
     let group = group.to_owned();
     std::thread::Builder::new().name("membership".into()).spawn(move || loop {
-        let context = Membership { cluster: cluster.clone(), factory: factory.clone(), topic: settings.task_events_topic.clone(), rt: rt.clone(), fatal: AtomicBool::new(false) };
+        let context = Membership {
+            cluster: cluster.clone(),
+            factory: factory.clone(),
+            topic: settings.task_events_topic.clone(),
+            rt: rt.clone(),
+            fatal: AtomicBool::new(false),
+            assigned: Mutex::default(),
+        };
         let mut cfg = platform::kafka::client_config(&settings, &format!("taskstream-command-api-{}", cluster.me().id));
         cfg.set("group.id", &group)
             .set("group.protocol", "consumer")
@@ -132,9 +179,14 @@ pub fn join(settings: &KafkaSettings, group: &str, cluster: Arc<Cluster>, factor
             continue;
         }
         tracing::info!(group, instance = %cluster.me().id, "joined the command API group");
+        let mut checked = Instant::now();
         loop {
             if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
                 tracing::debug!(error.message = %e, "group membership");
+            }
+            if checked.elapsed() >= Duration::from_secs(1) {
+                consumer.context().restart_fenced();
+                checked = Instant::now();
             }
             if consumer.context().fatal.load(Ordering::Acquire) {
                 tracing::error!("the group membership failed fatally; giving every partition up and joining again");

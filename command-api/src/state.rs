@@ -47,10 +47,14 @@ impl AppState {
     /// One process owning every partition of `log` (an in-memory log in tests): `log` is cloned for
     /// each partition's writer.
     pub fn new<L: EventLog + Clone + Sync>(log: L, auth: JwtAuth, max_batch: usize, idempotency: IdempotencyCache) -> Self {
+        Self::with_config(log, auth, WriterConfig { max_batch, ..WriterConfig::default() }, idempotency)
+    }
+
+    /// `new` with the writers' configuration (snapshot frequency, released records).
+    pub fn with_config<L: EventLog + Clone + Sync>(log: L, auth: JwtAuth, config: WriterConfig, idempotency: IdempotencyCache) -> Self {
         let cluster = Arc::new(Cluster::new(Instance { id: "local".into(), url: "http://127.0.0.1".into() }, DEFAULT_PARTITIONS));
         let cache = idempotency.clone();
-        let factory: WriterFactory =
-            Arc::new(move |p| Writer::spawn(p, log.clone(), cache.clone(), WriterConfig { max_batch, ..WriterConfig::default() }));
+        let factory: WriterFactory = Arc::new(move |p| Writer::spawn(p, log.clone(), cache.clone(), config.clone()));
         membership::own_all(&cluster, &factory);
         Self::with_cluster(cluster, auth, idempotency, Duration::from_secs(10))
     }

@@ -41,6 +41,8 @@ pub enum WriteError {
     Domain(#[from] DomainError),
     #[error("the event log is unavailable: {0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Blocked(String),
 }
 
 struct Submission {
@@ -95,7 +97,8 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer of `partition`: it connects (fencing the previous owner), restores, then
     /// serves commands.
-    pub fn spawn<L: EventLog>(partition: i32, log: L, idempotency: IdempotencyCache, config: WriterConfig) -> Self {
+    pub fn spawn<L: EventLog>(partition: i32, mut log: L, idempotency: IdempotencyCache, config: WriterConfig) -> Self {
+        log.bind(partition);
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
         let (phase_tx, phase) = watch::channel(Phase::Restoring);
         let (stop, stop_rx) = watch::channel(false);
@@ -443,7 +446,7 @@ impl<L: EventLog> Actor<L> {
             pending.push(Pending { sub, outcome, saw_staged });
         }
         for (sub, msg) in refused {
-            let _ = sub.reply.send(Err(WriteError::Unavailable(msg)));
+            let _ = sub.reply.send(Err(WriteError::Blocked(msg)));
         }
         if records.is_empty() {
             for p in pending {

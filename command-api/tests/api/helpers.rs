@@ -15,6 +15,7 @@ use tower::ServiceExt;
 
 use command_api::idempotency::IdempotencyCache;
 use command_api::log::{Apply, EventLog, LogError, Undecodable};
+use command_api::writer::WriterConfig;
 use command_api::AppState;
 use domain::TaskEvent;
 use platform::codec::{self, DecodeError, EncodedEvent, Envelope};
@@ -53,6 +54,7 @@ impl LogRecord {
 struct LogData {
     records: Vec<LogRecord>,
     next_offset: BTreeMap<i32, i64>,
+    snapshots: BTreeMap<i32, Vec<u8>>,
 }
 
 /// In-memory stand-in for the Kafka topic. Clones share the same records, so a test can inspect
@@ -60,6 +62,8 @@ struct LogData {
 /// and `read_from` fail with `LogError::Unavailable`, like a broker that is gone.
 #[derive(Clone, Default)]
 pub struct FakeLog {
+    /// The partition of the writer this clone serves (`EventLog::bind`).
+    partition: Option<i32>,
     data: Arc<Mutex<LogData>>,
     down: Arc<AtomicBool>,
     failed_appends: Arc<AtomicUsize>,
@@ -93,6 +97,36 @@ impl FakeLog {
         self.records().into_iter().filter(|r| r.key == task_id).collect()
     }
 
+    /// Appends a record as it is (e.g. one the codec cannot read) at the end of its key's partition.
+    pub fn push_raw(&self, key: &str, payload: &[u8], headers: OwnedHeaders) -> Position {
+        let mut data = self.lock();
+        let partition = partition_for(key);
+        let next = data.next_offset.entry(partition).or_insert(0);
+        let position = Position { partition, offset: *next };
+        *next += 1;
+        data.records.push(LogRecord { key: key.to_owned(), payload: payload.to_vec(), headers, position });
+        position
+    }
+
+    /// Partitions with a snapshot recorded.
+    pub fn snapshot_partitions(&self) -> Vec<i32> {
+        self.lock().snapshots.keys().copied().collect()
+    }
+
+    /// Forgets every record a snapshot covers (as if the log's start were compacted away), so
+    /// only the snapshots can restore them; returns how many were dropped.
+    pub fn drop_records_covered_by_snapshots(&self) -> usize {
+        let mut data = self.lock();
+        let covered: BTreeMap<i32, i64> = data
+            .snapshots
+            .iter()
+            .map(|(p, s)| (*p, serde_json::from_slice::<Value>(s).ok().and_then(|v| v["next_offset"].as_i64()).unwrap_or(0)))
+            .collect();
+        let before = data.records.len();
+        data.records.retain(|r| r.position.offset >= covered.get(&r.position.partition).copied().unwrap_or(0));
+        before - data.records.len()
+    }
+
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
@@ -111,6 +145,23 @@ impl FakeLog {
 }
 
 impl EventLog for FakeLog {
+    fn bind(&mut self, partition: i32) {
+        self.partition = Some(partition);
+    }
+
+    async fn write_snapshot(&mut self, snapshot: Vec<u8>) -> Result<(), LogError> {
+        self.check()?;
+        let p = self.partition.expect("bound to a partition");
+        self.lock().snapshots.insert(p, snapshot);
+        Ok(())
+    }
+
+    async fn read_snapshot(&mut self) -> Result<Option<Vec<u8>>, LogError> {
+        self.check()?;
+        let p = self.partition.expect("bound to a partition");
+        Ok(self.lock().snapshots.get(&p).cloned())
+    }
+
     async fn connect(&mut self) -> Result<(), LogError> {
         self.check()
     }
@@ -140,7 +191,7 @@ impl EventLog for FakeLog {
         self.check()?;
         let data = self.lock();
         for r in &data.records {
-            if r.position.offset >= from {
+            if Some(r.position.partition) == self.partition && r.position.offset >= from {
                 let rec = codec::decode_record(Some(r.key.as_bytes()), Some(&r.headers), Some(&r.payload))
                     .map_err(|error| Undecodable { key: Some(r.key.clone()), error });
                 apply(r.position, rec);
@@ -158,8 +209,13 @@ pub struct TestApp {
 
 /// An app over `log` without waiting for it to become ready.
 pub fn build_app(log: FakeLog) -> TestApp {
+    build_app_with(log, WriterConfig { max_batch: 100, ..WriterConfig::default() })
+}
+
+/// An app over `log` whose partition writers run with `config` (snapshots, released records).
+pub fn build_app_with(log: FakeLog, config: WriterConfig) -> TestApp {
     let tokens = Tokens::default();
-    let state = AppState::new(log.clone(), tokens.auth(), 100, IdempotencyCache::new(1000, Duration::from_secs(60)));
+    let state = AppState::with_config(log.clone(), tokens.auth(), config, IdempotencyCache::new(1000, Duration::from_secs(60)));
     TestApp { router: command_api::router(state, Duration::from_secs(10)), log, tokens }
 }
 

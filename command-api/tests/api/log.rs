@@ -9,7 +9,9 @@ use serde_json::json;
 
 use test_support::eventually;
 
-use crate::helpers::{assert_problem, build_app, problem_type, spawn_app, spawn_app_over, FakeLog, ALICE, BOB};
+use command_api::writer::WriterConfig;
+
+use crate::helpers::{assert_problem, build_app, build_app_with, problem_type, spawn_app, spawn_app_over, FakeLog, ALICE, BOB};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forty_concurrent_patches_get_versions_2_to_41_exactly_once() {
@@ -130,4 +132,65 @@ async fn a_restarted_app_continues_versions_and_ownership_from_the_log() {
     drop(app);
     let app = spawn_app_over(log).await;
     assert_eq!(app.complete(ALICE, &id, &[]).await.version(), 6);
+}
+
+#[tokio::test]
+async fn a_restart_restores_each_partition_from_its_snapshot_and_the_tail() {
+    let config = WriterConfig { max_batch: 100, snapshot_every_events: 3, ..WriterConfig::default() };
+    let app = build_app_with(FakeLog::default(), config.clone());
+    app.wait_ready().await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let r = app.create(ALICE, json!({"title": format!("task {i}")})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        tasks.push(r.task_id());
+    }
+    let keyed = app.send(Some(ALICE), "POST", "/v1/tasks", Some(&json!({"title": "keyed"})), &[("Idempotency-Key", "snap-1")]).await;
+    assert_eq!(keyed.status, StatusCode::CREATED);
+    for t in &tasks[..10] {
+        assert_eq!(app.complete(ALICE, t, &[]).await.version(), 2);
+    }
+    let gone = tasks[10].clone();
+    assert_eq!(app.delete(ALICE, &gone, &[]).await.version(), 2);
+    let log = app.log.clone();
+    drop(app);
+    assert!(!log.snapshot_partitions().is_empty(), "no partition recorded a snapshot");
+    // Only the snapshots know the early records now.
+    assert!(log.drop_records_covered_by_snapshots() > 0);
+
+    let app = build_app_with(log, config);
+    app.wait_ready().await;
+    assert_problem(&app.complete(ALICE, &tasks[0], &[]).await, 409);
+    assert_eq!(app.reopen(ALICE, &tasks[0], &[]).await.version(), 3);
+    assert_eq!(app.complete(ALICE, &tasks[20], &[]).await.version(), 2);
+    assert_problem(&app.patch(BOB, &tasks[21], json!({"title": "bob"}), &[]).await, 404);
+    assert_problem(&app.patch(ALICE, &gone, json!({"title": "zombie"}), &[]).await, 409);
+    // The Idempotency-Key answer survived in the snapshot (or the tail).
+    let again = app.send(Some(ALICE), "POST", "/v1/tasks", Some(&json!({"title": "keyed"})), &[("Idempotency-Key", "snap-1")]).await;
+    assert_eq!((again.status, again.task_id(), again.header("idempotent-replayed")), (StatusCode::CREATED, keyed.task_id(), Some("true")));
+}
+
+#[tokio::test]
+async fn an_undecodable_record_stops_writes_to_its_stream_until_an_operator_releases_it() {
+    let app = spawn_app().await;
+    let broken = app.create_task(ALICE, "broken").await;
+    let fine = app.create_task(ALICE, "fine").await;
+    let log = app.log.clone();
+    drop(app);
+    let at = log.push_raw(&broken, b"{not json", rdkafka::message::OwnedHeaders::new());
+
+    // The writer does not forget the task (it could accept a second create): it refuses writes to it.
+    let app = spawn_app_over(log.clone()).await;
+    let r = app.complete(ALICE, &broken, &[]).await;
+    assert_problem(&r, 503);
+    assert!(r.text.contains(&format!("partition {}, offset {}", at.partition, at.offset)), "{}", r.text);
+    assert_problem(&app.send(Some(ALICE), "POST", "/v1/tasks", Some(&json!({"task_id": broken, "title": "again"})), &[]).await, 503);
+    assert_eq!(app.complete(ALICE, &fine, &[]).await.version(), 2, "other streams are not affected");
+    drop(app);
+
+    // The operator releases that record: it is skipped, the stream is writable again.
+    let config = WriterConfig { max_batch: 100, released: [(at.partition, at.offset)].into_iter().collect(), ..WriterConfig::default() };
+    let app = build_app_with(log, config);
+    app.wait_ready().await;
+    assert_eq!(app.complete(ALICE, &broken, &[]).await.version(), 2);
 }
