@@ -301,8 +301,18 @@ async fn poison_records_are_dead_lettered_their_task_parked_and_released() -> an
     assert_eq!(version_of(&stack, &a_id).await?, Some(2));
     let (_, out) = cli(&stack, &["dlq", "discard", &id]).await?;
     assert!(out.contains("discarded already"), "{out}");
-    // The command API restores its state from a log that holds the undecodable record.
+    // A command API restoring from a log that holds the undecodable record does not forget the
+    // task: it stops writes to it (503 stream-blocked, naming the record)...
     stack.kill(Svc::CommandApi).await?;
+    stack.restart(Svc::CommandApi).await?;
+    let (s, headers, b) = stack.command("ann", Method::POST, &format!("/v1/tasks/{a_id}/complete"), None, &[]).await?;
+    let record = format!("partition {}, offset {}", dlq[0]["dlq_original_partition"].as_str().unwrap(), dlq[0]["dlq_original_offset"].as_str().unwrap());
+    assert_eq!((s, b["type"].as_str()), (503, Some("urn:taskstream:problem:stream-blocked")), "{b}");
+    assert!(b["detail"].as_str().unwrap().contains(&record) && headers.contains_key("retry-after"), "{b}");
+    // ...until the operator releases that record (after deciding it can be skipped).
+    stack.kill(Svc::CommandApi).await?;
+    let released = format!("{}:{}", dlq[0]["dlq_original_partition"].as_str().unwrap(), dlq[0]["dlq_original_offset"].as_str().unwrap());
+    stack.set_env("COMMAND_API_RELEASED_RECORDS", &released);
     stack.restart(Svc::CommandApi).await?;
     let (s, _, b) = stack.command("ann", Method::POST, &format!("/v1/tasks/{a_id}/complete"), None, &[]).await?;
     assert_eq!((s, b["version"].as_i64()), (200, Some(3)), "{b}");
