@@ -36,11 +36,16 @@ fn compose_file_is_valid_and_wires_every_service() {
 }
 
 #[test]
-fn kubernetes_manifests_parse_and_keep_a_single_writer() {
+fn kubernetes_manifests_parse_and_run_several_partition_owning_command_apis() {
     let docs = yaml_documents("deploy/k8s/taskstream.yaml");
     let writer = docs.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "command-api").expect("command-api deployment");
-    assert_eq!(writer["spec"]["replicas"].as_u64(), Some(1), "the command API is the single writer");
-    assert_eq!(writer["spec"]["strategy"]["type"].as_str(), Some("Recreate"));
+    assert!(writer["spec"]["replicas"].as_u64().unwrap_or(0) >= 2, "several command APIs share the partitions");
+    assert_eq!(writer["spec"]["strategy"]["type"].as_str(), Some("RollingUpdate"));
+    let env = writer["spec"]["template"]["spec"]["containers"][0]["env"].as_sequence().expect("env");
+    for var in ["COMMAND_API_INSTANCE_ID", "COMMAND_API_ADVERTISED_URL"] {
+        assert!(env.iter().any(|e| e["name"] == var), "peers forward to {var}");
+    }
+    assert!(docs.iter().any(|d| d["kind"] == "PodDisruptionBudget" && d["metadata"]["name"] == "command-api"));
     for name in ["command-api", "projector", "query-api"] {
         assert!(docs.iter().any(|d| d["kind"] == "Service" && d["metadata"]["name"] == name), "{name} service missing");
     }
