@@ -108,6 +108,11 @@ impl Assignment {
         Changes { revoked: std::mem::take(&mut self.revoked), to_position }
     }
 
+    /// Whether a held partition still waits to be positioned.
+    pub fn unpositioned(&self) -> bool {
+        self.held.values().any(|h| !h.positioned)
+    }
+
     /// Marks partitions as sought to their stored offsets (ignores any no longer held).
     pub fn positioned(&mut self, partitions: &[i32]) {
         for p in partitions {
@@ -332,6 +337,19 @@ mod tests {
         assert_eq!(a.owned(), []);
         a.positioned(&[4]);
         assert_eq!(a.owned(), [(4, at(9))]);
+    }
+
+    #[test]
+    fn a_partition_that_could_not_be_sought_waits_to_be_positioned() {
+        let mut a = Assignment::default();
+        assert!(!a.unpositioned());
+        a.assign([0, 1], at(0));
+        assert!(a.unpositioned());
+        a.positioned(&[0]);
+        assert!(a.unpositioned());
+        assert_eq!(a.take_changes().to_position, [1]);
+        a.positioned(&[1]);
+        assert!(!a.unpositioned());
     }
 
     #[test]

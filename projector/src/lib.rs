@@ -1,33 +1,43 @@
 //! taskstream projector: builds the PostgreSQL read models from the `task-events` log,
-//! exactly-once (each batch and its per-partition offsets are committed in one transaction), runs
-//! the reactions, and serves the `rebuild`, `status` and `dlq` commands.
+//! exactly-once (each batch and its per-partition offsets are committed in one transaction, with a
+//! compare-and-set), runs the reactions, and serves the `rebuild`, `status` and `dlq` commands.
+//! Several instances share the log's partitions as one Kafka consumer group (`group`).
 //!
 //! Modules, top to bottom; each imports only modules below it (no loops):
 //!
 //! - `lib` / `main`: settings, the CLI commands and the health/metrics router; wiring only. The
 //!   run mode checks its secret (`SecretPolicy`), serves health at once and starts `reactor` and
 //!   `runner` once the start-up migrations are applied (`platform::db::Migrations`, retried while
-//!   PostgreSQL is away; `/readyz` 503 with the reason meanwhile). The one-shot commands connect
-//!   with `platform::db::connect` and fail at once when PostgreSQL is not there.
-//! - `runner`: the live loop: reads batches, applies them through `dlq::apply_live` with retries
-//!   (`platform::retry`), isolates a failing record, starts the rebuild of new projections.
-//!   Imports `rebuild`, `dlq`, `store`, `consumer`, `model`.
-//! - `rebuild`: replays the log into `ts_rebuild` copies and switches them in. Imports `dlq` (the
-//!   positions to skip), `store`, `consumer`, `model`.
-//! - `status`: `projector status` and the lag gauges (the status itself is
-//!   `platform::projections`). Imports `reactor` (the reactions waiting after a failure).
+//!   PostgreSQL is away; `/readyz` 503 with the reason meanwhile; its `projector-partitions` header
+//!   lists the partitions this instance applies). The one-shot commands connect with
+//!   `platform::db::connect` and fail at once when PostgreSQL is not there.
+//! - `runner`: the live loop: a member of the projectors' consumer group; after each rebalance it
+//!   drops what it read of revoked partitions and seeks assigned ones to their stored offsets, then
+//!   applies batches through `dlq::apply_live` with retries (`platform::retry`), isolates a failing
+//!   record, starts the rebuild of new projections. Imports `rebuild`, `dlq`, `store`, `group`,
+//!   `consumer`, `model`.
+//! - `rebuild`: replays the log into `ts_rebuild` copies and switches them in; its consumer is
+//!   assigned every partition by hand (not a group member). Imports `dlq` (the positions to skip),
+//!   `store`, `consumer`, `model`.
+//! - `status`: `projector status` (with each partition's owner) and the lag gauges (the status
+//!   itself is `platform::projections`). Imports `reactor` (the reactions waiting after a
+//!   failure) and `group` (the owners).
 //! - `dlq`: dead letters and parking: decides which records of a live batch become dead letters or
 //!   wait behind one (`park`, `apply_live`), `dlq list/replay/discard`. Imports `store`, `model`.
 //! - `store`: PostgreSQL only: writes what it is given (rows, history, outbox, offsets with their
 //!   compare-and-set) in the caller's transaction or its own. Imports `model`.
-//! - `consumer`: the read_committed Kafka consumer and batching, for `runner` and `rebuild`.
-//!   Imports `model`.
+//! - `consumer`: the rebuild's read_committed consumer and the live loop's batching (which stops
+//!   early at a rebalance). Imports `model`.
+//! - `group`: the consumer group (KIP-848 protocol): the pure books of the assignment that the
+//!   rebalance callbacks keep, the group member's consumer, and the owner rows shown by `status`.
+//!   Imports nothing of this crate.
 //! - `model`: the pure fold: decoded batches and how events change the rows; no IO.
 //!
-//! The reactions stand apart from the projection path: `reactor` (outbox commands, reminders)
-//! starts and imports `webhooks` (signed deliveries), whose retry schedule (`webhooks::RETRY`) the
-//! reactor shares, and `model` (the reaction kinds it sends); `webhooks` imports nothing else of
-//! this crate.
+//! The reactions stand apart from the projection path: `reactor` (outbox commands, reminders;
+//! claimed with a lease in a short statement, sent concurrently, so several instances never send
+//! the same one at once and no row lock is held across a request) starts and imports `webhooks`
+//! (signed deliveries), whose retry schedule (`webhooks::RETRY`) the reactor shares, and `model`
+//! (the reaction kinds it sends); `webhooks` imports nothing else of this crate.
 
 pub mod consumer;
 pub mod dlq;
@@ -346,7 +356,11 @@ pub async fn dlq_cli(settings: Settings, command: DlqCommand) -> anyhow::Result<
 pub async fn print_status(settings: Settings) -> anyhow::Result<()> {
     let pool = platform::db::connect(&settings.database).await?;
     let statuses = status::collect(&pool, &settings.kafka).await?;
-    print!("{}", status::render(&statuses));
+    let owners = group::owners(&pool, &settings.kafka.task_events_topic).await.unwrap_or_else(|e| {
+        eprintln!("could not read the partitions' owners: {e}");
+        Default::default()
+    });
+    print!("{}", status::render(&statuses, &owners));
     let open = dlq::list(&pool, &settings.kafka.task_events_topic, false).await?;
     if !open.is_empty() {
         let parked: i64 = open.iter().map(|d| d.parked).sum();

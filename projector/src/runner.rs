@@ -35,6 +35,8 @@ const APPLY_RETRY: Policy = Policy::new(Duration::from_millis(100), Duration::fr
 /// Ready once Kafka assigned this member its partitions, or after this long in the group (an
 /// instance that gets no partition, e.g. more projectors than partitions, is ready too).
 const JOIN_WAIT: Duration = Duration::from_secs(10);
+/// Seeking an assigned partition again after it could not be sought.
+const POSITION_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -132,7 +134,15 @@ impl Runner {
                     self.membership.books().reposition_all();
                 }
             }
-            batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, true, self.membership.rebalanced()).await?;
+            // Stop reading at a rebalance, or soon when a partition still waits to be positioned.
+            let retry_soon = self.membership.books().unpositioned();
+            let interrupted = async {
+                tokio::select! {
+                    () = self.membership.rebalanced() => {}
+                    () = tokio::time::sleep(POSITION_RETRY), if retry_soon => {}
+                }
+            };
+            batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, true, interrupted).await?;
         }
     }
 
@@ -152,15 +162,18 @@ impl Runner {
             }
         }
         if !changes.to_position.is_empty() {
-            if let Err(e) = self.position(consumer, topic, &changes.to_position, next).await {
-                // Positioned afresh after the restart of the loop (a new member of the group).
-                for p in &changes.to_position {
-                    next.remove(p);
+            let positioned = match self.position(consumer, topic, &changes.to_position, next).await {
+                Ok(positioned) => positioned,
+                Err(e) => {
+                    // Positioned afresh after the restart of the loop (a new member of the group).
+                    for p in &changes.to_position {
+                        next.remove(p);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
+            };
             let owned = self.membership.books().owned();
-            tracing::info!(partitions = ?changes.to_position, "consuming newly assigned partitions from their stored offsets");
+            tracing::info!(partitions = ?positioned, "consuming assigned partitions from their stored offsets");
             if let Err(e) = group::record_owners(&self.pool, topic, &owned, me).await {
                 tracing::warn!(error.message = %e, "could not record the partitions' owner (display only)");
             }
@@ -171,25 +184,34 @@ impl Runner {
         Ok(changes.revoked)
     }
 
-    /// Reads the stored offsets of `partitions`, seeks them there and resumes fetching them.
-    async fn position(&self, consumer: &GroupConsumer, topic: &str, partitions: &[i32], next: &mut HashMap<i32, i64>) -> anyhow::Result<()> {
+    /// Reads the stored offsets of `partitions`, seeks them there and resumes fetching them. A
+    /// partition that cannot be sought now (revoked meanwhile, or not fetchable yet) stays
+    /// unpositioned: it is tried again at the next turn of the loop, and none of its records is
+    /// taken until then.
+    async fn position(&self, consumer: &GroupConsumer, topic: &str, partitions: &[i32], next: &mut HashMap<i32, i64>) -> anyhow::Result<Vec<i32>> {
         let stored = store::init_offsets(&self.pool, topic, partitions).await?;
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
-            let offset = stored.get(p).copied().unwrap_or(0);
-            next.insert(*p, offset);
-            tpl.add_partition_offset(topic, *p, Offset::Offset(offset))?;
+            next.remove(p);
+            tpl.add_partition_offset(topic, *p, Offset::Offset(stored.get(p).copied().unwrap_or(0)))?;
         }
-        let (c, t) = (consumer.clone(), tpl.clone());
-        let sought = tokio::task::spawn_blocking(move || c.seek_partitions(t, Duration::from_secs(10))).await??;
+        let c = consumer.clone();
+        let sought = tokio::task::spawn_blocking(move || c.seek_partitions(tpl, Duration::from_secs(10))).await??;
+        let mut positioned = Vec::new();
+        let mut resume = TopicPartitionList::new();
         for e in sought.elements() {
-            if let Err(err) = e.error() {
-                anyhow::bail!("seeking partition {} to its stored offset: {err}", e.partition());
+            match e.error() {
+                Ok(()) => {
+                    positioned.push(e.partition());
+                    next.insert(e.partition(), stored.get(&e.partition()).copied().unwrap_or(0));
+                    resume.add_partition(topic, e.partition());
+                }
+                Err(err) => tracing::info!(partition = e.partition(), error.message = %err, "cannot seek an assigned partition yet; trying again"),
             }
         }
-        consumer.resume(&tpl)?;
-        self.membership.books().positioned(partitions);
-        Ok(())
+        consumer.resume(&resume)?;
+        self.membership.books().positioned(&positioned);
+        Ok(positioned)
     }
 
     /// A projection added in code (no stored offsets) is rebuilt from offset zero in the

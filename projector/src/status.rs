@@ -1,8 +1,9 @@
 //! `projector status` and the lag gauges on `/metrics`. The status itself (stored offset, high
 //! watermark, lag and state per projection and partition) is computed by
 //! [`platform::projections`], the same for the query API; this module only asks Kafka for the high
-//! watermarks and prints. It also prints and exports the reactions waiting after a failure (the
-//! counts come from `reactor`).
+//! watermarks and prints, with the projector instance that owns each partition (recorded by
+//! `group`). It also prints and exports the reactions waiting after a failure (the counts come from
+//! `reactor`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use platform::projections::Stored;
 pub use platform::projections::{PartitionStatus, ProjectionStatus};
 use platform::settings::KafkaSettings;
 
+use crate::group::Owner;
 use crate::reactor::{self, Failure, Waiting, REACTIONS};
 
 /// The projections' statuses now, by name; fails when Kafka does not answer.
@@ -34,14 +36,20 @@ pub async fn collect(pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<Vec
     Ok(statuses)
 }
 
-/// Renders the status table printed by `projector status`.
-pub fn render(statuses: &[ProjectionStatus]) -> String {
+/// Renders the status table printed by `projector status`: per projection and partition the
+/// offset, high watermark, lag and the projector instance that owns the partition (since when; `-`
+/// when no instance has recorded it).
+pub fn render(statuses: &[ProjectionStatus], owners: &HashMap<i32, Owner>) -> String {
     let mut out = String::new();
     for s in statuses {
         out.push_str(&format!("{}  state={}  lag={}\n", s.name, s.state, s.lag()));
-        out.push_str("  partition       offset  high_watermark         lag\n");
+        out.push_str("  partition       offset  high_watermark         lag  owner\n");
         for p in &s.partitions {
-            out.push_str(&format!("  {:>9} {:>12} {:>15} {:>11}\n", p.partition, p.offset, p.high_watermark, p.lag()));
+            let owner = owners.get(&p.partition).map_or_else(
+                || "-".to_owned(),
+                |o| format!("{} ({}) since {}", o.instance_id, o.address, o.assigned_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            );
+            out.push_str(&format!("  {:>9} {:>12} {:>15} {:>11}  {owner}\n", p.partition, p.offset, p.high_watermark, p.lag()));
         }
     }
     out
@@ -117,14 +125,18 @@ mod tests {
                 ],
             },
         ];
+        let owners = HashMap::from([(
+            0,
+            Owner { instance_id: "host-a:8082".into(), address: "127.0.0.1:8082".into(), assigned_at: "2026-12-01T02:30:00Z".parse().unwrap() },
+        )]);
         assert_eq!(
-            render(&statuses),
+            render(&statuses, &owners),
             "task_history  state=rebuilding (40/100 events)  lag=0\n\
-             \x20 partition       offset  high_watermark         lag\n\
+             \x20 partition       offset  high_watermark         lag  owner\n\
              tasks  state=live  lag=1\n\
-             \x20 partition       offset  high_watermark         lag\n\
-             \x20         0           10              12           1\n\
-             \x20         1            5               6           0\n"
+             \x20 partition       offset  high_watermark         lag  owner\n\
+             \x20         0           10              12           1  host-a:8082 (127.0.0.1:8082) since 2026-12-01T02:30:00Z\n\
+             \x20         1            5               6           0  -\n"
         );
     }
 

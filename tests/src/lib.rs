@@ -133,19 +133,26 @@ impl Stack {
     }
 
     pub fn spawn(&mut self, svc: Svc) -> anyhow::Result<()> {
+        let child = self.spawn_instance(svc, &[])?;
+        self.children.insert(svc, child);
+        Ok(())
+    }
+
+    /// Starts an instance of `svc` with `env` on top of the stack's (e.g. a second projector with
+    /// its own `PROJECTOR_ADDR` and `PROJECTOR_INSTANCE_ID`); the caller owns it (killed on drop).
+    pub fn spawn_instance(&self, svc: Svc, env: &[(&str, &str)]) -> anyhow::Result<Child> {
         let path = bin_dir().join(svc.binary());
         let quiet = std::env::var("TEST_LOG").is_err();
-        let child = Command::new(&path)
+        Command::new(&path)
             // Production rules for secrets, whoever runs the tests (./dev up sets TASKSTREAM_DEV).
             .env_remove("TASKSTREAM_DEV")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(env.iter().copied())
             .stdout(if quiet { Stdio::null() } else { Stdio::inherit() })
             .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {} (build it first: cargo build --bins)", path.display()))?;
-        self.children.insert(svc, child);
-        Ok(())
+            .with_context(|| format!("starting {} (build it first: cargo build --bins)", path.display()))
     }
 
     pub async fn wait_ready(&mut self, svc: Svc) -> anyhow::Result<()> {

@@ -1,0 +1,267 @@
+//! Projectors as a consumer group (issue 10): two projector instances share the partitions of the
+//! log; one is killed (SIGKILL) while events flow and the other takes its partitions over. Rows and
+//! offsets stay exact (every projection at the end of every partition, the read models identical to
+//! a from-scratch rebuild) and every reaction happened exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use e2e::{free_port, Stack, StackOptions, Svc};
+use test_support::eventually;
+
+use crate::reactions::settled;
+
+const PARTITIONS: i32 = 6;
+/// Every read-model table.
+const TABLES: [&str; 6] = ["tasks", "task_history", "notifications", "notification_reads", "webhooks", "reminder_schedule"];
+
+/// What the writers got accepted.
+#[derive(Default)]
+struct Written {
+    created: Vec<String>,
+    /// Recurring tasks whose completion was accepted: each calls for one next occurrence.
+    completed_series: Vec<String>,
+    /// Tasks with a reminder due during the run.
+    reminded: Vec<String>,
+}
+
+/// A command, retried under its Idempotency-Key while the command API answers 503 (or cannot be
+/// reached); its first definitive answer must be a success.
+async fn accepted(stack: &Stack, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let key = uuid::Uuid::new_v4().to_string();
+    let mut last = String::new();
+    for _ in 0..60 {
+        match stack.command("gina", method.clone(), path, body.clone(), &[("Idempotency-Key", key.as_str())]).await {
+            Ok((s, _, b)) if (200..300).contains(&s) => return Ok(b),
+            Ok((503, _, b)) => last = b.to_string(),
+            Ok((s, _, b)) => anyhow::bail!("{method} {path} answered {s}: {b}"),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    anyhow::bail!("{method} {path} still unavailable: {last}")
+}
+
+/// One writer: creates (every 4th a daily series, every 25th with a reminder due in a few
+/// seconds), updates and completes tasks until `stop`.
+async fn write_until(stack: Arc<Stack>, stop: Arc<AtomicBool>, sent: Arc<AtomicUsize>, written: Arc<Mutex<Written>>, writer: usize) -> anyhow::Result<()> {
+    let mut i = 0usize;
+    while !stop.load(Ordering::Acquire) {
+        let n = writer * 1_000_000 + i;
+        let recurring = i % 4 == 0;
+        let reminded = !recurring && i % 25 == 3;
+        let mut body = json!({"title": format!("task {n}"), "tags": [format!("w{writer}")]});
+        if recurring {
+            body["due_at"] = json!((Utc::now() + chrono::Duration::days(1)).date_naive().and_hms_opt(9, 0, 0).map(|d| d.and_utc()));
+            body["recurrence"] = json!("FREQ=DAILY");
+        } else if reminded {
+            body["due_at"] = json!(Utc::now() + chrono::Duration::seconds(4));
+            body["remind_before"] = json!("PT2S");
+        }
+        let id = accepted(&stack, Method::POST, "/v1/tasks", Some(body)).await?["task_id"].as_str().unwrap_or_default().to_owned();
+        accepted(&stack, Method::PATCH, &format!("/v1/tasks/{id}"), Some(json!({"description": format!("d{n}"), "priority": "high"}))).await?;
+        if !reminded {
+            accepted(&stack, Method::POST, &format!("/v1/tasks/{id}/complete"), None).await?;
+        }
+        {
+            let mut w = written.lock().unwrap_or_else(|e| e.into_inner());
+            w.created.push(id.clone());
+            if recurring {
+                w.completed_series.push(id);
+            } else if reminded {
+                w.reminded.push(id);
+            }
+        }
+        sent.fetch_add(1, Ordering::AcqRel);
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The partitions a projector applies (its `/readyz` header), when it answers ready.
+async fn owned_by(stack: &Stack, port: u16) -> Option<BTreeSet<i32>> {
+    let res = stack.http.get(format!("http://127.0.0.1:{port}/readyz")).timeout(Duration::from_secs(2)).send().await.ok()?;
+    if !res.status().is_success() {
+        return None;
+    }
+    let header = res.headers().get("projector-partitions")?.to_str().ok()?.to_owned();
+    Some(header.split(',').filter(|p| !p.is_empty()).filter_map(|p| p.parse().ok()).collect())
+}
+
+/// The log as a read_committed consumer sees it to its end: per partition the offset after its
+/// last record (0 when it has none), and every record's (ce_type, ce_subject).
+async fn read_log(stack: &Stack) -> anyhow::Result<(BTreeMap<i32, i64>, Vec<(String, String)>)> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.brokers)
+        .set("group.id", format!("e2e-log-{}", uuid::Uuid::new_v4()))
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(&stack.topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut ends: BTreeMap<i32, i64> = (0..PARTITIONS).map(|p| (p, 0)).collect();
+    let mut at_end = BTreeSet::new();
+    let mut records = Vec::new();
+    while at_end.len() < PARTITIONS as usize {
+        match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await? {
+            Ok(m) => {
+                let header = |name: &str| {
+                    m.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value)).map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                records.push((header("ce_type").unwrap_or_default(), header("ce_subject").unwrap_or_default()));
+                ends.insert(m.partition(), m.offset() + 1);
+                at_end.remove(&m.partition());
+            }
+            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                at_end.insert(p);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((ends, records))
+}
+
+/// Per read-model table: row count and a checksum of every row.
+async fn checksums(stack: &Stack) -> anyhow::Result<Vec<(String, i64, String)>> {
+    let mut db = stack.db().await?;
+    let mut out = Vec::new();
+    for t in TABLES {
+        let (n, sum): (i64, Option<String>) =
+            sqlx::query_as(&format!("SELECT count(*), md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {t} t")).fetch_one(&mut db).await?;
+        out.push((t.to_owned(), n, sum.unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+async fn scalar(stack: &Stack, sql: &str) -> anyhow::Result<i64> {
+    let mut db = stack.db().await?;
+    Ok(sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut db).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_projector_killed_mid_batch_hands_its_partitions_over_with_exact_rows_offsets_and_reactions() -> anyhow::Result<()> {
+    let survivor_id = format!("projector-a-{}", uuid::Uuid::new_v4().simple());
+    let opts = StackOptions { partitions: PARTITIONS, extra_env: vec![("PROJECTOR_INSTANCE_ID".into(), survivor_id.clone())], ..Default::default() };
+    let stack = Arc::new(Stack::start_with(opts).await?);
+    let survivor_port: u16 = stack.url(Svc::Projector, "").rsplit(':').next().unwrap_or_default().parse()?;
+    // A second projector: its own health address and instance id, the same group.
+    let doomed_port = free_port();
+    let doomed_id = format!("projector-b-{}", uuid::Uuid::new_v4().simple());
+    let doomed_addr = format!("127.0.0.1:{doomed_port}");
+    let mut doomed = stack.spawn_instance(Svc::Projector, &[("PROJECTOR_ADDR", doomed_addr.as_str()), ("PROJECTOR_INSTANCE_ID", doomed_id.as_str())])?;
+    let all: BTreeSet<i32> = (0..PARTITIONS).collect();
+    let split = eventually("the two projectors to share the partitions", Duration::from_secs(60), || async {
+        let (a, b) = (owned_by(&stack, survivor_port).await?, owned_by(&stack, doomed_port).await?);
+        let together: BTreeSet<i32> = a.union(&b).copied().collect();
+        (!a.is_empty() && !b.is_empty() && a.is_disjoint(&b) && together == all).then_some((a, b))
+    })
+    .await?;
+    eprintln!("partitions: {survivor_id} {:?}, {doomed_id} {:?}", split.0, split.1);
+    let status = stack.projector_cli(&["status"]).output().await?;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&survivor_id) && text.contains(&doomed_id), "both owners are shown: {text}");
+
+    // A steady stream of commands over four writers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let written = Arc::new(Mutex::new(Written::default()));
+    let writers: Vec<_> = (0..4).map(|w| tokio::spawn(write_until(stack.clone(), stop.clone(), sent.clone(), written.clone(), w))).collect();
+    let sent_at_least = |n: usize| {
+        let sent = sent.clone();
+        move || {
+            let sent = sent.clone();
+            async move { (sent.load(Ordering::Acquire) >= n).then_some(()) }
+        }
+    };
+    eventually("commands to flow", Duration::from_secs(120), sent_at_least(60)).await?;
+    // Both apply batches now: SIGKILL one of them mid-stream.
+    doomed.kill().await?;
+    let killed_at = sent.load(Ordering::Acquire);
+    // The survivor takes every partition over (the broker drops the dead member after its session
+    // timeout) and goes on applying.
+    eventually("the survivor to own every partition", Duration::from_secs(60), || async { (owned_by(&stack, survivor_port).await? == all).then_some(()) })
+        .await?;
+    eventually("more commands after the take-over", Duration::from_secs(120), sent_at_least(killed_at + 40)).await?;
+    stop.store(true, Ordering::Release);
+    for w in writers {
+        w.await??;
+    }
+    let (creates, series, reminded) = {
+        let w = written.lock().unwrap_or_else(|e| e.into_inner());
+        (w.created.clone(), w.completed_series.clone(), w.reminded.clone())
+    };
+    eprintln!("tasks written: {} ({} series completed, {} reminders), {killed_at} before the kill", creates.len(), series.len(), reminded.len());
+    assert!(!series.is_empty() && !reminded.is_empty());
+    // Every reminder fired, then everything applied and no reaction pending.
+    eventually("the reminders to fire", Duration::from_secs(60), || async {
+        let fired = scalar(&stack, "SELECT count(*) FROM task_history WHERE event_type = 'task.reminder_due'").await.ok()?;
+        (fired >= reminded.len() as i64).then_some(())
+    })
+    .await?;
+    settled(&stack).await?;
+
+    // Offsets: every projection stands exactly after the last record of every partition.
+    let (ends, records) = read_log(&stack).await?;
+    let highs = stack.log_end().await?;
+    let mut db = stack.db().await?;
+    let offsets: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT projection, partition, next_offset FROM projection_offsets ORDER BY 1, 2").fetch_all(&mut db).await?;
+    assert_eq!(offsets.len(), platform::projections::PROJECTIONS.len() * all.len(), "{offsets:?}");
+    for (projection, partition, next) in &offsets {
+        assert_eq!(Some(next), ends.get(partition), "{projection} partition {partition}: stored offset vs the log's last record + 1");
+        assert_eq!(platform::projections::lag(*next, highs[partition]), 0, "{projection} partition {partition} lags its high watermark {}", highs[partition]);
+    }
+    // Rows: one history row per task event of the log, no more, no less.
+    let task_events = records.iter().filter(|(t, _)| t.starts_with("task.")).count() as i64;
+    assert_eq!(scalar(&stack, "SELECT count(*) FROM task_history").await?, task_events);
+    // Reactions, in the log: one next occurrence per completed series, one reminder per task.
+    let created: BTreeMap<&str, usize> = records.iter().filter(|(t, _)| t == "task.created").fold(BTreeMap::new(), |mut m, (_, s)| {
+        *m.entry(s.as_str()).or_default() += 1;
+        m
+    });
+    assert!(created.values().all(|n| *n == 1), "a task was created twice");
+    let next_of = |parent: &String| domain::ids::next_occurrence_id(domain::TaskId::from_uuid(parent.parse().expect("uuid")), 2).to_string();
+    let expected: BTreeSet<String> = creates.iter().cloned().chain(series.iter().map(next_of)).collect();
+    let in_log: BTreeSet<String> = created.keys().map(|s| s.to_string()).collect();
+    assert_eq!(in_log.difference(&expected).collect::<Vec<_>>(), Vec::<&String>::new(), "created but not expected");
+    let missing: Vec<&String> = expected.difference(&in_log).collect();
+    assert_eq!(missing, Vec::<&String>::new(), "expected but not created");
+    for parent in &series {
+        let children = scalar(&stack, &format!("SELECT count(*) FROM tasks WHERE recurrence_parent_id = '{parent}'")).await?;
+        assert_eq!(children, 1, "series {parent} has {children} next occurrences");
+    }
+    for task in &reminded {
+        let fired = records.iter().filter(|(t, s)| t == "task.reminder_due" && s == task).count();
+        assert_eq!(fired, 1, "the reminder of {task} fired {fired} times");
+    }
+    assert_eq!(scalar(&stack, "SELECT count(*) FROM notifications").await?, reminded.len() as i64);
+    // `projector status` names the survivor as the owner of every partition.
+    let status = stack.projector_cli(&["status"]).output().await?;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}{}", String::from_utf8_lossy(&status.stderr));
+    let owned_lines = text.lines().filter(|l| l.contains(&survivor_id)).count();
+    assert_eq!(owned_lines, platform::projections::PROJECTIONS.len() * all.len(), "{text}");
+    let metrics = stack.http.get(format!("http://127.0.0.1:{survivor_port}/metrics")).send().await?.text().await?;
+    assert!(metrics.lines().any(|l| l == format!("projector_partitions_owned {}", all.len())), "{metrics}");
+
+    // The read models equal a from-scratch rebuild.
+    let before = checksums(&stack).await?;
+    let out = stack.projector_cli(&["rebuild", "--yes"]).output().await?;
+    assert!(out.status.success(), "rebuild failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(checksums(&stack).await?, before, "the live read models differ from a rebuild");
+    let stack = Arc::try_unwrap(stack).map_err(|_| anyhow::anyhow!("stack still shared"))?;
+    stack.cleanup().await
+}
