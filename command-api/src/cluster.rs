@@ -3,7 +3,7 @@
 //! writer, forwarded to the owner, or refused (503) while the partition has no owner.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::RwLock;
 
 use serde::Serialize;
@@ -25,6 +25,9 @@ pub struct Cluster {
     partitions: AtomicI32,
     local: RwLock<HashMap<i32, Writer>>,
     owners: RwLock<HashMap<i32, OwnerRecord>>,
+    /// Set at shutdown: the membership gives every partition up and leaves the group.
+    leaving: AtomicBool,
+    left: tokio::sync::Notify,
 }
 
 /// Where a command on a partition goes.
@@ -68,7 +71,37 @@ pub struct PartitionView {
 
 impl Cluster {
     pub fn new(me: Instance, partitions: i32) -> Self {
-        Self { me, partitions: AtomicI32::new(partitions), local: RwLock::default(), owners: RwLock::default() }
+        Self {
+            me,
+            partitions: AtomicI32::new(partitions),
+            local: RwLock::default(),
+            owners: RwLock::default(),
+            leaving: AtomicBool::new(false),
+            left: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Shutdown: give every partition up (transactions in flight finish) and leave the group, so
+    /// the partitions move at once instead of after the group's session timeout; waits at most
+    /// `timeout`.
+    pub async fn leave(&self, timeout: std::time::Duration) {
+        let left = self.left.notified();
+        self.leaving.store(true, Ordering::Release);
+        if self.partitions() == 0 {
+            return; // never joined
+        }
+        if tokio::time::timeout(timeout, left).await.is_err() {
+            tracing::warn!("did not leave the group in time; the partitions move after the session timeout");
+        }
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
+    /// Called by the membership once it has left the group.
+    pub fn has_left(&self) {
+        self.left.notify_waiters();
     }
 
     /// Once the topic's partition count is known (read from Kafka at start).

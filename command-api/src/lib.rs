@@ -123,6 +123,7 @@ const BROKER_PROBE_PERIOD: Duration = Duration::from_secs(1);
 pub struct Application {
     listener: tokio::net::TcpListener,
     router: Router,
+    cluster: Arc<Cluster>,
 }
 
 impl Application {
@@ -156,11 +157,11 @@ impl Application {
         let auth = JwtAuth::new(&settings.auth.auth_jwt_secret).with_service_secret(settings.service_jwt_secret.as_ref());
         let brokers = platform::kafka::watch_brokers(&settings.kafka, "taskstream-command-api-probe", BROKER_PROBE_PERIOD)?;
         let forward_timeout = Duration::from_millis(settings.request_timeout_ms / 2);
-        let state = AppState::with_cluster(cluster, auth, idempotency, forward_timeout)
+        let state = AppState::with_cluster(cluster.clone(), auth, idempotency, forward_timeout)
             .allow_private_webhooks(settings.webhook_allow_private)
             .with_brokers(brokers);
         tracing::info!(%addr, instance = %me.id, url = %me.url, "command API listening");
-        Ok(Self { listener, router: router(state, Duration::from_millis(settings.request_timeout_ms)) })
+        Ok(Self { listener, router: router(state, Duration::from_millis(settings.request_timeout_ms)), cluster })
     }
 
     pub fn port(&self) -> u16 {
@@ -169,6 +170,8 @@ impl Application {
 
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         axum::serve(self.listener, self.router).with_graceful_shutdown(platform::http::shutdown_signal()).await?;
+        // Hand the partitions over now rather than after the group's session timeout.
+        self.cluster.leave(Duration::from_secs(20)).await;
         Ok(())
     }
 }

@@ -188,6 +188,15 @@ pub fn join(settings: &KafkaSettings, group: &str, cluster: Arc<Cluster>, factor
                 consumer.context().restart_fenced();
                 checked = Instant::now();
             }
+            if cluster.is_leaving() {
+                let all = cluster.local_partitions();
+                consumer.context().revoke(&all);
+                let _ = consumer.unsubscribe();
+                drop(consumer); // closes the consumer: it leaves the group
+                tracing::info!("left the command API group");
+                cluster.has_left();
+                return;
+            }
             if consumer.context().fatal.load(Ordering::Acquire) {
                 tracing::error!("the group membership failed fatally; giving every partition up and joining again");
                 let all = cluster.local_partitions();

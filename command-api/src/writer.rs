@@ -181,6 +181,9 @@ struct Snapshot {
 
 const SNAPSHOT_FORMAT: u32 = 1;
 
+/// A restore that read more events than this after the snapshot records a new one at once.
+const RESTORED_TAIL_SNAPSHOT: u64 = 10_000;
+
 struct Actor<L> {
     partition: i32,
     log: L,
@@ -380,7 +383,7 @@ impl<L: EventLog> Actor<L> {
             "partition state restored"
         );
         // A long tail makes the next owner's restore long: record a snapshot now.
-        if self.since_snapshot >= self.config.snapshot_every_events {
+        if self.since_snapshot >= self.config.snapshot_every_events.min(RESTORED_TAIL_SNAPSHOT) {
             self.snapshot().await;
         }
         Ok(())
