@@ -237,6 +237,9 @@ impl Runner {
         tokio::spawn(async move {
             match crate::rebuild::run(opts, std::future::pending()).await {
                 Ok(summary) => tracing::info!("{}", summary.line()),
+                Err(crate::rebuild::RebuildError::Busy) => {
+                    tracing::info!("another rebuild is running (another projector instance, or the command line); the new projections are rebuilt by it or at the next start")
+                }
                 Err(e) => {
                     tracing::error!(error.message = %e, "rebuilding the new projections failed; retried at the next restart")
                 }

@@ -109,6 +109,35 @@ async fn offsets_move_only_with_the_rows_and_a_second_writer_is_fenced() {
     db.drop_database().await.unwrap();
 }
 
+/// Two instances that both believe they own partition 0 (a zombie whose partition moved while it
+/// was cut off, and the new owner) apply the same records at the same time: the first to commit
+/// wins; the other waits on the first's row locks, then fails the compare-and-set and is rolled
+/// back whole (rows, history, outbox): nothing is applied twice.
+#[tokio::test]
+async fn a_zombie_batch_racing_the_new_owner_is_fenced_and_rolled_back() {
+    let (db, pool) = fresh_store().await;
+    let batch = history(TaskId::new_v7());
+    let from = HashMap::from([(0, 0)]);
+    let mut owner = pool.begin().await.unwrap();
+    store::apply_batch_in(&mut owner, TOPIC, &batch, &from, ApplyMode::Live).await.unwrap();
+    let zombie = {
+        let (pool, batch, from) = (pool.clone(), batch.clone(), from.clone());
+        tokio::spawn(async move { store::apply_batch(&pool, TOPIC, &batch, &from, ApplyMode::Live).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&pool, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await == 0 {
+        assert!(Instant::now() < deadline && !zombie.is_finished(), "the zombie must wait for the owner's row locks");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    owner.commit().await.unwrap();
+    let late = zombie.await.unwrap();
+    assert!(matches!(late, Err(StoreError::Fenced { .. })), "{late:?}");
+    assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, 3);
+    assert_eq!(count(&pool, "SELECT count(*) FROM task_history").await, 3);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox").await, 2);
+    db.drop_database().await.unwrap();
+}
+
 /// A batch of one user-level event at `offset` of partition 0.
 fn user_batch(offset: i64, sequence: u32, event: UserEvent) -> Batch {
     let mut batch = Batch::default();
