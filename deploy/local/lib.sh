@@ -14,8 +14,9 @@
 # A broker of another Kafka version left running (or a data dir formatted) by an older checkout is
 # stopped and its data dir formatted again by ensure_kafka, with a message: local topics are test data.
 #
-# Overrides (environment): LOCAL_DIR (default $ROOT/.local), KAFKA_PORT (9092) and
-# KAFKA_CONTROLLER_PORT (9093), e.g. to try a second broker beside the usual one:
+# Overrides (environment): LOCAL_DIR (default $ROOT/.local), KAFKA_PORT (9092),
+# KAFKA_CONTROLLER_PORT (9093), PG_PORT (55432) and KAFKA_LIBS (the jars, default $LOCAL_DIR/kafka/libs:
+# a second pair can share the first one's), e.g. to try a second broker beside the usual one:
 #   LOCAL_DIR=/tmp/k KAFKA_PORT=19092 KAFKA_CONTROLLER_PORT=19093 bash -c '. deploy/local/lib.sh && ensure_kafka'
 #   LOCAL_DIR=/tmp/k bash -c '. deploy/local/lib.sh && stop_kafka'
 #
@@ -39,12 +40,12 @@ LOCAL_DIR="${LOCAL_DIR:-$ROOT/.local}"
 # deploy/docker-compose.yml and deploy/k8s/kafka.yaml (tests/tests/deploy.rs checks it).
 KAFKA_VERSION=4.4.0
 KAFKA_DIR="$LOCAL_DIR/kafka"
-KAFKA_LIBS="$KAFKA_DIR/libs"
+KAFKA_LIBS="${KAFKA_LIBS:-$KAFKA_DIR/libs}"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 KAFKA_START_TIMEOUT=90
 PG_DIR="$LOCAL_DIR/pg"
-PG_PORT=55432
+PG_PORT="${PG_PORT:-55432}"
 PG_DB=taskstream
 PG_MAX_CONNECTIONS=200
 STARTED_KAFKA=0

@@ -1,0 +1,273 @@
+//! After the run: what the log (read_committed, from offset zero) and PostgreSQL say, checked
+//! against the journal of answers. Nothing here changes the stack except the rebuild, which the
+//! contract allows at any time.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::load::{CommandRecord, Op, Outcome};
+
+/// A record of `task-events`, as far as the checks need it.
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub key: String,
+    pub event_type: String,
+    pub sequence: u32,
+    pub user: String,
+    pub idempotency_key: Option<String>,
+    pub data: Value,
+}
+
+/// Every committed record of `topic`, in log order per partition (partitions one after another).
+pub async fn read_log(settings: platform::settings::KafkaSettings) -> anyhow::Result<Vec<LogRecord>> {
+    tokio::task::spawn_blocking(move || read_log_blocking(&settings)).await?
+}
+
+fn read_log_blocking(settings: &platform::settings::KafkaSettings) -> anyhow::Result<Vec<LogRecord>> {
+    let topic = &settings.task_events_topic;
+    let consumer: BaseConsumer<platform::kafka::QuietEof> = platform::kafka::client_config(settings, "chaos-verify")
+        .set("group.id", format!("chaos-verify-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create_with_context(platform::kafka::QuietEof)?;
+    let partitions = platform::kafka::partitions(&consumer, topic, Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut at_end: HashSet<i32> = HashSet::new();
+    let mut by_partition: BTreeMap<i32, Vec<LogRecord>> = BTreeMap::new();
+    let started = std::time::Instant::now();
+    while at_end.len() < partitions.len() {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "reading the log took more than 5 minutes");
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => return Err(e).context("reading the log"),
+            Some(Ok(m)) => {
+                at_end.remove(&m.partition());
+                let mut h: HashMap<&str, String> = HashMap::new();
+                if let Some(headers) = m.headers() {
+                    for x in headers.iter() {
+                        h.insert(x.key, x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default());
+                    }
+                }
+                let data = m.payload().and_then(|p| serde_json::from_slice(p).ok()).unwrap_or(Value::Null);
+                by_partition.entry(m.partition()).or_default().push(LogRecord {
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                    event_type: h.get("ce_type").cloned().unwrap_or_default(),
+                    sequence: h.get("ce_sequence").and_then(|s| s.parse().ok()).unwrap_or(0),
+                    user: h.get("ce_userid").cloned().unwrap_or_default(),
+                    idempotency_key: h.get("ce_idempotencykey").cloned(),
+                    data,
+                });
+            }
+        }
+    }
+    Ok(by_partition.into_values().flatten().collect())
+}
+
+/// One named check and what it found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn check(name: &'static str, problems: &[String], fine: String) -> Check {
+    if problems.is_empty() {
+        Check { name, ok: true, detail: fine }
+    } else {
+        let mut detail = format!("{} problem(s): ", problems.len());
+        detail.push_str(&problems.iter().take(5).cloned().collect::<Vec<_>>().join("; "));
+        if problems.len() > 5 {
+            detail.push_str("; ...");
+        }
+        Check { name, ok: false, detail }
+    }
+}
+
+/// Per phase: commands answered 2xx that are not in the log (lost), in it more than once
+/// (duplicated), refused with a definitive 4xx yet in the log.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Exactness {
+    pub lost: u64,
+    pub duplicated: u64,
+    pub refused_but_in_log: u64,
+    pub unresolved_in_log: u64,
+}
+
+/// Every command of the journal against the log: an accepted command's key is on exactly one
+/// event, of its task, at the version it was answered with; a refused command's key on none.
+pub fn commands_against_log(journal: &[CommandRecord], log: &[LogRecord], phases: usize) -> (Vec<Exactness>, Check) {
+    let mut by_key: HashMap<(&str, &str), Vec<&LogRecord>> = HashMap::new();
+    for r in log {
+        if let Some(k) = &r.idempotency_key {
+            by_key.entry((r.user.as_str(), k.as_str())).or_default().push(r);
+        }
+    }
+    let mut out = vec![Exactness::default(); phases];
+    let mut problems = Vec::new();
+    for c in journal {
+        let events = by_key.get(&(c.user.as_str(), c.key.as_str())).map(Vec::as_slice).unwrap_or_default();
+        let e = &mut out[c.phase.min(phases - 1)];
+        match &c.outcome {
+            Outcome::Accepted { version, .. } => {
+                if events.is_empty() {
+                    e.lost += 1;
+                    problems.push(format!("{} ({:?} {}) answered 2xx (version {version}) is not in the log", c.key, c.op, c.task_id));
+                } else if events.len() > 1 {
+                    e.duplicated += 1;
+                    problems.push(format!("{} ({:?} {}) is in the log {} times", c.key, c.op, c.task_id, events.len()));
+                } else if events[0].key != c.task_id.to_string() || events[0].sequence != *version {
+                    e.duplicated += 1;
+                    problems.push(format!(
+                        "{} ({:?} {}) answered version {version}, but its event is {} version {}",
+                        c.key, c.op, c.task_id, events[0].key, events[0].sequence
+                    ));
+                }
+            }
+            Outcome::Rejected { status, .. } => {
+                if !events.is_empty() {
+                    e.refused_but_in_log += 1;
+                    problems.push(format!("{} ({:?} {}) answered {status} is in the log", c.key, c.op, c.task_id));
+                }
+            }
+            Outcome::Unresolved { .. } => {
+                if events.len() > 1 {
+                    e.duplicated += 1;
+                    problems.push(format!("{} ({:?} {}) never answered is in the log {} times", c.key, c.op, c.task_id, events.len()));
+                } else if events.len() == 1 {
+                    e.unresolved_in_log += 1;
+                }
+            }
+        }
+    }
+    let accepted = journal.iter().filter(|c| matches!(c.outcome, Outcome::Accepted { .. })).count();
+    let fine = format!("{accepted} commands answered 2xx, each in the log exactly once at the answered version");
+    (out, check("every 2xx in the log exactly once, no refused command in it", &problems, fine))
+}
+
+/// Versions 1..n per stream (task or user), in log order.
+pub fn versions_contiguous(log: &[LogRecord]) -> Check {
+    let mut last: HashMap<&str, u32> = HashMap::new();
+    let mut problems = Vec::new();
+    for r in log {
+        let prev = last.entry(r.key.as_str()).or_insert(0);
+        if r.sequence != *prev + 1 {
+            problems.push(format!("{} ({}): version {} after {}", r.key, r.event_type, r.sequence, prev));
+        }
+        *prev = r.sequence;
+    }
+    check("versions contiguous per task and user", &problems, format!("{} streams, {} events", last.len(), log.len()))
+}
+
+/// Every recurring task completed at least once has exactly one next occurrence in the log.
+pub fn occurrences(log: &[LogRecord]) -> Check {
+    let recurring: HashSet<&str> =
+        log.iter().filter(|r| r.event_type == "task.created" && r.data.get("recurrence").is_some_and(|v| !v.is_null())).map(|r| r.key.as_str()).collect();
+    let completed: HashSet<&str> =
+        log.iter().filter(|r| r.event_type == "task.completed" && recurring.contains(r.key.as_str())).map(|r| r.key.as_str()).collect();
+    let mut children: HashMap<String, usize> = HashMap::new();
+    for r in log.iter().filter(|r| r.event_type == "task.created") {
+        if let Some(p) = r.data.get("recurrence_parent_id").and_then(Value::as_str) {
+            *children.entry(p.to_owned()).or_default() += 1;
+        }
+    }
+    let mut problems = Vec::new();
+    for t in &completed {
+        match children.get(*t).copied().unwrap_or(0) {
+            1 => {}
+            n => problems.push(format!("recurring task {t} completed, {n} next occurrences")),
+        }
+    }
+    for (p, n) in &children {
+        if !completed.contains(p.as_str()) {
+            problems.push(format!("{n} occurrence(s) of {p}, which was never completed"));
+        }
+    }
+    check("every completed recurring task has exactly one next occurrence", &problems, format!("{} recurring tasks completed", completed.len()))
+}
+
+/// Every reminder task of the journal: exactly one `task.reminder_due` in the log, one notification
+/// row, and the webhook receiver got its notification exactly once.
+pub async fn reminders(journal: &[CommandRecord], log: &[LogRecord], db: &PgPool, deliveries: &HashMap<String, u32>) -> anyhow::Result<Vec<Check>> {
+    let tasks: Vec<Uuid> = journal.iter().filter(|c| c.op == Op::CreateReminder && matches!(c.outcome, Outcome::Accepted { .. })).map(|c| c.task_id).collect();
+    let mut due: HashMap<String, usize> = HashMap::new();
+    for r in log.iter().filter(|r| r.event_type == "task.reminder_due") {
+        *due.entry(r.key.clone()).or_default() += 1;
+    }
+    let mut fired = Vec::new();
+    for t in &tasks {
+        let n = due.get(&t.to_string()).copied().unwrap_or(0);
+        if n != 1 {
+            fired.push(format!("task {t}: {n} task.reminder_due events"));
+        }
+    }
+    let rows: Vec<(Uuid, Uuid)> = sqlx::query_as("SELECT task_id, id FROM notifications WHERE task_id = ANY($1)").bind(&tasks).fetch_all(db).await?;
+    let mut per_task: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+    for (t, n) in &rows {
+        per_task.entry(*t).or_default().push(*n);
+    }
+    let mut notified = Vec::new();
+    let mut delivered = Vec::new();
+    for t in &tasks {
+        let ids = per_task.get(t).map(Vec::as_slice).unwrap_or_default();
+        if ids.len() != 1 {
+            notified.push(format!("task {t}: {} notifications", ids.len()));
+        }
+        for id in ids {
+            match deliveries.get(&id.to_string()).copied().unwrap_or(0) {
+                1 => {}
+                n => delivered.push(format!("notification {id} (task {t}) delivered {n} times")),
+            }
+        }
+    }
+    Ok(vec![
+        check("every reminder due in the run fired exactly once", &fired, format!("{} reminders", tasks.len())),
+        check("every fired reminder has exactly one notification", &notified, format!("{} notifications", rows.len())),
+        check("every notification reached the webhook exactly once", &delivered, format!("{} deliveries", deliveries.values().sum::<u32>())),
+    ])
+}
+
+/// The read-model tables and their checksums (row count, md5 over the rows in a fixed order).
+const TABLES: [&str; 6] = ["tasks", "task_history", "notifications", "notification_reads", "webhooks", "reminder_schedule"];
+
+pub async fn checksums(db: &PgPool) -> anyhow::Result<Vec<(String, i64, String)>> {
+    let mut out = Vec::new();
+    for t in TABLES {
+        // Table names come from the constant above, never from input.
+        let (n, sum): (i64, Option<String>) =
+            sqlx::query_as(&format!("SELECT count(*), md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {t} t")).fetch_one(db).await?;
+        out.push((t.to_owned(), n, sum.unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+/// The read models before and after `projector rebuild --yes` (from offset zero).
+pub fn rebuild_matches(before: &[(String, i64, String)], after: &[(String, i64, String)], rebuild_ok: Result<(), String>) -> Check {
+    let mut problems = Vec::new();
+    if let Err(e) = rebuild_ok {
+        problems.push(e);
+    }
+    for (b, a) in before.iter().zip(after) {
+        if b != a {
+            problems.push(format!("{}: live {} rows (md5 {}), rebuilt {} rows (md5 {})", b.0, b.1, b.2, a.1, a.2));
+        }
+    }
+    let rows: i64 = before.iter().map(|t| t.1).sum();
+    check("read models identical to a rebuild from offset zero", &problems, format!("{} tables, {rows} rows", before.len()))
+}
