@@ -68,6 +68,8 @@ enum Cmd {
     PgCopy,
     /// The peer: the same aggregate on cqrs-es + postgres-es (bin `peer-cqrs-es`), same load.
     Peer,
+    /// Two more command APIs: saturation over three instances, then the failover time of a kill -9.
+    ScaleOut,
     /// A backlog of 1 000 000 events: projector catch-up, rebuild, command API restore, memory.
     Backlog,
     /// Everything above, in order; prints one JSON object.
@@ -133,6 +135,9 @@ async fn main() -> anyhow::Result<()> {
         runs.push(one);
     }
     let (mut out, spread) = medians(&runs);
+    if run(Cmd::ScaleOut) {
+        out.extend(scale_out(&ctx).await?);
+    }
     if run(Cmd::Backlog) {
         out.extend(backlog::backlog(&ctx).await?);
     }
@@ -261,7 +266,10 @@ fn report(out: &BTreeMap<String, Value>, about: &[String]) -> String {
     let goals: &[(&str, &str)] = &[
         ("kafka_raw_produce_per_s", "the limit: raw rdkafka, idempotent, acks=all, event-sized records"),
         ("pg_raw_copy_rows_per_s", "the limit: binary COPY of task_history-shaped rows"),
-        ("command_throughput_per_s", "goal: >= 20 000 and >= 25% of the raw produce limit"),
+        ("command_throughput_per_s", "goal: >= 20 000 and >= 25% of the raw produce limit; projector stopped (the write path alone)"),
+        ("command_throughput_per_s_with_projector", "the same with the projector running (the whole system on the same cores)"),
+        ("command_throughput_per_s_3x", "three command APIs sharing the partitions on this box (projector stopped)"),
+        ("failover_seconds", "goal: <= 10; kill -9 of one of three command APIs to the first 2xx on one of its partitions"),
         ("command_p50_ms_at_1k", "open loop, 1 000/s, from the scheduled send time"),
         ("command_p99_ms_at_1k", "goal: <= 10"),
         ("command_p999_ms_at_1k", ""),
@@ -269,7 +277,8 @@ fn report(out: &BTreeMap<String, Value>, about: &[String]) -> String {
         ("e2e_p99_ms_at_1k", "goal: <= 50"),
         ("projector_events_per_s", "goal: >= 25 000 (or 30% of the COPY limit); 1M-event backlog, from process start"),
         ("rebuild_1m_seconds", "goal: <= 60; `projector rebuild --yes` over the 1M-event log"),
-        ("command_api_restore_1m_seconds", "command API start to ready over the 1M-event log"),
+        ("command_api_restore_1m_seconds", "goal: <= 2; command API start to ready over the 1M-event log, from its snapshots"),
+        ("command_api_restore_1m_from_log_seconds", "the first start over the 1M-event log (no snapshot yet: reads it all, then records snapshots)"),
         ("graphql_list_queries_per_s", "goal: >= 5 000; a 50-item tasks page"),
         ("graphql_task_queries_per_s", "task(id)"),
         ("peer_cqrs_es_commands_per_s", "the peer (cqrs-es + postgres-es), same load"),
@@ -299,6 +308,7 @@ fn report(out: &BTreeMap<String, Value>, about: &[String]) -> String {
         ("commands / raw Kafka produce", "command_throughput_per_s", "kafka_raw_produce_per_s"),
         ("projector / raw PostgreSQL COPY", "projector_events_per_s", "pg_raw_copy_rows_per_s"),
         ("commands / cqrs-es peer", "command_throughput_per_s", "peer_cqrs_es_commands_per_s"),
+        ("three command APIs / one", "command_throughput_per_s_3x", "command_throughput_per_s"),
     ] {
         match (f(a), f(b)) {
             (Some(x), Some(y)) if y > 0.0 => md.push_str(&format!("- {name}: {:.1}% ({x} / {y})\n", 100.0 * x / y)),
@@ -444,8 +454,12 @@ struct Sent {
 
 /// One command of the realistic mix.
 async fn mixed_command(ctx: &Ctx, token: &str, ids: &[String], i: u64) -> anyhow::Result<Sent> {
+    mixed_command_at(ctx, &ctx.cli.command_api, token, ids, i).await
+}
+
+/// One command of the mix, sent to the command API at `base`.
+async fn mixed_command_at(ctx: &Ctx, base: &str, token: &str, ids: &[String], i: u64) -> anyhow::Result<Sent> {
     let id = &ids[(i as usize * 7919) % ids.len()];
-    let base = &ctx.cli.command_api;
     let req = match i % 20 {
         0..=7 => ctx.http.post(format!("{base}/v1/tasks")).json(&json!({"title": format!("task {i}"), "priority": "high", "tags": ["a", "b"]})),
         8..=15 => ctx.http.patch(format!("{base}/v1/tasks/{id}")).json(&json!({"title": format!("edit {i}")})),
@@ -469,7 +483,41 @@ async fn mixed_command(ctx: &Ctx, token: &str, ids: &[String], i: u64) -> anyhow
     })
 }
 
+/// Accepted commands per second at saturation, with the projector stopped (SIGSTOP: the write path
+/// alone) and then running (the whole system sharing the cores), with each process' CPU share.
 async fn commands(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
+    let procs = ctx.cli.rss.clone();
+    let projector = procs.iter().find(|(n, _)| n == "projector").map(|(_, p)| p.clone());
+    let bases = [ctx.cli.command_api.clone()];
+    if let Some(p) = &projector {
+        signal(p, "STOP");
+    }
+    let alone = saturate(ctx, &bases, "command_throughput_per_s", &procs).await;
+    if let Some(p) = &projector {
+        signal(p, "CONT");
+    }
+    let mut out = alone?;
+    if projector.is_some() {
+        wait_caught_up(ctx).await?;
+        out.extend(saturate(ctx, &bases, "command_throughput_per_s_with_projector", &procs).await?);
+    }
+    Ok(out)
+}
+
+fn signal(pid: &str, sig: &str) {
+    let _ = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid).status();
+}
+
+/// CPU time (user + system) of a process so far, in seconds (Linux, 100 clock ticks per second).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    Some((fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / 100.0)
+}
+
+/// Saturates the command APIs at `bases` (256 connections spread over them) with the mix; returns
+/// `key` = accepted commands/s and `cpu_pct_<key>_<process>` = each process' CPU (% of one core).
+async fn saturate(ctx: &Arc<Ctx>, bases: &[String], key: &str, procs: &[(String, String)]) -> anyhow::Result<BTreeMap<String, Value>> {
     let user = format!("bench-sat-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let ids = seed(ctx, &user, ctx.n(2_000)).await?;
     let ids = Arc::new(ids);
@@ -477,14 +525,19 @@ async fn commands(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     let accepted = Arc::new(AtomicU64::new(0));
     let counter = Arc::new(AtomicU64::new(0));
     let duration = ctx.secs(20.0);
-    let deadline = Instant::now() + duration;
+    let mut procs: Vec<(String, String)> = procs.to_vec();
+    procs.push(("loadgen".into(), std::process::id().to_string()));
+    let cpu_before: Vec<Option<f64>> = procs.iter().map(|(_, p)| cpu_seconds(p)).collect();
+    let started = Instant::now();
+    let deadline = started + duration;
     let mut workers = Vec::new();
-    for _ in 0..256 {
+    for w in 0..256 {
         let (ctx, ids, token, accepted, counter) = (ctx.clone(), ids.clone(), token.clone(), accepted.clone(), counter.clone());
+        let base = bases[w % bases.len()].clone();
         workers.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 let i = counter.fetch_add(1, Ordering::Relaxed);
-                if mixed_command(&ctx, &token, &ids, i).await.is_ok_and(|s| s.accepted) {
+                if mixed_command_at(&ctx, &base, &token, &ids, i).await.is_ok_and(|s| s.accepted) {
                     accepted.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -493,9 +546,131 @@ async fn commands(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     for w in workers {
         w.await?;
     }
+    let elapsed = started.elapsed().as_secs_f64();
     let rate = accepted.load(Ordering::Relaxed) as f64 / duration.as_secs_f64();
-    eprintln!("command_throughput_per_s = {rate:.0} (256 connections, {duration:?})");
-    Ok(BTreeMap::from([("command_throughput_per_s".into(), round(rate))]))
+    let mut out = BTreeMap::from([(key.to_owned(), round(rate))]);
+    let mut shares = Vec::new();
+    for ((name, pid), before) in procs.iter().zip(cpu_before) {
+        if let (Some(b), Some(a)) = (before, cpu_seconds(pid)) {
+            let pct = 100.0 * (a - b) / elapsed;
+            shares.push(format!("{name} {pct:.0}%"));
+            out.insert(format!("cpu_pct_{key}_{name}"), round(pct));
+        }
+    }
+    eprintln!("{key} = {rate:.0} (256 connections over {} instance(s), {duration:?}; CPU: {})", bases.len(), shares.join(", "));
+    Ok(out)
+}
+
+/// Two more command APIs beside the benchmark's: the saturation over three instances sharing the
+/// partitions (`command_throughput_per_s_3x`), then `kill -9` of one and the time to the first 2xx
+/// on one of its partitions (`failover_seconds`), then a graceful stop of the other.
+async fn scale_out(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
+    // The extra instances run with the benchmark instance's own environment (same topic, group,
+    // secrets), read from /proc.
+    let Some(main_pid) = ctx.cli.rss.iter().find(|(n, _)| n == "command_api").map(|(_, p)| p.clone()) else {
+        eprintln!("scale-out skipped: no --rss command_api=PID to copy the instance's environment from");
+        return Ok(BTreeMap::new());
+    };
+    let environ = std::fs::read(format!("/proc/{main_pid}/environ")).context("reading the command API's environment")?;
+    let env: Vec<(String, String)> = environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok()?.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .filter(|(k, _)| !k.starts_with("COMMAND_API_"))
+        .collect();
+    let mut extras = Vec::new();
+    let mut bases = vec![ctx.cli.command_api.clone()];
+    let mut procs: Vec<(String, String)> = ctx.cli.rss.iter().filter(|(n, _)| n != "command_api").cloned().collect();
+    procs.extend(ctx.cli.rss.iter().filter(|(n, _)| n == "command_api").map(|(_, p)| ("command_api_0".to_owned(), p.clone())));
+    for i in 1..=2 {
+        let port = backlog::free_port();
+        let child = tokio::process::Command::new(backlog::bin("command-api"))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
+            .env("COMMAND_API_INSTANCE_ID", format!("bench-command-api-{i}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        procs.push((format!("command_api_{i}"), child.id().map(|p| p.to_string()).unwrap_or_default()));
+        bases.push(format!("http://127.0.0.1:{port}"));
+        extras.push(child);
+    }
+    let started = Instant::now();
+    let spread = loop {
+        if let Some(o) = owners(ctx).await {
+            if o.values().collect::<std::collections::HashSet<_>>().len() == 3 {
+                break o;
+            }
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "three command APIs did not share the partitions within 2 minutes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("three command APIs own the partitions after {:.1} s: {spread:?}", started.elapsed().as_secs_f64());
+    let projector = ctx.cli.rss.iter().find(|(n, _)| n == "projector").map(|(_, p)| p.clone());
+    if let Some(p) = &projector {
+        signal(p, "STOP");
+    }
+    let measured = saturate(ctx, &bases, "command_throughput_per_s_3x", &procs).await;
+    if let Some(p) = &projector {
+        signal(p, "CONT");
+    }
+    let mut out = measured?;
+
+    // A task in a partition of instance 1, then kill -9 instance 1.
+    let victim = "bench-command-api-1";
+    let token = ctx.token("bench-failover");
+    let mut task = None;
+    for _ in 0..500 {
+        let v: Value = ctx.http.post(format!("{}/v1/tasks", ctx.cli.command_api)).bearer_auth(&token).json(&json!({"title": "failover"})).send().await?.json().await?;
+        let partition = v["position"].as_str().and_then(|t| platform::position::Position::from_token(t).ok()).map(|p| p.partition as i64);
+        if partition.is_some_and(|p| spread.get(&p).is_some_and(|o| o == victim)) {
+            task = v["task_id"].as_str().map(str::to_owned);
+            break;
+        }
+    }
+    let task = task.context("no task landed in the victim's partitions")?;
+    let mut first = extras.remove(0);
+    first.kill().await?;
+    let killed = Instant::now();
+    loop {
+        let r = ctx.http.patch(format!("{}/v1/tasks/{task}", ctx.cli.command_api)).bearer_auth(&token).json(&json!({"title": "moved"})).send().await;
+        if r.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        anyhow::ensure!(killed.elapsed() < Duration::from_secs(120), "the killed instance's partition was not served again within 2 minutes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failover = killed.elapsed().as_secs_f64();
+    eprintln!("failover_seconds = {failover:.2} (kill -9 to the first 2xx on a moved partition)");
+    out.insert("failover_seconds".into(), round(failover));
+    for mut c in extras {
+        if let Some(pid) = c.id() {
+            signal(&pid.to_string(), "TERM");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), c.wait()).await;
+    }
+    // The benchmark's own instance owns everything again before the next phase.
+    let started = Instant::now();
+    while owners(ctx).await.is_none_or(|o| o.values().collect::<std::collections::HashSet<_>>().len() != 1) {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the partitions did not come back to the benchmark's command API");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(out)
+}
+
+/// The owner of every partition as the benchmark's command API sees it, once all are ready.
+async fn owners(ctx: &Ctx) -> Option<BTreeMap<i64, String>> {
+    let view: Value = ctx.http.get(format!("{}/v1/cluster", ctx.cli.command_api)).send().await.ok()?.json().await.ok()?;
+    let mut out = BTreeMap::new();
+    for p in view["partitions"].as_array()? {
+        if p["ready"] != json!(true) {
+            return None;
+        }
+        out.insert(p["partition"].as_i64()?, p["owner"].as_str()?.to_owned());
+    }
+    Some(out)
 }
 
 async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
