@@ -1,11 +1,13 @@
-//! Reading the log: the read_committed consumer of the rebuild (assigned by hand, every partition)
-//! and the batching of the live loop (whose consumer is a group member, see `group`).
+//! Reading the log: the settings every reader shares, the read_committed consumer of the rebuild
+//! (assigned by hand, every partition) and the batching of the live loop (whose consumer is a
+//! group member, see `group`).
 //! Imports `model`.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
 
@@ -13,9 +15,10 @@ use platform::settings::KafkaSettings;
 
 use crate::model::Batch;
 
-/// A read_committed consumer of the log, assigned by hand (offsets live in PostgreSQL).
-pub fn log_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamConsumer> {
-    let mut cfg = platform::kafka::client_config(kafka, group);
+/// The settings of every reader of the log: read_committed, nothing committed to Kafka (the offsets
+/// live in PostgreSQL), from the start of a partition that has no position, large fetches.
+pub fn log_config(kafka: &KafkaSettings, client_id: &str, group: &str) -> ClientConfig {
+    let mut cfg = platform::kafka::client_config(kafka, client_id);
     cfg.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -23,7 +26,12 @@ pub fn log_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<Stream
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "50")
         .set("fetch.max.bytes", "52428800");
-    Ok(cfg.create()?)
+    cfg
+}
+
+/// A read_committed consumer of the log, assigned by hand (offsets live in PostgreSQL).
+pub fn log_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<StreamConsumer> {
+    Ok(log_config(kafka, group, group).create()?)
 }
 
 /// Waits for at least one record, then takes what else arrives within `linger`. Only records of

@@ -14,7 +14,8 @@
 //! still applies a batch fails the compare-and-set and is rolled back.
 //!
 //! Which instance owns which partition is also written to `projector_partition_owners`, for
-//! `projector status` only (Kafka decides; PostgreSQL shows). No imports from this crate.
+//! `projector status` only (Kafka decides; PostgreSQL shows). Imports `consumer` (the settings of
+//! every reader of the log).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +27,8 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 
 use platform::settings::KafkaSettings;
+
+use crate::consumer::log_config;
 
 /// The group of the live projectors of `topic` (one group per topic, so the projectors of another
 /// log on the same broker never rebalance with these).
@@ -223,15 +226,8 @@ impl ConsumerContext for GroupContext {
 /// committed to Kafka (they live in PostgreSQL). Subscribe it to start.
 pub fn consumer(kafka: &KafkaSettings, membership: Arc<Membership>) -> anyhow::Result<StreamConsumer<GroupContext>> {
     let topic = kafka.task_events_topic.clone();
-    let mut cfg = platform::kafka::client_config(kafka, "taskstream-projector");
-    cfg.set("group.id", group_id(&topic))
-        .set("group.protocol", "consumer")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "50")
-        .set("fetch.max.bytes", "52428800");
+    let mut cfg = log_config(kafka, "taskstream-projector", &group_id(&topic));
+    cfg.set("group.protocol", "consumer");
     Ok(cfg.create_with_context(GroupContext { membership, topic })?)
 }
 

@@ -26,11 +26,11 @@
 //!   wait behind one (`park`, `apply_live`), `dlq list/replay/discard`. Imports `store`, `model`.
 //! - `store`: PostgreSQL only: writes what it is given (rows, history, outbox, offsets with their
 //!   compare-and-set) in the caller's transaction or its own. Imports `model`.
-//! - `consumer`: the rebuild's read_committed consumer and the live loop's batching (which stops
-//!   early at a rebalance). Imports `model`.
 //! - `group`: the consumer group (KIP-848 protocol): the pure books of the assignment that the
 //!   rebalance callbacks keep, the group member's consumer, and the owner rows shown by `status`.
-//!   Imports nothing of this crate.
+//!   Imports `consumer` (the log readers' settings).
+//! - `consumer`: the settings of every log reader, the rebuild's read_committed consumer and the
+//!   live loop's batching (which stops early at a rebalance). Imports `model`.
 //! - `model`: the pure fold: decoded batches and how events change the rows; no IO.
 //!
 //! The reactions stand apart from the projection path: `reactor` (outbox commands, reminders;
