@@ -422,7 +422,7 @@ mod tests {
         assert!(batch.failed.is_empty());
         assert_eq!(batch.to, HashMap::from([(0, 7), (2, 2)]));
         batch.retain_partitions(|_| false);
-        assert!(batch.is_empty() && batch.len() == 0);
+        assert!(batch.is_empty() && batch.tasks.is_empty() && batch.failed.is_empty());
     }
 
     fn created() -> TaskEvent {

@@ -54,7 +54,7 @@ async fn write_until(stack: Arc<Stack>, stop: Arc<AtomicBool>, sent: Arc<AtomicU
     let mut i = 0usize;
     while !stop.load(Ordering::Acquire) {
         let n = writer * 1_000_000 + i;
-        let recurring = i % 4 == 0;
+        let recurring = i.is_multiple_of(4);
         let reminded = !recurring && i % 25 == 3;
         let mut body = json!({"title": format!("task {n}"), "tags": [format!("w{writer}")]});
         if recurring {
