@@ -33,7 +33,7 @@ use crate::state::AppState;
     modifiers(&BearerAuth),
     // Referenced by name from `openapi`'s answer sets (which do not collect schemas themselves).
     components(schemas(crate::error::Problem)),
-    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"))
+    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"), (name = "cluster", description = "Which instance owns which partition"))
 )]
 struct ApiDoc;
 
@@ -49,12 +49,16 @@ impl Modify for BearerAuth {
 /// The full router; tests call it with `oneshot`.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let (api, openapi) =
-        OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(tasks::router()).merge(notifications::router()).merge(webhooks::router()).split_for_parts();
+        OpenApiRouter::with_openapi(ApiDoc::openapi())
+            .merge(tasks::router())
+            .merge(notifications::router())
+            .merge(webhooks::router())
+            .routes(utoipa_axum::routes!(cluster))
+            .split_for_parts();
     let openapi = Arc::new(openapi);
     api.merge(internal::router())
         // Command requests are kept as they arrived, to be forwarded to their partition's owner.
         .layer(middleware::from_fn(crate::extract::capture))
-        .route("/v1/cluster", get(cluster))
         .route("/v1/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
         .route("/healthz", get(platform::http::healthz))
         .route("/readyz", get(readyz))
@@ -76,7 +80,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /v1/cluster`: which instance owns which partition of the log, and whether it is ready.
+/// Which command-API instance owns which partition of the log, and whether it is ready.
+#[utoipa::path(
+    get, path = "/v1/cluster", tag = "cluster",
+    responses((status = 200, description = "The owner of every partition as this instance knows it", body = crate::cluster::ClusterView))
+)]
 async fn cluster(State(state): State<AppState>) -> Json<crate::cluster::ClusterView> {
     Json(state.cluster.view())
 }
