@@ -44,11 +44,11 @@ where
     }
 }
 
-/// The `{id}` of a task route. An id that is not a UUID (or not even decodable) names no task: 404,
-/// like an unknown one.
-pub struct TaskPath(pub TaskId);
+/// The `{id}` of a route (a task, a notification). An id that is not a UUID (or not even decodable,
+/// like `%FF`) names nothing: 404 problem+json, like an unknown one.
+pub struct IdPath(pub uuid::Uuid);
 
-impl<S: Send + Sync> FromRequestParts<S> for TaskPath {
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
@@ -56,7 +56,18 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskPath {
             PathRejection::FailedToDeserializePathParams(_) => ApiError::NotFound,
             other => ApiError::Internal(other.body_text()),
         })?;
-        raw.parse().map(TaskPath).map_err(|_| ApiError::NotFound)
+        uuid::Uuid::parse_str(&raw).map(IdPath).map_err(|_| ApiError::NotFound)
+    }
+}
+
+/// The `{id}` of a task route (see `IdPath`).
+pub struct TaskPath(pub TaskId);
+
+impl<S: Send + Sync> FromRequestParts<S> for TaskPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        IdPath::from_request_parts(parts, state).await.map(|IdPath(id)| TaskPath(TaskId::from_uuid(id)))
     }
 }
 

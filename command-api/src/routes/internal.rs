@@ -13,7 +13,7 @@ use domain::{AnyCommand, CommandKind, TaskId};
 
 use crate::command::{submit, task_command};
 use crate::error::ApiError;
-use crate::extract::{CommandHeaders, CommandRoute, JsonBody, ServiceCaller, TaskPath};
+use crate::extract::{IdPath, CommandHeaders, CommandRoute, JsonBody, ServiceCaller, TaskPath};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -61,12 +61,11 @@ pub struct RecordNotificationRequest {
 pub async fn record_notification(
     State(state): State<AppState>,
     ServiceCaller(caller): ServiceCaller,
-    axum::extract::Path(raw): axum::extract::Path<String>,
+    IdPath(notification_id): IdPath,
     route: CommandRoute,
     headers: CommandHeaders,
     body: JsonBody<RecordNotificationRequest>,
 ) -> Result<Response, ApiError> {
-    let notification_id = Uuid::parse_str(&raw).map_err(|_| ApiError::NotFound)?;
     let digest = route.digest(None, &body.canonical);
     let RecordNotificationRequest { task_id, remind_at } = body.value;
     let kind = UserCommandKind::RecordNotification { notification_id, task_id: TaskId::from_uuid(task_id), remind_at };

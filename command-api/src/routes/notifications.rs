@@ -14,7 +14,7 @@ use domain::AnyCommand;
 use super::openapi::{CommandProblems, IdempotencyKey};
 use crate::command::submit;
 use crate::error::{ApiError, Problem};
-use crate::extract::{AuthUser, CommandHeaders, CommandRoute};
+use crate::extract::{IdPath, AuthUser, CommandHeaders, CommandRoute};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -46,11 +46,10 @@ pub struct NotificationReadResponse {
 pub async fn mark_notification_read(
     State(state): State<AppState>,
     caller: AuthUser,
-    axum::extract::Path(raw): axum::extract::Path<String>,
+    IdPath(id): IdPath,
     route: CommandRoute,
     headers: CommandHeaders,
 ) -> Result<Response, ApiError> {
-    let id = Uuid::parse_str(&raw).map_err(|_| ApiError::NotFound)?;
     let digest = route.digest(None, b"");
     let cmd = AnyCommand::User(UserCommand { user: caller.0.clone(), kind: UserCommandKind::MarkNotificationRead(id) });
     submit(&state, caller, headers, digest, cmd).await

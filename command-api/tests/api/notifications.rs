@@ -127,3 +127,14 @@ async fn recorded_and_read_notifications_survive_a_restart() {
     let r = mark_read(&restarted, ALICE, &notification_of(&task, second)).await;
     assert_eq!((r.status, r.body["version"].as_u64()), (StatusCode::OK, Some(4)), "{}", r.text);
 }
+
+#[tokio::test]
+async fn an_undecodable_notification_id_is_a_problem_json_404_like_an_unknown_one() {
+    let app = spawn_app().await;
+    for path in ["/v1/notifications/%FF/read", "/v1/notifications/not-a-uuid/read"] {
+        let r = app.send(Some(ALICE), "POST", path, None, &[]).await;
+        assert_problem(&r, 404);
+    }
+    let r = as_service(&app, ALICE, "/internal/v1/notifications/%FF", &json!({"task_id": uuid::Uuid::nil(), "remind_at": "2030-01-01T00:00:00Z"}), &[]).await;
+    assert_problem(&r, 404);
+}
