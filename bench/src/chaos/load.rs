@@ -13,12 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use platform::retry::{Jitter, Policy};
 use rand::Rng;
 use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 const PRIORITIES: [&str; 4] = ["low", "medium", "high", "urgent"];
+/// How a command answered unavailable is sent again: 250 ms doubled up to 5 s, +-25 % (a client
+/// population that backs off, so a recovering service is not met by a retry storm).
+const RETRY: Policy = Policy::new(Duration::from_millis(250), Duration::from_secs(5)).with_jitter(Jitter::PlusMinus25);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -100,6 +104,8 @@ pub struct Counters {
     pub sent: AtomicU64,
     pub accepted: AtomicU64,
     pub saw_503: AtomicU64,
+    /// 503 answers so far (a command retried three times counts three).
+    pub answers_503: AtomicU64,
     pub rejected: AtomicU64,
     pub unresolved: AtomicU64,
     pub shed: AtomicU64,
@@ -146,7 +152,8 @@ impl Load {
 
     /// Sends commands at the configured rate until [`Load::stop`]; every command runs on its own
     /// task, so a slow answer never delays the schedule (open loop). Beyond `max_in_flight`
-    /// commands, a scheduled command is not sent (counted as shed).
+    /// commands, or more than a second behind its time, a scheduled command is not sent (counted
+    /// as shed).
     pub async fn drive(self: Arc<Self>) {
         let start = tokio::time::Instant::now();
         let mut i: u64 = 0;
@@ -154,7 +161,10 @@ impl Load {
             let at = start + Duration::from_secs_f64(i as f64 / self.config.rate);
             tokio::time::sleep_until(at).await;
             i += 1;
-            if self.counters.in_flight.load(Ordering::Relaxed) >= self.config.max_in_flight {
+            // Open loop, but a schedule more than a second behind (this process starved of CPU)
+            // is not caught up in one burst: those commands are not sent (shed).
+            let late = at.elapsed() > Duration::from_secs(1);
+            if late || self.counters.in_flight.load(Ordering::Relaxed) >= self.config.max_in_flight {
                 self.counters.shed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -332,10 +342,11 @@ impl Load {
     /// every time, to the next instance each time).
     async fn execute(&self, mut cmd: CommandRecord) -> CommandRecord {
         let deadline = cmd.sent_at + self.config.retry_budget;
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = RETRY.backoff();
         let mut retrying = false;
         loop {
             cmd.attempts += 1;
+            let delay = backoff.next_delay();
             let instance = (cmd.seq as usize + cmd.attempts as usize - 1) % self.config.command_urls.len();
             let (wait, last) = match self.send_once(&cmd, instance).await {
                 Ok((status, body, replayed)) if (200..300).contains(&status) => {
@@ -345,9 +356,13 @@ impl Load {
                 }
                 Ok((status, body, _)) if matches!(status, 408 | 429) || status >= 500 => {
                     cmd.unavailable += 1;
-                    cmd.saw_503 |= status == 503;
-                    let hint = body["retry_after"].as_u64().map(Duration::from_secs);
-                    (hint.unwrap_or(backoff).min(Duration::from_secs(2)).max(backoff), format!("{status}: {body}"))
+                    if status == 503 {
+                        cmd.saw_503 = true;
+                        self.counters.answers_503.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Retry-After when it says more than the backoff (at most the backoff's cap).
+                    let hint = body["retry_after"].as_u64().map(Duration::from_secs).unwrap_or_default();
+                    (hint.min(RETRY.cap).max(delay), format!("{status}: {body}"))
                 }
                 Ok((status, body, _)) => {
                     cmd.outcome = Outcome::Rejected { status, body: body.to_string() };
@@ -355,7 +370,7 @@ impl Load {
                 }
                 Err(e) => {
                     cmd.unavailable += 1;
-                    (backoff, e)
+                    (delay, e)
                 }
             };
             if Instant::now() + wait >= deadline {
@@ -367,7 +382,6 @@ impl Load {
                 self.counters.retrying.fetch_add(1, Ordering::Relaxed);
             }
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
         if retrying {
             self.counters.retrying.fetch_sub(1, Ordering::Relaxed);

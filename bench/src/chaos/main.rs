@@ -280,7 +280,9 @@ async fn exercise(
         tokens: tokens.clone(),
         retry_budget: Duration::from_secs(cli.retry_budget_seconds),
         request_timeout: Duration::from_secs(10),
-        max_in_flight: 20_000,
+        // About 10 s of the schedule: beyond that, a long outage sheds new commands instead of
+        // piling up retries.
+        max_in_flight: (rate * 10.0).max(200.0) as usize,
         reminders_until: chrono::Utc::now() + chrono::Duration::from_std(total)? - chrono::Duration::seconds(10),
     })?;
     let driver = tokio::spawn(load.clone().drive());
@@ -291,6 +293,7 @@ async fn exercise(
         let (load, names) = (load.clone(), names.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tick.tick().await;
@@ -299,18 +302,18 @@ async fn exercise(
                 say(
                     started,
                     format!(
-                        "[{}/{} {}] sent {} 2xx {} 503 {} 4xx {} unresolved {} in flight {} retrying {} shed {} | reads ok {} failed {}",
+                        "[{}/{} {}] sent {} 2xx {} 4xx {} unresolved {} | in flight {} retrying {} shed {} | 503 answers {} | reads ok {} failed {}",
                         phase + 1,
                         names.len(),
                         names[phase],
                         c.sent.load(Ordering::Relaxed),
                         c.accepted.load(Ordering::Relaxed),
-                        c.saw_503.load(Ordering::Relaxed),
                         c.rejected.load(Ordering::Relaxed),
                         c.unresolved.load(Ordering::Relaxed),
                         c.in_flight.load(Ordering::Relaxed),
                         c.retrying.load(Ordering::Relaxed),
                         c.shed.load(Ordering::Relaxed),
+                        c.answers_503.load(Ordering::Relaxed),
                         c.reads_ok.load(Ordering::Relaxed),
                         c.reads_failed.load(Ordering::Relaxed),
                     ),
@@ -321,7 +324,7 @@ async fn exercise(
 
     // The phases: a steady one, then one per fault.
     let mut timings = Vec::new();
-    let mut replays: Vec<(u64, Vec<String>)> = Vec::new();
+    let mut replaying = Vec::new();
     let mut problems = Vec::new();
     for (i, name) in names.iter().enumerate() {
         load.phase.store(i, Ordering::Relaxed);
@@ -346,10 +349,10 @@ async fn exercise(
             end = (start + fault_len).max(recovered.unwrap_or(start) + Duration::from_secs(5));
         }
         tokio::time::sleep_until(end.into()).await;
-        // Replays (same key, same body) of this phase's accepted commands.
+        // Replays (same key, same body) of this phase's accepted commands, beside the next phase.
         let sample = load.replay_sample(i);
-        let mismatches = load.replay(&sample).await;
-        replays.push((sample.len() as u64, mismatches));
+        let replayer = load.clone();
+        replaying.push(tokio::spawn(async move { (sample.len() as u64, replayer.replay(&sample).await) }));
         timings.push(Timing { start, injected, recovered, end: Instant::now() });
         if recovered.is_none() && injected.is_some() {
             break; // the stack is broken: no point in going on
@@ -361,6 +364,10 @@ async fn exercise(
     reader.await?;
     if !load.drain(Duration::from_secs(cli.retry_budget_seconds + 15)).await {
         problems.push("commands were still in flight after their retry budget".into());
+    }
+    let mut replays = Vec::new();
+    for r in replaying {
+        replays.push(r.await?);
     }
     progress.abort();
 
@@ -376,7 +383,7 @@ async fn exercise(
     say(started, format!("{} records in the log, {} commands in the journal", log.len(), journal.len()));
     let (exactness, commands_check) = verify::commands_against_log(&journal, &log, names.len());
     let mut checks = vec![commands_check, verify::versions_contiguous(&log), verify::occurrences(&log)];
-    checks.extend(verify::reminders(&journal, &log, &db, &receiver.counts()).await?);
+    checks.extend(verify::reminders(&log, &db, &receiver.counts()).await?);
     say(started, "rebuilding the read models from offset zero (projector rebuild --yes)");
     let before = verify::checksums(&db).await?;
     let rebuilt = rebuild(stack).await;
