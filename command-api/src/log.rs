@@ -177,7 +177,7 @@ impl EventLog for KafkaLog {
         if self.producer.is_some() {
             return Ok(());
         }
-        platform::kafka::ensure_topics(&self.settings.kafka).await.map_err(|e| LogError::Unavailable(format!("{e:#}")))?;
+        // The topics exist: the instance created them (if needed) before it joined the group.
         let transactional_id = self.settings.transactional_id(self.partition);
         let mut cfg = platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api");
         let txn_ms = self.settings.transaction_timeout.as_millis().to_string();
