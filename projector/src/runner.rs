@@ -173,7 +173,9 @@ impl Runner {
                 }
             };
             let owned = self.membership.books().owned();
-            tracing::info!(partitions = ?positioned, "consuming assigned partitions from their stored offsets");
+            if !positioned.is_empty() {
+                tracing::info!(partitions = ?positioned, "consuming assigned partitions from their stored offsets");
+            }
             if let Err(e) = group::record_owners(&self.pool, topic, &owned, me).await {
                 tracing::warn!(error.message = %e, "could not record the partitions' owner (display only)");
             }

@@ -151,70 +151,163 @@ async fn scalar(stack: &Stack, sql: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut db).await?)
 }
 
+/// A fresh stack whose projector (`PROJECTOR_INSTANCE_ID` `a`) shares the partitions with a second
+/// one (`b`, its own health address), once both own some.
+struct TwoProjectors {
+    stack: Arc<Stack>,
+    a: (String, u16),
+    b: (String, u16),
+    b_process: tokio::process::Child,
+    all: BTreeSet<i32>,
+}
+
+impl TwoProjectors {
+    async fn start() -> anyhow::Result<Self> {
+        let a_id = format!("projector-a-{}", uuid::Uuid::new_v4().simple());
+        let opts = StackOptions { partitions: PARTITIONS, extra_env: vec![("PROJECTOR_INSTANCE_ID".into(), a_id.clone())], ..Default::default() };
+        let stack = Arc::new(Stack::start_with(opts).await?);
+        let a_port: u16 = stack.url(Svc::Projector, "").rsplit(':').next().unwrap_or_default().parse()?;
+        let b_port = free_port();
+        let b_id = format!("projector-b-{}", uuid::Uuid::new_v4().simple());
+        let b_addr = format!("127.0.0.1:{b_port}");
+        let b_process = stack.spawn_instance(Svc::Projector, &[("PROJECTOR_ADDR", b_addr.as_str()), ("PROJECTOR_INSTANCE_ID", b_id.as_str())])?;
+        let group = Self { stack, a: (a_id, a_port), b: (b_id, b_port), b_process, all: (0..PARTITIONS).collect() };
+        let (a, b) = group.shared().await?;
+        eprintln!("partitions: {} {a:?}, {} {b:?}", group.a.0, group.b.0);
+        Ok(group)
+    }
+
+    /// Waits until both projectors own partitions, together every one, none twice.
+    async fn shared(&self) -> anyhow::Result<(BTreeSet<i32>, BTreeSet<i32>)> {
+        eventually("the two projectors to share the partitions", Duration::from_secs(60), || async {
+            let (a, b) = (owned_by(&self.stack, self.a.1).await?, owned_by(&self.stack, self.b.1).await?);
+            let together: BTreeSet<i32> = a.union(&b).copied().collect();
+            (!a.is_empty() && !b.is_empty() && a.is_disjoint(&b) && together == self.all).then_some((a, b))
+        })
+        .await
+    }
+
+    /// Waits until projector `a` owns every partition.
+    async fn a_owns_all(&self) -> anyhow::Result<()> {
+        eventually("projector a to own every partition", Duration::from_secs(60), || async {
+            (owned_by(&self.stack, self.a.1).await? == self.all).then_some(())
+        })
+        .await
+    }
+
+    /// `projector status`: every partition line of every projection names one of `owners`, and
+    /// each of them owns some.
+    async fn status_names(&self, owners: &[&str]) -> anyhow::Result<()> {
+        let status = self.stack.projector_cli(&["status"]).output().await?;
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(status.status.success(), "{text}{}", String::from_utf8_lossy(&status.stderr));
+        let rows: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).collect();
+        assert_eq!(rows.len(), platform::projections::PROJECTIONS.len() * self.all.len(), "{text}");
+        assert!(rows.iter().all(|l| owners.iter().any(|o| l.contains(o))), "{text}");
+        assert!(owners.iter().all(|o| text.contains(o)), "{text}");
+        Ok(())
+    }
+}
+
+/// Four writers sending commands until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    written: Arc<Mutex<Written>>,
+    writers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Load {
+    fn start(stack: &Arc<Stack>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(Mutex::new(Written::default()));
+        let writers = (0..4).map(|w| tokio::spawn(write_until(stack.clone(), stop.clone(), sent.clone(), written.clone(), w))).collect();
+        Self { stop, sent, written, writers }
+    }
+
+    /// Waits until `more` tasks were written after now; returns how many were written before.
+    async fn more(&self, more: usize) -> anyhow::Result<usize> {
+        let from = self.sent.load(Ordering::Acquire);
+        eventually("commands to flow", Duration::from_secs(120), || async { (self.sent.load(Ordering::Acquire) >= from + more).then_some(()) }).await?;
+        Ok(from)
+    }
+
+    async fn stop(self) -> anyhow::Result<Written> {
+        self.stop.store(true, Ordering::Release);
+        for w in self.writers {
+            w.await??;
+        }
+        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(std::mem::take(&mut *w))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_projector_killed_mid_batch_hands_its_partitions_over_with_exact_rows_offsets_and_reactions() -> anyhow::Result<()> {
-    let survivor_id = format!("projector-a-{}", uuid::Uuid::new_v4().simple());
-    let opts = StackOptions { partitions: PARTITIONS, extra_env: vec![("PROJECTOR_INSTANCE_ID".into(), survivor_id.clone())], ..Default::default() };
-    let stack = Arc::new(Stack::start_with(opts).await?);
-    let survivor_port: u16 = stack.url(Svc::Projector, "").rsplit(':').next().unwrap_or_default().parse()?;
-    // A second projector: its own health address and instance id, the same group.
-    let doomed_port = free_port();
-    let doomed_id = format!("projector-b-{}", uuid::Uuid::new_v4().simple());
-    let doomed_addr = format!("127.0.0.1:{doomed_port}");
-    let mut doomed = stack.spawn_instance(Svc::Projector, &[("PROJECTOR_ADDR", doomed_addr.as_str()), ("PROJECTOR_INSTANCE_ID", doomed_id.as_str())])?;
-    let all: BTreeSet<i32> = (0..PARTITIONS).collect();
-    let split = eventually("the two projectors to share the partitions", Duration::from_secs(60), || async {
-        let (a, b) = (owned_by(&stack, survivor_port).await?, owned_by(&stack, doomed_port).await?);
-        let together: BTreeSet<i32> = a.union(&b).copied().collect();
-        (!a.is_empty() && !b.is_empty() && a.is_disjoint(&b) && together == all).then_some((a, b))
-    })
-    .await?;
-    eprintln!("partitions: {survivor_id} {:?}, {doomed_id} {:?}", split.0, split.1);
-    let status = stack.projector_cli(&["status"]).output().await?;
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(text.contains(&survivor_id) && text.contains(&doomed_id), "both owners are shown: {text}");
-
-    // A steady stream of commands over four writers.
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicUsize::new(0));
-    let written = Arc::new(Mutex::new(Written::default()));
-    let writers: Vec<_> = (0..4).map(|w| tokio::spawn(write_until(stack.clone(), stop.clone(), sent.clone(), written.clone(), w))).collect();
-    let sent_at_least = |n: usize| {
-        let sent = sent.clone();
-        move || {
-            let sent = sent.clone();
-            async move { (sent.load(Ordering::Acquire) >= n).then_some(()) }
-        }
-    };
-    eventually("commands to flow", Duration::from_secs(120), sent_at_least(60)).await?;
+    let mut group = TwoProjectors::start().await?;
+    group.status_names(&[&group.a.0, &group.b.0]).await?;
+    let load = Load::start(&group.stack);
+    load.more(60).await?;
     // Both apply batches now: SIGKILL one of them mid-stream.
-    doomed.kill().await?;
-    let killed_at = sent.load(Ordering::Acquire);
+    group.b_process.kill().await?;
     // The survivor takes every partition over (the broker drops the dead member after its session
     // timeout) and goes on applying.
-    eventually("the survivor to own every partition", Duration::from_secs(60), || async { (owned_by(&stack, survivor_port).await? == all).then_some(()) })
-        .await?;
-    eventually("more commands after the take-over", Duration::from_secs(120), sent_at_least(killed_at + 40)).await?;
-    stop.store(true, Ordering::Release);
-    for w in writers {
-        w.await??;
-    }
-    let (creates, series, reminded) = {
-        let w = written.lock().unwrap_or_else(|e| e.into_inner());
-        (w.created.clone(), w.completed_series.clone(), w.reminded.clone())
-    };
-    eprintln!("tasks written: {} ({} series completed, {} reminders), {killed_at} before the kill", creates.len(), series.len(), reminded.len());
+    group.a_owns_all().await?;
+    let killed_at = load.more(40).await?;
+    let written = load.stop().await?;
+    eprintln!("{killed_at} tasks written before the kill");
+    assert_exact(&group.stack, &written).await?;
+    // `projector status` and the survivor's metrics: it owns every partition.
+    group.status_names(&[&group.a.0]).await?;
+    let metrics = group.stack.http.get(format!("http://127.0.0.1:{}/metrics", group.a.1)).send().await?.text().await?;
+    assert!(metrics.lines().any(|l| l == format!("projector_partitions_owned {}", group.all.len())), "{metrics}");
+    let stack = Arc::try_unwrap(group.stack).map_err(|_| anyhow::anyhow!("stack still shared"))?;
+    stack.cleanup().await
+}
+
+/// A zombie: a projector stopped (SIGSTOP) until its partitions moved to the other one, then
+/// continued (SIGCONT) while events flow. Whatever it still applies from where it was is fenced by
+/// the offsets' compare-and-set (or, when the new owner has not moved them yet, is exactly what the
+/// new owner would have applied, and the new owner's own batch is then fenced); it rejoins the
+/// group and the two share the partitions again. Rows, offsets and reactions stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_projector_that_comes_back_as_a_zombie_applies_nothing_twice() -> anyhow::Result<()> {
+    let group = TwoProjectors::start().await?;
+    let load = Load::start(&group.stack);
+    load.more(40).await?;
+    let pid = group.b_process.id().ok_or_else(|| anyhow::anyhow!("projector b exited"))?.to_string();
+    let signal = |sig: &str| std::process::Command::new("kill").arg(format!("-{sig}")).arg(&pid).status();
+    signal("STOP")?;
+    group.a_owns_all().await?;
+    load.more(30).await?;
+    signal("CONT")?;
+    load.more(30).await?;
+    group.shared().await?;
+    let written = load.stop().await?;
+    assert_exact(&group.stack, &written).await?;
+    group.status_names(&[&group.a.0, &group.b.0]).await?;
+    let stack = Arc::try_unwrap(group.stack).map_err(|_| anyhow::anyhow!("stack still shared"))?;
+    stack.cleanup().await
+}
+
+/// After the writers stopped: every reminder fired, everything applied, no reaction pending; then
+/// every projection stands exactly after the last record of every partition, the history is the
+/// log, every reaction happened exactly once, and the read models equal a from-scratch rebuild.
+async fn assert_exact(stack: &Stack, written: &Written) -> anyhow::Result<()> {
+    let Written { created: creates, completed_series: series, reminded } = written;
+    eprintln!("tasks written: {} ({} series completed, {} reminders)", creates.len(), series.len(), reminded.len());
     assert!(!series.is_empty() && !reminded.is_empty());
-    // Every reminder fired, then everything applied and no reaction pending.
-    eventually("the reminders to fire", Duration::from_secs(60), || async {
-        let fired = scalar(&stack, "SELECT count(*) FROM task_history WHERE event_type = 'task.reminder_due'").await.ok()?;
+    // Generous: a reminder whose firing failed (the command API overloaded) waits for its backoff.
+    eventually("the reminders to fire", Duration::from_secs(120), || async {
+        let fired = scalar(stack, "SELECT count(*) FROM task_history WHERE event_type = 'task.reminder_due'").await.ok()?;
         (fired >= reminded.len() as i64).then_some(())
     })
     .await?;
-    settled(&stack).await?;
-
+    settled(stack).await?;
+    let all: BTreeSet<i32> = (0..PARTITIONS).collect();
     // Offsets: every projection stands exactly after the last record of every partition.
-    let (ends, records) = read_log(&stack).await?;
+    let (ends, records) = read_log(stack).await?;
     let highs = stack.log_end().await?;
     let mut db = stack.db().await?;
     let offsets: Vec<(String, i32, i64)> =
@@ -226,7 +319,7 @@ async fn a_projector_killed_mid_batch_hands_its_partitions_over_with_exact_rows_
     }
     // Rows: one history row per task event of the log, no more, no less.
     let task_events = records.iter().filter(|(t, _)| t.starts_with("task.")).count() as i64;
-    assert_eq!(scalar(&stack, "SELECT count(*) FROM task_history").await?, task_events);
+    assert_eq!(scalar(stack, "SELECT count(*) FROM task_history").await?, task_events);
     // Reactions, in the log: one next occurrence per completed series, one reminder per task.
     let created: BTreeMap<&str, usize> = records.iter().filter(|(t, _)| t == "task.created").fold(BTreeMap::new(), |mut m, (_, s)| {
         *m.entry(s.as_str()).or_default() += 1;
@@ -239,29 +332,19 @@ async fn a_projector_killed_mid_batch_hands_its_partitions_over_with_exact_rows_
     assert_eq!(in_log.difference(&expected).collect::<Vec<_>>(), Vec::<&String>::new(), "created but not expected");
     let missing: Vec<&String> = expected.difference(&in_log).collect();
     assert_eq!(missing, Vec::<&String>::new(), "expected but not created");
-    for parent in &series {
-        let children = scalar(&stack, &format!("SELECT count(*) FROM tasks WHERE recurrence_parent_id = '{parent}'")).await?;
+    for parent in series {
+        let children = scalar(stack, &format!("SELECT count(*) FROM tasks WHERE recurrence_parent_id = '{parent}'")).await?;
         assert_eq!(children, 1, "series {parent} has {children} next occurrences");
     }
-    for task in &reminded {
+    for task in reminded {
         let fired = records.iter().filter(|(t, s)| t == "task.reminder_due" && s == task).count();
         assert_eq!(fired, 1, "the reminder of {task} fired {fired} times");
     }
-    assert_eq!(scalar(&stack, "SELECT count(*) FROM notifications").await?, reminded.len() as i64);
-    // `projector status` names the survivor as the owner of every partition.
-    let status = stack.projector_cli(&["status"]).output().await?;
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "{text}{}", String::from_utf8_lossy(&status.stderr));
-    let owned_lines = text.lines().filter(|l| l.contains(&survivor_id)).count();
-    assert_eq!(owned_lines, platform::projections::PROJECTIONS.len() * all.len(), "{text}");
-    let metrics = stack.http.get(format!("http://127.0.0.1:{survivor_port}/metrics")).send().await?.text().await?;
-    assert!(metrics.lines().any(|l| l == format!("projector_partitions_owned {}", all.len())), "{metrics}");
-
+    assert_eq!(scalar(stack, "SELECT count(*) FROM notifications").await?, reminded.len() as i64);
     // The read models equal a from-scratch rebuild.
-    let before = checksums(&stack).await?;
+    let before = checksums(stack).await?;
     let out = stack.projector_cli(&["rebuild", "--yes"]).output().await?;
     assert!(out.status.success(), "rebuild failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(checksums(&stack).await?, before, "the live read models differ from a rebuild");
-    let stack = Arc::try_unwrap(stack).map_err(|_| anyhow::anyhow!("stack still shared"))?;
-    stack.cleanup().await
+    assert_eq!(checksums(stack).await?, before, "the live read models differ from a rebuild");
+    Ok(())
 }
