@@ -60,7 +60,7 @@ struct Cli {
     /// Commands per second (open loop). Default 500, with --short 200.
     #[arg(long)]
     rate: Option<f64>,
-    /// Seconds of load per fault (the fault is injected a few seconds in). Default 40, --short 25.
+    /// Seconds of load per fault (the fault is injected a few seconds in). Default 40, --short 20.
     #[arg(long)]
     fault_seconds: Option<u64>,
     /// How long the broker stays stopped (kafka-pause).
@@ -138,7 +138,7 @@ fn say(started: Instant, msg: impl AsRef<str>) {
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let started = Instant::now();
     let rate = cli.rate.unwrap_or(if cli.short { 200.0 } else { 500.0 });
-    let fault_len = Duration::from_secs(cli.fault_seconds.unwrap_or(if cli.short { 25 } else { 40 }));
+    let fault_len = Duration::from_secs(cli.fault_seconds.unwrap_or(if cli.short { 20 } else { 40 }));
     let pause = Duration::from_secs(cli.pause_seconds);
     let warmup = Duration::from_secs(if cli.short { 5 } else { 10 });
     anyhow::ensure!(rate > 0.0 && cli.command_apis >= 1 && cli.projectors >= 1 && cli.users >= 1, "rate, instances and users must be positive");
