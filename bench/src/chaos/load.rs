@@ -482,6 +482,28 @@ impl Load {
     }
 }
 
+#[cfg(test)]
+impl CommandRecord {
+    pub fn for_test(key: &str, user: &str, task_id: Uuid, op: Op, outcome: Outcome) -> Self {
+        Self {
+            seq: 0,
+            key: key.into(),
+            user: user.into(),
+            op,
+            task_id,
+            method: Method::POST,
+            path: String::new(),
+            body: None,
+            phase: 0,
+            sent_at: Instant::now(),
+            attempts: 1,
+            unavailable: 0,
+            saw_503: false,
+            outcome,
+        }
+    }
+}
+
 /// The longest stretch inside `[from, to]` without a success (successes sorted).
 pub fn longest_gap(successes: impl IntoIterator<Item = Instant>, from: Instant, to: Instant) -> Duration {
     let mut last = from;
@@ -491,4 +513,19 @@ pub fn longest_gap(successes: impl IntoIterator<Item = Instant>, from: Instant, 
         last = t;
     }
     longest.max(to.saturating_duration_since(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_gap_counts_the_edges_of_the_window() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(longest_gap([at(100), at(200), at(900)], at(0), at(1000)), Duration::from_millis(700));
+        assert_eq!(longest_gap([at(100)], at(0), at(1000)), Duration::from_millis(900), "until the end of the window");
+        assert_eq!(longest_gap([], at(0), at(1000)), Duration::from_millis(1000), "no success at all");
+        assert_eq!(longest_gap([at(50), at(2000)], at(100), at(1000)), Duration::from_millis(900), "successes outside are ignored");
+    }
 }

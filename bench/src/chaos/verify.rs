@@ -295,3 +295,71 @@ pub fn rebuild_matches(before: &[(String, i64, String)], after: &[(String, i64, 
     let rows: i64 = before.iter().map(|t| t.1).sum();
     check("read models identical to a rebuild from offset zero", &problems, format!("{} tables, {rows} rows", before.len()))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::load::CommandRecord;
+
+    fn record(key: &str, event_type: &str, sequence: u32, idempotency_key: Option<&str>, data: Value) -> LogRecord {
+        LogRecord { key: key.into(), event_type: event_type.into(), sequence, user: "u".into(), idempotency_key: idempotency_key.map(Into::into), data }
+    }
+
+    fn command(key: &str, task: Uuid, op: Op, outcome: Outcome) -> CommandRecord {
+        CommandRecord::for_test(key, "u", task, op, outcome)
+    }
+
+    #[test]
+    fn an_accepted_command_is_in_the_log_exactly_once_at_its_version() {
+        let t = Uuid::from_u128(1);
+        let log = vec![
+            record(&t.to_string(), "task.created", 1, Some("k1"), json!({})),
+            record(&t.to_string(), "task.updated", 2, Some("k2"), json!({})),
+            record(&t.to_string(), "task.updated", 3, Some("k2"), json!({})),
+            record(&t.to_string(), "task.completed", 4, Some("k4"), json!({})),
+        ];
+        let journal = vec![
+            command("k1", t, Op::Create, Outcome::Accepted { version: 1, replayed: false }),
+            command("k2", t, Op::Update, Outcome::Accepted { version: 2, replayed: false }),
+            command("k3", t, Op::Update, Outcome::Accepted { version: 3, replayed: false }),
+            command("k4", t, Op::Complete, Outcome::Rejected { status: 409, body: String::new() }),
+            command("k5", t, Op::Reopen, Outcome::Unresolved { last: "timeout".into() }),
+        ];
+        let (by_phase, check) = commands_against_log(&journal, &log, 1);
+        assert!(!check.ok);
+        let e = &by_phase[0];
+        assert_eq!((e.lost, e.duplicated, e.refused_but_in_log, e.unresolved_in_log), (1, 1, 1, 0), "{check:?}");
+        assert!(check.detail.contains("duplicated Update: 1") && check.detail.contains("lost Update: 1"), "{}", check.detail);
+        let (_, fine) = commands_against_log(&journal[..1], &log, 1);
+        assert!(fine.ok, "{fine:?}");
+    }
+
+    #[test]
+    fn versions_must_be_contiguous_per_stream() {
+        let ok = vec![
+            record("a", "task.created", 1, None, json!({})),
+            record("b", "task.created", 1, None, json!({})),
+            record("a", "task.updated", 2, None, json!({})),
+        ];
+        assert!(versions_contiguous(&ok).ok);
+        let gap = vec![record("a", "task.created", 1, None, json!({})), record("a", "task.updated", 3, None, json!({}))];
+        assert!(!versions_contiguous(&gap).ok);
+        let twice = vec![record("a", "task.created", 1, None, json!({})), record("a", "task.created", 1, None, json!({}))];
+        assert!(!versions_contiguous(&twice).ok);
+    }
+
+    #[test]
+    fn a_completed_recurring_task_has_exactly_one_next_occurrence() {
+        let parent = record("p", "task.created", 1, None, json!({"recurrence": "FREQ=DAILY"}));
+        let done = record("p", "task.completed", 2, None, json!({}));
+        let child = record("c", "task.created", 1, None, json!({"recurrence": "FREQ=DAILY", "recurrence_parent_id": "p"}));
+        assert!(occurrences(&[parent.clone(), done.clone(), child.clone()]).ok);
+        assert!(!occurrences(&[parent.clone(), done.clone()]).ok, "none");
+        let mut again = child.clone();
+        again.key = "d".into();
+        assert!(!occurrences(&[parent.clone(), done, child.clone(), again]).ok, "two");
+        assert!(!occurrences(&[parent, child]).ok, "an occurrence of a task never completed");
+    }
+}
