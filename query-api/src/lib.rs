@@ -12,7 +12,8 @@
 //! ```text
 //! routes       HTTP: /graphql (with consistency-token waits), /graphql/ws, health, metrics; assembles TaskSchema
 //! live         subscriptions: one NOTIFY listener (Hub) fanned out to taskChanged / notificationReceived
-//! schema       the GraphQL types and queries; maps GraphQL enums and filters onto the store's terms
+//! schema       the GraphQL types and queries (list fields carry their cost); maps GraphQL enums and filters onto the store's terms
+//! cost         the cost model's limits (cost with list sizes, aliases, root fields) as an async-graphql extension
 //! error        GraphQL and HTTP error shapes
 //! projections  projection statuses and the projection_lag gauge (platform::projections + watermarks)
 //! store        SQL over the read models (rows: platform::readmodel::TaskRow), keyset page plans
@@ -21,11 +22,12 @@
 //! watermarks   the log's high watermarks (Kafka, cached; a trait so tests can fake it)
 //! ```
 //!
-//! Edges: routes -> live, schema, error, progress, store, watermarks; live -> schema, store;
+//! Edges: routes -> live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
 //! schema -> error, projections, store, cursor, watermarks; error -> progress;
 //! projections -> watermarks; store -> cursor. What the projector shares with this crate (the
 //! `tasks` row, projection status) lives in `platform`.
 
+pub mod cost;
 pub mod cursor;
 pub mod error;
 pub mod live;
@@ -73,9 +75,16 @@ pub struct Settings {
     /// Deepest allowed query.
     #[arg(long, env = "GRAPHQL_MAX_DEPTH", default_value_t = 12)]
     pub graphql_max_depth: usize,
-    /// Largest allowed query complexity (one per selected field).
-    #[arg(long, env = "GRAPHQL_MAX_COMPLEXITY", default_value_t = 500)]
+    /// Largest allowed query cost: one per selected field, a list's subtree counted once per row
+    /// it may return (`first`), nested lists multiplied.
+    #[arg(long, env = "GRAPHQL_MAX_COMPLEXITY", default_value_t = 5_000)]
     pub graphql_max_complexity: usize,
+    /// Most aliased fields in one document.
+    #[arg(long, env = "GRAPHQL_MAX_ALIASES", default_value_t = 30)]
+    pub graphql_max_aliases: usize,
+    /// Most root fields in one operation.
+    #[arg(long, env = "GRAPHQL_MAX_ROOT_FIELDS", default_value_t = 20)]
+    pub graphql_max_root_fields: usize,
     /// Longest time, in milliseconds, a request may take (503 after).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
@@ -89,6 +98,8 @@ impl From<&Settings> for Limits {
             consistency_wait: Duration::from_millis(s.consistency_wait_ms),
             max_depth: s.graphql_max_depth,
             max_complexity: s.graphql_max_complexity,
+            max_aliases: s.graphql_max_aliases,
+            max_root_fields: s.graphql_max_root_fields,
             request_timeout: Duration::from_millis(s.request_timeout_ms),
             ..Limits::default()
         }

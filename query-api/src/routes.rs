@@ -25,6 +25,7 @@ use platform::auth::JwtAuth;
 use platform::db::Migrations;
 use platform::position::Position;
 
+use crate::cost::{CostLimit, CostLimits};
 use crate::error::ApiError;
 use crate::live::{Hub, LiveContext, Subscription};
 use crate::progress::ProgressTracker;
@@ -43,9 +44,20 @@ pub struct Limits {
     /// Longest wait for the projections to reach an `X-Consistency-Token`.
     pub consistency_wait: Duration,
     pub max_depth: usize,
+    /// Largest cost of a query (`cost.rs`: fields, list sizes multiplied).
     pub max_complexity: usize,
+    /// Most aliases in one document.
+    pub max_aliases: usize,
+    /// Most root fields in one operation.
+    pub max_root_fields: usize,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+}
+
+impl Limits {
+    pub fn cost(&self) -> CostLimits {
+        CostLimits { max_cost: self.max_complexity, max_aliases: self.max_aliases, max_root_fields: self.max_root_fields }
+    }
 }
 
 impl Default for Limits {
@@ -53,7 +65,9 @@ impl Default for Limits {
         Self {
             consistency_wait: Duration::from_millis(5_000),
             max_depth: 12,
-            max_complexity: 500,
+            max_complexity: 5_000,
+            max_aliases: 30,
+            max_root_fields: 20,
             request_timeout: Duration::from_millis(10_000),
             max_body_bytes: 256 * 1024,
         }
@@ -89,7 +103,7 @@ impl AppState {
                 .data(QueryContext { pool: pool.clone(), topic: progress.topic().to_owned(), watermarks: watermarks.clone() })
                 .data(LiveContext { pool: pool.clone(), hub: hub.clone() })
                 .limit_depth(depth)
-                .limit_complexity(limits.max_complexity)
+                .extension(CostLimit(limits.cost()))
                 .finish()
         };
         let (schema, introspection) = (build(limits.max_depth), build(limits.max_depth.max(INTROSPECTION_MIN_DEPTH)));

@@ -22,6 +22,19 @@ use crate::watermarks::Watermarks;
 pub const MAX_PAGE: i32 = 200;
 /// The page size when `first` is not given.
 pub const DEFAULT_PAGE: i32 = 50;
+/// What the cost model assumes of lists without `first` (see `cost.rs`): deliveries of one
+/// notification (one per webhook it was sent to) and attempts of one delivery.
+pub const ASSUMED_DELIVERIES: usize = 2;
+pub const ASSUMED_ATTEMPTS: usize = 5;
+
+/// The cost of a page: its subtree once per row it may hold (`first`, or its default when null).
+/// An out-of-range `first` costs one row: the field is refused before it reads anything
+/// ([`page_size`]), with a clearer message than a cost would give.
+fn page_cost(first: Option<i32>, child_complexity: usize) -> usize {
+    let rows = first.unwrap_or(DEFAULT_PAGE);
+    let rows = if (1..=MAX_PAGE).contains(&rows) { rows as usize } else { 1 };
+    rows.saturating_mul(child_complexity)
+}
 
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
 pub enum TaskStatus {
@@ -292,12 +305,14 @@ pub struct WebhookDelivery {
     pub status: String,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    #[graphql(complexity = "ASSUMED_ATTEMPTS * child_complexity")]
     pub attempts: Vec<WebhookAttempt>,
 }
 
 #[async_graphql::ComplexObject]
 impl Notification {
     /// Deliveries of this notification to the user's webhook, with every attempt.
+    #[graphql(complexity = "ASSUMED_DELIVERIES * child_complexity")]
     async fn webhook_deliveries(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<WebhookDelivery>> {
         let (qc, user) = caller(ctx)?;
         let (deliveries, attempts) = store::deliveries(&qc.pool, user, &[self.uuid]).await.map_err(internal)?;
@@ -370,6 +385,7 @@ impl Query {
     }
 
     /// The caller's tasks, filtered, ordered and paginated forward (Relay cursors, at most 200 a page).
+    #[graphql(complexity = "page_cost(first, child_complexity)")]
     async fn tasks(
         &self,
         ctx: &Context<'_>,
@@ -394,6 +410,7 @@ impl Query {
 
     /// The events of one of the caller's tasks, oldest first; kept after the task is deleted. Another
     /// user's task has no history here, exactly like a task that does not exist.
+    #[graphql(complexity = "page_cost(first, child_complexity)")]
     async fn task_history(
         &self,
         ctx: &Context<'_>,
@@ -429,6 +446,7 @@ impl Query {
     }
 
     /// The caller's notifications, newest first.
+    #[graphql(complexity = "page_cost(first, child_complexity)")]
     async fn notifications(
         &self,
         ctx: &Context<'_>,

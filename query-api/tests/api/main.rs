@@ -5,6 +5,7 @@
 
 mod auth;
 mod consistency;
+mod cost;
 mod errors;
 mod health;
 mod helpers;
