@@ -8,9 +8,10 @@
 //! ([`Assignment`], pure): an assigned partition is paused at once and positioned by the live loop
 //! (`runner`) at its stored offset before any of its records is applied; a revoked partition is
 //! forgotten, and the records of it read but not applied yet are dropped. The callbacks run inside
-//! the live loop's own `recv` (rdkafka serves them from `poll`), never while a batch is being
-//! applied: when one returns, no transaction of a revoked partition is in flight, and none starts
-//! after it. A zombie (an instance whose partitions moved while it was stopped or cut off) that
+//! the live loop's own `recv` (rdkafka serves them from `poll`), not while a batch is being
+//! applied; should one be served anywhere else, a revocation waits until the batch in flight has
+//! committed or been given up ([`Membership::applying`]). So when a revocation returns, no
+//! transaction of a revoked partition is in flight, and none starts after it. A zombie (an instance whose partitions moved while it was stopped or cut off) that
 //! still applies a batch fails the compare-and-set and is rolled back.
 //!
 //! Which instance owns which partition is also written to `projector_partition_owners`, for
@@ -18,7 +19,7 @@
 //! every reader of the log).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -85,6 +86,8 @@ pub struct Assignment {
     revoked: BTreeSet<i32>,
     /// Kafka assigned this member something (possibly nothing) at least once.
     joined: bool,
+    /// A batch is being applied (see [`Membership::applying`]).
+    applying: bool,
 }
 
 impl Assignment {
@@ -132,6 +135,11 @@ impl Assignment {
         }
     }
 
+    /// Whether the records of `partition` may be applied: held and positioned.
+    pub fn owns(&self, partition: i32) -> bool {
+        self.held.get(&partition).is_some_and(|h| h.positioned)
+    }
+
     /// The partitions whose records may be applied, with since when they are held.
     pub fn owned(&self) -> Vec<(i32, DateTime<Utc>)> {
         self.held.iter().filter(|(_, h)| h.positioned).map(|(p, h)| (*p, h.since)).collect()
@@ -148,6 +156,8 @@ impl Assignment {
 pub struct Membership {
     books: Mutex<Assignment>,
     rebalanced: Notify,
+    /// Signalled when a batch has been applied (or given up).
+    applied: Condvar,
 }
 
 impl Membership {
@@ -168,6 +178,36 @@ impl Membership {
 
     fn changed(&self) {
         self.rebalanced.notify_one();
+    }
+
+    /// Starts applying a batch: `admit` drops from it what this instance may not apply (it sees the
+    /// books as they are now), and until the returned guard is dropped a revocation waits (see
+    /// `GroupContext::pre_rebalance`): no batch of a partition is applied after its revocation
+    /// returned, and none is cut off while in flight.
+    pub fn applying(&self, admit: impl FnOnce(&Assignment)) -> Applying<'_> {
+        let mut books = self.books();
+        admit(&books);
+        books.applying = true;
+        Applying(self)
+    }
+
+    /// Revokes `partitions` once no batch is being applied.
+    fn revoke_after_the_batch_in_flight(&self, partitions: Vec<i32>) {
+        let mut books = self.books();
+        while books.applying {
+            books = self.applied.wait(books).unwrap_or_else(|e| e.into_inner());
+        }
+        books.revoke(partitions);
+    }
+}
+
+/// A batch being applied; dropped when it committed or was given up.
+pub struct Applying<'m>(&'m Membership);
+
+impl Drop for Applying<'_> {
+    fn drop(&mut self) {
+        self.0.books().applying = false;
+        self.0.applied.notify_all();
     }
 }
 
@@ -192,14 +232,16 @@ impl rdkafka::ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
-    /// Revoked (or lost): forgotten before rdkafka unassigns them. Nothing of them is being applied
-    /// now (this runs inside the live loop's read), and what was read of them is dropped.
+    /// Revoked (or lost): forgotten before rdkafka unassigns them, once the batch in flight (if
+    /// any) has committed or been given up; what was read of them and not applied is dropped. (This
+    /// runs inside the live loop's read, where no batch is in flight; the wait covers a callback
+    /// served anywhere else.)
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let partitions = self.partitions(tpl);
                 tracing::info!(?partitions, "partitions revoked");
-                self.membership.books().revoke(partitions);
+                self.membership.revoke_after_the_batch_in_flight(partitions);
                 self.membership.changed();
             }
             Rebalance::Error(e) => tracing::warn!(error.message = %e, "consumer group rebalance error"),
@@ -365,6 +407,30 @@ mod tests {
         let default = Instance::new(None, addr);
         assert!(default.id.ends_with(":8182") && default.id.len() > 5, "{default:?}");
         assert_eq!(Instance::new(Some(" ".into()), addr).id, default.id);
+    }
+
+    #[test]
+    fn a_revocation_waits_for_the_batch_in_flight_which_admits_only_owned_partitions() {
+        let m = Arc::new(Membership::default());
+        m.books().assign([0, 1, 2], at(0));
+        m.books().positioned(&[0, 1]);
+        let mut admitted = Vec::new();
+        let applying = m.applying(|books| admitted = (0..4).filter(|p| books.owns(*p)).collect());
+        assert_eq!(admitted, [0, 1], "partition 2 is not positioned, 3 not held");
+        let revoker = {
+            let m = m.clone();
+            std::thread::spawn(move || m.revoke_after_the_batch_in_flight(vec![1]))
+        };
+        // The revocation cannot complete while the batch is in flight.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        while std::time::Instant::now() < deadline {
+            assert!(m.books().owns(1) && !revoker.is_finished());
+            std::thread::yield_now();
+        }
+        drop(applying);
+        revoker.join().unwrap();
+        assert!(!m.books().owns(1) && m.books().owns(0));
+        assert_eq!(m.books().take_changes().revoked, BTreeSet::from([1]));
     }
 
     #[tokio::test]

@@ -127,12 +127,15 @@ impl Runner {
             if self.membership.books().joined() || Instant::now() >= joined_by {
                 self.ready.store(true, Ordering::Release);
             }
-            batch.retain_partitions(|p| !revoked.contains(&p) && next.contains_key(&p));
-            if !batch.is_empty() {
-                if let Outcome::Fenced = self.apply(&topic, batch, &mut next).await? {
-                    tracing::warn!("offsets moved under us (a partition moved to another instance, or a rebuild switched tables); re-reading them");
-                    self.membership.books().reposition_all();
-                }
+            // Only partitions owned now, and not revoked since they were read; a revocation waits
+            // until this batch has committed or been given up (the guard, dropped before reading:
+            // the callbacks run inside the read).
+            let applying = self.membership.applying(|books| batch.retain_partitions(|p| books.owns(p) && !revoked.contains(&p) && next.contains_key(&p)));
+            let outcome = if batch.is_empty() { Outcome::Applied } else { self.apply(&topic, batch, &mut next).await? };
+            drop(applying);
+            if let Outcome::Fenced = outcome {
+                tracing::warn!("offsets moved under us (a partition moved to another instance, or a rebuild switched tables); re-reading them");
+                self.membership.books().reposition_all();
             }
             // Stop reading at a rebalance, or soon when a partition still waits to be positioned.
             let retry_soon = self.membership.books().unpositioned();
