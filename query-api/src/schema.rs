@@ -1,9 +1,11 @@
 //! The GraphQL schema (contract §5) over the read models. Every resolver filters by the caller, so
-//! another user's task is answered exactly as a missing one, and runs one SQL statement.
+//! another user's task is answered exactly as a missing one, and runs one SQL statement; nested
+//! lists are loaded once per level for the whole page (a page's webhook deliveries: two statements).
 //!
 //! Queries only: the subscriptions (`live.rs`) build on the types here, and `routes.rs` puts both
 //! together. Below: `store` (SQL), `cursor` (page positions), `projections` (status and lag).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_graphql::{Context, Enum, InputObject, Json, Object, SimpleObject, ID};
@@ -268,6 +270,10 @@ pub struct Notification {
     pub read_at: Option<DateTime<Utc>>,
     #[graphql(skip)]
     pub uuid: Uuid,
+    /// The webhook deliveries when the page loaded them for all its notifications at once;
+    /// `None` loads them for this notification alone (a pushed notification).
+    #[graphql(skip)]
+    pub deliveries: Option<Vec<WebhookDelivery>>,
 }
 
 impl From<store::NotificationRow> for Notification {
@@ -280,6 +286,7 @@ impl From<store::NotificationRow> for Notification {
             created_at: r.created_at,
             read_at: r.read_at,
             uuid: r.id,
+            deliveries: None,
         }
     }
 }
@@ -314,30 +321,40 @@ impl Notification {
     /// Deliveries of this notification to the user's webhook, with every attempt.
     #[graphql(complexity = "ASSUMED_DELIVERIES * child_complexity")]
     async fn webhook_deliveries(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<WebhookDelivery>> {
+        if let Some(loaded) = &self.deliveries {
+            return Ok(loaded.clone());
+        }
         let (qc, user) = caller(ctx)?;
-        let (deliveries, attempts) = store::deliveries(&qc.pool, user, &[self.uuid]).await.map_err(internal)?;
-        Ok(deliveries
-            .into_iter()
-            .map(|d| WebhookDelivery {
-                id: ID(d.id.to_string()),
-                url: d.url,
-                status: d.status,
-                created_at: d.created_at,
-                finished_at: d.finished_at,
-                attempts: attempts
-                    .iter()
-                    .filter(|a| a.delivery_id == d.id)
-                    .map(|a| WebhookAttempt {
-                        attempt: a.attempt,
-                        attempted_at: a.attempted_at,
-                        status_code: a.status_code,
-                        error: a.error.clone(),
-                        duration_ms: a.duration_ms,
-                    })
-                    .collect(),
-            })
-            .collect())
+        Ok(deliveries_of(&qc.pool, user, &[self.uuid]).await?.remove(&self.uuid).unwrap_or_default())
     }
+}
+
+/// The webhook deliveries of some notifications, by notification, in two statements (one per
+/// level: deliveries, then their attempts) however many notifications there are.
+async fn deliveries_of(pool: &sqlx::PgPool, user: &UserId, notifications: &[Uuid]) -> async_graphql::Result<HashMap<Uuid, Vec<WebhookDelivery>>> {
+    let (deliveries, attempts) = store::deliveries(pool, user, notifications).await.map_err(internal)?;
+    let mut attempts_of: HashMap<Uuid, Vec<WebhookAttempt>> = HashMap::new();
+    for a in attempts {
+        attempts_of.entry(a.delivery_id).or_default().push(WebhookAttempt {
+            attempt: a.attempt,
+            attempted_at: a.attempted_at,
+            status_code: a.status_code,
+            error: a.error,
+            duration_ms: a.duration_ms,
+        });
+    }
+    let mut by_notification: HashMap<Uuid, Vec<WebhookDelivery>> = HashMap::new();
+    for d in deliveries {
+        by_notification.entry(d.notification_id).or_default().push(WebhookDelivery {
+            id: ID(d.id.to_string()),
+            url: d.url,
+            status: d.status,
+            created_at: d.created_at,
+            finished_at: d.finished_at,
+            attempts: attempts_of.remove(&d.id).unwrap_or_default(),
+        });
+    }
+    Ok(by_notification)
 }
 
 #[derive(SimpleObject)]
@@ -461,8 +478,20 @@ impl Query {
             store::notifications(&qc.pool, user, unread_only.unwrap_or(false), after.map(|c| (c.created_at, c.id)), limit + 1).await.map_err(internal)?;
         let has_next_page = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
-        let edges: Vec<NotificationEdge> =
-            rows.into_iter().map(|r| NotificationEdge { cursor: NotificationCursor { created_at: r.created_at, id: r.id }.encode(), node: r.into() }).collect();
+        // The page's webhook deliveries, when selected, are loaded for all its notifications at once.
+        let mut deliveries = if ctx.look_ahead().field("edges").field("node").field("webhookDeliveries").exists() {
+            Some(deliveries_of(&qc.pool, user, &rows.iter().map(|r| r.id).collect::<Vec<_>>()).await?)
+        } else {
+            None
+        };
+        let edges: Vec<NotificationEdge> = rows
+            .into_iter()
+            .map(|r| {
+                let cursor = NotificationCursor { created_at: r.created_at, id: r.id }.encode();
+                let loaded = deliveries.as_mut().map(|d| d.remove(&r.id).unwrap_or_default());
+                NotificationEdge { cursor, node: Notification { deliveries: loaded, ..r.into() } }
+            })
+            .collect();
         let cursors: Vec<String> = edges.iter().map(|e| e.cursor.clone()).collect();
         Ok(NotificationConnection { page_info: PageInfo::of(&cursors, has_next_page, after.is_some()), edges })
     }

@@ -331,11 +331,17 @@ pub struct AttemptRow {
     pub duration_ms: i32,
 }
 
-/// Webhook deliveries (with their attempts) of some of the caller's notifications, in one round trip each.
+/// Counts the statements [`deliveries`] runs (`query_api_delivery_statements_total` in `/metrics`),
+/// so a test can see that a page of notifications loads its deliveries in a fixed number of them.
+pub const DELIVERY_STATEMENTS_METRIC: &str = "query_api_delivery_statements_total";
+
+/// Webhook deliveries (with their attempts) of some of the caller's notifications: two statements
+/// however many notifications are asked about.
 pub async fn deliveries(pool: &PgPool, user: &UserId, notifications: &[Uuid]) -> Result<(Vec<DeliveryRow>, Vec<AttemptRow>), sqlx::Error> {
     if notifications.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
+    metrics::counter!(DELIVERY_STATEMENTS_METRIC).increment(2);
     let deliveries: Vec<DeliveryRow> = sqlx::query_as(
         "SELECT id, notification_id, url, status, created_at, finished_at FROM webhook_deliveries
          WHERE user_id = $1 AND notification_id = ANY($2) ORDER BY created_at",

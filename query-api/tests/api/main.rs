@@ -11,5 +11,6 @@ mod health;
 mod helpers;
 mod history;
 mod introspection;
+mod notifications;
 mod projections;
 mod tasks;
