@@ -11,6 +11,7 @@
 //!
 //! ```text
 //! routes       HTTP: /graphql (with consistency-token waits), /graphql/ws, health, metrics; assembles TaskSchema
+//! ws           the WebSocket transport and its limits (init timeout, token expiry, subscriptions, connections, message size)
 //! live         subscriptions: one NOTIFY listener (Hub) fanned out to taskChanged / notificationReceived
 //! schema       the GraphQL types and queries (list fields carry their cost); maps GraphQL enums and filters onto the store's terms
 //! cost         the cost model's limits (cost with list sizes, aliases, root fields) as an async-graphql extension
@@ -22,7 +23,7 @@
 //! watermarks   the log's high watermarks (Kafka, cached; a trait so tests can fake it)
 //! ```
 //!
-//! Edges: routes -> live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
+//! Edges: routes -> ws, live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
 //! schema -> error, projections, store, cursor, watermarks; error -> progress;
 //! projections -> watermarks; store -> cursor. What the projector shares with this crate (the
 //! `tasks` row, projection status) lives in `platform`.
@@ -37,6 +38,7 @@ pub mod routes;
 pub mod schema;
 pub mod store;
 pub mod watermarks;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,6 +90,18 @@ pub struct Settings {
     /// Longest time, in milliseconds, a request may take (503 after).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// Longest wait, in milliseconds, for `connection_init` on a WebSocket (then close 4408).
+    #[arg(long, env = "GRAPHQL_WS_INIT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub graphql_ws_init_timeout_ms: u64,
+    /// Most subscriptions running on one WebSocket connection.
+    #[arg(long, env = "GRAPHQL_WS_MAX_SUBSCRIPTIONS", default_value_t = 20)]
+    pub graphql_ws_max_subscriptions: usize,
+    /// Most open WebSocket connections of one user.
+    #[arg(long, env = "GRAPHQL_WS_MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
+    pub graphql_ws_max_connections_per_user: usize,
+    /// Largest WebSocket message, in bytes (a larger one closes the connection with 1009).
+    #[arg(long, env = "GRAPHQL_WS_MAX_MESSAGE_BYTES", default_value_t = 65_536)]
+    pub graphql_ws_max_message_bytes: usize,
     #[command(flatten)]
     pub secrets: SecretPolicy,
 }
@@ -100,6 +114,12 @@ impl From<&Settings> for Limits {
             max_complexity: s.graphql_max_complexity,
             max_aliases: s.graphql_max_aliases,
             max_root_fields: s.graphql_max_root_fields,
+            live: crate::ws::LiveLimits {
+                init_timeout: Duration::from_millis(s.graphql_ws_init_timeout_ms),
+                max_subscriptions: s.graphql_ws_max_subscriptions,
+                max_connections_per_user: s.graphql_ws_max_connections_per_user,
+                max_message_bytes: s.graphql_ws_max_message_bytes,
+            },
             request_timeout: Duration::from_millis(s.request_timeout_ms),
             ..Limits::default()
         }

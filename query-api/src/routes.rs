@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::Selection;
 use async_graphql::{EmptyMutation, Schema};
-use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::WebSocketUpgrade;
@@ -31,6 +30,7 @@ use crate::live::{Hub, LiveContext, Subscription};
 use crate::progress::ProgressTracker;
 use crate::schema::{Query, QueryContext};
 use crate::watermarks::Watermarks;
+use crate::ws::{Connections, LiveLimits};
 
 /// The whole GraphQL schema: the queries (`schema.rs`) and the subscriptions (`live.rs`).
 pub type TaskSchema = Schema<Query, EmptyMutation, Subscription>;
@@ -52,6 +52,8 @@ pub struct Limits {
     pub max_root_fields: usize,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Limits of WebSocket connections.
+    pub live: LiveLimits,
 }
 
 impl Limits {
@@ -70,6 +72,7 @@ impl Default for Limits {
             max_root_fields: 20,
             request_timeout: Duration::from_millis(10_000),
             max_body_bytes: 256 * 1024,
+            live: LiveLimits::default(),
         }
     }
 }
@@ -89,6 +92,8 @@ pub struct AppState {
     progress: ProgressTracker,
     limits: Arc<Limits>,
     hub: Hub,
+    /// Open WebSocket connections per user.
+    connections: Connections,
     /// The start-up migrations: until they are applied, GraphQL answers 503 (NOT_READY).
     migrations: Migrations,
 }
@@ -107,7 +112,17 @@ impl AppState {
                 .finish()
         };
         let (schema, introspection) = (build(limits.max_depth), build(limits.max_depth.max(INTROSPECTION_MIN_DEPTH)));
-        Self { schema, introspection, auth, pool, progress, limits: Arc::new(limits), hub, migrations: Migrations::already_applied() }
+        Self {
+            schema,
+            introspection,
+            auth,
+            pool,
+            progress,
+            limits: Arc::new(limits),
+            hub,
+            connections: Connections::default(),
+            migrations: Migrations::already_applied(),
+        }
     }
 
     /// Serves GraphQL only once `migrations` are applied (by default the database is taken as
@@ -152,30 +167,18 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
-/// WebSocket subscriptions (`graphql-transport-ws` or `graphql-ws`); the token goes in the
-/// `connection_init` payload as `{"Authorization": "Bearer <token>"}` (or `{"token": "<token>"}`).
-async fn graphql_ws(State(state): State<AppState>, protocol: GraphQLProtocol, upgrade: WebSocketUpgrade) -> Response {
+/// WebSocket subscriptions (`graphql-transport-ws` or `graphql-ws`, with the limits of `ws.rs`);
+/// the token goes in the `connection_init` payload as `{"Authorization": "Bearer <token>"}` (or
+/// `{"token": "<token>"}`).
+async fn graphql_ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
     if let Err(e) = state.check_started() {
         return e.into_response();
     }
-    let schema = state.schema.clone();
-    let auth = state.auth.clone();
-    upgrade.protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS).on_upgrade(move |stream| {
-        GraphQLWebSocket::new(stream, schema, protocol)
-            .on_connection_init(move |payload| async move {
-                let header = payload
-                    .get("Authorization")
-                    .or_else(|| payload.get("authorization"))
-                    .and_then(|v| v.as_str())
-                    .map(str::to_owned)
-                    .or_else(|| payload.get("token").and_then(|v| v.as_str()).map(|t| format!("Bearer {t}")));
-                let user = auth.authenticate(header.as_deref()).map_err(|e| async_graphql::Error::new(e.to_string()))?;
-                let mut data = async_graphql::Data::default();
-                data.insert(user);
-                Ok(data)
-            })
-            .serve()
-    })
+    let (schema, auth, limits, connections) = (state.schema.clone(), state.auth.clone(), state.limits.live, state.connections.clone());
+    upgrade
+        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+        .max_message_size(limits.max_message_bytes.saturating_mul(2))
+        .on_upgrade(move |socket| crate::ws::serve(socket, schema, auth, limits, connections))
 }
 
 #[tracing::instrument(name = "graphql", skip_all, fields(user = tracing::field::Empty, result = tracing::field::Empty))]

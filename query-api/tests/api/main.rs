@@ -11,6 +11,7 @@ mod health;
 mod helpers;
 mod history;
 mod introspection;
+mod live;
 mod notifications;
 mod projections;
 mod tasks;
