@@ -108,6 +108,9 @@ enum Blocker {
 /// the offsets move to the end of the whole batch.
 pub async fn apply_live(pool: &PgPool, topic: &str, batch: &Batch, from: &HashMap<i32, i64>, sink: &DeadLetterSink) -> Result<(Applied, Parking), ApplyError> {
     let mut tx = pool.begin().await?;
+    // A stalled instance (stopped, cut off) must not hold its partitions' offsets rows for ever:
+    // the new owner's positioning waits for them (rightly: this transaction may still commit).
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '30s'").execute(&mut *tx).await?;
     let (admitted, parking) = park(&mut tx, topic, batch, sink).await?;
     let mut applied = store::apply_batch_in(&mut tx, topic, &admitted, from, ApplyMode::Live).await?;
     tx.commit().await?;

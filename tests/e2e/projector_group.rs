@@ -187,9 +187,10 @@ impl TwoProjectors {
         .await
     }
 
-    /// Waits until projector `a` owns every partition.
+    /// Waits until projector `a` owns every partition (a stopped `b` may hold its offsets rows in
+    /// an open transaction until PostgreSQL ends it: idle for 30 s).
     async fn a_owns_all(&self) -> anyhow::Result<()> {
-        eventually("projector a to own every partition", Duration::from_secs(60), || async {
+        eventually("projector a to own every partition", Duration::from_secs(90), || async {
             (owned_by(&self.stack, self.a.1).await? == self.all).then_some(())
         })
         .await
