@@ -12,6 +12,7 @@ use serde_json::json;
 use platform::auth::AuthError;
 
 use crate::progress::NotYetApplied;
+use crate::ratelimit::{retry_after_secs, RateLimited};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -28,6 +29,8 @@ pub enum ApiError {
     /// The service started but cannot serve queries yet (PostgreSQL not reached since start).
     #[error("the query API is not ready yet: PostgreSQL has not been reached since it started (retrying); try again shortly")]
     NotReady,
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
 }
 
 impl ApiError {
@@ -37,6 +40,7 @@ impl ApiError {
             ApiError::BadConsistencyToken | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ConsistencyTimeout(_) | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -49,6 +53,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "BAD_REQUEST",
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             ApiError::NotReady => "NOT_READY",
+            ApiError::RateLimited(_) => "RATE_LIMITED",
         }
     }
 }
@@ -58,6 +63,9 @@ impl IntoResponse for ApiError {
         let body = json!({ "errors": [{ "message": self.to_string(), "extensions": { "code": self.code() } }] });
         let mut res = (self.status_code(), Json(body)).into_response();
         match self {
+            ApiError::RateLimited(r) => {
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(r.retry_after)));
+            }
             ApiError::Unauthenticated(_) => {
                 res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }

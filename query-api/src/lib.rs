@@ -16,6 +16,7 @@
 //! schema       the GraphQL types and queries (list fields carry their cost); maps GraphQL enums and filters onto the store's terms
 //! cost         the cost model's limits (cost with list sizes, aliases, root fields) as an async-graphql extension
 //! error        GraphQL and HTTP error shapes
+//! ratelimit    request budgets per user and per client address (governor)
 //! projections  projection statuses and the projection_lag gauge (platform::projections + watermarks)
 //! store        SQL over the read models (rows: platform::readmodel::TaskRow), keyset page plans
 //! cursor       opaque cursors, the task orders (Order) and keyset positions
@@ -23,8 +24,8 @@
 //! watermarks   the log's high watermarks (Kafka, cached; a trait so tests can fake it)
 //! ```
 //!
-//! Edges: routes -> ws, live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
-//! schema -> error, projections, store, cursor, watermarks; error -> progress;
+//! Edges: routes -> ws, live, schema, cost, error, ratelimit, progress, store, watermarks; cost -> error; live -> schema, store;
+//! schema -> error, projections, store, cursor, watermarks; error -> progress, ratelimit;
 //! projections -> watermarks; store -> cursor. What the projector shares with this crate (the
 //! `tasks` row, projection status) lives in `platform`.
 
@@ -34,6 +35,7 @@ pub mod error;
 pub mod live;
 pub mod progress;
 pub mod projections;
+pub mod ratelimit;
 pub mod routes;
 pub mod schema;
 pub mod store;
@@ -102,6 +104,18 @@ pub struct Settings {
     /// Largest WebSocket message, in bytes (a larger one closes the connection with 1009).
     #[arg(long, env = "GRAPHQL_WS_MAX_MESSAGE_BYTES", default_value_t = 65_536)]
     pub graphql_ws_max_message_bytes: usize,
+    /// GraphQL requests per second of one user (the token's subject); 0 turns the limit off.
+    #[arg(long, env = "GRAPHQL_RATE_PER_USER", default_value_t = 20_000)]
+    pub graphql_rate_per_user: u32,
+    /// Requests one user may send at once above the rate.
+    #[arg(long, env = "GRAPHQL_RATE_BURST_PER_USER", default_value_t = 20_000)]
+    pub graphql_rate_burst_per_user: u32,
+    /// Requests per second without a valid token, per client address; 0 turns the limit off.
+    #[arg(long, env = "GRAPHQL_RATE_PER_ADDRESS", default_value_t = 50)]
+    pub graphql_rate_per_address: u32,
+    /// Requests without a valid token one address may send at once.
+    #[arg(long, env = "GRAPHQL_RATE_BURST_PER_ADDRESS", default_value_t = 100)]
+    pub graphql_rate_burst_per_address: u32,
     #[command(flatten)]
     pub secrets: SecretPolicy,
 }
@@ -119,6 +133,10 @@ impl From<&Settings> for Limits {
                 max_subscriptions: s.graphql_ws_max_subscriptions,
                 max_connections_per_user: s.graphql_ws_max_connections_per_user,
                 max_message_bytes: s.graphql_ws_max_message_bytes,
+            },
+            rate: crate::ratelimit::RateLimits {
+                per_user: crate::ratelimit::Rate { per_second: s.graphql_rate_per_user, burst: s.graphql_rate_burst_per_user },
+                per_address: crate::ratelimit::Rate { per_second: s.graphql_rate_per_address, burst: s.graphql_rate_burst_per_address },
             },
             request_timeout: Duration::from_millis(s.request_timeout_ms),
             ..Limits::default()
@@ -162,7 +180,9 @@ impl Application {
 
     /// Serves until Ctrl-C or SIGTERM, then lets the requests in flight finish.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.router).with_graceful_shutdown(platform::http::shutdown_signal()).await?;
+        axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(platform::http::shutdown_signal())
+            .await?;
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! HTTP: `POST /graphql` (authenticated queries, optionally as of a consistency token), `GET
 //! /graphql` (GraphiQL), `/healthz`, `/readyz`, `/metrics`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,8 +10,9 @@ use async_graphql::parser::types::Selection;
 use async_graphql::{EmptyMutation, Schema};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::Extensions;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -28,6 +30,7 @@ use crate::cost::{CostLimit, CostLimits};
 use crate::error::ApiError;
 use crate::live::{Hub, LiveContext, Subscription};
 use crate::progress::ProgressTracker;
+use crate::ratelimit::{RateLimiter, RateLimits};
 use crate::schema::{Query, QueryContext};
 use crate::watermarks::Watermarks;
 use crate::ws::{Connections, LiveLimits};
@@ -54,6 +57,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Limits of WebSocket connections.
     pub live: LiveLimits,
+    /// Request rates per user and per client address.
+    pub rate: RateLimits,
 }
 
 impl Limits {
@@ -73,6 +78,7 @@ impl Default for Limits {
             request_timeout: Duration::from_millis(10_000),
             max_body_bytes: 256 * 1024,
             live: LiveLimits::default(),
+            rate: RateLimits::default(),
         }
     }
 }
@@ -94,6 +100,7 @@ pub struct AppState {
     hub: Hub,
     /// Open WebSocket connections per user.
     connections: Connections,
+    rate_limiter: RateLimiter,
     /// The start-up migrations: until they are applied, GraphQL answers 503 (NOT_READY).
     migrations: Migrations,
 }
@@ -118,6 +125,7 @@ impl AppState {
             auth,
             pool,
             progress,
+            rate_limiter: RateLimiter::new(limits.rate),
             limits: Arc::new(limits),
             hub,
             connections: Connections::default(),
@@ -182,9 +190,10 @@ async fn graphql_ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) ->
 }
 
 #[tracing::instrument(name = "graphql", skip_all, fields(user = tracing::field::Empty, result = tracing::field::Empty))]
-async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn graphql(State(state): State<AppState>, extensions: Extensions, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     let started = Instant::now();
-    let (result, response) = match execute(&state, &headers, body).await {
+    let address = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let (result, response) = match execute(&state, address, &headers, body).await {
         Ok(res) => {
             let result = if res.is_ok() { "ok" } else { "error" };
             let body = serde_json::to_vec(&res).unwrap_or_else(|_| br#"{"errors":[{"message":"internal error"}]}"#.to_vec());
@@ -201,11 +210,24 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Result
     response
 }
 
-async fn execute(state: &AppState, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<async_graphql::Response, ApiError> {
+async fn execute(
+    state: &AppState,
+    address: Option<IpAddr>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<async_graphql::Response, ApiError> {
     state.check_started()?;
     // A header that is not visible ASCII cannot be a valid bearer token.
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
-    let user = state.auth.authenticate(authorization)?;
+    // Without a valid token the budget is the client address's; with one, the user's.
+    let user = match state.auth.authenticate(authorization) {
+        Ok(user) => user,
+        Err(e) => {
+            state.rate_limiter.check_address(address)?;
+            return Err(e.into());
+        }
+    };
+    state.rate_limiter.check_user(&user)?;
     tracing::Span::current().record("user", user.as_ref());
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(state.limits.max_body_bytes),

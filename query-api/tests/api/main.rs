@@ -14,4 +14,5 @@ mod introspection;
 mod live;
 mod notifications;
 mod projections;
+mod ratelimit;
 mod tasks;
