@@ -70,6 +70,8 @@ enum Cmd {
     Peer,
     /// Two more command APIs: saturation over three instances, then the failover time of a kill -9.
     ScaleOut,
+    /// 10 000 reminders due in the same instant: how fast the projector fires them all.
+    Reminders,
     /// A backlog of 1 000 000 events: projector catch-up, rebuild, command API restore, memory.
     Backlog,
     /// Everything above, in order; prints one JSON object.
@@ -137,6 +139,9 @@ async fn main() -> anyhow::Result<()> {
     let (mut out, spread) = medians(&runs);
     if run(Cmd::ScaleOut) {
         out.extend(scale_out(&ctx).await?);
+    }
+    if run(Cmd::Reminders) {
+        out.extend(reminders(&ctx).await?);
     }
     if run(Cmd::Backlog) {
         out.extend(backlog::backlog(&ctx).await?);
@@ -277,6 +282,8 @@ fn report(out: &BTreeMap<String, Value>, about: &[String]) -> String {
         ("e2e_p99_ms_at_1k", "goal: <= 50"),
         ("projector_events_per_s", "goal: >= 25 000 (or 30% of the COPY limit); 1M-event backlog, from process start"),
         ("rebuild_1m_seconds", "goal: <= 60; `projector rebuild --yes` over the 1M-event log"),
+        ("reminders_fired_per_s", "10 000 reminders due at the same instant, divided by the time until the last fired"),
+        ("reminders_all_fired_seconds_after_due", "goal: <= 10"),
         ("command_api_restore_1m_seconds", "goal: <= 2; command API start to ready over the 1M-event log, from its snapshots"),
         ("command_api_restore_1m_from_log_seconds", "the first start over the 1M-event log (no snapshot yet: reads it all, then records snapshots)"),
         ("graphql_list_queries_per_s", "goal: >= 5 000; a 50-item tasks page"),
@@ -658,6 +665,65 @@ async fn scale_out(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(out)
+}
+
+/// `n` tasks whose reminders are all due at the same instant, a little after they are created;
+/// then the time from that instant until the projector has fired every one (a notification row per
+/// reminder): `reminders_fired_per_s` and `reminders_all_fired_seconds_after_due`.
+async fn reminders(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
+    use sqlx::Connection;
+    let Some(url) = ctx.cli.database_url.clone() else {
+        eprintln!("reminders skipped: no --database-url (the projector's database) to count notifications in");
+        return Ok(BTreeMap::new());
+    };
+    let n = ctx.n(10_000);
+    let user = format!("bench-remind-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let token = ctx.token(&user);
+    // Creating them takes a few seconds: the reminders are due well after the last create.
+    let lead = Duration::from_secs_f64(10.0 + n as f64 / 500.0);
+    let due_at = chrono::Utc::now() + chrono::Duration::from_std(lead)? + chrono::Duration::minutes(1);
+    let due_at = chrono::DateTime::from_timestamp(due_at.timestamp(), 0).context("a valid instant")?;
+    let remind_at = due_at - chrono::Duration::minutes(1);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..32 {
+        let (ctx, next, token) = (ctx.clone(), next.clone(), token.clone());
+        workers.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let r = ctx
+                    .http
+                    .post(format!("{}/v1/tasks", ctx.cli.command_api))
+                    .bearer_auth(&token)
+                    .json(&json!({"title": "reminded", "due_at": due_at.to_rfc3339(), "remind_before": "PT1M"}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "create answered {}", r.status());
+            }
+            Ok(())
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
+    anyhow::ensure!(chrono::Utc::now() < remind_at, "the {n} tasks were not created before their reminders were due; lower --scale");
+    eprintln!("{n} reminders due at {remind_at}; waiting for them");
+    let mut db = sqlx::PgConnection::connect(&url).await?;
+    let deadline = Instant::now() + lead + Duration::from_secs(300);
+    let last: chrono::DateTime<chrono::Utc> = loop {
+        let (count, last): (i64, Option<chrono::DateTime<chrono::Utc>>) =
+            sqlx::query_as("SELECT count(*), max(created_at) FROM notifications WHERE user_id = $1").bind(&user).fetch_one(&mut db).await?;
+        if count as usize >= n {
+            break last.context("notifications without a time")?;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {count} of {n} reminders fired within 5 minutes of their time");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let secs = ((last - remind_at).num_milliseconds() as f64 / 1000.0).max(0.001);
+    eprintln!("reminders: {n} fired, the last {secs:.2} s after they were due");
+    Ok(BTreeMap::from([
+        ("reminders_fired_per_s".to_owned(), round(n as f64 / secs)),
+        ("reminders_all_fired_seconds_after_due".to_owned(), round(secs)),
+    ]))
 }
 
 /// The owner of every partition as the benchmark's command API sees it, once all are ready.

@@ -5,6 +5,7 @@ mod bench_smoke;
 mod lifecycle;
 mod live;
 mod observability;
+mod partitions;
 mod projector_group;
 mod reactions;
 mod startup;
