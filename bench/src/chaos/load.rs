@@ -420,38 +420,26 @@ impl Load {
         c.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Sends accepted commands again with their keys: each must be answered 2xx with the first
-    /// answer (the same version), never executed a second time. Returns the mismatches.
-    pub async fn replay(&self, sample: &[CommandRecord]) -> Vec<String> {
+    /// Sends accepted commands again with their keys (retried like the load): each must be answered
+    /// 2xx with the first answer (the same version, `Idempotent-Replayed`), never executed a second
+    /// time. Returns the mismatches, and how many replays got no definitive answer (inconclusive).
+    pub async fn replay(&self, sample: &[CommandRecord]) -> (Vec<String>, u64) {
         let mut mismatches = Vec::new();
-        for (i, cmd) in sample.iter().enumerate() {
+        let mut inconclusive = 0;
+        for cmd in sample {
             let Outcome::Accepted { version, .. } = cmd.outcome else { continue };
-            let mut answer = Err(String::new());
-            // A replay may meet the same unavailability as the load: retry it the same way.
-            for attempt in 0..10 {
-                answer = self.send_once(cmd, (i + attempt) % self.config.command_urls.len()).await;
-                match &answer {
-                    Ok((s, _, _)) if *s == 503 || *s == 429 => {}
-                    Ok(_) => break,
-                    Err(_) => {}
+            let again = CommandRecord { sent_at: Instant::now(), attempts: 0, unavailable: 0, saw_503: false, ..cmd.clone() };
+            let what = format!("{} ({:?} {})", cmd.key, cmd.op, cmd.task_id);
+            match self.execute(again).await.outcome {
+                Outcome::Accepted { version: v, replayed } if v == version && replayed => {}
+                Outcome::Accepted { version: v, replayed } => {
+                    mismatches.push(format!("{what}: first answer version {version}, replay answered version {v} (replayed: {replayed})"))
                 }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            match answer {
-                Ok((s, body, replayed)) if (200..300).contains(&s) => {
-                    let v = body["version"].as_u64().unwrap_or(0);
-                    if v != u64::from(version) || !replayed {
-                        mismatches.push(format!(
-                            "{} ({:?} {}): first answer version {version}, replay answered version {v} (replayed: {replayed})",
-                            cmd.key, cmd.op, cmd.task_id
-                        ));
-                    }
-                }
-                Ok((s, body, _)) => mismatches.push(format!("{} ({:?} {}): replay answered {s}: {body}", cmd.key, cmd.op, cmd.task_id)),
-                Err(e) => mismatches.push(format!("{} ({:?} {}): replay failed: {e}", cmd.key, cmd.op, cmd.task_id)),
+                Outcome::Rejected { status, body } => mismatches.push(format!("{what}: replay answered {status}: {body}")),
+                Outcome::Unresolved { .. } => inconclusive += 1,
             }
         }
-        mismatches
+        (mismatches, inconclusive)
     }
 
     /// The replay sample of a phase: every accepted command that met unavailability first (up to

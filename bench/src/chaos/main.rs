@@ -397,7 +397,7 @@ async fn exercise(
         let mine: Vec<_> = journal.iter().filter(|c| c.phase == i).collect();
         let count = |f: &dyn Fn(&load::CommandRecord) -> bool| mine.iter().filter(|c| f(c)).count() as u64;
         let from = t.injected.unwrap_or(t.start);
-        let (replayed, mismatches) = &replays[i];
+        let (replayed, (mismatches, inconclusive)) = &replays[i];
         problems.extend(mismatches.iter().cloned());
         phases.push(PhaseResult {
             fault: names[i].clone(),
@@ -413,6 +413,7 @@ async fn exercise(
             exactness: exactness[i].clone(),
             replay_mismatches: mismatches.len() as u64,
             replays: *replayed,
+            replays_inconclusive: *inconclusive,
             writes_unavailable_s: longest_gap(writes.iter().copied(), from, t.end).as_secs_f64(),
             reads_unavailable_s: longest_gap(reads.iter().copied(), from, t.end).as_secs_f64(),
         });

@@ -25,6 +25,8 @@ pub struct PhaseResult {
     /// Replays (same key, same body) answered differently from the first answer.
     pub replay_mismatches: u64,
     pub replays: u64,
+    /// Replays that got no definitive answer within the retry budget (the stack was down).
+    pub replays_inconclusive: u64,
     pub writes_unavailable_s: f64,
     pub reads_unavailable_s: f64,
 }
@@ -64,7 +66,7 @@ impl Report {
                 p.unresolved,
                 p.exactness.lost,
                 dup,
-                format!("{}/{}", p.replays - p.replay_mismatches, p.replays),
+                format!("{}/{}", p.replays - p.replay_mismatches - p.replays_inconclusive, p.replays),
                 p.writes_unavailable_s,
                 p.reads_unavailable_s
             ));
