@@ -42,11 +42,12 @@ async fn scalar(stack: &Stack, sql: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut db).await?)
 }
 
-/// Sends `n` commands with at most `concurrency` in flight; every one must succeed.
+/// Sends `n` commands with at most `concurrency` in flight (retrying 503s, as clients do); every
+/// one must succeed.
 async fn run_commands(stack: &Stack, commands: Vec<(String, Method, String, Option<Value>)>, concurrency: usize) -> anyhow::Result<()> {
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(commands)
         .map(|(user, method, path, body)| async move {
-            let (s, _, b) = stack.command(&user, method, &path, body, &[]).await?;
+            let (s, _, b) = stack.command_retrying(&user, method, &path, body).await?;
             anyhow::ensure!((200..300).contains(&s), "{path} answered {s}: {b}");
             Ok(())
         })
@@ -168,7 +169,7 @@ async fn rebuild_gives_identical_read_models_while_queries_and_writes_go_on() ->
             while !stop.load(Ordering::Acquire) {
                 let t = stack.create("writer", json!({"title": format!("w{}", written.len())})).await?;
                 let id = id_of(&t);
-                let (s, _, b) = stack.command("writer", Method::POST, &format!("/v1/tasks/{id}/complete"), None, &[]).await?;
+                let (s, _, b) = stack.command_retrying("writer", Method::POST, &format!("/v1/tasks/{id}/complete"), None).await?;
                 anyhow::ensure!(s == 200, "{b}");
                 written.push(id);
             }
@@ -402,7 +403,7 @@ async fn postgres_restarted_while_events_flow_loses_nothing() -> anyhow::Result<
     let writer = async {
         for i in 0..400 {
             let t = stack_ref.create("ann", json!({"title": format!("t{i}")})).await?;
-            let (s, _, b) = stack_ref.command("ann", Method::POST, &format!("/v1/tasks/{}/complete", id_of(&t)), None, &[]).await?;
+            let (s, _, b) = stack_ref.command_retrying("ann", Method::POST, &format!("/v1/tasks/{}/complete", id_of(&t)), None).await?;
             anyhow::ensure!(s == 200, "{b}");
             sent.fetch_add(1, Ordering::Relaxed);
         }

@@ -30,7 +30,9 @@ impl PrivateBroker {
              listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
              controller.quorum.voters=1@127.0.0.1:{controller_port}\nlog.dirs={}\n\
              offsets.topic.replication.factor=1\ntransaction.state.log.replication.factor=1\n\
-             transaction.state.log.min.isr=1\ngroup.initial.rebalance.delay.ms=0\nauto.create.topics.enable=false\n",
+             transaction.state.log.min.isr=1\ngroup.initial.rebalance.delay.ms=0\nauto.create.topics.enable=false\n\
+             group.consumer.min.session.timeout.ms=1000\ngroup.consumer.session.timeout.ms=6000\n\
+             group.consumer.min.heartbeat.interval.ms=250\ngroup.consumer.heartbeat.interval.ms=1000\n",
             dir.join("data").display()
         );
         std::fs::write(dir.join("server.properties"), props)?;

@@ -237,8 +237,31 @@ impl Stack {
         Ok((status, headers, body))
     }
 
+    /// Sends a command the way a well-behaved client does: with an Idempotency-Key, retrying a 503
+    /// (the log unavailable, a partition moving to another instance) after its `Retry-After`, for up
+    /// to a minute. Returns the last answer.
+    pub async fn command_retrying(
+        &self,
+        user: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
+        let key = Uuid::new_v4().to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, h, b) = self.command(user, method.clone(), path, body.clone(), &[("idempotency-key", &key)]).await?;
+            if s != 503 || Instant::now() > deadline {
+                return Ok((s, h, b));
+            }
+            let wait = h.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(1).min(1);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        }
+    }
+
+    /// Creates a task (retrying a 503 like `command_retrying`); fails unless it is created.
     pub async fn create(&self, user: &str, body: Value) -> anyhow::Result<Value> {
-        let (s, _, b) = self.command(user, reqwest::Method::POST, "/v1/tasks", Some(body), &[]).await?;
+        let (s, _, b) = self.command_retrying(user, reqwest::Method::POST, "/v1/tasks", Some(body)).await?;
         if s != 201 {
             bail!("create answered {s}: {b}");
         }
