@@ -110,8 +110,15 @@ async fn run(state: &AppState, caller: AuthUser, headers: CommandHeaders, digest
     }
     let name = cmd.name();
     let started = std::time::Instant::now();
-    let command = async { writer.submit(cmd, meta).await.map_err(ApiError::from) };
-    let result = state.idempotency.execute(&caller.0, headers.idempotency_key.as_deref(), &digest, command).await;
+    // The command runs to its end in a task of its own: a client that gives up (timeout, closed
+    // connection) after the command reached its writer must not leave it appended but its answer
+    // forgotten, or a retry with the same Idempotency-Key would run it again.
+    let (cache, user, key) = (state.idempotency.clone(), caller.0.clone(), headers.idempotency_key.clone());
+    let detached = async move {
+        let command = async { writer.submit(cmd, meta).await.map_err(ApiError::from) };
+        cache.execute(&user, key.as_deref(), &digest, command).await
+    };
+    let result = tokio::spawn(detached.in_current_span()).await.unwrap_or_else(|e| Err(ApiError::Internal(format!("the command's task failed: {e}"))));
     let outcome = match &result {
         Ok(_) => "accepted",
         Err(e) if e.status_code().is_server_error() => "unavailable",

@@ -67,6 +67,8 @@ pub struct FakeLog {
     data: Arc<Mutex<LogData>>,
     down: Arc<AtomicBool>,
     failed_appends: Arc<AtomicUsize>,
+    /// Milliseconds every append waits before it is durable (a slow broker).
+    append_delay_ms: Arc<AtomicUsize>,
 }
 
 /// The partition Kafka (librdkafka's default partitioner) puts a key in.
@@ -127,6 +129,11 @@ impl FakeLog {
         before - data.records.len()
     }
 
+    /// Makes every append take `ms` milliseconds (0: at once).
+    pub fn set_append_delay_ms(&self, ms: usize) {
+        self.append_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
@@ -167,6 +174,10 @@ impl EventLog for FakeLog {
     }
 
     async fn append(&mut self, records: Vec<EncodedEvent>) -> Result<Vec<Position>, LogError> {
+        let delay = self.append_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+        }
         if let Err(e) = self.check() {
             self.failed_appends.fetch_add(1, Ordering::SeqCst);
             return Err(e);

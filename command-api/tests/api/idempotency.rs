@@ -127,3 +127,23 @@ async fn idempotency_survives_a_restart_through_the_log_headers() {
     assert_problem(&restarted.patch(ALICE, &id, json!({"title": "different"}), &[("Idempotency-Key", "p-1")]).await, 422);
     assert_eq!(restarted.log.len(), 2, "replays after the restart appended nothing");
 }
+
+/// Found by `./dev chaos`: a client that gives up (timeout, closed connection) after its command
+/// reached the writer must not make the retry run it again.
+#[tokio::test]
+async fn a_retry_after_the_client_gave_up_is_answered_from_the_first_run_not_run_again() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    let id = app.create_task(ALICE, "slow").await;
+    app.log.set_append_delay_ms(300);
+    let key = [("Idempotency-Key", "give-up-1")];
+    // The client gives up after 50 ms, while the append is still in flight.
+    let first = tokio::time::timeout(std::time::Duration::from_millis(50), app.patch(ALICE, &id, json!({"title": "once"}), &key)).await;
+    assert!(first.is_err(), "the first request was expected to be cut off");
+    test_support::eventually("the first run to be appended", std::time::Duration::from_secs(5), || async { (app.log.records_of(&id).len() == 2).then_some(()) })
+        .await
+        .unwrap();
+    app.log.set_append_delay_ms(0);
+    let retry = app.patch(ALICE, &id, json!({"title": "once"}), &key).await;
+    assert_eq!((retry.status, retry.version(), retry.header("idempotent-replayed")), (StatusCode::OK, 2, Some("true")), "{}", retry.text);
+    assert_eq!(app.log.records_of(&id).len(), 2, "the retry ran the command again");
+}
