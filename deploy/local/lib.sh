@@ -290,6 +290,7 @@ ensure_kafka() {
     -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -Dkafka.logs.dir="$KAFKA_DIR/logs" \
     -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" </dev/null >"$KAFKA_DIR/stdout.log" 2>&1 &
   pid=$!
+  disown "$pid" 2>/dev/null || true # ./dev chaos kills it on purpose: no "Killed" line from this shell
   echo "$pid" >"$KAFKA_DIR/kafka.pid"
   STARTED_KAFKA=1
   local deadline=$((SECONDS + KAFKA_START_TIMEOUT))

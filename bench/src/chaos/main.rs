@@ -81,9 +81,10 @@ struct Cli {
     base_port: u16,
     #[arg(long, default_value_t = 40)]
     users: usize,
-    /// How long a command is retried (same key, same body) before it counts as unresolved.
-    #[arg(long, default_value_t = 60)]
-    retry_budget_seconds: u64,
+    /// How long a command is retried (same key, same body) before it counts as unresolved. Default
+    /// 60, with --short 30.
+    #[arg(long)]
+    retry_budget_seconds: Option<u64>,
     #[arg(long, default_value_t = 12)]
     partitions: i32,
     /// Where report.json and the services' logs go.
@@ -141,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let fault_len = Duration::from_secs(cli.fault_seconds.unwrap_or(if cli.short { 20 } else { 40 }));
     let pause = Duration::from_secs(cli.pause_seconds);
     let warmup = Duration::from_secs(if cli.short { 5 } else { 10 });
+    let retry_budget = Duration::from_secs(cli.retry_budget_seconds.unwrap_or(if cli.short { 30 } else { 60 }));
     anyhow::ensure!(rate > 0.0 && cli.command_apis >= 1 && cli.projectors >= 1 && cli.users >= 1, "rate, instances and users must be positive");
     let bin_dir = match cli.bin_dir.clone() {
         Some(d) => d,
@@ -217,7 +219,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
     stack.start_all().await?;
     say(started, format!("stack ready: command APIs {:?}, query API {:?}", stack.urls(Kind::CommandApi), stack.urls(Kind::QueryApi)));
-    let result = exercise(&cli, &run_id, &mut stack, &receiver, &hook_url, &kafka, &db_url, &faults, rate, fault_len, warmup, pause, started).await;
+    let result =
+        exercise(&cli, &run_id, retry_budget, &mut stack, &receiver, &hook_url, &kafka, &db_url, &faults, rate, fault_len, warmup, pause, started).await;
     say(started, "stopping the services");
     stack.stop_all().await;
     let mut report = result?;
@@ -253,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 async fn exercise(
     cli: &Cli,
     run_id: &str,
+    retry_budget: Duration,
     stack: &mut Stack,
     receiver: &Receiver,
     hook_url: &str,
@@ -278,7 +282,7 @@ async fn exercise(
         rate,
         users,
         tokens: tokens.clone(),
-        retry_budget: Duration::from_secs(cli.retry_budget_seconds),
+        retry_budget,
         request_timeout: Duration::from_secs(10),
         // About 10 s of the schedule: beyond that, a long outage sheds new commands instead of
         // piling up retries.
@@ -362,7 +366,7 @@ async fn exercise(
     load.stop();
     driver.await?;
     reader.await?;
-    if !load.drain(Duration::from_secs(cli.retry_budget_seconds + 15)).await {
+    if !load.drain(retry_budget + Duration::from_secs(15)).await {
         problems.push("commands were still in flight after their retry budget".into());
     }
     let mut replays = Vec::new();
@@ -457,8 +461,23 @@ async fn register_webhooks(command_api: &str, tokens: &[String], url: &str) -> a
     Ok(())
 }
 
+/// Reactions, reminders and webhook deliveries that failed during a fault wait out a backoff of up
+/// to minutes: their next attempt is moved to now, as a restarted projector does (the load is over,
+/// only the wait is shortened).
+async fn hurry_retries(db: &PgPool) -> Result<(), sqlx::Error> {
+    for sql in [
+        "UPDATE reaction_outbox SET next_attempt_at = now() WHERE NOT failed AND next_attempt_at > now()",
+        "UPDATE reminder_attempts SET next_attempt_at = now() WHERE next_attempt_at > now()",
+        "UPDATE webhook_deliveries SET next_attempt_at = now() WHERE status = 'pending' AND next_attempt_at > now()",
+    ] {
+        sqlx::query(sql).execute(db).await?;
+    }
+    Ok(())
+}
+
 /// Waits until the projections have applied the whole log, no reaction waits, every reminder due
-/// has fired and every webhook delivery is done: twice in a row, a second apart.
+/// has fired and every webhook delivery is done: twice in a row, a second apart (every 5 s, retries
+/// waiting out a backoff are hurried).
 async fn settle(kafka: &platform::settings::KafkaSettings, db: &PgPool, timeout: Duration, started: Instant) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut calm = 0;
@@ -481,6 +500,7 @@ async fn settle(kafka: &platform::settings::KafkaSettings, db: &PgPool, timeout:
         if last_said.elapsed() >= Duration::from_secs(5) {
             say(started, format!("settling: {state}"));
             last_said = Instant::now();
+            hurry_retries(db).await?;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
