@@ -625,12 +625,13 @@ async fn scale_out(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     }
     let mut out = measured?;
 
-    // A task in a partition of instance 1, then kill -9 instance 1.
+    // A task in a partition of instance 1 (created through it: an instance picks new ids in its own
+    // partitions), then kill -9 instance 1.
     let victim = "bench-command-api-1";
     let token = ctx.token("bench-failover");
     let mut task = None;
     for _ in 0..500 {
-        let v: Value = ctx.http.post(format!("{}/v1/tasks", ctx.cli.command_api)).bearer_auth(&token).json(&json!({"title": "failover"})).send().await?.json().await?;
+        let v: Value = ctx.http.post(format!("{}/v1/tasks", bases[1])).bearer_auth(&token).json(&json!({"title": "failover"})).send().await?.json().await?;
         let partition = v["position"].as_str().and_then(|t| platform::position::Position::from_token(t).ok()).map(|p| p.partition as i64);
         if partition.is_some_and(|p| spread.get(&p).is_some_and(|o| o == victim)) {
             task = v["task_id"].as_str().map(str::to_owned);
