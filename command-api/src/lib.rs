@@ -10,17 +10,17 @@
 //!   the operational routes. Handlers parse requests into domain commands (`domain::AnyCommand`).
 //! - `command`: one submission path for every route (trace span, event metadata, metrics, the
 //!   answer as HTTP); `state`: the `AppState` handlers share.
-//! - `extract`: problem+json extractors (caller, command headers, JSON body, `CommandRoute` for the
-//!   Idempotency-Key digest).
 //! - `forward`: replays a command request to its partition's owner; `membership`: the consumer group
-//!   that assigns partitions (starting and stopping writers) and the owners topic's follower;
-//!   `cluster`: this instance's writers and the announced owners (`Cluster::route`).
+//!   that assigns partitions (starting and stopping writers) and the owners topic's follower.
+//! - `cluster`: this instance's writers and the announced owners (`Cluster::route`).
 //! - `writer`: a partition's writer, generic over the registered aggregates (`domain::Decider`):
 //!   decides, stages and answers through one path, live and at restore; snapshots. `streams`: the
 //!   per-aggregate state maps it keeps; `partition`: which partition a stream lives in.
 //! - `idempotency`: the Idempotency-Key decision (`IdempotencyCache::execute`) and `Answer`.
-//! - `error`: `ApiError`, the one problem+json error type; `log`: the `EventLog` port and its Kafka
-//!   adapter.
+//! - `extract`: problem+json extractors (caller, command headers, JSON body, `CommandRoute` for the
+//!   Idempotency-Key digest) and the layer that keeps a command request to forward it.
+//! - `error`: `ApiError`, the one problem+json error type; `log`: the `EventLog` port (one partition)
+//!   and its Kafka adapter.
 
 pub mod cluster;
 pub mod command;
