@@ -3,12 +3,17 @@
 //! attempt is recorded (`webhook_attempts`, shown in GraphQL). Deliveries are leased with
 //! FOR UPDATE SKIP LOCKED (safe with two projectors) and sent concurrently, each with its own
 //! timeout, so a slow or hanging receiver never holds up the others.
+//! The outcome of a POST is recorded before the delivery is let go, waiting for the database if
+//! it is away, so a 2xx is never followed by a second POST of the same delivery from this process;
+//! a crash between the answer and the record resends it after the lease (at least once, with
+//! `taskstream-delivery` for the receiver to deduplicate).
 //!
 //! Signature: header `Taskstream-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 //! A receiver recomputes the HMAC over the timestamp, a dot and the raw body, compares in constant
 //! time, and refuses timestamps older than a few minutes (replay protection).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -40,6 +45,9 @@ pub struct Deliverer {
     allow_private: bool,
     wake: Arc<Notify>,
     permits: Arc<Semaphore>,
+    /// Deliveries this process is sending or recording: a lease that ran out while the database
+    /// was away does not make this process send them a second time.
+    in_flight: Mutex<HashSet<Uuid>>,
 }
 
 struct Leased {
@@ -52,7 +60,7 @@ struct Leased {
 
 impl Deliverer {
     pub fn new(pool: PgPool, allow_private: bool, wake: Arc<Notify>) -> Self {
-        Self { pool, allow_private, wake, permits: Arc::new(Semaphore::new(CONCURRENCY)) }
+        Self { pool, allow_private, wake, permits: Arc::new(Semaphore::new(CONCURRENCY)), in_flight: Mutex::default() }
     }
 
     pub async fn run(self) {
@@ -61,12 +69,17 @@ impl Deliverer {
             match me.lease().await {
                 Ok(batch) => {
                     for d in batch {
+                        if !me.in_flight.lock().expect("in-flight set").insert(d.id) {
+                            continue;
+                        }
                         let Ok(permit) = me.permits.clone().acquire_owned().await else { return };
                         let me = me.clone();
                         tokio::spawn(async move {
+                            let id = d.id;
                             if let Err(e) = me.deliver(d).await {
-                                tracing::warn!(error.message = %e, "recording a webhook attempt failed");
+                                tracing::warn!(error.message = %e, "reading a webhook before its delivery failed");
                             }
+                            me.in_flight.lock().expect("in-flight set").remove(&id);
                             drop(permit);
                         });
                     }
@@ -117,6 +130,27 @@ impl Deliverer {
             Err(e) => (None, Some(e.clone())),
         };
         let ok = matches!(result, Ok(c) if (200..300).contains(&c));
+        // The POST was made: its outcome must be recorded, or the delivery would be sent again
+        // when its lease runs out. A database that is away (restarting, failing over) is waited
+        // for; only a crash of this process between the POST and the record can still send a
+        // notification twice (receivers deduplicate on `taskstream-delivery`).
+        let mut wait = Duration::from_millis(100);
+        let outcome = loop {
+            match self.record(&d, attempt, code, error.as_deref(), elapsed, ok).await {
+                Ok(outcome) => break outcome,
+                Err(e) => {
+                    tracing::warn!(delivery = %d.id, error.message = %e, "recording a webhook attempt failed; trying again in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        metrics::counter!("webhook_deliveries_total", "outcome" => outcome).increment(1);
+        Ok(())
+    }
+
+    /// Records one attempt and what it means for the delivery: delivered, given up, or retried later.
+    async fn record(&self, d: &Leased, attempt: i32, code: Option<i32>, error: Option<&str>, elapsed: i32, ok: bool) -> Result<&'static str, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, status_code, error, duration_ms)
@@ -125,7 +159,7 @@ impl Deliverer {
         .bind(d.id)
         .bind(attempt)
         .bind(code)
-        .bind(&error)
+        .bind(error)
         .bind(elapsed)
         .execute(&mut *tx)
         .await?;
@@ -158,8 +192,7 @@ impl Deliverer {
             "retry"
         };
         tx.commit().await?;
-        metrics::counter!("webhook_deliveries_total", "outcome" => outcome).increment(1);
-        Ok(())
+        Ok(outcome)
     }
 
     /// One POST; the status code, or why there was none.

@@ -548,3 +548,60 @@ async fn due_reminders_fire_concurrently_and_a_claimed_one_is_not_sent_twice() {
     assert_eq!(count(&pool, "SELECT count(*) FROM reminder_schedule").await, 0);
     db.drop_database().await.unwrap();
 }
+
+/// Found by the short chaos run in CI (PostgreSQL restarted while webhooks were sent): a POST
+/// answered 2xx whose outcome could not be recorded (the database was away) stayed leased, and
+/// was sent again when the lease ran out, 30 s later: the receiver got the notification twice.
+/// The outcome of a POST that was made is recorded, retried until the database takes it; the
+/// delivery is never sent again. (Here the receiver takes `webhook_attempts` away for a second
+/// when the POST arrives, so the first attempt to record fails.)
+#[tokio::test]
+async fn a_webhook_whose_outcome_cannot_be_recorded_at_once_is_recorded_later_not_sent_again() {
+    let (db, pool) = fresh_store().await;
+    let posts = Arc::new(Mutex::new(0_u32));
+    let (p, admin) = (posts.clone(), pool.clone());
+    let receiver = axum::Router::new().fallback(move || {
+        let (posts, admin) = (p.clone(), admin.clone());
+        async move {
+            let first = {
+                let mut n = posts.lock().unwrap();
+                *n += 1;
+                *n == 1
+            };
+            if first {
+                sqlx::query("ALTER TABLE webhook_attempts RENAME TO webhook_attempts_away").execute(&admin).await.unwrap();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    sqlx::query("ALTER TABLE webhook_attempts_away RENAME TO webhook_attempts").execute(&admin).await.unwrap();
+                });
+            }
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    sqlx::query("INSERT INTO webhooks (user_id, url, secret, version, updated_at) VALUES ('alice', $1, 's', 1, now())")
+        .bind(&url)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO webhook_deliveries (id, notification_id, user_id, url, payload) VALUES ($1, $2, 'alice', $3, '{}')")
+        .bind(Uuid::now_v7())
+        .bind(Uuid::now_v7())
+        .bind(&url)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let deliverer = tokio::spawn(projector::webhooks::Deliverer::new(pool.clone(), true, Arc::default()).run());
+    // Before the fix the delivery was recorded only after the lease (30 s) ran out and a second POST.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&pool, "SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'").await == 0 {
+        assert!(Instant::now() < deadline, "the delivery was never recorded as delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    deliverer.abort();
+    assert_eq!(*posts.lock().unwrap(), 1, "the receiver got the notification more than once");
+    assert_eq!(count(&pool, "SELECT count(*) FROM webhook_attempts WHERE status_code = 204 AND attempt = 1").await, 1);
+    db.drop_database().await.unwrap();
+}
