@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use domain::{DomainError, FieldError};
 use platform::auth::AuthError;
+use platform::ratelimit::{retry_after_secs, RateLimited};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -34,6 +35,9 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
+    /// Over the caller's request budget (`crate::ratelimit`).
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
     #[error("the event log is unavailable; nothing was appended, retry later")]
     Unavailable(String),
     /// Writes to a stream are stopped (its log holds a record that cannot be decoded).
@@ -75,6 +79,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Validation(_) | ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Blocked(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -92,6 +97,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::Validation(_) => "validation",
             ApiError::IdempotencyKeyReused => "idempotency-key-reused",
+            ApiError::RateLimited(_) => "rate-limited",
             ApiError::Unavailable(_) => "log-unavailable",
             ApiError::Blocked(_) => "stream-blocked",
             ApiError::Internal(_) => "internal",
@@ -159,6 +165,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::Blocked(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            }
+            ApiError::RateLimited(r) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(r.retry_after)));
             }
             ApiError::Unauthorized(_) => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

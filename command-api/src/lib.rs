@@ -19,6 +19,7 @@
 //! - `idempotency`: the Idempotency-Key decision (`IdempotencyCache::execute`) and `Answer`.
 //! - `extract`: problem+json extractors (caller, command headers, JSON body, `CommandRoute` for the
 //!   Idempotency-Key digest) and the layer that keeps a command request to forward it.
+//! - `ratelimit`: the layer that spends the caller's request budget (`platform::ratelimit`) first.
 //! - `error`: `ApiError`, the one problem+json error type; `log`: the `EventLog` port (one partition)
 //!   and its Kafka adapter.
 
@@ -31,6 +32,7 @@ pub mod idempotency;
 pub mod log;
 pub mod membership;
 pub mod partition;
+pub mod ratelimit;
 pub mod routes;
 pub mod state;
 pub mod streams;
@@ -45,6 +47,7 @@ use axum::Router;
 use clap::Parser;
 
 use platform::auth::JwtAuth;
+use platform::ratelimit::{Rate, RateLimits};
 use platform::settings::{AuthSettings, KafkaSettings, SecretPolicy};
 
 pub use crate::extract::BODY_LIMIT_BYTES;
@@ -113,6 +116,18 @@ pub struct Settings {
     /// Request timeout (longer than a log operation, so a command is never cut off mid-append).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
+    /// Requests per second of one user (the token's subject); 0 turns the limit off.
+    #[arg(long, env = "COMMAND_RATE_PER_USER", default_value_t = 20_000)]
+    pub command_rate_per_user: u32,
+    /// Requests one user may send at once above the rate.
+    #[arg(long, env = "COMMAND_RATE_BURST_PER_USER", default_value_t = 20_000)]
+    pub command_rate_burst_per_user: u32,
+    /// Requests per second without a valid token, per client address; 0 turns the limit off.
+    #[arg(long, env = "COMMAND_RATE_PER_ADDRESS", default_value_t = 50)]
+    pub command_rate_per_address: u32,
+    /// Requests without a valid token one address may send at once.
+    #[arg(long, env = "COMMAND_RATE_BURST_PER_ADDRESS", default_value_t = 100)]
+    pub command_rate_burst_per_address: u32,
     #[command(flatten)]
     pub secrets: SecretPolicy,
 }
@@ -159,7 +174,11 @@ impl Application {
         let forward_timeout = Duration::from_millis(settings.request_timeout_ms / 2);
         let state = AppState::with_cluster(cluster.clone(), auth, idempotency, forward_timeout)
             .allow_private_webhooks(settings.webhook_allow_private)
-            .with_brokers(brokers);
+            .with_brokers(brokers)
+            .with_rate_limits(RateLimits {
+                per_user: Rate { per_second: settings.command_rate_per_user, burst: settings.command_rate_burst_per_user },
+                per_address: Rate { per_second: settings.command_rate_per_address, burst: settings.command_rate_burst_per_address },
+            });
         tracing::info!(%addr, instance = %me.id, url = %me.url, "command API listening");
         Ok(Self { listener, router: router(state, Duration::from_millis(settings.request_timeout_ms)), cluster })
     }
@@ -169,7 +188,10 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.router).with_graceful_shutdown(platform::http::shutdown_signal()).await?;
+        // With the client's address, the budget of requests without a valid token.
+        axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(platform::http::shutdown_signal())
+            .await?;
         // Hand the partitions over now rather than after the group's session timeout.
         self.cluster.leave(Duration::from_secs(20)).await;
         Ok(())

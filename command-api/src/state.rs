@@ -1,5 +1,5 @@
 //! What every handler shares: the cluster (this instance's partition writers and who owns the
-//! others), the forwarder, token verification, the Idempotency-Key answers.
+//! others), the forwarder, token verification, the Idempotency-Key answers, the request budgets.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +8,7 @@ use axum::extract::FromRef;
 
 use platform::auth::JwtAuth;
 use platform::kafka::Reachability;
+use platform::ratelimit::{RateLimiter, RateLimits};
 
 use crate::cluster::{Cluster, Instance};
 use crate::forward::Forwarder;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub allow_private_webhooks: bool,
     /// Whether the Kafka brokers answer (part of readiness).
     pub brokers: Reachability,
+    /// Request budgets per user and per client address (`crate::ratelimit`).
+    pub rate_limiter: RateLimiter,
 }
 
 impl FromRef<AppState> for JwtAuth {
@@ -41,7 +44,8 @@ impl AppState {
     /// Wires the state around `cluster` (whose partitions arrive later, e.g. from Kafka's group).
     pub fn with_cluster(cluster: Arc<Cluster>, auth: JwtAuth, idempotency: IdempotencyCache, forward_timeout: Duration) -> Self {
         let forwarder = Forwarder::new(&cluster.me().id, forward_timeout);
-        Self { cluster, forwarder, auth, idempotency, allow_private_webhooks: false, brokers: Reachability::assumed() }
+        let rate_limiter = crate::ratelimit::limiter(RateLimits::default());
+        Self { cluster, forwarder, auth, idempotency, allow_private_webhooks: false, brokers: Reachability::assumed(), rate_limiter }
     }
 
     /// One process owning every partition of `log` (an in-memory log in tests): `log` is cloned for
@@ -69,6 +73,12 @@ impl AppState {
     /// every partition has a known owner.
     pub fn is_ready(&self) -> bool {
         self.brokers.is_reachable() && self.cluster.is_ready()
+    }
+
+    /// Request budgets other than the default ones.
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rate_limiter = crate::ratelimit::limiter(limits);
+        self
     }
 
     pub fn allow_private_webhooks(mut self, allow: bool) -> Self {

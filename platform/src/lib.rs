@@ -1,7 +1,7 @@
 //! The thin, non-pure pieces that more than one taskstream service needs: settings shared by all
 //! binaries, the CloudEvents codec for Kafka records, Kafka client set-up, JWT auth, the consistency
-//! position token, database set-up, the retry/backoff policy and telemetry. Nothing here holds
-//! business rules.
+//! position token, database set-up, the retry/backoff policy, the APIs' request budgets (`ratelimit`)
+//! and telemetry. Nothing here holds business rules.
 //!
 //! Read side, shared by the projector (writer) and the query API (reader): `readmodel` holds the
 //! read-model rows (`TaskRow`) as PostgreSQL stores them; `projections` the projection names, the
@@ -14,6 +14,7 @@ pub mod http;
 pub mod kafka;
 pub mod position;
 pub mod projections;
+pub mod ratelimit;
 pub mod readmodel;
 pub mod retry;
 pub mod secret;

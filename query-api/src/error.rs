@@ -10,9 +10,9 @@ use axum::Json;
 use serde_json::json;
 
 use platform::auth::AuthError;
+use platform::ratelimit::{retry_after_secs, RateLimited};
 
 use crate::progress::NotYetApplied;
-use crate::ratelimit::{retry_after_secs, RateLimited};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

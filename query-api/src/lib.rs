@@ -16,7 +16,6 @@
 //! schema       the GraphQL types and queries (list fields carry their cost); maps GraphQL enums and filters onto the store's terms
 //! cost         the cost model's limits (cost with list sizes, aliases, root fields) as an async-graphql extension
 //! error        GraphQL and HTTP error shapes
-//! ratelimit    request budgets per user and per client address (governor)
 //! projections  projection statuses and the projection_lag gauge (platform::projections + watermarks)
 //! store        SQL over the read models (rows: platform::readmodel::TaskRow), keyset page plans
 //! cursor       opaque cursors, the task orders (Order) and keyset positions
@@ -24,8 +23,8 @@
 //! watermarks   the log's high watermarks (Kafka, cached; a trait so tests can fake it)
 //! ```
 //!
-//! Edges: routes -> ws, live, schema, cost, error, ratelimit, progress, store, watermarks; cost -> error; live -> schema, store;
-//! schema -> error, projections, store, cursor, watermarks; error -> progress, ratelimit;
+//! Edges: routes -> ws, live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
+//! schema -> error, projections, store, cursor, watermarks; error -> progress;
 //! projections -> watermarks; store -> cursor. What the projector shares with this crate (the
 //! `tasks` row, projection status) lives in `platform`.
 
@@ -35,7 +34,6 @@ pub mod error;
 pub mod live;
 pub mod progress;
 pub mod projections;
-pub mod ratelimit;
 pub mod routes;
 pub mod schema;
 pub mod store;
@@ -54,6 +52,7 @@ use tokio::net::TcpListener;
 
 use platform::auth::JwtAuth;
 use platform::db::Migrations;
+use platform::ratelimit::{Rate, RateLimits};
 use platform::settings::{AuthSettings, DatabaseSettings, KafkaSettings, SecretPolicy};
 
 pub use crate::progress::ProgressTracker;
@@ -134,9 +133,9 @@ impl From<&Settings> for Limits {
                 max_connections_per_user: s.graphql_ws_max_connections_per_user,
                 max_message_bytes: s.graphql_ws_max_message_bytes,
             },
-            rate: crate::ratelimit::RateLimits {
-                per_user: crate::ratelimit::Rate { per_second: s.graphql_rate_per_user, burst: s.graphql_rate_burst_per_user },
-                per_address: crate::ratelimit::Rate { per_second: s.graphql_rate_per_address, burst: s.graphql_rate_burst_per_address },
+            rate: RateLimits {
+                per_user: Rate { per_second: s.graphql_rate_per_user, burst: s.graphql_rate_burst_per_user },
+                per_address: Rate { per_second: s.graphql_rate_per_address, burst: s.graphql_rate_burst_per_address },
             },
             request_timeout: Duration::from_millis(s.request_timeout_ms),
             ..Limits::default()

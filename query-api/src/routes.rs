@@ -25,12 +25,12 @@ use tower_http::trace::TraceLayer;
 use platform::auth::JwtAuth;
 use platform::db::Migrations;
 use platform::position::Position;
+use platform::ratelimit::{RateLimiter, RateLimits};
 
 use crate::cost::{CostLimit, CostLimits};
 use crate::error::ApiError;
 use crate::live::{Hub, LiveContext, Subscription};
 use crate::progress::ProgressTracker;
-use crate::ratelimit::{RateLimiter, RateLimits};
 use crate::schema::{Query, QueryContext};
 use crate::watermarks::Watermarks;
 use crate::ws::{Connections, LiveLimits};
@@ -125,7 +125,7 @@ impl AppState {
             auth,
             pool,
             progress,
-            rate_limiter: RateLimiter::new(limits.rate),
+            rate_limiter: RateLimiter::new(limits.rate, "graphql_rate_limited_total"),
             limits: Arc::new(limits),
             hub,
             connections: Connections::default(),

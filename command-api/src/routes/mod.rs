@@ -1,7 +1,7 @@
 //! The HTTP surface, by resource: each module parses its requests into domain commands and has its
 //! own `router()`; this module puts them together with the operational routes (health, readiness,
-//! metrics, the OpenAPI document) and the shared layers (body limit, timeout, problem+json
-//! fallbacks). `openapi` holds what the resource modules' OpenAPI annotations share (command headers,
+//! metrics, the OpenAPI document) and the shared layers (rate limits on the API routes, body limit,
+//! timeout, problem+json fallbacks). `openapi` holds what the resource modules' OpenAPI annotations share (command headers,
 //! problem+json answer sets).
 
 pub mod internal;
@@ -48,17 +48,20 @@ impl Modify for BearerAuth {
 
 /// The full router; tests call it with `oneshot`.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let (api, openapi) =
-        OpenApiRouter::with_openapi(ApiDoc::openapi())
-            .merge(tasks::router())
-            .merge(notifications::router())
-            .merge(webhooks::router())
-            .routes(utoipa_axum::routes!(cluster))
-            .split_for_parts();
+    let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(tasks::router())
+        .merge(notifications::router())
+        .merge(webhooks::router())
+        .routes(utoipa_axum::routes!(cluster))
+        .split_for_parts();
+    openapi::answer_rate_limited(&mut openapi);
     let openapi = Arc::new(openapi);
+    let budgets = (state.rate_limiter.clone(), state.auth.clone());
     api.merge(internal::router())
         // Command requests are kept as they arrived, to be forwarded to their partition's owner.
         .layer(middleware::from_fn(crate::extract::capture))
+        // Outside `capture`: a request over its budget is refused before its body is read.
+        .layer(middleware::from_fn_with_state(budgets, crate::ratelimit::limit))
         .route("/v1/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
         .route("/healthz", get(platform::http::healthz))
         .route("/readyz", get(readyz))

@@ -2,7 +2,8 @@
 //! (`IdempotencyKey`, `IfMatch`, with the constraints `crate::extract::CommandHeaders` enforces) and
 //! the problem+json answer sets the handlers list in their `#[utoipa::path(responses(...))]`: what
 //! every command can be answered (`CommandProblems`), what a JSON body adds (`JsonBodyProblems`)
-//! and what a command on an existing task adds (`TaskProblems`). Which status means what is
+//! and what a command on an existing task adds (`TaskProblems`); the rate limits' 429, which every
+//! operation can meet, is added to all of them at once (`answer_rate_limited`). Which status means what is
 //! `crate::error::ApiError::status_code`; these sets say which of them each operation can meet, so
 //! that a client (or schemathesis, in `./dev test`) finds every status it is answered in the
 //! document. Imports nothing from `routes`.
@@ -10,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use utoipa::openapi::schema::{ObjectBuilder, Ref, Type};
-use utoipa::openapi::{ContentBuilder, HeaderBuilder, RefOr, Response, ResponseBuilder};
+use utoipa::openapi::{ContentBuilder, HeaderBuilder, OpenApi, RefOr, Response, ResponseBuilder};
 use utoipa::{IntoParams, IntoResponses, ToSchema};
 
 use crate::error::Problem;
@@ -39,11 +40,11 @@ pub struct IfMatch {
 /// The media type of every error answer (RFC 9457).
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// A `Problem` answer with `status` and `description` (and `Retry-After` on a 503).
+/// A `Problem` answer with `status` and `description` (and `Retry-After` on a 429 or 503).
 fn problem(status: u16, description: &str) -> (String, RefOr<Response>) {
     let content = ContentBuilder::new().schema(Some(Ref::from_schema_name(Problem::name()))).build();
     let mut response = ResponseBuilder::new().description(description).content(PROBLEM_JSON, content);
-    if status == 503 {
+    if status == 429 || status == 503 {
         let seconds = ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0));
         response = response.header("Retry-After", HeaderBuilder::new().schema(seconds).description(Some("Seconds to wait before retrying")).build());
     }
@@ -52,6 +53,21 @@ fn problem(status: u16, description: &str) -> (String, RefOr<Response>) {
 
 fn problems(list: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
     list.iter().map(|&(status, description)| problem(status, description)).collect()
+}
+
+/// Adds the answer of the rate limits (`crate::ratelimit`, a layer on every documented route) to
+/// every operation of `openapi`, so that no operation can forget it.
+pub fn answer_rate_limited(openapi: &mut OpenApi) {
+    let (status, response) =
+        problem(429, "Too many requests from this user (or, without a valid token, from this client address); retry after Retry-After seconds");
+    for item in openapi.paths.paths.values_mut() {
+        for operation in [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.options, &mut item.head, &mut item.patch, &mut item.trace]
+            .into_iter()
+            .flatten()
+        {
+            operation.responses.responses.insert(status.clone(), response.clone());
+        }
+    }
 }
 
 /// Every command: a malformed header (any command reads `Idempotency-Key`, `If-Match` and

@@ -41,14 +41,14 @@ async fn openapi_healthz_and_metrics_are_served() {
 /// (`./dev test` also runs schemathesis against a live command API, which fails on any status the
 /// document does not list).
 const OPERATIONS: &[(&str, &str, &[&str])] = &[
-    ("post", "/v1/tasks", &["201", "400", "401", "409", "412", "413", "415", "422", "503"]),
-    ("patch", "/v1/tasks/{id}", &["200", "400", "401", "404", "409", "412", "413", "415", "422", "503"]),
-    ("delete", "/v1/tasks/{id}", &["200", "400", "401", "404", "409", "412", "422", "503"]),
-    ("post", "/v1/tasks/{id}/complete", &["200", "400", "401", "404", "409", "412", "422", "503"]),
-    ("post", "/v1/tasks/{id}/reopen", &["200", "400", "401", "404", "409", "412", "422", "503"]),
-    ("post", "/v1/notifications/{id}/read", &["200", "400", "401", "404", "409", "422", "503"]),
-    ("put", "/v1/webhook", &["200", "400", "401", "413", "415", "422", "503"]),
-    ("delete", "/v1/webhook", &["200", "400", "401", "404", "422", "503"]),
+    ("post", "/v1/tasks", &["201", "400", "401", "409", "412", "413", "415", "422", "429", "503"]),
+    ("patch", "/v1/tasks/{id}", &["200", "400", "401", "404", "409", "412", "413", "415", "422", "429", "503"]),
+    ("delete", "/v1/tasks/{id}", &["200", "400", "401", "404", "409", "412", "422", "429", "503"]),
+    ("post", "/v1/tasks/{id}/complete", &["200", "400", "401", "404", "409", "412", "422", "429", "503"]),
+    ("post", "/v1/tasks/{id}/reopen", &["200", "400", "401", "404", "409", "412", "422", "429", "503"]),
+    ("post", "/v1/notifications/{id}/read", &["200", "400", "401", "404", "409", "422", "429", "503"]),
+    ("put", "/v1/webhook", &["200", "400", "401", "413", "415", "422", "429", "503"]),
+    ("delete", "/v1/webhook", &["200", "400", "401", "404", "422", "429", "503"]),
 ];
 
 #[tokio::test]
@@ -65,13 +65,14 @@ async fn every_operation_documents_every_status_it_can_answer() {
             let has_path_id = op["parameters"].as_array().into_iter().flatten().any(|p| p["in"] == "path");
             let op_name = format!("{method} {path}");
             if method == "get" {
-                // Not a command: `GET /v1/cluster` (public, always answers).
-                assert_eq!(statuses, ["200"], "{op_name}");
+                // Not a command: `GET /v1/cluster` (public, always answers within the rate limits).
+                assert_eq!(statuses, ["200", "429"], "{op_name}");
+                assert!(responses["429"]["headers"].get("Retry-After").is_some(), "{op_name}: 429 documents Retry-After");
                 continue;
             }
             // What every command can meet, whatever it is: a malformed header, no token, a reused
-            // Idempotency-Key (every command honours the header), the log being unavailable.
-            for status in ["400", "401", "422", "503"] {
+            // Idempotency-Key (every command honours the header), a rate limit, the log being unavailable.
+            for status in ["400", "401", "422", "429", "503"] {
                 assert!(statuses.contains(&status), "{op_name} does not document {status}: {statuses:?}");
             }
             assert!(header_params.contains(&"Idempotency-Key"), "{op_name} does not document Idempotency-Key: {header_params:?}");
@@ -99,6 +100,7 @@ async fn every_operation_documents_every_status_it_can_answer() {
                 }
             }
             assert!(responses["503"]["headers"].get("Retry-After").is_some(), "{op_name}: 503 documents Retry-After");
+            assert!(responses["429"]["headers"].get("Retry-After").is_some(), "{op_name}: 429 documents Retry-After");
             operations.push((method.clone(), path.clone(), statuses.iter().map(|s| s.to_string()).collect::<Vec<_>>()));
         }
     }

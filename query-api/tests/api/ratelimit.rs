@@ -9,7 +9,7 @@ use axum::extract::ConnectInfo;
 use axum::http::Request;
 use serde_json::json;
 
-use query_api::ratelimit::{Rate, RateLimits};
+use platform::ratelimit::{Rate, RateLimits};
 use query_api::Limits;
 
 use crate::helpers::{spawn_app_with, Answer, FakeWatermarks, TestApp, STATS};
