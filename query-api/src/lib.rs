@@ -11,6 +11,7 @@
 //!
 //! ```text
 //! routes       HTTP: /graphql (with consistency-token waits), /graphql/ws, health, metrics; assembles TaskSchema
+//! graphiql     the GraphiQL page and its vendored assets (assets/graphiql/), embedded in the binary
 //! ws           the WebSocket transport and its limits (init timeout, token expiry, subscriptions, connections, message size)
 //! live         subscriptions: one NOTIFY listener (Hub) fanned out to taskChanged / notificationReceived
 //! schema       the GraphQL types and queries (list fields carry their cost); maps GraphQL enums and filters onto the store's terms
@@ -23,7 +24,7 @@
 //! watermarks   the log's high watermarks (Kafka, cached; a trait so tests can fake it)
 //! ```
 //!
-//! Edges: routes -> ws, live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
+//! Edges: routes -> graphiql, ws, live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
 //! schema -> error, projections, store, cursor, watermarks; error -> progress;
 //! projections -> watermarks; store -> cursor. What the projector shares with this crate (the
 //! `tasks` row, projection status) lives in `platform`.
@@ -31,6 +32,7 @@
 pub mod cost;
 pub mod cursor;
 pub mod error;
+pub mod graphiql;
 pub mod live;
 pub mod progress;
 pub mod projections;

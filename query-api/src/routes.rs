@@ -1,11 +1,10 @@
 //! HTTP: `POST /graphql` (authenticated queries, optionally as of a consistency token), `GET
-//! /graphql` (GraphiQL), `/healthz`, `/readyz`, `/metrics`.
+//! /graphql` (GraphiQL, with its assets under `/graphiql/assets/`), `/healthz`, `/readyz`, `/metrics`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::Selection;
 use async_graphql::{EmptyMutation, Schema};
 use axum::body::Bytes;
@@ -14,7 +13,7 @@ use axum::extract::{ConnectInfo, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::Extensions;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use sqlx::PgPool;
@@ -162,7 +161,8 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let limits = state.limits.clone();
     Router::new()
-        .route("/graphql", get(graphiql).post(graphql))
+        .route("/graphql", get(|| async { crate::graphiql::page() }).post(graphql))
+        .merge(crate::graphiql::routes())
         .route("/graphql/ws", get(graphql_ws))
         .route("/healthz", get(platform::http::healthz))
         .route("/readyz", get(readyz))
@@ -253,10 +253,6 @@ fn introspection_only(request: &mut async_graphql::Request) -> bool {
             Selection::FragmentSpread(_) | Selection::InlineFragment(_) => false,
         })
     })
-}
-
-async fn graphiql() -> Html<String> {
-    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish())
 }
 
 /// 200 when the start-up migrations are done, PostgreSQL answers and every migration is applied;

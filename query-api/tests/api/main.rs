@@ -1,12 +1,13 @@
 //! The query API against a real PostgreSQL (a database of its own per test), read models seeded
 //! directly, one file per family of queries; `helpers` holds the app under test and the seeding.
 //! Needs `DATABASE_URL` (a superuser URL): without it every test fails saying how to run it
-//! (`./dev test`).
+//! (`./dev test`); the GraphiQL test also needs Chromium (which `./dev test` installs).
 
 mod auth;
 mod consistency;
 mod cost;
 mod errors;
+mod graphiql;
 mod health;
 mod helpers;
 mod history;
