@@ -12,6 +12,7 @@
 //! ```text
 //! routes       HTTP: /graphql (with consistency-token waits), /graphql/ws, health, metrics; assembles TaskSchema
 //! graphiql     the GraphiQL page and its vendored assets (assets/graphiql/), embedded in the binary
+//! apq          automatic persisted queries: the documents' cache (moka) and the protocol's error codes
 //! ws           the WebSocket transport and its limits (init timeout, token expiry, subscriptions, connections, message size)
 //! live         subscriptions: one NOTIFY listener (Hub) fanned out to taskChanged / notificationReceived
 //! schema       the GraphQL types and queries (list fields carry their cost); maps GraphQL enums and filters onto the store's terms
@@ -24,11 +25,12 @@
 //! watermarks   the log's high watermarks (Kafka, cached; a trait so tests can fake it)
 //! ```
 //!
-//! Edges: routes -> graphiql, ws, live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
+//! Edges: routes -> graphiql, apq, ws, live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
 //! schema -> error, projections, store, cursor, watermarks; error -> progress;
 //! projections -> watermarks; store -> cursor. What the projector shares with this crate (the
 //! `tasks` row, projection status) lives in `platform`.
 
+pub mod apq;
 pub mod cost;
 pub mod cursor;
 pub mod error;
@@ -117,6 +119,10 @@ pub struct Settings {
     /// Requests without a valid token one address may send at once.
     #[arg(long, env = "GRAPHQL_RATE_BURST_PER_ADDRESS", default_value_t = 100)]
     pub graphql_rate_burst_per_address: u32,
+    /// Memory, in bytes (estimated), of the documents registered as automatic persisted queries;
+    /// the least recently used go first. 0 turns APQ off.
+    #[arg(long, env = "GRAPHQL_APQ_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub graphql_apq_cache_bytes: u64,
     #[command(flatten)]
     pub secrets: SecretPolicy,
 }
@@ -140,6 +146,7 @@ impl From<&Settings> for Limits {
                 per_address: Rate { per_second: s.graphql_rate_per_address, burst: s.graphql_rate_burst_per_address },
             },
             request_timeout: Duration::from_millis(s.request_timeout_ms),
+            persisted_queries_bytes: s.graphql_apq_cache_bytes,
             ..Limits::default()
         }
     }

@@ -1,18 +1,21 @@
-//! HTTP: `POST /graphql` (authenticated queries, optionally as of a consistency token), `GET
-//! /graphql` (GraphiQL, with its assets under `/graphiql/assets/`), `/healthz`, `/readyz`, `/metrics`.
+//! HTTP: `POST /graphql` and `GET /graphql?query=..` (authenticated queries, optionally as of a
+//! consistency token; either may name a persisted query by its hash instead, see `apq`), `GET
+//! /graphql` without a query (GraphiQL, with its assets under `/graphiql/assets/`), `/healthz`,
+//! `/readyz`, `/metrics`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_graphql::extensions::apollo_persisted_queries::ApolloPersistedQueries;
 use async_graphql::parser::types::Selection;
 use async_graphql::{EmptyMutation, Schema};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query as UrlQuery, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::Extensions;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -26,6 +29,7 @@ use platform::db::Migrations;
 use platform::position::Position;
 use platform::ratelimit::{RateLimiter, RateLimits};
 
+use crate::apq::{PersistedQueries, PersistedQueryCodes};
 use crate::cost::{CostLimit, CostLimits};
 use crate::error::ApiError;
 use crate::live::{Hub, LiveContext, Subscription};
@@ -58,6 +62,8 @@ pub struct Limits {
     pub live: LiveLimits,
     /// Request rates per user and per client address.
     pub rate: RateLimits,
+    /// Estimated memory of the automatic persisted queries' documents (0: APQ turned off).
+    pub persisted_queries_bytes: u64,
 }
 
 impl Limits {
@@ -78,6 +84,7 @@ impl Default for Limits {
             max_body_bytes: 256 * 1024,
             live: LiveLimits::default(),
             rate: RateLimits::default(),
+            persisted_queries_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -100,6 +107,8 @@ pub struct AppState {
     /// Open WebSocket connections per user.
     connections: Connections,
     rate_limiter: RateLimiter,
+    /// Automatic persisted queries' documents (`None`: turned off).
+    persisted: Option<PersistedQueries>,
     /// The start-up migrations: until they are applied, GraphQL answers 503 (NOT_READY).
     migrations: Migrations,
 }
@@ -109,13 +118,18 @@ impl AppState {
     /// the tracker's; start the tracker with [`ProgressTracker::spawn`] (or feed it otherwise).
     pub fn new(pool: PgPool, auth: JwtAuth, progress: ProgressTracker, watermarks: Arc<dyn Watermarks>, limits: Limits) -> Self {
         let hub = Hub::default();
+        let persisted = (limits.persisted_queries_bytes > 0).then(|| PersistedQueries::new(limits.persisted_queries_bytes));
         let build = |depth: usize| {
-            TaskSchema::build(Query, EmptyMutation, Subscription)
+            let schema = TaskSchema::build(Query, EmptyMutation, Subscription)
                 .data(QueryContext { pool: pool.clone(), topic: progress.topic().to_owned(), watermarks: watermarks.clone() })
                 .data(LiveContext { pool: pool.clone(), hub: hub.clone() })
                 .limit_depth(depth)
-                .extension(CostLimit(limits.cost()))
-                .finish()
+                .extension(CostLimit(limits.cost()));
+            match &persisted {
+                // Both schemas share the documents.
+                Some(p) => schema.extension(PersistedQueryCodes).extension(ApolloPersistedQueries::new(p.clone())).finish(),
+                None => schema.finish(),
+            }
         };
         let (schema, introspection) = (build(limits.max_depth), build(limits.max_depth.max(INTROSPECTION_MIN_DEPTH)));
         Self {
@@ -125,6 +139,7 @@ impl AppState {
             pool,
             progress,
             rate_limiter: RateLimiter::new(limits.rate, "graphql_rate_limited_total"),
+            persisted,
             limits: Arc::new(limits),
             hub,
             connections: Connections::default(),
@@ -161,7 +176,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let limits = state.limits.clone();
     Router::new()
-        .route("/graphql", get(|| async { crate::graphiql::page() }).post(graphql))
+        .route("/graphql", get(graphql_get).post(graphql_post))
         .merge(crate::graphiql::routes())
         .route("/graphql/ws", get(graphql_ws))
         .route("/healthz", get(platform::http::healthz))
@@ -189,11 +204,62 @@ async fn graphql_ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) ->
         .on_upgrade(move |socket| crate::ws::serve(socket, schema, auth, limits, connections))
 }
 
+/// `POST /graphql`: a GraphQL request as JSON (`{"query", "variables", "operationName", "extensions"}`).
+async fn graphql_post(State(state): State<AppState>, extensions: Extensions, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let max_body_bytes = state.limits.max_body_bytes;
+    serve(&state, &extensions, &headers, move || request_from_body(body, max_body_bytes)).await
+}
+
+/// The parameters of a GraphQL request over GET, as GraphQL-over-HTTP and the persisted-query
+/// protocol spell them (`variables` and `extensions` are JSON).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GetParams {
+    query: Option<String>,
+    operation_name: Option<String>,
+    variables: Option<String>,
+    extensions: Option<String>,
+}
+
+/// `GET /graphql`: with `query` or `extensions` (a persisted query's hash) a GraphQL request,
+/// otherwise the GraphiQL page.
+async fn graphql_get(State(state): State<AppState>, extensions: Extensions, headers: HeaderMap, uri: Uri) -> Response {
+    let params = UrlQuery::<GetParams>::try_from_uri(&uri).map(|UrlQuery(p)| p).map_err(|e| ApiError::BadRequest(e.body_text()));
+    if matches!(&params, Ok(p) if p.query.is_none() && p.extensions.is_none()) {
+        return crate::graphiql::page();
+    }
+    serve(&state, &extensions, &headers, move || request_from_params(params?)).await
+}
+
+fn request_from_body(body: Result<Bytes, BytesRejection>, max_body_bytes: usize) -> Result<async_graphql::Request, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(max_body_bytes),
+        _ => ApiError::BadRequest(e.body_text()),
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the body is not a GraphQL request ({{\"query\": ..., \"variables\": ...}}): {e}")))
+}
+
+fn request_from_params(params: GetParams) -> Result<async_graphql::Request, ApiError> {
+    let mut request = async_graphql::Request::new(params.query.unwrap_or_default());
+    request.operation_name = params.operation_name;
+    if let Some(variables) = params.variables {
+        let json = serde_json::from_str(&variables).map_err(|e| ApiError::BadRequest(format!("the variables parameter is not JSON: {e}")))?;
+        request.variables = async_graphql::Variables::from_json(json);
+    }
+    if let Some(extensions) = params.extensions {
+        request.extensions =
+            serde_json::from_str(&extensions).map_err(|e| ApiError::BadRequest(format!("the extensions parameter is not a JSON object: {e}")))?;
+    }
+    Ok(request)
+}
+
+/// Executes a GraphQL request, however it came (`request` is parsed once the caller is known and
+/// within their budget), and answers it, counted in `graphql_requests_total`.
 #[tracing::instrument(name = "graphql", skip_all, fields(user = tracing::field::Empty, result = tracing::field::Empty))]
-async fn graphql(State(state): State<AppState>, extensions: Extensions, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn serve(state: &AppState, extensions: &Extensions, headers: &HeaderMap, request: impl FnOnce() -> Result<async_graphql::Request, ApiError>) -> Response {
     let started = Instant::now();
     let address = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let (result, response) = match execute(&state, address, &headers, body).await {
+    let (result, response) = match execute(state, address, headers, request).await {
         Ok(res) => {
             let result = if res.is_ok() { "ok" } else { "error" };
             let body = serde_json::to_vec(&res).unwrap_or_else(|_| br#"{"errors":[{"message":"internal error"}]}"#.to_vec());
@@ -214,7 +280,7 @@ async fn execute(
     state: &AppState,
     address: Option<IpAddr>,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: impl FnOnce() -> Result<async_graphql::Request, ApiError>,
 ) -> Result<async_graphql::Response, ApiError> {
     state.check_started()?;
     // A header that is not visible ASCII cannot be a valid bearer token.
@@ -229,24 +295,30 @@ async fn execute(
     };
     state.rate_limiter.check_user(&user)?;
     tracing::Span::current().record("user", user.as_ref());
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(state.limits.max_body_bytes),
-        _ => ApiError::BadRequest(e.body_text()),
-    })?;
-    let mut request: async_graphql::Request = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the body is not a GraphQL request ({{\"query\": ..., \"variables\": ...}}): {e}")))?;
+    let mut request = request()?;
     if let Some(token) = headers.get(CONSISTENCY_HEADER) {
         let position = token.to_str().ok().and_then(|t| Position::from_token(t).ok()).ok_or(ApiError::BadConsistencyToken)?;
         state.progress.wait_for(position, state.limits.consistency_wait).await?;
     }
-    let schema = if introspection_only(&mut request) { &state.introspection } else { &state.schema };
+    let schema = if introspection_only(&mut request, state.persisted.as_ref()).await { &state.introspection } else { &state.schema };
     Ok(schema.execute(request.data(user)).await)
 }
 
-/// Whether every operation of the document selects only introspection fields at its root. (The
-/// parsed document is kept in the request, so it is parsed once.)
-fn introspection_only(request: &mut async_graphql::Request) -> bool {
-    let Ok(doc) = request.parsed_query() else { return false };
+/// Whether every operation of the document (sent, or persisted and named by its hash) selects only
+/// introspection fields at its root. (A sent document is kept parsed in the request, so it is
+/// parsed once.)
+async fn introspection_only(request: &mut async_graphql::Request, persisted: Option<&PersistedQueries>) -> bool {
+    let persisted_doc = match persisted {
+        Some(p) if request.query.is_empty() => p.document_of(request).await,
+        _ => None,
+    };
+    let doc = match &persisted_doc {
+        Some(doc) => doc,
+        None => match request.parsed_query() {
+            Ok(doc) => doc,
+            Err(_) => return false,
+        },
+    };
     doc.operations.iter().all(|(_, op)| {
         op.node.selection_set.node.items.iter().all(|item| match &item.node {
             Selection::Field(f) => matches!(f.node.name.node.as_str(), "__schema" | "__type" | "__typename"),

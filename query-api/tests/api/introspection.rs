@@ -5,7 +5,7 @@ use serde_json::json;
 use crate::helpers::spawn_app;
 
 /// What GraphiQL sends to learn the schema (graphql-js `getIntrospectionQuery`): depth 13.
-const GRAPHIQL_INTROSPECTION: &str = r#"query IntrospectionQuery {
+pub const GRAPHIQL_INTROSPECTION: &str = r#"query IntrospectionQuery {
   __schema { queryType { name } mutationType { name } subscriptionType { name }
     types { ...FullType } directives { name description locations args { ...InputValue } } } }
 fragment FullType on __Type { kind name description

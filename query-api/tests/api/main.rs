@@ -3,6 +3,7 @@
 //! Needs `DATABASE_URL` (a superuser URL): without it every test fails saying how to run it
 //! (`./dev test`); the GraphiQL test also needs Chromium (which `./dev test` installs).
 
+mod apq;
 mod auth;
 mod consistency;
 mod cost;
