@@ -35,7 +35,7 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
-    /// Over the caller's request budget (`crate::ratelimit`).
+    /// Over the caller's request budget (the rate limits, ratelimit.rs).
     #[error(transparent)]
     RateLimited(#[from] RateLimited),
     #[error("the event log is unavailable; nothing was appended, retry later")]

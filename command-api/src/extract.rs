@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use domain::{TaskId, UserId};
-use platform::auth::JwtAuth;
+use platform::auth::{Caller, JwtAuth};
 
 use crate::error::ApiError;
 
@@ -37,6 +37,10 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // Verified already by the rate limits' layer (ratelimit.rs), when the route has it.
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(AuthUser(caller.user.clone(), caller.service.clone()));
+        }
         let auth = JwtAuth::from_ref(state);
         let header = parts.headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
         let caller = auth.authenticate_caller(header)?;

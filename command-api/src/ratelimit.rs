@@ -30,12 +30,17 @@ pub fn limiter(limits: RateLimits) -> RateLimiter {
 }
 
 /// The layer (`axum::middleware::from_fn_with_state`, with the state's limiter and token verifier).
-pub async fn limit(State((limiter, auth)): State<(RateLimiter, JwtAuth)>, req: Request, next: Next) -> Response {
+/// The verified caller is left in the request's extensions, where the `AuthUser` extractor takes
+/// it instead of verifying the token again.
+pub async fn limit(State((limiter, auth)): State<(RateLimiter, JwtAuth)>, mut req: Request, next: Next) -> Response {
     // A header that is not visible ASCII cannot be a valid bearer token.
     let authorization = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
     let checked = match auth.authenticate_caller(authorization) {
-        Ok(caller) if caller.service.is_some() => Ok(()),
-        Ok(caller) => limiter.check_user(&caller.user),
+        Ok(caller) => {
+            let checked = if caller.service.is_some() { Ok(()) } else { limiter.check_user(&caller.user) };
+            req.extensions_mut().insert(caller);
+            checked
+        }
         Err(_) => limiter.check_address(req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())),
     };
     match checked {

@@ -11,7 +11,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use domain::UserId;
@@ -97,7 +97,7 @@ impl RateLimiter {
         }
         limiter.check_key(key).map_err(|not_until| {
             metrics::counter!(self.metric, "key" => name).increment(1);
-            RateLimited { key: name, retry_after: not_until.wait_time_from(DefaultClock::default().now()) }
+            RateLimited { key: name, retry_after: not_until.wait_time_from(limiter.clock().now()) }
         })
     }
 }
