@@ -48,10 +48,11 @@ const CLEAN_UP_EVERY: u32 = 240;
 /// requests of one pass take at worst ([`PER_PASS`] / [`CONCURRENCY`] rounds of the 10 s request
 /// timeout). A crashed instance's claims expire after it (a restarted one drops its own at once).
 const CLAIM: Duration = Duration::from_secs(30);
-/// Requests in flight at once, per loop.
-const CONCURRENCY: usize = 32;
+/// Requests in flight at once, per loop: enough to keep the command API's writers batching (10 000
+/// reminders due at once: 32 in flight fired ~230/s on the benchmark box, see BENCHMARKS.md).
+const CONCURRENCY: usize = 128;
 /// Rows claimed per pass (two rounds of [`CONCURRENCY`]).
-const PER_PASS: i64 = 64;
+const PER_PASS: i64 = 256;
 
 /// Why a reaction or a reminder has not gone through; stored as text (`failure` columns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
