@@ -1,8 +1,9 @@
-//! A local webhook receiver: answers 200 to every delivery and counts them per notification id
-//! (the `Taskstream-Delivery` header: one delivery per notification).
+//! A local webhook receiver: answers 200 to every delivery and records when each arrived, per
+//! notification id (the `Taskstream-Delivery` header: one delivery per notification).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -11,7 +12,7 @@ use axum::Router;
 
 #[derive(Clone, Default)]
 pub struct Receiver {
-    counts: Arc<Mutex<HashMap<String, u32>>>,
+    arrivals: Arc<Mutex<HashMap<String, Vec<Instant>>>>,
 }
 
 impl Receiver {
@@ -25,14 +26,14 @@ impl Receiver {
         Ok((receiver, url))
     }
 
-    /// Deliveries received per notification id.
-    pub fn counts(&self) -> HashMap<String, u32> {
-        self.counts.lock().expect("counts").clone()
+    /// When each delivery arrived, per notification id.
+    pub fn arrivals(&self) -> HashMap<String, Vec<Instant>> {
+        self.arrivals.lock().expect("arrivals").clone()
     }
 }
 
 async fn deliver(State(r): State<Receiver>, headers: HeaderMap) -> StatusCode {
     let id = headers.get("taskstream-delivery").and_then(|v| v.to_str().ok()).unwrap_or("(none)").to_owned();
-    *r.counts.lock().expect("counts").entry(id).or_default() += 1;
+    r.arrivals.lock().expect("arrivals").entry(id).or_default().push(Instant::now());
     StatusCode::OK
 }

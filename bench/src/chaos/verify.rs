@@ -3,7 +3,7 @@
 //! contract allows at any time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -217,8 +217,8 @@ pub fn occurrences(log: &[LogRecord]) -> Check {
 /// Every task created with a reminder (all fall due inside the run, the load sees to that; a
 /// create answered 409 may be in the log too, so the log says which exist): exactly one
 /// `task.reminder_due` in the log and one notification row; every notification reached the webhook
-/// receiver exactly once, and nothing else did.
-pub async fn reminders(log: &[LogRecord], db: &PgPool, deliveries: &HashMap<String, u32>) -> anyhow::Result<Vec<Check>> {
+/// receiver exactly once (see [`deliveries`]), and nothing else did.
+pub async fn reminders(log: &[LogRecord], db: &PgPool, arrivals: &HashMap<String, Vec<Instant>>, sender_kills: &[Instant]) -> anyhow::Result<Vec<Check>> {
     let tasks: Vec<Uuid> = log
         .iter()
         .filter(|r| r.event_type == "task.created" && r.data.get("remind_before").is_some_and(|v| !v.is_null()))
@@ -247,24 +247,58 @@ pub async fn reminders(log: &[LogRecord], db: &PgPool, deliveries: &HashMap<Stri
             notified.push(format!("task {t}: {n} notifications"));
         }
     }
-    let mut delivered = Vec::new();
     let ids: HashSet<String> = rows.iter().map(|(_, n)| n.to_string()).collect();
-    for (t, n) in &rows {
-        match deliveries.get(&n.to_string()).copied().unwrap_or(0) {
-            1 => {}
-            k => delivered.push(format!("notification {n} (task {t}) delivered {k} times")),
-        }
-    }
-    for (id, k) in deliveries {
-        if !ids.contains(id) {
-            delivered.push(format!("{k} deliveries of {id}, which is no notification"));
-        }
-    }
+    let (delivered, resent) = deliveries(&ids, arrivals, sender_kills);
+    let total: usize = arrivals.values().map(Vec::len).sum();
+    let resent = if resent == 0 { String::new() } else { format!(", {resent} posted again after their sender was killed before recording them (at least once)") };
     Ok(vec![
         check("every reminder due in the run fired exactly once", &fired, format!("{} reminders", tasks.len())),
         check("every fired reminder has exactly one notification", &notified, format!("{} notifications", rows.len())),
-        check("every notification reached the webhook exactly once", &delivered, format!("{} deliveries", deliveries.values().sum::<u32>())),
+        check("every notification reached the webhook exactly once", &delivered, format!("{total} deliveries{resent}")),
     ])
+}
+
+/// How long before a projector was killed a delivery it posted may have been unrecorded (the POST's
+/// answer and the record of its outcome take milliseconds; this is generous).
+const UNRECORDED_BEFORE_KILL: Duration = Duration::from_secs(5);
+
+/// Problems with the webhook deliveries of `notifications` (received `arrivals`, per notification
+/// id), and how many second posts are the one case at-least-once delivery allows: the sender was
+/// killed after posting and before recording the outcome, so the next sender posts again. A
+/// second post is excused only when a projector was killed within [`UNRECORDED_BEFORE_KILL`] after
+/// the earlier post and before the later one; any other repeat (e.g. a resend after a database
+/// restart) is a duplicate.
+fn deliveries(notifications: &HashSet<String>, arrivals: &HashMap<String, Vec<Instant>>, sender_kills: &[Instant]) -> (Vec<String>, usize) {
+    let mut problems = Vec::new();
+    let mut resent = 0;
+    let mut ids: Vec<&String> = notifications.iter().collect();
+    ids.sort();
+    for id in ids {
+        let times = arrivals.get(id).map(Vec::as_slice).unwrap_or_default();
+        if times.is_empty() {
+            problems.push(format!("notification {id} never reached the webhook"));
+            continue;
+        }
+        let mut duplicates = 0;
+        for pair in times.windows(2) {
+            let (earlier, later) = (pair[0], pair[1]);
+            let crashed = sender_kills.iter().any(|&k| k >= earlier && k <= later && k.duration_since(earlier) <= UNRECORDED_BEFORE_KILL);
+            if crashed {
+                resent += 1;
+            } else {
+                duplicates += 1;
+            }
+        }
+        if duplicates > 0 {
+            problems.push(format!("notification {id} delivered {} times", times.len()));
+        }
+    }
+    let mut others: Vec<(&String, usize)> = arrivals.iter().filter(|(id, _)| !notifications.contains(*id)).map(|(id, t)| (id, t.len())).collect();
+    others.sort();
+    for (id, k) in others {
+        problems.push(format!("{k} deliveries of {id}, which is no notification"));
+    }
+    (problems, resent)
 }
 
 /// The read-model tables and their checksums (row count, md5 over the rows in a fixed order).
@@ -361,5 +395,33 @@ mod tests {
         again.key = "d".into();
         assert!(!occurrences(&[parent.clone(), done, child.clone(), again]).ok, "two");
         assert!(!occurrences(&[parent, child]).ok, "an occurrence of a task never completed");
+    }
+
+    #[test]
+    fn a_second_post_is_excused_only_after_its_sender_was_killed_before_recording_it() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let ids: HashSet<String> = ["once", "crash", "late", "again", "missing"].iter().map(|s| s.to_string()).collect();
+        let arrivals = HashMap::from([
+            ("once".to_owned(), vec![at(1)]),
+            // Posted at 10, its projector killed at 11, posted again by the next one at 40.
+            ("crash".to_owned(), vec![at(10), at(40)]),
+            // Posted long before the kill: it was recorded, a second post is a duplicate.
+            ("late".to_owned(), vec![at(2), at(45)]),
+            // No kill in between (a database restart): a duplicate.
+            ("again".to_owned(), vec![at(50), at(80)]),
+            ("stranger".to_owned(), vec![at(3)]),
+        ]);
+        let (problems, resent) = deliveries(&ids, &arrivals, &[at(11)]);
+        assert_eq!(resent, 1);
+        assert_eq!(
+            problems,
+            [
+                "notification again delivered 2 times",
+                "notification late delivered 2 times",
+                "notification missing never reached the webhook",
+                "1 deliveries of stranger, which is no notification",
+            ]
+        );
     }
 }
