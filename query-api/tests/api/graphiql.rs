@@ -106,6 +106,8 @@ async fn launch() -> (Browser, Cdp) {
             "--disable-sync",
             "--disable-extensions",
             "--disable-default-apps",
+            // Containers often have a small /dev/shm.
+            "--disable-dev-shm-usage",
             // Any host but the query API's resolves to nothing.
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
             "--remote-debugging-address=127.0.0.1",
