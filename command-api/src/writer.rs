@@ -479,6 +479,12 @@ impl<L: EventLog> Actor<L> {
                 self.states.absorb(staged);
                 for p in pending {
                     let answer = p.outcome.map(|d| Answer::new(d.receipt, d.version, positions[d.last_record])).map_err(WriteError::from);
+                    if let (Ok(a), Some(tag)) = (&answer, &p.sub.meta.idempotency) {
+                        // Remembered here, before the caller hears it: a snapshot recorded right
+                        // after this batch (the log records before it may then be gone) must hold
+                        // the answer, and the caller's own cache insert may not have run yet.
+                        self.idempotency.remember(p.sub.cmd.actor(), tag, a.clone()).await;
+                    }
                     let _ = p.sub.reply.send(answer);
                 }
                 Ok(())
