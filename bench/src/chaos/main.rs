@@ -153,8 +153,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let run_id = format!("{}{:04x}", chrono::Utc::now().format("%Y%m%d%H%M%S"), rand::random::<u16>());
     let db_name = format!("chaos_{run_id}");
     let topic = format!("task-events-chaos-{run_id}");
-    let mut admin = sqlx::PgConnection::connect(&cli.database_url).await.context("connecting to DATABASE_URL")?;
-    sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut admin).await?;
+    {
+        let mut admin = sqlx::PgConnection::connect(&cli.database_url).await.context("connecting to DATABASE_URL")?;
+        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut admin).await?;
+    }
     let base = cli.database_url.rsplit_once('/').map_or(cli.database_url.as_str(), |(b, _)| b);
     let db_url = format!("{base}/{db_name}");
     let (receiver, hook_url) = Receiver::start().await?;
@@ -235,6 +237,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     say(started, format!("wrote {}", path.display()));
     if report.ok && !cli.keep {
+        // A new connection: the run's PostgreSQL restart ended every connection opened before it.
+        let mut admin = sqlx::PgConnection::connect(&cli.database_url).await.context("connecting to DATABASE_URL")?;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).execute(&mut admin).await?;
         delete_topics(&kafka).await;
     } else if !report.ok {
