@@ -48,11 +48,12 @@ const CLEAN_UP_EVERY: u32 = 240;
 /// requests of one pass take at worst ([`PER_PASS`] / [`CONCURRENCY`] rounds of the 10 s request
 /// timeout). A crashed instance's claims expire after it (a restarted one drops its own at once).
 const CLAIM: Duration = Duration::from_secs(30);
-/// Requests in flight at once, per loop: enough to keep the command API's writers batching (10 000
-/// reminders due at once: 32 in flight fired ~230/s on the benchmark box, see BENCHMARKS.md).
-const CONCURRENCY: usize = 128;
+/// Requests in flight at once, per loop: enough to keep the command API's writers batching (5 000
+/// reminders due at once, `loadgen --scale 0.5 reminders` on the 2-core box: the last fired 21.4 s
+/// after due with 32 in flight, 17.7 s with 128, 13.8 s with 256).
+const CONCURRENCY: usize = 256;
 /// Rows claimed per pass (two rounds of [`CONCURRENCY`]).
-const PER_PASS: i64 = 256;
+const PER_PASS: i64 = 512;
 
 /// Why a reaction or a reminder has not gone through; stored as text (`failure` columns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
