@@ -268,6 +268,9 @@ fn each_service_authenticates_as_its_own_kafka_user_with_acls_limited_to_its_wor
     assert!(read("projector/src/rebuild.rs").contains("\"taskstream-projector-rebuild\""), "the rebuild's group changed: update its ACL");
     assert_eq!(ops(&projector, "topic", "task-events", "literal"), set(&["Create", "Describe", "Read"]), "the projector never writes the log");
     assert_eq!(ops(&projector, "topic", "task-events.dlq", "literal"), set(&["Create", "Describe", "Write"]));
+    for t in ["task-events.owners", "task-events.snapshots", "task-updates"] {
+        assert_eq!(ops(&projector, "topic", t, "literal"), set(&["Create", "Describe"]), "{t}: the projector only creates it when missing");
+    }
     assert!(!projector.keys().any(|(kind, _, _)| kind == "transactionalId"));
     for (_, ops) in projector.iter().filter(|((kind, name, _), _)| kind == "topic" && name != "task-events.dlq") {
         assert!(!ops.contains("Write"), "the projector writes only dead letters");
