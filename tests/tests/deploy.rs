@@ -71,8 +71,9 @@ fn manifests_and_compose_file_pass_kubeconform_and_the_compose_schema_and_a_typo
     assert!(out.contains(&format!("{count} resources found")) && out.contains(&format!("Valid: {count}, Invalid: 0, Errors: 0, Skipped: 0")), "every resource validated:\n{out}");
     assert!(out.contains("docker-compose.yml: valid against Compose Specification"), "{out}");
 
-    // A copy of deploy/ with one typo at a time: each must fail, naming the misspelt field.
-    let typos: [(&str, &str, &str, &str); 9] = [
+    // A copy of deploy/ with one typo at a time: each must fail, naming the misspelt field (or the
+    // kind whose schema is missing).
+    let typos: [(&str, &str, &str, &str); 10] = [
         ("k8s/kafka.yaml", "  partitions: 12\n", "  partitons: 12\n", "partitons"),
         ("k8s/kafka.yaml", "  authentication: { type: scram-sha-512 }", "  authentication: { type: scram-sha-256 }", "scram-sha-512"),
         ("k8s/kafka.yaml", "    authorization: { type: simple }", "    authorisation: { type: simple }", "authorisation"),
@@ -82,6 +83,8 @@ fn manifests_and_compose_file_pass_kubeconform_and_the_compose_schema_and_a_typo
         ("k8s/dapr.yaml", "  pubsubname:", "  pubsubName:", "pubsubName"),
         ("k8s/taskstream.yaml", "          readinessProbe:", "          readynessProbe:", "readynessProbe"),
         ("docker-compose.yml", "    healthcheck:", "    healthchek:", "healthchek"),
+        // An API version without a vendored schema is an error too, never skipped.
+        ("k8s/postgres.yaml", "apiVersion: postgresql.cnpg.io/v1\n", "apiVersion: postgresql.cnpg.io/v2\n", "could not find schema for Cluster"),
     ];
     let copy = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("deploy-typo-{}", std::process::id()));
     for (file, right, wrong, named) in typos {
