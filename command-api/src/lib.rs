@@ -174,6 +174,7 @@ impl Application {
         let forward_timeout = Duration::from_millis(settings.request_timeout_ms / 2);
         let state = AppState::with_cluster(cluster.clone(), auth, idempotency, forward_timeout)
             .allow_private_webhooks(settings.webhook_allow_private)
+            .with_topics(&platform::catalogue::Topics::from_settings(&settings.kafka))
             .with_brokers(brokers)
             .with_rate_limits(RateLimits {
                 per_user: Rate { per_second: settings.command_rate_per_user, burst: settings.command_rate_burst_per_user },

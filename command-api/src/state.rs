@@ -29,6 +29,8 @@ pub struct AppState {
     pub brokers: Reachability,
     /// Request budgets per user and per client address (`crate::ratelimit`).
     pub rate_limiter: RateLimiter,
+    /// The event catalogue served at `GET /v1/asyncapi.json`, for the configured topics.
+    pub catalogue: Arc<serde_json::Value>,
 }
 
 impl FromRef<AppState> for JwtAuth {
@@ -45,7 +47,8 @@ impl AppState {
     pub fn with_cluster(cluster: Arc<Cluster>, auth: JwtAuth, idempotency: IdempotencyCache, forward_timeout: Duration) -> Self {
         let forwarder = Forwarder::new(&cluster.me().id, forward_timeout);
         let rate_limiter = crate::ratelimit::limiter(RateLimits::default());
-        Self { cluster, forwarder, auth, idempotency, allow_private_webhooks: false, brokers: Reachability::assumed(), rate_limiter }
+        let catalogue = Arc::new(platform::catalogue::asyncapi(&platform::catalogue::Topics::default()));
+        Self { cluster, forwarder, auth, idempotency, allow_private_webhooks: false, brokers: Reachability::assumed(), rate_limiter, catalogue }
     }
 
     /// One process owning every partition of `log` (an in-memory log in tests): `log` is cloned for
@@ -83,6 +86,12 @@ impl AppState {
 
     pub fn allow_private_webhooks(mut self, allow: bool) -> Self {
         self.allow_private_webhooks = allow;
+        self
+    }
+
+    /// Serves the catalogue of these topics (the default: `task-events`, 12 partitions, ...).
+    pub fn with_topics(mut self, topics: &platform::catalogue::Topics) -> Self {
+        self.catalogue = Arc::new(platform::catalogue::asyncapi(topics));
         self
     }
 }

@@ -43,8 +43,68 @@ pub trait DomainEvent: Clone + Debug + PartialEq + Send + Sync + 'static {
     }
     /// The event data as JSON.
     fn to_json(&self) -> Vec<u8>;
-    /// Parses event data of the given type (any schema version this code knows or older).
+    /// Parses event data of the given type in its current schema version (older data without the
+    /// fields a later version made required goes through [`DomainEvent::from_versioned_json`]).
     fn from_json(event_type: &str, data: &[u8]) -> Result<Self, UnknownEventType>;
+    /// Parses event data of the given type written in schema `version` (the `v<N>` of
+    /// `ce_dataschema`; 1 when absent): older versions are upcast to the current shape first.
+    fn from_versioned_json(subject: &Self::Subject, event_type: &str, version: u32, data: &[u8]) -> Result<Self, UnknownEventType> {
+        let _ = (subject, version);
+        Self::from_json(event_type, data)
+    }
+    /// The JSON Schema of every type and schema version of this aggregate's event data, old
+    /// versions included (they describe records still in the log). Generated from the Rust types.
+    fn data_schemas() -> Vec<DataSchema>;
+}
+
+/// The JSON Schema (draft 07) of one (type, version) of event data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSchema {
+    pub event_type: &'static str,
+    pub version: u32,
+    pub schema: serde_json::Value,
+}
+
+impl DataSchema {
+    /// The schema of `T`'s JSON form, titled `<type> v<version>`.
+    pub fn of<T: schemars::JsonSchema>(event_type: &'static str, version: u32, description: &str) -> Self {
+        let generator = schemars::generate::SchemaSettings::draft07().into_generator();
+        let schema = generator.into_root_schema_for::<T>();
+        let mut schema = schema.to_value();
+        Self::describe(&mut schema, event_type, version, description);
+        Self { event_type, version, schema }
+    }
+
+    /// The schema of event data without fields: any object (`{}` is written; newer optional fields
+    /// are tolerated).
+    pub fn empty(event_type: &'static str, version: u32, description: &str) -> Self {
+        let mut schema = serde_json::json!({"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"});
+        Self::describe(&mut schema, event_type, version, description);
+        Self { event_type, version, schema }
+    }
+
+    fn describe(schema: &mut serde_json::Value, event_type: &str, version: u32, description: &str) {
+        if let Some(o) = schema.as_object_mut() {
+            o.insert("$id".into(), format!("urn:taskstream:schema:{event_type}:v{version}").into());
+            o.insert("title".into(), format!("{event_type} v{version}").into());
+            o.insert("description".into(), description.into());
+        }
+    }
+}
+
+/// `ce_dataschema` of data of `event_type` in schema `version`.
+pub fn dataschema_uri(event_type: &str, version: u32) -> String {
+    format!("urn:taskstream:schema:{event_type}:v{version}")
+}
+
+/// The schema version named by a `ce_dataschema` value of `event_type` (`None` if it names another
+/// type or is not of the form `urn:taskstream:schema:<type>:v<N>`).
+pub fn parse_dataschema(event_type: &str, uri: &str) -> Option<u32> {
+    let v = uri.strip_prefix("urn:taskstream:schema:")?.strip_prefix(event_type)?.strip_prefix(":v")?;
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok().filter(|&n| n > 0)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,8 +212,9 @@ pub enum EnvelopeError {
 }
 
 impl<E: DomainEvent> Envelope<E> {
-    /// Builds the envelope of an event read from the log (`subject` and `event_type` as recorded).
-    pub fn from_data(subject: &str, meta: Metadata, event_type: &str, data: &[u8]) -> Result<Self, EnvelopeError> {
+    /// Builds the envelope of an event read from the log (`subject`, `event_type` and the schema
+    /// `version` of its data as recorded; older versions are upcast).
+    pub fn from_data(subject: &str, meta: Metadata, event_type: &str, version: u32, data: &[u8]) -> Result<Self, EnvelopeError> {
         if !E::TYPES.contains(&event_type) {
             return Err(UnknownEventType::Type(event_type.to_owned()).into());
         }
@@ -161,7 +222,8 @@ impl<E: DomainEvent> Envelope<E> {
         if subject.owner().is_some_and(|o| o != &meta.user_id) {
             return Err(EnvelopeError::Owner);
         }
-        Ok(Self { subject, meta, event: E::from_json(event_type, data)? })
+        let event = E::from_versioned_json(&subject, event_type, version, data)?;
+        Ok(Self { subject, meta, event })
     }
 }
 
@@ -225,6 +287,20 @@ macro_rules! aggregates {
             pub fn visit<V: $crate::aggregate::DeciderVisitor>(v: &mut V) {
                 $(v.decider::<$decider>(stringify!($name));)+
             }
+
+            /// The JSON Schema of every type and version of every aggregate's event data, with the
+            /// aggregate's name (the event catalogue).
+            pub fn data_schemas() -> Vec<(&'static str, $crate::aggregate::DataSchema)> {
+                let mut all = Vec::new();
+                $(
+                    all.extend(
+                        <<$decider as $crate::aggregate::Decider>::Event as $crate::aggregate::DomainEvent>::data_schemas()
+                            .into_iter()
+                            .map(|s| (stringify!($name), s)),
+                    );
+                )+
+                all
+            }
         }
 
         /// Any event of the log, in its envelope.
@@ -245,11 +321,12 @@ macro_rules! aggregates {
                 subject: &str,
                 meta: $crate::aggregate::Metadata,
                 event_type: &str,
+                version: u32,
                 data: &[u8],
             ) -> Result<Self, $crate::aggregate::EnvelopeError> {
                 $(
                     if <<$decider as $crate::aggregate::Decider>::Event as $crate::aggregate::DomainEvent>::TYPES.contains(&event_type) {
-                        return $crate::aggregate::Envelope::from_data(subject, meta, event_type, data).map(Record::$name);
+                        return $crate::aggregate::Envelope::from_data(subject, meta, event_type, version, data).map(Record::$name);
                     }
                 )+
                 Err($crate::aggregate::UnknownEventType::Type(event_type.to_owned()).into())

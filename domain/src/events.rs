@@ -4,11 +4,11 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::aggregate::{empty_json, parse_empty, parse_json, DomainEvent, UnknownEventType};
+use crate::aggregate::{empty_json, parse_empty, parse_json, DataSchema, DomainEvent, UnknownEventType};
 use crate::values::{Description, Priority, Recurrence, RemindBefore, Tags, TaskId, TimeZone, Title};
 
 /// Everything a new task holds (the data of `task.created`, and the CreateTask payload).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NewTask {
     pub title: Title,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,7 +51,7 @@ impl NewTask {
 
 /// A change to some fields (the data of `task.updated`, and the UpdateTask payload). For optional
 /// fields: absent = unchanged, `null` = cleared, a value = set.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TaskPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<Title>,
@@ -98,7 +98,7 @@ pub enum TaskEvent {
     ReminderDue(ReminderDue),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ReminderDue {
     /// The remind time this reminder is for (`due_at - remind_before`).
     pub remind_at: DateTime<Utc>,
@@ -140,6 +140,21 @@ impl DomainEvent for TaskEvent {
             "task.deleted" => parse_empty(event_type, data).map(|()| TaskEvent::Deleted)?,
             other => return Err(UnknownEventType::Type(other.to_owned())),
         })
+    }
+
+    fn data_schemas() -> Vec<DataSchema> {
+        vec![
+            DataSchema::of::<NewTask>("task.created", 1, "A task was created: everything it holds. Fields with a default (priority medium, timezone UTC, no tags) are always written."),
+            DataSchema::of::<TaskPatch>(
+                "task.updated",
+                1,
+                "Some fields of a task changed: only the changed fields are present; for optional fields null means cleared.",
+            ),
+            DataSchema::empty("task.completed", 1, "The task was completed (the time is ce_time). The data is {}."),
+            DataSchema::empty("task.reopened", 1, "The task was reopened (the time is ce_time). The data is {}."),
+            DataSchema::empty("task.deleted", 1, "The task was deleted (the time is ce_time); its history stays. The data is {}."),
+            DataSchema::of::<ReminderDue>("task.reminder_due", 1, "The reminder of the task's current schedule fired (at most once per remind time)."),
+        ]
     }
 }
 

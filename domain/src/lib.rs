@@ -9,6 +9,7 @@
 //! `recurrence` (next occurrence of a series, used by the projector's reactions).
 
 pub mod aggregate;
+pub mod current;
 pub mod decider;
 pub mod error;
 pub mod events;
@@ -18,7 +19,7 @@ pub mod user;
 pub mod values;
 
 pub use aggregate::{
-    CommandVisitor, DeciderVisitor, Decider, DomainEvent, Envelope, EnvelopeError, IdempotencyTag, Metadata, Receipt, RecordVisitor, StreamId, UnknownEventType,
+    CommandVisitor, DataSchema, DeciderVisitor, Decider, DomainEvent, Envelope, EnvelopeError, IdempotencyTag, Metadata, Receipt, RecordVisitor, StreamId, UnknownEventType,
 };
 pub use decider::{Command, CommandKind, DomainError, LiveTask, TaskDecider, TaskState, TaskStatus};
 pub use events::{NewTask, ReminderDue, TaskEvent, TaskPatch};

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::aggregate::{empty_json, parse_empty, parse_json, Decider, DomainEvent, Receipt, StreamId, UnknownEventType};
+use crate::aggregate::{empty_json, parse_empty, parse_json, DataSchema, Decider, DomainEvent, Receipt, StreamId, UnknownEventType};
 use crate::decider::DomainError;
 use crate::ids::{reminder_notification_id, webhook_id};
 use crate::values::{FieldError, TaskId, UserId, ValidationError};
@@ -22,6 +22,18 @@ use crate::values::{FieldError, TaskId, UserId, ValidationError};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct WebhookUrl(String);
+
+impl schemars::JsonSchema for WebhookUrl {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "WebhookUrl".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "description": "The webhook endpoint: an absolute http(s) URL (written with at most 2000 characters, no credentials, no local or private address)."})
+    }
+}
 
 impl AsRef<str> for WebhookUrl {
     fn as_ref(&self) -> &str {
@@ -101,7 +113,7 @@ impl WebhookUrl {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WebhookRegistered {
     pub url: WebhookUrl,
     /// The HMAC-SHA256 signing secret.
@@ -110,14 +122,14 @@ pub struct WebhookRegistered {
 
 /// A notification now exists for the user: the reminder of `task_id` at `remind_at` fired. Its id is
 /// `ids::reminder_notification_id(task_id, remind_at)`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NotificationCreated {
     pub notification_id: Uuid,
     pub task_id: TaskId,
     pub remind_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NotificationRead {
     pub notification_id: Uuid,
 }
@@ -160,6 +172,19 @@ impl DomainEvent for UserEvent {
             "webhook.removed" => parse_empty(event_type, data).map(|()| UserEvent::WebhookRemoved)?,
             other => return Err(UnknownEventType::Type(other.to_owned())),
         })
+    }
+
+    fn data_schemas() -> Vec<DataSchema> {
+        vec![
+            DataSchema::of::<NotificationCreated>(
+                "notification.created",
+                1,
+                "A notification exists for the user (ce_subject = user id): the reminder of task_id at remind_at fired.",
+            ),
+            DataSchema::of::<NotificationRead>("notification.read", 1, "The user read the notification."),
+            DataSchema::of::<WebhookRegistered>("webhook.registered", 1, "The user registered (or replaced) their webhook endpoint and its signing secret."),
+            DataSchema::empty("webhook.removed", 1, "The user removed their webhook. The data is {}."),
+        ]
     }
 }
 

@@ -9,6 +9,7 @@
 //! Input from users never goes through `Deserialize` into these types: requests are parsed into
 //! plain fields and then through `parse`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -456,6 +457,42 @@ impl From<Tags> for Vec<String> {
         t.0.into_iter().map(|t| t.0).collect()
     }
 }
+
+/// The JSON Schema of a value type (`schemas/`, generated from these impls), inlined where it is used.
+/// It accepts what the log's reader accepts (see the module doc): what cannot be represented at all
+/// (a non-UUID id, an unknown priority, a duration that is not ISO 8601) is refused by keywords;
+/// today's input limits are stated in the description only, since an older fact may exceed a later,
+/// stricter limit and must stay valid.
+macro_rules! value_schema {
+    ($name:ident, $($schema:tt)+) => {
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> Cow<'static, str> {
+                stringify!($name).into()
+            }
+            fn inline_schema() -> bool {
+                true
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!($($schema)+)
+            }
+        }
+    };
+}
+
+/// ISO 8601 durations with fixed-length units, as `RemindBefore` reads them: `PnW`, `PnD`, `PnWnD`,
+/// optionally followed by `T` and hours, minutes, seconds in that order (at least one unit).
+pub const ISO_DURATION_PATTERN: &str = r"^P(?:(?:[0-9]+W)?(?:[0-9]+D)?T(?:[0-9]+H(?:[0-9]+M)?(?:[0-9]+S)?|[0-9]+M(?:[0-9]+S)?|[0-9]+S)|[0-9]+W(?:[0-9]+D)?|[0-9]+D)$";
+
+value_schema!(TaskId, {"type": "string", "format": "uuid", "description": "A task id (UUID): the record key and ce_subject of the task's events."});
+value_schema!(UserId, {"type": "string", "minLength": 1, "maxLength": 255, "description": "A user id: the `sub` of the user's token (1..=255 bytes, no control characters)."});
+value_schema!(Title, {"type": "string", "description": "The task title (written trimmed, 1..=200 characters, no control characters)."});
+value_schema!(Description, {"type": "string", "description": "The task description (written with at most 10 000 characters; newlines and tabs allowed)."});
+value_schema!(Priority, {"type": "string", "enum": ["low", "medium", "high", "urgent"], "description": "The task priority."});
+value_schema!(TimeZone, {"type": "string", "description": "An IANA time zone name, e.g. Europe/Berlin (recurrence is evaluated in it); an unknown name is refused."});
+value_schema!(Recurrence, {"type": "string", "description": "An RFC 5545 RRULE value without DTSTART, e.g. FREQ=WEEKLY;BYDAY=MO (the series starts at due_at)."});
+value_schema!(RemindBefore, {"type": "string", "pattern": ISO_DURATION_PATTERN, "description": "How long before due_at the reminder fires: an ISO 8601 duration with fixed-length units (weeks, days, hours, minutes, seconds), e.g. PT30M; written within (0, 366 days]."});
+value_schema!(Tag, {"type": "string", "description": "A tag (written trimmed, 1..=50 characters)."});
+value_schema!(Tags, {"type": "array", "items": {"type": "string"}, "description": "Tags in the order given, without duplicates (written with at most 20, each 1..=50 characters)."});
 
 #[cfg(test)]
 mod tests {

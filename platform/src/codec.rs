@@ -13,6 +13,24 @@ pub use domain::{Envelope, IdempotencyTag, Metadata, Record};
 /// `ce_source` of events appended by the command API.
 pub const SOURCE: &str = "/taskstream/command-api";
 pub const CONTENT_TYPE: &str = "application/json";
+/// Width of `ce_sequence`: the digits of `u64::MAX`, so the stream version never outgrows it.
+pub const SEQUENCE_WIDTH: usize = 20;
+
+/// `ce_sequence` as written: zero-padded to [`SEQUENCE_WIDTH`] digits ("00000000000000000010"), so
+/// that its string order is its numeric order, as the CloudEvents sequence extension requires
+/// (unpadded, "10" sorted before "9").
+pub fn format_sequence(sequence: u32) -> String {
+    format!("{sequence:0SEQUENCE_WIDTH$}")
+}
+
+/// Reads `ce_sequence`: decimal digits only, padded (written since the catalogue) or not (records
+/// written before it: "1", "2", ..., "10").
+pub fn parse_sequence(s: &str) -> Option<u32> {
+    if s.is_empty() || s.len() > SEQUENCE_WIDTH || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
 
 /// What goes to Kafka.
 pub struct EncodedEvent {
@@ -34,8 +52,8 @@ pub fn encode<E: DomainEvent>(env: &Envelope<E>) -> EncodedEvent {
     let event_type = env.event.event_type();
     let id = m.event_id.to_string();
     let time = m.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true);
-    let sequence = m.sequence.to_string();
-    let dataschema = format!("urn:taskstream:schema:{event_type}:v{}", env.event.schema_version());
+    let sequence = format_sequence(m.sequence);
+    let dataschema = domain::aggregate::dataschema_uri(event_type, env.event.schema_version());
     let mut h = OwnedHeaders::new_with_capacity(16)
         .insert(header("ce_specversion", "1.0"))
         .insert(header("ce_id", &id))
@@ -66,6 +84,8 @@ pub fn encode<E: DomainEvent>(env: &Envelope<E>) -> EncodedEvent {
 struct Parts<'a> {
     subject: String,
     event_type: String,
+    /// The schema version of the data (`ce_dataschema`; 1 when absent).
+    version: u32,
     meta: Metadata,
     data: &'a [u8],
 }
@@ -90,7 +110,7 @@ fn decode_parts<'a, H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload
         event_id: Uuid::parse_str(get.required("ce_id")?).map_err(|e| invalid("ce_id", e.to_string()))?,
         occurred_at: DateTime::parse_from_rfc3339(get.required("ce_time")?).map_err(|e| invalid("ce_time", e.to_string()))?.with_timezone(&Utc),
         user_id: UserId::parse(get.required("ce_userid")?.to_owned()).map_err(|e| invalid("ce_userid", e.0))?,
-        sequence: get.required("ce_sequence")?.parse().map_err(|_| invalid("ce_sequence", "not a number".into()))?,
+        sequence: parse_sequence(get.required("ce_sequence")?).ok_or_else(|| invalid("ce_sequence", "not a decimal number of at most 20 digits".into()))?,
         correlation_id: get.optional("ce_correlationid"),
         causation_id: get.optional("ce_causationid"),
         traceparent: get.optional("traceparent"),
@@ -100,8 +120,13 @@ fn decode_parts<'a, H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload
         },
     };
     let event_type = get.required("ce_type")?.to_owned();
+    let version = match get.optional("ce_dataschema") {
+        None => 1,
+        Some(uri) => domain::aggregate::parse_dataschema(&event_type, &uri)
+            .ok_or_else(|| invalid("ce_dataschema", format!("{uri:?} is not urn:taskstream:schema:{event_type}:v<N>")))?,
+    };
     let data = payload.filter(|p| !p.is_empty()).ok_or(DecodeError::EmptyValue)?;
-    Ok(Parts { subject: subject.to_owned(), event_type, meta, data })
+    Ok(Parts { subject: subject.to_owned(), event_type, version, meta, data })
 }
 
 impl From<EnvelopeError> for DecodeError {
@@ -117,13 +142,13 @@ impl From<EnvelopeError> for DecodeError {
 /// Decodes any record of the log (an event of any registered aggregate).
 pub fn decode_record<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<Record, DecodeError> {
     let p = decode_parts(key, headers, payload)?;
-    Ok(Record::from_data(&p.subject, p.meta, &p.event_type, p.data)?)
+    Ok(Record::from_data(&p.subject, p.meta, &p.event_type, p.version, p.data)?)
 }
 
 /// Decodes a record that must be an event of `E`'s aggregate.
 pub fn decode<E: DomainEvent, H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<Envelope<E>, DecodeError> {
     let p = decode_parts(key, headers, payload)?;
-    Ok(Envelope::from_data(&p.subject, p.meta, &p.event_type, p.data)?)
+    Ok(Envelope::from_data(&p.subject, p.meta, &p.event_type, p.version, p.data)?)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,6 +223,39 @@ mod tests {
         {
             assert!(names.contains(&required), "{required} missing");
         }
+    }
+
+    #[test]
+    fn sequence_is_zero_padded_so_string_order_is_numeric_order() {
+        assert_eq!(format_sequence(1), "00000000000000000001");
+        assert_eq!(format_sequence(u32::MAX).len(), SEQUENCE_WIDTH);
+        let mut written: Vec<String> = (1..=120).map(format_sequence).collect();
+        written.sort();
+        assert_eq!(written.iter().map(|s| parse_sequence(s).unwrap()).collect::<Vec<_>>(), (1..=120).collect::<Vec<_>>());
+        // Records written before the padding are still read.
+        assert_eq!(parse_sequence("10"), Some(10));
+        assert_eq!(parse_sequence("9"), Some(9));
+        for bad in ["", "-1", "+1", "1.0", "x", "000000000000000000001", "99999999999"] {
+            assert_eq!(parse_sequence(bad), None, "{bad:?}");
+        }
+        let mut env = envelope();
+        env.meta.sequence = 10;
+        let enc = encode(&env);
+        let h: Vec<_> = enc.headers.iter().filter(|h| h.key == "ce_sequence").map(|h| h.value.unwrap().to_vec()).collect();
+        assert_eq!(h, [b"00000000000000000010".to_vec()]);
+        assert_eq!(decode::<TaskEvent, _>(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)).unwrap().meta.sequence, 10);
+    }
+
+    #[test]
+    fn records_with_unpadded_sequences_are_still_read() {
+        let env = envelope();
+        let enc = encode(&env);
+        let mut old = OwnedHeaders::new();
+        for h in enc.headers.iter() {
+            let value = if h.key == "ce_sequence" { b"1".as_slice() } else { h.value.unwrap() };
+            old = old.insert(Header { key: h.key, value: Some(value) });
+        }
+        assert_eq!(decode(Some(enc.key.as_bytes()), Some(&old), Some(&enc.payload)), Ok(env));
     }
 
     #[test]

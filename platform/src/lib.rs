@@ -8,6 +8,7 @@
 //! NOTIFY channels and the projection status (stored offsets + high watermarks -> lag, state).
 
 pub mod auth;
+pub mod catalogue;
 pub mod codec;
 pub mod db;
 pub mod http;

@@ -33,7 +33,7 @@ use crate::state::AppState;
     modifiers(&BearerAuth),
     // Referenced by name from `openapi`'s answer sets (which do not collect schemas themselves).
     components(schemas(crate::error::Problem)),
-    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"), (name = "cluster", description = "Which instance owns which partition"))
+    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"), (name = "cluster", description = "Which instance owns which partition"), (name = "catalogue", description = "The event catalogue (AsyncAPI)"))
 )]
 struct ApiDoc;
 
@@ -53,6 +53,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(notifications::router())
         .merge(webhooks::router())
         .routes(utoipa_axum::routes!(cluster))
+        .routes(utoipa_axum::routes!(asyncapi))
         .split_for_parts();
     openapi::answer_rate_limited(&mut openapi);
     let openapi = Arc::new(openapi);
@@ -90,6 +91,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
 )]
 async fn cluster(State(state): State<AppState>) -> Json<crate::cluster::ClusterView> {
     Json(state.cluster.view())
+}
+
+/// The event catalogue: the AsyncAPI 3.0 document of the topics, with the JSON Schema of every
+/// event type and version (`platform::catalogue`; also committed under `schemas/`). No token needed.
+#[utoipa::path(
+    get, path = "/v1/asyncapi.json", tag = "catalogue",
+    responses((status = 200, description = "The AsyncAPI 3.0 document of the topics and every event type", content_type = "application/json", body = Object))
+)]
+async fn asyncapi(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(state.catalogue.as_ref().clone())
 }
 
 /// Bounds every request; one that takes longer is answered 503 problem+json with Retry-After, like

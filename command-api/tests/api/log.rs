@@ -34,7 +34,7 @@ async fn forty_concurrent_patches_get_versions_2_to_41_exactly_once() {
     assert_eq!(versions, (2..=41).collect::<Vec<u64>>());
     let records = app.log.records_of(&id);
     let seqs: Vec<String> = records.iter().map(|r| r.header("ce_sequence").unwrap()).collect();
-    assert_eq!(seqs, (1..=41).map(|v| v.to_string()).collect::<Vec<_>>(), "ce_sequence contiguous in log order");
+    assert_eq!(seqs, (1..=41).map(platform::codec::format_sequence).collect::<Vec<_>>(), "ce_sequence contiguous in log order");
     assert!(records.windows(2).all(|w| w[0].position.partition == w[1].position.partition && w[1].position.offset > w[0].position.offset));
 }
 
@@ -125,7 +125,7 @@ async fn a_restarted_app_continues_versions_and_ownership_from_the_log() {
     assert_problem(&app.patch(ALICE, &gone, json!({"title": "zombie"}), &[]).await, 409);
     assert_problem(&app.send(Some(ALICE), "POST", "/v1/tasks", Some(&json!({"task_id": id, "title": "dup"})), &[]).await, 409);
     let seqs: Vec<String> = app.log.records_of(&id).iter().map(|r| r.header("ce_sequence").unwrap()).collect();
-    assert_eq!(seqs, ["1", "2", "3", "4", "5"]);
+    assert_eq!(seqs, (1..=5).map(platform::codec::format_sequence).collect::<Vec<_>>());
 
     // And once more, over the records of both runs.
     let log = app.log.clone();

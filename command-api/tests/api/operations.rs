@@ -124,3 +124,22 @@ async fn the_cluster_view_shows_every_partition_owned_and_ready() {
         assert_eq!((p["owner"].as_str(), p["ready"].as_bool(), p["phase"].as_str()), (r.body["instance"].as_str(), Some(true), Some("ready")), "{p}");
     }
 }
+
+/// `GET /v1/asyncapi.json`: the event catalogue, without a token, as committed under `schemas/`.
+#[tokio::test]
+async fn the_event_catalogue_is_served_without_a_token() {
+    let app = spawn_app().await;
+    let r = app.get("/v1/asyncapi.json").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(r.header("content-type").unwrap().starts_with("application/json"));
+    assert_eq!(r.body["asyncapi"], "3.0.0");
+    let committed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/asyncapi.json")).unwrap()).unwrap();
+    assert_eq!(r.body, committed, "the served catalogue is the committed one (default topics)");
+    for t in ["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted", "task.reminder_due", "notification.read", "webhook.registered"] {
+        assert!(r.body["components"]["schemas"].get(format!("{t}.v1")).is_some(), "{t} v1 missing");
+    }
+    let doc = app.get("/v1/openapi.json").await.body;
+    assert!(doc["paths"]["/v1/asyncapi.json"]["get"].is_object(), "documented in the OpenAPI document");
+    assert!(doc["paths"]["/v1/asyncapi.json"]["get"].get("security").is_none(), "no token needed");
+}

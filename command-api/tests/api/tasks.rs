@@ -93,7 +93,6 @@ async fn lifecycle_commands_answer_200_with_versions_and_records_carry_cloudeven
     let mut ids = HashSet::new();
     for (i, (rec, answer)) in records.iter().zip(&answers).enumerate() {
         let h = rec.header_map();
-        let version = (i + 1).to_string();
         assert_eq!(rec.key, id, "key = task id");
         assert_eq!(h["ce_specversion"], "1.0");
         assert!(ids.insert(Uuid::parse_str(&h["ce_id"]).expect("ce_id is a UUID")), "ce_id unique per event");
@@ -103,7 +102,7 @@ async fn lifecycle_commands_answer_200_with_versions_and_records_carry_cloudeven
         assert_eq!(h["ce_subject"], id);
         assert_eq!(h["content-type"], "application/json");
         assert_eq!(h["ce_userid"], ALICE);
-        assert_eq!(h["ce_sequence"], version, "ce_sequence = the version the event produced");
+        assert_eq!(h["ce_sequence"], platform::codec::format_sequence((i + 1) as u32), "ce_sequence = the version the event produced, zero-padded");
         assert!(!h["ce_causationid"].is_empty());
         assert!(h.contains_key("ce_correlationid"));
         assert!(!h.contains_key("ce_idempotencykey"), "no key was sent");
