@@ -199,14 +199,16 @@ fn every_topic_has_a_kafka_topic_with_the_right_partitions_replication_and_clean
     assert_eq!(config(snapshots, "max.message.bytes"), "8388608", "snapshot chunks are up to 8 MiB");
     assert_eq!(config(topic("task-updates"), "cleanup.policy"), "compact");
 
-    // The names agree with the code that creates the topics.
-    let kafka_rs = read("platform/src/kafka.rs");
-    let settings_rs = read("platform/src/settings.rs");
-    for (suffix, name) in [(".dlq", "task-events.dlq"), (".owners", "task-events.owners"), (".snapshots", "task-events.snapshots")] {
-        assert!(settings_rs.contains(&format!("format!(\"{{}}{suffix}\", self.task_events_topic)")), "settings.rs no longer names {name}");
+    // The names and sizes agree with the code's (the defaults of KafkaSettings, as the event
+    // catalogue describes them).
+    let code = platform::catalogue::Topics::default();
+    for name in [&code.events, &code.dlq, &code.owners, &code.snapshots, &code.updates] {
+        topic(name);
     }
-    assert!(settings_rs.contains("default_value = \"task-events\""), "the log topic is no longer task-events by default");
-    assert!(kafka_rs.contains("\"retention.ms\", \"-1\""), "ensure_topics no longer keeps the log forever: update kafka.yaml");
+    for name in [&code.events, &code.dlq, &code.snapshots, &code.updates] {
+        assert_eq!(find(&docs, "KafkaTopic", name)["spec"]["partitions"].as_i64(), Some(i64::from(code.partitions)), "{name}: partitions");
+    }
+    assert!(read("platform/src/kafka.rs").contains("\"retention.ms\", \"-1\""), "ensure_topics no longer keeps the log forever: update kafka.yaml");
 }
 
 /// One KafkaUser (SCRAM-SHA-512) per service, with the ACLs for what the service does and no more,
