@@ -40,7 +40,12 @@ kubeconform_is_wanted() { # binary
 }
 
 ensure_kubeconform() {
-  command -v go >/dev/null || apt_install golang-go
+  # The Go toolchain: on the PATH, where the official tarball puts it, or Debian's (kubeconform
+  # $KUBECONFORM_VERSION needs Go >= 1.26: a go from 1.21 on fetches that toolchain through the module
+  # proxy by itself, an older one fails the install with a message).
+  if ! command -v go >/dev/null; then
+    if [ -x /usr/local/go/bin/go ]; then PATH="/usr/local/go/bin:$PATH"; else apt_install golang-go; fi
+  fi
   local candidate
   for candidate in "${KUBECONFORM:-}" "$KUBECONFORM_DIR/bin/kubeconform" "$(command -v kubeconform || true)" "$(go env GOPATH 2>/dev/null)/bin/kubeconform"; do
     if [ -n "$candidate" ] && kubeconform_is_wanted "$candidate"; then
