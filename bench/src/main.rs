@@ -754,22 +754,14 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     let token = ctx.token(&user);
     let rate = 1_000.0;
     let duration = ctx.secs(30.0);
-    let n = (rate * duration.as_secs_f64()) as u64;
-    let cmd_hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
-    let e2e_hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let (cmd_hist, e2e_hist) = (Latencies::new()?, Latencies::new()?);
     let errors = Arc::new(AtomicU64::new(0));
-    let start = tokio::time::Instant::now() + Duration::from_millis(100);
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(scheduled).await;
-        let (ctx, ids, token, cmd_hist, e2e_hist, errors) =
-            (ctx.clone(), ids.clone(), token.clone(), cmd_hist.clone(), e2e_hist.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move {
+    open_loop(rate, duration, |i, scheduled| {
+        let (ctx, ids, token, cmd_hist, e2e_hist, errors) = (ctx.clone(), ids.clone(), token.clone(), cmd_hist.clone(), e2e_hist.clone(), errors.clone());
+        async move {
             match mixed_command(&ctx, &token, &ids, i).await {
                 Ok(sent) => {
-                    let us = scheduled.elapsed().as_micros() as u64;
-                    let _ = cmd_hist.lock().map(|mut h| h.record(us.max(1)));
+                    cmd_hist.record_since(scheduled);
                     if let (Some(p), Some(task)) = (sent.position, sent.task_id) {
                         // Visible through GraphQL: the command's task, read as of the command's
                         // position (a query whose cost does not grow with the user's tasks).
@@ -782,10 +774,7 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
                             .send()
                             .await;
                         match r {
-                            Ok(r) if r.status().is_success() => {
-                                let us = scheduled.elapsed().as_micros() as u64;
-                                let _ = e2e_hist.lock().map(|mut h| h.record(us.max(1)));
-                            }
+                            Ok(r) if r.status().is_success() => e2e_hist.record_since(scheduled),
                             _ => {
                                 errors.fetch_add(1, Ordering::Relaxed);
                             }
@@ -796,13 +785,10 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        }));
-    }
-    for t in tasks {
-        t.await?;
-    }
-    let c = cmd_hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    let e = e2e_hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        }
+    })
+    .await?;
+    let (c, e) = (cmd_hist.snapshot()?, e2e_hist.snapshot()?);
     let ms = |h: &Histogram<u64>, q: f64| round(h.value_at_quantile(q) as f64 / 1000.0);
     eprintln!(
         "at 1000/s: command p50 {} p99 {} p999 {} ms; e2e p50 {} p99 {} ms; errors {}",
@@ -816,6 +802,47 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
         ("e2e_p99_ms_at_1k".into(), ms(&e, 0.99)),
         ("latency_errors_at_1k".into(), json!(errors.load(Ordering::Relaxed))),
     ]))
+}
+
+/// Latencies in microseconds, recorded from many tasks.
+#[derive(Clone)]
+struct Latencies(Arc<std::sync::Mutex<Histogram<u64>>>);
+
+impl Latencies {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self(Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?))))
+    }
+
+    /// Records the time since `scheduled` (open loop: from when the request was due, not sent).
+    fn record_since(&self, scheduled: tokio::time::Instant) {
+        let us = scheduled.elapsed().as_micros() as u64;
+        let _ = self.0.lock().map(|mut h| h.record(us.max(1)));
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Histogram<u64>> {
+        Ok(self.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone())
+    }
+}
+
+/// Starts `call(i, scheduled)` at `rate` per second for `duration` whether or not earlier calls have
+/// finished (an open loop, so a slow answer cannot slow the offered load), then waits for them all.
+async fn open_loop<F, Fut>(rate: f64, duration: Duration, call: F) -> anyhow::Result<()>
+where
+    F: Fn(u64, tokio::time::Instant) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let n = (rate * duration.as_secs_f64()) as u64;
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(scheduled).await;
+        tasks.push(tokio::spawn(call(i, scheduled)));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
 }
 
 /// The 50-item page of the GraphQL phases.
@@ -933,29 +960,20 @@ async fn graphql(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
 /// The list query's latency at an open-loop 1 000/s: each request is sent at its scheduled time
 /// whatever the answers do, and its latency is taken from that time.
 async fn graphql_list_latency(ctx: &Arc<Ctx>, token: &str, list: Arc<Vec<u8>>) -> anyhow::Result<BTreeMap<String, Value>> {
-    let rate = 1_000.0;
-    let n = (rate * ctx.secs(20.0).as_secs_f64()) as u64;
-    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let hist = Latencies::new()?;
     let errors = Arc::new(AtomicU64::new(0));
-    let start = tokio::time::Instant::now() + Duration::from_millis(100);
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(scheduled).await;
+    open_loop(1_000.0, ctx.secs(20.0), |_, scheduled| {
         let (ctx, token, list, hist, errors) = (ctx.clone(), token.to_owned(), list.clone(), hist.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move {
+        async move {
             if graphql_ok(&ctx, &token, &list).await {
-                let us = scheduled.elapsed().as_micros() as u64;
-                let _ = hist.lock().map(|mut h| h.record(us.max(1)));
+                hist.record_since(scheduled);
             } else {
                 errors.fetch_add(1, Ordering::Relaxed);
             }
-        }));
-    }
-    for t in tasks {
-        t.await?;
-    }
-    let h = hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        }
+    })
+    .await?;
+    let h = hist.snapshot()?;
     let ms = |q: f64| round(h.value_at_quantile(q) as f64 / 1000.0);
     let errors = errors.load(Ordering::Relaxed);
     eprintln!("list queries at 1000/s: p50 {} p99 {} p999 {} ms; errors {errors}", ms(0.5), ms(0.99), ms(0.999));

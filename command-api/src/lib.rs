@@ -100,6 +100,10 @@ pub struct Settings {
     /// Kafka transaction timeout; operations on the log give up after half of it.
     #[arg(long, env = "KAFKA_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000)]
     pub transaction_timeout_ms: u64,
+    /// Kafka transactions one instance's partition writers may have in flight at once (0: one per
+    /// partition, no limit). Fewer, larger transactions under load; no wait when idle.
+    #[arg(long, env = "COMMAND_API_TRANSACTION_SLOTS", default_value_t = 2)]
+    pub transaction_slots: usize,
     /// Most commands group-committed into one Kafka transaction.
     #[arg(long, env = "COMMAND_MAX_BATCH", default_value_t = 2_000)]
     pub max_batch: usize,
@@ -164,6 +168,7 @@ impl Application {
             snapshot_every_events: settings.snapshot_every_events,
             snapshot_interval: Duration::from_secs(settings.snapshot_interval_seconds),
             released: settings.released_records.iter().copied().collect::<HashSet<_>>(),
+            transaction_slots: (settings.transaction_slots > 0).then(|| Arc::new(tokio::sync::Semaphore::new(settings.transaction_slots))),
         };
         let cache = idempotency.clone();
         let factory: WriterFactory = Arc::new(move |p| Writer::spawn(p, KafkaLog::new(log_settings.clone(), p), cache.clone(), config.clone()));

@@ -77,11 +77,25 @@ pub struct WriterConfig {
     /// Undecodable records an operator released (`partition:offset`): skipped instead of blocking
     /// their stream.
     pub released: HashSet<(i32, i64)>,
+    /// Transactions the instance's writers may have in flight at once (shared by every writer the
+    /// config is cloned into; `None`: no limit). Each Kafka transaction costs the broker a fixed
+    /// amount of work (the coordinator's log writes and the commit markers) whatever it holds; with
+    /// one transaction per partition in flight, a saturated instance commits many small ones. A
+    /// writer waiting for a slot keeps taking commands into its batch, so under load the batches
+    /// grow and the transactions get fewer, while an idle instance never waits.
+    pub transaction_slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        Self { max_batch: 2_000, owner: None, snapshot_every_events: 100_000, snapshot_interval: Duration::from_secs(300), released: HashSet::new() }
+        Self {
+            max_batch: 2_000,
+            owner: None,
+            snapshot_every_events: 100_000,
+            snapshot_interval: Duration::from_secs(300),
+            released: HashSet::new(),
+            transaction_slots: None,
+        }
     }
 }
 
@@ -265,6 +279,18 @@ impl<L: EventLog> Actor<L> {
                 _ = stop.changed() => break,
                 s = rx.recv() => match s { Some(s) => s, None => break },
             };
+            // Waiting for a transaction slot (the commands arriving meanwhile join this batch).
+            let slot = match self.config.transaction_slots.clone() {
+                None => None,
+                Some(slots) => tokio::select! {
+                    biased;
+                    _ = stop.changed() => {
+                        let _ = first.reply.send(Err(WriteError::Unavailable(format!("partition {} is moving to another instance", self.partition))));
+                        break;
+                    }
+                    permit = slots.acquire_owned() => permit.ok(),
+                },
+            };
             let mut batch = vec![first];
             while batch.len() < self.config.max_batch {
                 match rx.try_recv() {
@@ -272,7 +298,9 @@ impl<L: EventLog> Actor<L> {
                     Err(_) => break,
                 }
             }
-            if let Err(LogError::Fenced(e)) = self.process(batch).await {
+            let processed = self.process(batch).await;
+            drop(slot);
+            if let Err(LogError::Fenced(e)) = processed {
                 tracing::warn!(partition = self.partition, error.message = %e, "another instance took the partition over; stopping its writer");
                 break;
             }

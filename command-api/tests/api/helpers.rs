@@ -69,6 +69,9 @@ pub struct FakeLog {
     failed_appends: Arc<AtomicUsize>,
     /// Milliseconds every append waits before it is durable (a slow broker).
     append_delay_ms: Arc<AtomicUsize>,
+    /// Appends in flight now, and the most seen at once (over every partition's writer).
+    appends_in_flight: Arc<AtomicUsize>,
+    most_appends_in_flight: Arc<AtomicUsize>,
 }
 
 /// The partition Kafka (librdkafka's default partitioner) puts a key in.
@@ -138,6 +141,11 @@ impl FakeLog {
         self.down.store(down, Ordering::SeqCst);
     }
 
+    /// The most appends (transactions) that were in flight at the same time.
+    pub fn most_appends_in_flight(&self) -> usize {
+        self.most_appends_in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn failed_appends(&self) -> usize {
         self.failed_appends.load(Ordering::SeqCst)
     }
@@ -174,10 +182,13 @@ impl EventLog for FakeLog {
     }
 
     async fn append(&mut self, records: Vec<EncodedEvent>) -> Result<Vec<Position>, LogError> {
+        let now = self.appends_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_appends_in_flight.fetch_max(now, Ordering::SeqCst);
         let delay = self.append_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay as u64)).await;
         }
+        self.appends_in_flight.fetch_sub(1, Ordering::SeqCst);
         if let Err(e) = self.check() {
             self.failed_appends.fetch_add(1, Ordering::SeqCst);
             return Err(e);

@@ -194,3 +194,31 @@ async fn an_undecodable_record_stops_writes_to_its_stream_until_an_operator_rele
     app.wait_ready().await;
     assert_eq!(app.complete(ALICE, &broken, &[]).await.version(), 2);
 }
+
+/// Creates 48 tasks at once (spread over the partitions) on an app whose log takes 30 ms per append;
+/// returns how many appends were in flight at most, after checking every create succeeded.
+async fn most_transactions_in_flight(slots: Option<usize>) -> usize {
+    let config = WriterConfig { max_batch: 100, transaction_slots: slots.map(|n| Arc::new(tokio::sync::Semaphore::new(n))), ..WriterConfig::default() };
+    let app = Arc::new(build_app_with(FakeLog::default(), config));
+    app.wait_ready().await;
+    app.log.set_append_delay_ms(30);
+    let handles: Vec<_> = (0..48)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move { app.create(ALICE, json!({"title": format!("task {i}")})).await })
+        })
+        .collect();
+    for h in handles {
+        let r = h.await.unwrap();
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    }
+    assert_eq!(app.log.len(), 48);
+    app.log.most_appends_in_flight()
+}
+
+#[tokio::test]
+async fn the_instance_keeps_at_most_its_transaction_slots_in_flight_and_every_command_still_commits() {
+    assert!(most_transactions_in_flight(None).await > 2, "without a limit, the partitions' writers commit in parallel");
+    assert_eq!(most_transactions_in_flight(Some(2)).await, 2);
+    assert_eq!(most_transactions_in_flight(Some(1)).await, 1);
+}
