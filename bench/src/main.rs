@@ -26,6 +26,10 @@ struct Cli {
     query_api: String,
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
+    /// librdkafka properties of its own Kafka clients (KAFKA_CONFIG_FILE / KAFKA_CONFIG_*; see
+    /// the README).
+    #[arg(long = "kafka-config-file", env = "KAFKA_CONFIG_FILE", value_name = "PATH", default_value = "", hide_default_value = true, value_parser = platform::kafka_properties::ClientProperties::parse_arg)]
+    kafka_config: platform::kafka_properties::ClientProperties,
     #[arg(long, env = "AUTH_JWT_SECRET", default_value = "taskstream-dev-secret")]
     secret: String,
     /// PostgreSQL (an admin URL: the backlog phase creates its own database) for the COPY limit and
@@ -340,6 +344,7 @@ fn kafka_settings(ctx: &Ctx, topic: &str) -> platform::settings::KafkaSettings {
         task_events_topic: topic.to_owned(),
         task_events_partitions: 12,
         task_events_replication: 1,
+        kafka_config: ctx.cli.kafka_config.clone(),
     }
 }
 

@@ -12,14 +12,15 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::settings::KafkaSettings;
 
-/// Settings every client of ours shares.
+/// Settings every client of ours shares: the brokers, the client's name, our defaults, then the
+/// operator's properties (`KAFKA_CONFIG_FILE` / `KAFKA_CONFIG_*`: security, credentials, tuning),
+/// which may change the defaults but not the brokers or the name (refused when they are read, as are
+/// the settings callers add after this for correctness: `platform::kafka_properties::RESERVED`).
 pub fn client_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.kafka_brokers)
-        .set("client.id", client_id)
-        .set("socket.keepalive.enable", "true")
-        .set("reconnect.backoff.max.ms", "1000")
-        .set("topic.metadata.refresh.interval.ms", "30000");
+    c.set("socket.keepalive.enable", "true").set("reconnect.backoff.max.ms", "1000").set("topic.metadata.refresh.interval.ms", "30000");
+    settings.kafka_config.apply_to(&mut c);
+    c.set("bootstrap.servers", &settings.kafka_brokers).set("client.id", client_id);
     c
 }
 
@@ -64,10 +65,24 @@ pub struct QuietEof;
 impl rdkafka::ClientContext for QuietEof {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         let eof = matches!(error, rdkafka::error::KafkaError::PartitionEOF(_) | rdkafka::error::KafkaError::Global(RDKafkaErrorCode::PartitionEOF));
-        if !eof {
+        if is_authentication_error(&error) {
+            tracing::error!(error.message = %error, reason, "{AUTHENTICATION_FAILED}");
+        } else if !eof {
             tracing::error!(error.message = %error, reason, "kafka client error");
         }
     }
+}
+
+/// What the services log when the brokers refuse their credentials or TLS handshake (they stay not
+/// ready and keep trying: credentials may be fixed on the broker's side).
+pub const AUTHENTICATION_FAILED: &str =
+    "Kafka refused to authenticate this client: check KAFKA_CONFIG_* / KAFKA_CONFIG_FILE (security.protocol, sasl.mechanism, sasl.username, sasl.password, ssl.ca.location)";
+
+fn is_authentication_error(error: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed | RDKafkaErrorCode::SSL | RDKafkaErrorCode::UnsupportedSASLMechanism)
+    )
 }
 
 impl ConsumerContext for QuietEof {}
@@ -104,22 +119,38 @@ impl Reachability {
 
 /// Asks the brokers for the metadata of `topic` every `every` (each request bounded by `every` as
 /// well) and keeps the answer in a [`Reachability`]: a broker that is down, paused or unreachable
-/// shows within about two periods, without waiting for a command to fail.
+/// shows within about two periods, without waiting for a command to fail. Each change is logged
+/// with librdkafka's last word on the connection (refused, TLS handshake failed, credentials
+/// refused: [`AUTHENTICATION_FAILED`]).
 pub fn watch_brokers(settings: &KafkaSettings, client_id: &str, every: Duration) -> anyhow::Result<Reachability> {
-    let consumer: Arc<BaseConsumer<QuietEof>> = Arc::new(client_config(settings, client_id).create_with_context(QuietEof)?);
+    let consumer: Arc<BaseConsumer<Probe>> = Arc::new(client_config(settings, client_id).create_with_context(Probe::default())?);
     let reachable = Reachability(Arc::new(AtomicBool::new(false)));
     let flag = reachable.clone();
     let topic = settings.task_events_topic.clone();
     tokio::spawn(async move {
+        let mut logged: Option<String> = None;
         loop {
             let (c, t) = (consumer.clone(), topic.clone());
-            let ok = tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), every).is_ok()).await.unwrap_or(false);
-            if ok != flag.is_reachable() {
-                if ok {
-                    tracing::info!("Kafka brokers reachable");
-                } else {
-                    tracing::warn!("Kafka brokers unreachable (metadata request failed); not ready");
+            let ok = tokio::task::spawn_blocking(move || {
+                let ok = c.fetch_metadata(Some(&t), every).is_ok();
+                // Serves the client's error events (no group, no assignment: nothing else comes).
+                for _ in 0..1000 {
+                    if c.poll(Duration::ZERO).is_none() {
+                        break;
+                    }
                 }
+                ok
+            })
+            .await
+            .unwrap_or(false);
+            let why = consumer.context().last_error.lock().map(|mut e| e.take()).unwrap_or_default();
+            if ok && !flag.is_reachable() {
+                tracing::info!("Kafka brokers reachable");
+                logged = None;
+            } else if !ok && (flag.is_reachable() || logged.is_none() || why.as_deref().map(gist) != logged.as_deref().map(gist) && why.is_some()) {
+                let why = why.unwrap_or_else(|| "no answer to a metadata request".into());
+                tracing::warn!(reason = %why, "Kafka brokers unreachable; not ready: {why}");
+                logged = Some(why);
             }
             flag.0.store(ok, Ordering::Release);
             metrics::gauge!("kafka_brokers_reachable").set(if ok { 1.0 } else { 0.0 });
@@ -128,3 +159,29 @@ pub fn watch_brokers(settings: &KafkaSettings, client_id: &str, every: Duration)
     });
     Ok(reachable)
 }
+
+/// A message without its numbers ("after 3ms in state AUTH_REQ"), to tell a new reason from the
+/// same one again.
+fn gist(message: &str) -> String {
+    message.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
+/// The context of the broker probe: keeps librdkafka's last error (why the brokers do not answer)
+/// instead of logging each one (a refused login repeats every reconnect, about once a second).
+#[derive(Default)]
+struct Probe {
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::ClientContext for Probe {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let Ok(mut last) = self.last_error.lock() else { return };
+        // "All broker connections are down" follows the reason they are down: keep the reason.
+        if last.is_some() && error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            return;
+        }
+        *last = Some(if is_authentication_error(&error) { format!("{AUTHENTICATION_FAILED} ({reason})") } else { format!("{error}: {reason}") });
+    }
+}
+
+impl ConsumerContext for Probe {}

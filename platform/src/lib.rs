@@ -13,6 +13,7 @@ pub mod codec;
 pub mod db;
 pub mod http;
 pub mod kafka;
+pub mod kafka_properties;
 pub mod position;
 pub mod projections;
 pub mod ratelimit;

@@ -2,6 +2,7 @@
 
 use clap::Args;
 
+use crate::kafka_properties::ClientProperties;
 use crate::secret::{self, Secret, WeakSecret};
 
 #[derive(Debug, Clone, Args)]
@@ -18,6 +19,19 @@ pub struct KafkaSettings {
     /// Replication factor of the topics when this service creates them.
     #[arg(long, env = "TASK_EVENTS_REPLICATION", default_value_t = 1)]
     pub task_events_replication: i32,
+    /// librdkafka properties for every Kafka client (e.g. security.protocol, sasl.mechanism,
+    /// sasl.username, sasl.password, ssl.ca.location): from this Java-style properties file, then
+    /// from KAFKA_CONFIG_<NAME> variables, which win (the name upper-cased, '.' as '_', '_' as
+    /// '__': KAFKA_CONFIG_SASL_PASSWORD). Checked at start-up (`platform::kafka_properties`).
+    #[arg(
+        long = "kafka-config-file",
+        env = "KAFKA_CONFIG_FILE",
+        value_name = "PATH",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = ClientProperties::parse_arg
+    )]
+    pub kafka_config: ClientProperties,
 }
 
 impl KafkaSettings {
@@ -98,6 +112,33 @@ mod tests {
     }
 
     const STRONG: &str = "0123456789abcdef0123456789abcdef";
+
+    #[derive(Debug, Parser)]
+    struct KafkaCli {
+        #[command(flatten)]
+        kafka: KafkaSettings,
+    }
+
+    #[test]
+    fn kafka_client_properties_are_read_with_the_settings() {
+        let path = std::env::temp_dir().join(format!("settings-{}.properties", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, "security.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\nsasl.username=taskstream\nsasl.password=hunter2-hunter2\n").unwrap();
+        let cli = KafkaCli::try_parse_from(["svc", "--kafka-config-file", path.to_str().unwrap()]).unwrap();
+        assert_eq!(cli.kafka.kafka_config.get("security.protocol"), Some("SASL_SSL"));
+        let mut cfg = crate::kafka::client_config(&cli.kafka, "taskstream-test");
+        assert_eq!((cfg.get("sasl.mechanism"), cfg.get("client.id")), (Some("SCRAM-SHA-512"), Some("taskstream-test")));
+        assert!(!format!("{:?}", cli.kafka).contains("hunter2"), "Debug of the settings shows no secret");
+        assert!(cfg.set("debug", "security").create_native_config().is_ok());
+        // A malformed file stops the service before it starts, naming the file and the line.
+        std::fs::write(&path, "security.protocol=SASL_SSL\nsasl.password hunter2-hunter2\n").unwrap();
+        let e = KafkaCli::try_parse_from(["svc", "--kafka-config-file", path.to_str().unwrap()]).unwrap_err().to_string();
+        assert!(e.contains(&format!("{} line 2: expected name=value", path.display())) && !e.contains("hunter2"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        // Without the file (and without KAFKA_CONFIG_* variables, which the test processes do not set).
+        if std::env::vars().all(|(k, _)| !k.starts_with("KAFKA_CONFIG_")) {
+            assert!(KafkaCli::try_parse_from(["svc"]).unwrap().kafka.kafka_config.is_empty());
+        }
+    }
 
     #[test]
     fn production_refuses_every_weak_secret_and_names_each() {

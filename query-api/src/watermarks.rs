@@ -109,7 +109,13 @@ mod tests {
 
     fn unreachable_kafka() -> KafkaSettings {
         // Nothing listens on port 1: every request fails with "connection refused".
-        KafkaSettings { kafka_brokers: "127.0.0.1:1".into(), task_events_topic: "task-events".into(), task_events_partitions: 1, task_events_replication: 1 }
+        KafkaSettings {
+            kafka_brokers: "127.0.0.1:1".into(),
+            task_events_topic: "task-events".into(),
+            task_events_partitions: 1,
+            task_events_replication: 1,
+            kafka_config: Default::default(),
+        }
     }
 
     #[tokio::test]

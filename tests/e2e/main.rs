@@ -8,6 +8,7 @@ mod observability;
 mod partitions;
 mod projector_group;
 mod reactions;
+mod secured;
 mod startup;
 
 use std::collections::HashMap;

@@ -44,6 +44,10 @@ struct Cli {
     bin_dir: Option<PathBuf>,
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
+    /// librdkafka properties of its own Kafka clients (the services it starts read the same
+    /// KAFKA_CONFIG_FILE / KAFKA_CONFIG_* variables; see the README).
+    #[arg(long = "kafka-config-file", env = "KAFKA_CONFIG_FILE", value_name = "PATH", default_value = "", hide_default_value = true, value_parser = platform::kafka_properties::ClientProperties::parse_arg)]
+    kafka_config: platform::kafka_properties::ClientProperties,
     /// An admin URL of PostgreSQL: the run creates a database of its own there.
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
@@ -166,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         task_events_topic: topic.clone(),
         task_events_partitions: cli.partitions,
         task_events_replication: 1,
+        kafka_config: cli.kafka_config.clone(),
     };
     let env: Vec<(String, String)> = [
         ("KAFKA_BROKERS", cli.brokers.as_str()),
