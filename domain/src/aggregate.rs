@@ -37,7 +37,9 @@ pub trait DomainEvent: Clone + Debug + PartialEq + Send + Sync + 'static {
     const TYPES: &'static [&'static str];
     /// The stable type name (`ce_type`).
     fn event_type(&self) -> &'static str;
-    /// The schema version of the data; new versions only add optional fields.
+    /// The schema version of the data as written now (`ce_dataschema`). A published version only
+    /// ever gains optional fields; removing, renaming or retyping a field, or adding a required
+    /// one, is a new version whose reader upcasts the older ones (`from_versioned_json`, `upcast`).
     fn schema_version(&self) -> u32 {
         1
     }

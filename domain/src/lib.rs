@@ -6,7 +6,9 @@
 //! command is refused) <- `aggregate` (the
 //! decider shape, the event envelope and its metadata, the registry macro) <- the aggregates:
 //! `decider` + `events` (tasks), `user` (notifications recorded and read, webhook registration);
-//! `recurrence` (next occurrence of a series, used by the projector's reactions).
+//! `recurrence` (next occurrence of a series, used by the projector's reactions); `upcast` (older
+//! schema versions of event data, read into today's types); `current` (a task's full state, the
+//! value of `task-updates`).
 
 pub mod aggregate;
 pub mod current;
@@ -15,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod recurrence;
+pub mod upcast;
 pub mod user;
 pub mod values;
 

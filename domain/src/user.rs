@@ -116,7 +116,9 @@ impl WebhookUrl {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WebhookRegistered {
     pub url: WebhookUrl,
-    /// The HMAC-SHA256 signing secret.
+    /// The HMAC-SHA256 key that signs the deliveries (the `Taskstream-Signature` header). Schema v2 names it
+    /// `signing_secret`; v1 called it `secret` (`upcast::WebhookRegisteredV1`).
+    #[serde(rename = "signing_secret")]
     pub secret: String,
 }
 
@@ -155,6 +157,13 @@ impl DomainEvent for UserEvent {
         }
     }
 
+    fn schema_version(&self) -> u32 {
+        match self {
+            UserEvent::WebhookRegistered(_) => 2,
+            _ => 1,
+        }
+    }
+
     fn to_json(&self) -> Vec<u8> {
         match self {
             UserEvent::NotificationCreated(e) => serde_json::to_vec(e).expect("event data always serializes"),
@@ -174,6 +183,13 @@ impl DomainEvent for UserEvent {
         })
     }
 
+    fn from_versioned_json(_: &UserId, event_type: &str, version: u32, data: &[u8]) -> Result<Self, UnknownEventType> {
+        match (event_type, version) {
+            ("webhook.registered", 1) => parse_json::<crate::upcast::WebhookRegisteredV1>(event_type, data).map(|v1| UserEvent::WebhookRegistered(v1.into())),
+            _ => Self::from_json(event_type, data),
+        }
+    }
+
     fn data_schemas() -> Vec<DataSchema> {
         vec![
             DataSchema::of::<NotificationCreated>(
@@ -182,7 +198,16 @@ impl DomainEvent for UserEvent {
                 "A notification exists for the user (ce_subject = user id): the reminder of task_id at remind_at fired.",
             ),
             DataSchema::of::<NotificationRead>("notification.read", 1, "The user read the notification."),
-            DataSchema::of::<WebhookRegistered>("webhook.registered", 1, "The user registered (or replaced) their webhook endpoint and its signing secret."),
+            DataSchema::of::<crate::upcast::WebhookRegisteredV1>(
+                "webhook.registered",
+                1,
+                "The user registered (or replaced) their webhook endpoint and its signing secret (v1: the secret is called secret; read as v2 through an upcaster).",
+            ),
+            DataSchema::of::<WebhookRegistered>(
+                "webhook.registered",
+                2,
+                "The user registered (or replaced) their webhook endpoint and the HMAC-SHA256 key that signs its deliveries (signing_secret; v1 called it secret).",
+            ),
             DataSchema::empty("webhook.removed", 1, "The user removed their webhook. The data is {}."),
         ]
     }

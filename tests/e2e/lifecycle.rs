@@ -23,7 +23,7 @@ fn id_of(v: &Value) -> String {
 }
 
 /// A checksum per read-model table over the rows of users other than `except`.
-async fn checksums(stack: &Stack, except: &str) -> anyhow::Result<Vec<(String, i64, String)>> {
+pub(crate) async fn checksums(stack: &Stack, except: &str) -> anyhow::Result<Vec<(String, i64, String)>> {
     let mut db = stack.db().await?;
     let mut out = Vec::new();
     for t in TABLES {

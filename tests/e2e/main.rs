@@ -2,6 +2,7 @@
 //! `./dev test` provisions. No sleeps stand in for waiting: every wait polls a condition.
 
 mod bench_smoke;
+mod catalogue;
 mod lifecycle;
 mod live;
 mod observability;
