@@ -49,6 +49,11 @@ pub struct TaskView {
 }
 
 impl TaskView {
+    /// `ce_type` of a `task-updates` record, and the name of its data schema.
+    pub const TYPE: &'static str = "task.state";
+    /// The schema version of the state as written now.
+    pub const VERSION: u32 = 1;
+
     /// The state after `env`, given the state before it (`None`: no task yet, or deleted). `None`
     /// after a deletion (the tombstone); an event for a task without state leaves it without.
     pub fn next(current: Option<TaskView>, env: &Envelope<TaskEvent>) -> Option<TaskView> {
@@ -128,8 +133,8 @@ impl TaskView {
     pub fn json_schema() -> serde_json::Value {
         let mut schema = schemars::generate::SchemaSettings::draft07().into_generator().into_root_schema_for::<TaskView>().to_value();
         if let Some(o) = schema.as_object_mut() {
-            o.insert("$id".into(), "urn:taskstream:schema:task.state:v1".into());
-            o.insert("title".into(), "task state v1".into());
+            o.insert("$id".into(), crate::aggregate::dataschema_uri(Self::TYPE, Self::VERSION).into());
+            o.insert("title".into(), format!("{} v{}", Self::TYPE, Self::VERSION).into());
             o.insert(
                 "description".into(),
                 "The full state of a task after an accepted command: the value of task-updates (key = task id; a deleted task is a tombstone, a record without value).".into(),

@@ -55,7 +55,7 @@ impl Topics {
 /// The current-state topic.
 pub const UPDATES_TOPIC: &str = "task-updates";
 /// `ce_type` of a `task-updates` record, and the name of its data schema.
-pub const TASK_STATE_TYPE: &str = "task.state";
+pub const TASK_STATE_TYPE: &str = domain::current::TaskView::TYPE;
 
 /// The dead-letter headers the projector adds to the original record's headers (projector/src/dlq.rs).
 pub const DLQ_HEADERS: [(&str, &str); 6] = [

@@ -80,6 +80,55 @@ pub fn encode<E: DomainEvent>(env: &Envelope<E>) -> EncodedEvent {
     EncodedEvent { key: subject, payload: env.event.to_json(), headers: h, event_type }
 }
 
+/// A `task-updates` record: key = task id, the task's state after an event as JSON, or no value
+/// (a tombstone) after a deletion.
+pub struct EncodedState {
+    pub key: String,
+    pub payload: Option<Vec<u8>>,
+    pub headers: OwnedHeaders,
+}
+
+/// Encodes the state of a task after `env` (its last event in a command) for `task-updates`, as
+/// the event catalogue describes it (`task.state` v1): `state` is
+/// `TaskView::next(previous, env)`, `None` after a deletion. The CloudEvents attributes are the
+/// event's (subject, time, user, sequence = the task's version, correlation and causation), with
+/// `ce_type` `task.state` and a `ce_id` derived from the event's id (the same on a retry).
+pub fn encode_state(env: &Envelope<domain::TaskEvent>, state: Option<&domain::current::TaskView>) -> EncodedState {
+    let m = &env.meta;
+    let subject = env.subject.to_string();
+    let id = Uuid::new_v5(&STATE_ID_NAMESPACE, m.event_id.as_bytes()).to_string();
+    let time = m.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+    let sequence = format_sequence(m.sequence);
+    let dataschema = domain::aggregate::dataschema_uri(domain::current::TaskView::TYPE, domain::current::TaskView::VERSION);
+    let mut h = OwnedHeaders::new_with_capacity(12)
+        .insert(header("ce_specversion", "1.0"))
+        .insert(header("ce_id", &id))
+        .insert(header("ce_type", domain::current::TaskView::TYPE))
+        .insert(header("ce_source", SOURCE))
+        .insert(header("ce_time", &time))
+        .insert(header("ce_subject", &subject))
+        .insert(header("ce_dataschema", &dataschema))
+        .insert(header("ce_userid", m.user_id.as_ref()))
+        .insert(header("ce_sequence", &sequence));
+    if state.is_some() {
+        h = h.insert(header("content-type", CONTENT_TYPE));
+    }
+    if let Some(c) = &m.correlation_id {
+        h = h.insert(header("ce_correlationid", c));
+    }
+    if let Some(c) = &m.causation_id {
+        h = h.insert(header("ce_causationid", c));
+    }
+    if let Some(t) = &m.traceparent {
+        h = h.insert(header("traceparent", t));
+    }
+    let payload = state.map(|s| serde_json::to_vec(s).expect("a task state always serializes"));
+    EncodedState { key: subject, payload, headers: h }
+}
+
+/// The namespace of the `ce_id`s of `task-updates` records (UUID v5 of the event's id).
+const STATE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x3f1c_9a57_2be4_4d08_8c61_d2e7_5a90_b4c3);
+
 /// The CloudEvents attributes of a record, parsed and checked, and its data.
 struct Parts<'a> {
     subject: String,
@@ -244,6 +293,26 @@ mod tests {
         let h: Vec<_> = enc.headers.iter().filter(|h| h.key == "ce_sequence").map(|h| h.value.unwrap().to_vec()).collect();
         assert_eq!(h, [b"00000000000000000010".to_vec()]);
         assert_eq!(decode::<TaskEvent, _>(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)).unwrap().meta.sequence, 10);
+    }
+
+    #[test]
+    fn a_task_state_record_carries_the_events_attributes_and_a_tombstone_has_no_value() {
+        let env = envelope();
+        let view = domain::current::TaskView::next(None, &env).unwrap();
+        let enc = encode_state(&env, Some(&view));
+        assert_eq!(enc.key, env.subject.to_string());
+        let h: std::collections::HashMap<&str, &[u8]> = enc.headers.iter().map(|h| (h.key, h.value.unwrap())).collect();
+        assert_eq!(h["ce_type"], b"task.state");
+        assert_eq!(h["ce_sequence"], b"00000000000000000001");
+        assert_eq!(h["ce_dataschema"], b"urn:taskstream:schema:task.state:v1");
+        assert_eq!(h["ce_subject"], enc.key.as_bytes());
+        assert_ne!(h["ce_id"], env.meta.event_id.to_string().as_bytes(), "its own id");
+        assert_eq!(h["ce_id"], encode_state(&env, Some(&view)).headers.iter().find(|h| h.key == "ce_id").unwrap().value.unwrap(), "the same on a retry");
+        let back: domain::current::TaskView = serde_json::from_slice(enc.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(back, view);
+        let tombstone = encode_state(&env, None);
+        assert!(tombstone.payload.is_none());
+        assert!(!tombstone.headers.iter().any(|h| h.key == "content-type"));
     }
 
     #[test]

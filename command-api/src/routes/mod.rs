@@ -53,9 +53,11 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(notifications::router())
         .merge(webhooks::router())
         .routes(utoipa_axum::routes!(cluster))
-        .routes(utoipa_axum::routes!(asyncapi))
         .split_for_parts();
     openapi::answer_rate_limited(&mut openapi);
+    // The documents are outside the request budgets (like /v1/openapi.json), so they answer only 200.
+    let (docs, docs_openapi) = OpenApiRouter::new().routes(utoipa_axum::routes!(asyncapi)).split_for_parts();
+    openapi.merge(docs_openapi);
     let openapi = Arc::new(openapi);
     let budgets = (state.rate_limiter.clone(), state.auth.clone());
     api.merge(internal::router())
@@ -64,6 +66,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         // Outside `capture`: a request over its budget is refused before its body is read.
         .layer(middleware::from_fn_with_state(budgets, crate::ratelimit::limit))
         .route("/v1/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
+        .merge(docs)
         .route("/healthz", get(platform::http::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(platform::http::metrics))
