@@ -30,7 +30,6 @@ impl From<WebhookRegisteredV1> for WebhookRegistered {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::aggregate::DomainEvent;
     use crate::user::UserEvent;
     use crate::values::UserId;

@@ -592,7 +592,7 @@ mod tests {
     }
 
     #[test]
-    fn every_event_type_has_a_schema_of_its_current_version() {
+    fn every_event_type_has_a_v1_schema_and_each_version_once() {
         use domain::DomainEvent;
         let all = event_schemas();
         for t in domain::TaskEvent::TYPES.iter().chain(domain::user::UserEvent::TYPES) {
