@@ -584,6 +584,11 @@ mod tests {
             json!({"type": "task.updated", "version": 1, "data": {"priority": "HIGH"}}),
             json!({"type": "task.reminder_due", "version": 1, "data": {"remind_at": "yesterday", "due_at": "2030-01-01T00:00:00Z"}}),
             json!({"type": "notification.read", "version": 1, "data": {"notification_id": "not-a-uuid"}}),
+            // Valid data, headers against the AsyncAPI message: a sequence that is not a number.
+            json!({"type": "task.completed", "version": 1, "data": {}, "headers": {
+                "ce_specversion": "1.0", "ce_id": uuid::Uuid::now_v7(), "ce_type": "task.completed", "ce_source": SOURCE,
+                "ce_time": "2030-01-01T00:00:00Z", "ce_subject": uuid::Uuid::now_v7(), "ce_userid": "a", "ce_sequence": "x1",
+                "content-type": CONTENT_TYPE}}),
         ];
         std::fs::write(&file, serde_json::to_string(&bad).unwrap()).unwrap();
         let (ok, output) = check_mjs(&["records", schemas.to_str().unwrap(), file.to_str().unwrap()]);

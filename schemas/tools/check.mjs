@@ -6,8 +6,10 @@
 //   node schemas/tools/check.mjs document schemas/asyncapi.json
 //       parses and validates the document; prints every diagnostic; exit 1 on any of severity error
 //   node schemas/tools/check.mjs records schemas/events records.json
-//       records.json: [{"type": "...", "version": N, "data": {...}}, ...]; validates each record's data
-//       against schemas/events/<type>.v<N>.json; prints every failure; exit 1 on any
+//       records.json: [{"type": "...", "version": N, "data": {...}, "headers": {...}?}, ...]; validates
+//       each record's data against schemas/events/<type>.v<N>.json and, when given, its headers
+//       against the headers schema of message <type>_v<N> in the AsyncAPI document next to that
+//       folder (../asyncapi.json); prints every failure; exit 1 on any
 import { readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { createRequire } from 'node:module';
@@ -44,6 +46,11 @@ function checkRecords(dir, recordsFile) {
   for (const f of readdirSync(dir).filter((f) => f.endsWith('.json'))) {
     validators.set(f.replace(/\.json$/, ''), ajv.compile(JSON.parse(readFileSync(join(dir, f), 'utf8'))));
   }
+  const doc = JSON.parse(readFileSync(join(dir, '..', 'asyncapi.json'), 'utf8'));
+  const headerValidators = new Map();
+  for (const [id, m] of Object.entries(doc.components.messages)) {
+    if (m.headers) headerValidators.set(id, ajv.compile(m.headers));
+  }
   const records = JSON.parse(readFileSync(recordsFile, 'utf8'));
   let failed = 0;
   const seen = new Map();
@@ -58,6 +65,16 @@ function checkRecords(dir, recordsFile) {
     if (!validate(r.data)) {
       console.error(`record ${i} (${key}): ${ajv.errorsText(validate.errors)}: ${JSON.stringify(r.data)}`);
       failed++;
+    } else if (r.headers) {
+      const message = `${r.type.replaceAll('.', '_')}_v${r.version}`;
+      const validateHeaders = headerValidators.get(message);
+      if (!validateHeaders) {
+        console.error(`record ${i}: no message ${message} in the AsyncAPI document`);
+        failed++;
+      } else if (!validateHeaders(r.headers)) {
+        console.error(`record ${i} (${message} headers): ${ajv.errorsText(validateHeaders.errors)}: ${JSON.stringify(r.headers)}`);
+        failed++;
+      }
     }
     seen.set(key, (seen.get(key) ?? 0) + 1);
   }

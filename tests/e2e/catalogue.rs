@@ -1,5 +1,6 @@
 //! The event catalogue against the real log: every record the services write is valid against the
-//! schema its headers name (schemas/events/<type>.v<N>.json, checked with Ajv), and records written
+//! schema its headers name (schemas/events/<type>.v<N>.json, checked with Ajv) and its headers
+//! against the message's headers schema in schemas/asyncapi.json, and records written
 //! the old way (schema v1 of `webhook.registered`, no ce_dataschema, unpadded ce_sequence) still
 //! restore in the command API, project, and rebuild identically.
 
@@ -126,7 +127,7 @@ async fn every_record_the_services_write_is_valid_against_the_schema_it_names() 
         assert!(seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit()), "ce_sequence {seq:?} is not zero-padded to 20 digits");
         assert_eq!(h["ce_subject"], r.key, "key = ce_subject");
         types.insert((h["ce_type"].clone(), version_of(r)));
-        records.push(json!({"type": h["ce_type"], "version": version_of(r), "data": r.value}));
+        records.push(json!({"type": h["ce_type"], "version": version_of(r), "data": r.value, "headers": h}));
     }
     let want: BTreeSet<(String, u32)> = [
         ("task.created", 1),
@@ -234,7 +235,7 @@ async fn records_written_before_the_catalogue_restore_project_and_rebuild_identi
     let hooks: Vec<(u32, &Value)> = log.iter().filter(|r| r.headers["ce_type"] == "webhook.registered").map(|r| (version_of(r), &r.value)).collect();
     assert_eq!(hooks, [(1, &json!({"url": HOOK, "secret": secret})), (2, &json!({"url": HOOK, "signing_secret": "v2-secret-0123456789"}))]);
     // Both shapes are valid against the schema of the version they name.
-    let records: Vec<Value> = log.iter().map(|r| json!({"type": r.headers["ce_type"], "version": version_of(r), "data": r.value})).collect();
+    let records: Vec<Value> = log.iter().map(|r| json!({"type": r.headers["ce_type"], "version": version_of(r), "data": r.value, "headers": r.headers})).collect();
     validate(&records)?;
 
     // A rebuild from offset zero reads the old records the same way.
