@@ -596,6 +596,16 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// The dead-letter headers the document lists are the ones the projector writes (its producer
+    /// lives in the projector crate, which this crate cannot import: compare with its source).
+    #[test]
+    fn the_documented_dead_letter_headers_are_the_projectors() {
+        let source = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../projector/src/dlq.rs")).unwrap();
+        let written: Vec<&str> = source.match_indices("(\"dlq_").map(|(i, _)| source[i + 2..].split('"').next().unwrap()).collect();
+        let documented: Vec<&str> = DLQ_HEADERS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(written, documented, "projector/src/dlq.rs writes other dead-letter headers than the catalogue lists");
+    }
+
     #[test]
     fn every_event_type_has_a_v1_schema_and_each_version_once() {
         use domain::DomainEvent;
