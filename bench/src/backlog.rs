@@ -153,8 +153,8 @@ async fn produce_backlog(ctx: &Ctx, topic: &str, events: usize) -> anyhow::Resul
     Ok(())
 }
 
-async fn high_watermarks(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+async fn high_watermarks(ctx: &Ctx, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let consumer: BaseConsumer = platform::kafka::client_config(&crate::kafka_settings(ctx, topic), "bench-backlog-watermarks").create()?;
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
@@ -191,7 +191,7 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
     let started = Instant::now();
     produce_backlog(ctx, &topic, events).await?;
     eprintln!("backlog: {events} events produced in {:.1} s", started.elapsed().as_secs_f64());
-    let highs = high_watermarks(&ctx.cli.brokers, &topic).await?;
+    let highs = high_watermarks(ctx, &topic).await?;
     let env = |c: &mut tokio::process::Command| {
         c.env("KAFKA_BROKERS", &ctx.cli.brokers)
             .env("DATABASE_URL", &db_url)
