@@ -144,7 +144,11 @@ impl DomainEvent for TaskEvent {
 
     fn data_schemas() -> Vec<DataSchema> {
         vec![
-            DataSchema::of::<NewTask>("task.created", 1, "A task was created: everything it holds. Fields with a default (priority medium, timezone UTC, no tags) are always written."),
+            DataSchema::of::<NewTask>(
+                "task.created",
+                1,
+                "A task was created: everything it holds. Fields with a default (priority medium, timezone UTC, no tags) are always written.",
+            ),
             DataSchema::of::<TaskPatch>(
                 "task.updated",
                 1,

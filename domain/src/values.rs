@@ -481,7 +481,8 @@ macro_rules! value_schema {
 
 /// ISO 8601 durations with fixed-length units, as `RemindBefore` reads them: `PnW`, `PnD`, `PnWnD`,
 /// optionally followed by `T` and hours, minutes, seconds in that order (at least one unit).
-pub const ISO_DURATION_PATTERN: &str = r"^P(?:(?:[0-9]+W)?(?:[0-9]+D)?T(?:[0-9]+H(?:[0-9]+M)?(?:[0-9]+S)?|[0-9]+M(?:[0-9]+S)?|[0-9]+S)|[0-9]+W(?:[0-9]+D)?|[0-9]+D)$";
+pub const ISO_DURATION_PATTERN: &str =
+    r"^P(?:(?:[0-9]+W)?(?:[0-9]+D)?T(?:[0-9]+H(?:[0-9]+M)?(?:[0-9]+S)?|[0-9]+M(?:[0-9]+S)?|[0-9]+S)|[0-9]+W(?:[0-9]+D)?|[0-9]+D)$";
 
 value_schema!(TaskId, {"type": "string", "format": "uuid", "description": "A task id (UUID): the record key and ce_subject of the task's events."});
 value_schema!(UserId, {"type": "string", "minLength": 1, "maxLength": 255, "description": "A user id: the `sub` of the user's token (1..=255 bytes, no control characters)."});

@@ -113,7 +113,10 @@ fn cloudevents_headers(event_type: &str, version: u32, subject: Value, data_requ
             "description": format!("Extension (CloudEvents sequence): the stream version this event produced (1, 2, ...), zero-padded to {SEQUENCE_WIDTH} digits so that string order is numeric order. Records written before the padding have unpadded values (\"1\", \"10\"): compare numerically to be safe."),
         }),
     );
-    p.insert("ce_correlationid".into(), string("Extension: the correlation id of the request (X-Request-Id or generated), shared by everything the request caused."));
+    p.insert(
+        "ce_correlationid".into(),
+        string("Extension: the correlation id of the request (X-Request-Id or generated), shared by everything the request caused."),
+    );
     p.insert("ce_causationid".into(), string("Extension: what caused the event (the request id, or the id of the event a reaction answered)."));
     p.insert("traceparent".into(), json!({"type": "string", "description": "W3C trace context, when tracing is on."}));
     p.insert("ce_idempotencykey".into(), string("Extension: the Idempotency-Key of the command, when it had one."));
@@ -158,7 +161,11 @@ pub fn asyncapi(topics: &Topics) -> Value {
             _ => (json!({"type": "string", "description": "The user id (= the record key) of a user-level event."}), user_key()),
         };
         schemas.insert(format!("{}.v{}", s.event_type, s.version), multi_format(&s.schema));
-        let status = if current { "the current version, written by the command API" } else { "an older version, still in the log; read through an upcaster into the current version" };
+        let status = if current {
+            "the current version, written by the command API"
+        } else {
+            "an older version, still in the log; read through an upcaster into the current version"
+        };
         messages.insert(
             k.clone(),
             json!({
@@ -234,8 +241,12 @@ pub fn asyncapi(topics: &Topics) -> Value {
             "x-internal": true,
         }),
     );
-    let refs = |names: &[&str]| -> Value { names.iter().map(|n| (n.to_string(), json!({"$ref": format!("#/components/messages/{n}")}))).collect::<Map<_, _>>().into() };
-    let op_messages = |channel: &str, names: Vec<String>| -> Value { names.iter().map(|n| json!({"$ref": format!("#/channels/{channel}/messages/{n}")})).collect::<Vec<_>>().into() };
+    let refs = |names: &[&str]| -> Value {
+        names.iter().map(|n| (n.to_string(), json!({"$ref": format!("#/components/messages/{n}")}))).collect::<Map<_, _>>().into()
+    };
+    let op_messages = |channel: &str, names: Vec<String>| -> Value {
+        names.iter().map(|n| json!({"$ref": format!("#/channels/{channel}/messages/{n}")})).collect::<Vec<_>>().into()
+    };
     let event_names: Vec<String> = event_refs.keys().cloned().collect();
     json!({
         "asyncapi": ASYNCAPI_VERSION,
@@ -361,7 +372,8 @@ fn compare(old: &Value, new: &Value, path: &str, problems: &mut Vec<String>) {
         return;
     };
     let required = |m: &Map<String, Value>| -> Vec<String> {
-        let mut r: Vec<String> = m.get("required").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+        let mut r: Vec<String> =
+            m.get("required").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default();
         r.sort();
         r
     };
@@ -465,7 +477,8 @@ mod tests {
         assert_eq!(incompatibilities(&old, &removed), ["$: property \"b\" was removed"]);
         let retyped = json!({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}, "required": ["a"]});
         assert_eq!(incompatibilities(&old, &retyped), ["$.properties.b.type: changed from \"integer\" to \"string\""]);
-        let required = json!({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}, "c": {"type": "string"}}, "required": ["a", "c"]});
+        let required =
+            json!({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}, "c": {"type": "string"}}, "required": ["a", "c"]});
         assert_eq!(incompatibilities(&old, &required), ["$: property \"c\" became required"]);
         let formatted = json!({"type": "object", "properties": {"a": {"type": "string", "format": "uuid"}, "b": {"type": "integer"}}, "required": ["a"]});
         assert_eq!(incompatibilities(&old, &formatted), ["$.properties.a: format \"uuid\" was added"]);
@@ -549,7 +562,10 @@ mod tests {
         let user_events = [
             UserEvent::NotificationCreated(NotificationCreated { notification_id: uuid::Uuid::now_v7(), task_id: TaskId::new_v7(), remind_at: at }),
             UserEvent::NotificationRead(NotificationRead { notification_id: uuid::Uuid::now_v7() }),
-            UserEvent::WebhookRegistered(WebhookRegistered { url: WebhookUrl::parse("https://example.com/hook".into(), false).unwrap(), secret: "s3cret".into() }),
+            UserEvent::WebhookRegistered(WebhookRegistered {
+                url: WebhookUrl::parse("https://example.com/hook".into(), false).unwrap(),
+                secret: "s3cret".into(),
+            }),
             UserEvent::WebhookRemoved,
         ];
         let record = |t: &str, v: u32, data: &[u8]| json!({"type": t, "version": v, "data": serde_json::from_slice::<Value>(data).unwrap()});

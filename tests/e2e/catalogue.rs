@@ -196,11 +196,16 @@ async fn records_written_before_the_catalogue_restore_project_and_rebuild_identi
     };
     // carol's webhook registration, schema v1 (the secret was called `secret`).
     let secret = "v1-secret-0123456789";
-    send("carol".into(), old_headers("webhook.registered", "carol", "carol", 1, Some("urn:taskstream:schema:webhook.registered:v1")), json!({"url": HOOK, "secret": secret}))
-        .await?;
+    send(
+        "carol".into(),
+        old_headers("webhook.registered", "carol", "carol", 1, Some("urn:taskstream:schema:webhook.registered:v1")),
+        json!({"url": HOOK, "secret": secret}),
+    )
+    .await?;
     // A task of carol's with eleven events and no ce_dataschema: "10" and "11" sort before "9" as strings.
     let task = uuid::Uuid::now_v7().to_string();
-    send(task.clone(), old_headers("task.created", &task, "carol", 1, None), json!({"title": "old", "priority": "medium", "timezone": "UTC", "tags": []})).await?;
+    send(task.clone(), old_headers("task.created", &task, "carol", 1, None), json!({"title": "old", "priority": "medium", "timezone": "UTC", "tags": []}))
+        .await?;
     for seq in 2..=11u32 {
         send(task.clone(), old_headers("task.updated", &task, "carol", seq, None), json!({"title": format!("old {seq}")})).await?;
     }
@@ -235,7 +240,8 @@ async fn records_written_before_the_catalogue_restore_project_and_rebuild_identi
     let hooks: Vec<(u32, &Value)> = log.iter().filter(|r| r.headers["ce_type"] == "webhook.registered").map(|r| (version_of(r), &r.value)).collect();
     assert_eq!(hooks, [(1, &json!({"url": HOOK, "secret": secret})), (2, &json!({"url": HOOK, "signing_secret": "v2-secret-0123456789"}))]);
     // Both shapes are valid against the schema of the version they name.
-    let records: Vec<Value> = log.iter().map(|r| json!({"type": r.headers["ce_type"], "version": version_of(r), "data": r.value, "headers": r.headers})).collect();
+    let records: Vec<Value> =
+        log.iter().map(|r| json!({"type": r.headers["ce_type"], "version": version_of(r), "data": r.value, "headers": r.headers})).collect();
     validate(&records)?;
 
     // A rebuild from offset zero reads the old records the same way.
