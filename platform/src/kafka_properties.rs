@@ -111,13 +111,6 @@ pub struct ClientProperties(BTreeMap<String, Property>);
 pub struct PropertiesError(pub Vec<String>);
 
 impl ClientProperties {
-    /// From the process: the file of `KAFKA_CONFIG_FILE` (if set and not empty) and the
-    /// `KAFKA_CONFIG_*` variables.
-    pub fn from_env() -> Result<Self, PropertiesError> {
-        let file = std::env::var_os(FILE_VAR).filter(|f| !f.is_empty()).map(PathBuf::from);
-        Self::load(file.as_deref(), std::env::vars_os())
-    }
-
     /// The value parser of `KafkaSettings::kafka_config` (`--kafka-config-file`, env
     /// `KAFKA_CONFIG_FILE`, default empty): that file, if any, and the `KAFKA_CONFIG_*` variables
     /// of the process.
