@@ -81,7 +81,9 @@ pub const AUTHENTICATION_FAILED: &str =
 fn is_authentication_error(error: &rdkafka::error::KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed | RDKafkaErrorCode::SSL | RDKafkaErrorCode::UnsupportedSASLMechanism)
+        Some(
+            RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed | RDKafkaErrorCode::SSL | RDKafkaErrorCode::UnsupportedSASLMechanism
+        )
     )
 }
 

@@ -418,7 +418,8 @@ mod tests {
         assert!(e.contains("KAFKA_CONFIG_SASL_MECHANISMZ sets sasl.mechanismz: No such configuration property"), "{e}");
         assert!(e.contains("KAFKA_CONFIG_SECURITY_PROTOCOL sets security.protocol: Invalid value \"SASL_TLS\""), "{e}");
         // A client.properties written for the Java client: librdkafka names what it does not take.
-        let (_t, path) = file("sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\nssl.truststore.location=/etc/kafka/truststore.jks\n");
+        let (_t, path) =
+            file("sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\nssl.truststore.location=/etc/kafka/truststore.jks\n");
         let e = ClientProperties::load(Some(&path), env(&[])).unwrap_err().to_string();
         assert!(e.contains("line 1 sets sasl.jaas.config: Java JAAS configuration is not supported"), "{e}");
         assert!(e.contains("line 2 sets ssl.truststore.location: Java TrustStores are not supported, use `ssl.ca.location`"), "{e}");
