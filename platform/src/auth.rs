@@ -1,5 +1,7 @@
 //! Bearer-token authentication: HS256 JWTs whose `sub` is the user id and whose `exp` is enforced.
 
+use std::sync::Arc;
+
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -38,8 +40,13 @@ pub enum AuthError {
     Invalid,
 }
 
+/// Verifies and issues tokens. Cheap to clone (the keys are shared): the HTTP layers take it from
+/// the application state on every request.
 #[derive(Clone)]
-pub struct JwtAuth {
+pub struct JwtAuth(Arc<Keys>);
+
+#[derive(Clone)]
+struct Keys {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
@@ -52,19 +59,17 @@ impl JwtAuth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        Self {
+        Self(Arc::new(Keys {
             decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             validation,
             service: None,
-        }
+        }))
     }
 
     /// Also accepts (and can issue) service tokens signed with `secret`.
     pub fn with_service_secret(mut self, secret: Option<&Secret>) -> Self {
-        self.service = secret.map(|s| {
-            (DecodingKey::from_secret(s.expose().as_bytes()), EncodingKey::from_secret(s.expose().as_bytes()))
-        });
+        Arc::make_mut(&mut self.0).service = secret.map(|s| (DecodingKey::from_secret(s.expose().as_bytes()), EncodingKey::from_secret(s.expose().as_bytes())));
         self
     }
 
@@ -73,9 +78,9 @@ impl JwtAuth {
         let token = bearer(header)?;
         match self.verify(token) {
             Ok(user) => Ok(Caller { user, service: None }),
-            Err(AuthError::Invalid) if self.service.is_some() => {
-                let (key, _) = self.service.as_ref().expect("checked");
-                let data = decode::<Claims>(token, key, &self.validation).map_err(|e| match e.kind() {
+            Err(AuthError::Invalid) if self.0.service.is_some() => {
+                let (key, _) = self.0.service.as_ref().expect("checked");
+                let data = decode::<Claims>(token, key, &self.0.validation).map_err(|e| match e.kind() {
                     jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                     _ => AuthError::Invalid,
                 })?;
@@ -89,7 +94,7 @@ impl JwtAuth {
 
     /// Issues a service token for `service` acting on behalf of `user`.
     pub fn issue_service(&self, service: &str, user: &UserId, ttl_seconds: i64) -> Option<String> {
-        let (_, key) = self.service.as_ref()?;
+        let (_, key) = self.0.service.as_ref()?;
         let now = chrono::Utc::now().timestamp();
         let claims = Claims { sub: service.to_owned(), exp: now + ttl_seconds, iat: Some(now), obo: Some(user.to_string()) };
         encode(&Header::new(Algorithm::HS256), &claims, key).ok()
@@ -101,7 +106,7 @@ impl JwtAuth {
     }
 
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
-        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
+        let data = decode::<Claims>(token, &self.0.decoding, &self.0.validation).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
             _ => AuthError::Invalid,
         })?;
@@ -112,7 +117,7 @@ impl JwtAuth {
     pub fn issue(&self, user: &str, ttl_seconds: i64) -> String {
         let now = chrono::Utc::now().timestamp();
         let claims = Claims { sub: user.to_owned(), exp: now + ttl_seconds, iat: Some(now), obo: None };
-        encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing cannot fail")
+        encode(&Header::new(Algorithm::HS256), &claims, &self.0.encoding).expect("HS256 signing cannot fail")
     }
 }
 

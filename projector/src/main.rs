@@ -1,6 +1,10 @@
 use clap::Parser;
 use projector::{Application, Cli, Command};
 
+/// mimalloc, as in the command API and the query API: many small short-lived allocations per record.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
