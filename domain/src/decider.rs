@@ -76,7 +76,9 @@ impl LiveTask {
 pub enum TaskState {
     #[default]
     Absent,
-    Live(LiveTask),
+    /// Boxed, so that the map slot of every stream (and of every deleted task's tombstone) is the
+    /// size of the small variants, not of a live task.
+    Live(Box<LiveTask>),
     Deleted {
         owner: UserId,
         version: u32,
@@ -190,7 +192,7 @@ impl Decider for TaskDecider {
     fn evolve(state: TaskState, owner: &UserId, event: &TaskEvent) -> TaskState {
         let version = state.version() + 1;
         match (state, event) {
-            (_, TaskEvent::Created(t)) => TaskState::Live(LiveTask {
+            (_, TaskEvent::Created(t)) => TaskState::Live(Box::new(LiveTask {
                 owner: owner.clone(),
                 version,
                 status: TaskStatus::Open,
@@ -199,7 +201,7 @@ impl Decider for TaskDecider {
                 recurrence: t.recurrence.clone(),
                 timezone: t.timezone,
                 reminded_for: None,
-            }),
+            })),
             (TaskState::Live(mut t), TaskEvent::Updated(p)) => {
                 t.version = version;
                 if let Some(due) = &p.due_at {
@@ -508,6 +510,14 @@ mod tests {
         given(&[TaskEvent::Created(new_task())]).when(CommandKind::Delete).then(vec![TaskEvent::Deleted]);
         given(&[TaskEvent::Created(new_task()), TaskEvent::Completed]).when(CommandKind::Delete).then(vec![TaskEvent::Deleted]);
     }
+    #[test]
+    fn a_deleted_task_keeps_a_small_tombstone() {
+        // The writer keeps one state per stream forever (a deleted id must stay refused), so the map
+        // slot must not be the size of a live task: the live one is boxed.
+        eprintln!("TaskState {} bytes, LiveTask {} bytes", std::mem::size_of::<TaskState>(), std::mem::size_of::<LiveTask>());
+        assert!(std::mem::size_of::<TaskState>() <= 32, "TaskState is {} bytes", std::mem::size_of::<TaskState>());
+    }
+
     #[test]
     fn delete_a_deleted_task_conflicts() {
         given(&[TaskEvent::Created(new_task()), TaskEvent::Deleted]).when(CommandKind::Delete).then_error(DomainError::Deleted);
