@@ -18,7 +18,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 
-use platform::codec::{self, DecodeError, EncodedEvent, Record};
+use platform::codec::{self, DecodeError, EncodedEvent, EncodedState, Record};
 use platform::kafka::QuietEof;
 use platform::position::Position;
 use platform::settings::KafkaSettings;
@@ -75,9 +75,10 @@ pub trait EventLog: Send + 'static {
     /// Makes the partition writable by this writer (fences any previous owner of the partition and
     /// completes or aborts its open transaction); returns at once if it already is.
     fn connect(&mut self) -> impl std::future::Future<Output = Result<(), LogError>> + Send;
-    /// Appends all records atomically; returns each record's position, in order. On error nothing
-    /// is known to be appended; the caller must `read_from` its next offset to find out.
-    fn append(&mut self, records: Vec<EncodedEvent>) -> impl std::future::Future<Output = Result<Vec<Position>, LogError>> + Send;
+    /// Appends all records atomically, and with them (in the same transaction) the `task-updates`
+    /// records `states`, in the same partition number; returns each event's position, in order. On
+    /// error nothing is known to be appended; the caller must `read_from` its next offset to find out.
+    fn append(&mut self, records: Vec<EncodedEvent>, states: Vec<EncodedState>) -> impl std::future::Future<Output = Result<Vec<Position>, LogError>> + Send;
     /// Reads every committed record of the partition from offset `from` to the end, calling `apply`
     /// for each, and returns the offset after the last one read.
     fn read_from(&mut self, from: i64, apply: Apply) -> impl std::future::Future<Output = Result<i64, LogError>> + Send;
@@ -210,13 +211,17 @@ impl EventLog for KafkaLog {
         Ok(())
     }
 
-    async fn append(&mut self, records: Vec<EncodedEvent>) -> Result<Vec<Position>, LogError> {
+    async fn append(&mut self, records: Vec<EncodedEvent>, states: Vec<EncodedState>) -> Result<Vec<Position>, LogError> {
         let topic = &self.settings.kafka.task_events_topic;
-        let outgoing = records
-            .into_iter()
-            .map(|r| Outgoing { topic: topic.clone(), partition: self.partition, key: r.key, payload: Some(r.payload), headers: r.headers })
-            .collect();
-        self.transact(outgoing).await
+        let updates = self.settings.kafka.updates_topic();
+        let events = records.len();
+        let mut outgoing: Vec<Outgoing> = Vec::with_capacity(events + states.len());
+        outgoing.extend(records.into_iter().map(|r| Outgoing { topic: topic.clone(), partition: self.partition, key: r.key, payload: Some(r.payload), headers: r.headers }));
+        // The same partition number as the task's events (the topics have as many partitions).
+        outgoing.extend(states.into_iter().map(|s| Outgoing { topic: updates.clone(), partition: self.partition, key: s.key, payload: s.payload, headers: s.headers }));
+        let mut positions = self.transact(outgoing).await?;
+        positions.truncate(events);
+        Ok(positions)
     }
 
     async fn read_from(&mut self, from: i64, apply: Apply) -> Result<i64, LogError> {

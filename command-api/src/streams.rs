@@ -1,12 +1,14 @@
 //! The in-memory states of a partition's streams, one map per registered aggregate (a small type
-//! map keyed by the decider's type), the batch overlay that decisions stage into (`Layered`), and
-//! their snapshot form.
+//! map keyed by the decider's type), the current state (`TaskView`) of every live task of the
+//! partition (the value of its next `task-updates` record), the batch overlay that decisions stage
+//! into (`Layered`), and their snapshot form.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 
-use domain::{Aggregates, Decider, DeciderVisitor, DomainEvent, StreamId, UserId};
+use domain::current::TaskView;
+use domain::{Aggregates, Decider, DeciderVisitor, DomainEvent, Envelope, StreamId, TaskEvent, TaskId, UserId};
 
 pub type Subject<D> = <<D as Decider>::Event as DomainEvent>::Subject;
 
@@ -19,9 +21,35 @@ pub fn apply_event<D: Decider>(streams: &mut Layered<'_>, id: &Subject<D>, actor
     D::version(state)
 }
 
-/// The states of every stream, one map per aggregate (keyed by the decider's type).
+/// The envelope as a task event's, if it is one (user-level events have no `task-updates` state).
+pub fn as_task_event<E: DomainEvent>(env: &Envelope<E>) -> Option<&Envelope<TaskEvent>> {
+    (env as &dyn Any).downcast_ref::<Envelope<TaskEvent>>()
+}
+
+/// Folds an accepted event into its task's current state (`TaskView`), if it is a task event; the
+/// live path (after `apply_event`) and the restore both go through here. Returns whether it was.
+pub fn apply_view<E: DomainEvent>(streams: &mut Layered<'_>, env: &Envelope<E>) -> bool {
+    let Some(env) = as_task_event(env) else { return false };
+    let committed = streams.committed;
+    let views = &mut streams.staged.views;
+    let slot = views.entry(env.subject).or_insert_with(|| committed.and_then(|c| c.views.get(&env.subject)).cloned().flatten());
+    *slot = TaskView::next(slot.take(), env);
+    if slot.is_none() && committed.is_none() {
+        // Nothing underneath to shadow (a restore): a deleted task keeps nothing.
+        views.remove(&env.subject);
+    }
+    true
+}
+
+/// The states of every stream, one map per aggregate (keyed by the decider's type), and the
+/// current state of every live task.
 #[derive(Default)]
-pub struct States(HashMap<TypeId, Box<dyn AnyStreams>>);
+pub struct States {
+    streams: HashMap<TypeId, Box<dyn AnyStreams>>,
+    /// By task: its `TaskView`; in a batch's staged states, `None` is a task the batch deleted (the
+    /// committed states never hold a `None`: a deleted task keeps nothing here).
+    views: HashMap<TaskId, Option<TaskView>>,
+}
 
 /// One aggregate's states by stream id.
 struct Streams<D: Decider>(HashMap<Subject<D>, D::State>, PhantomData<fn() -> D>);
@@ -51,30 +79,46 @@ impl<D: Decider> AnyStreams for Streams<D> {
 
 impl States {
     fn get<D: Decider>(&self) -> Option<&HashMap<Subject<D>, D::State>> {
-        self.0.get(&TypeId::of::<D>()).and_then(|s| s.as_any().downcast_ref::<Streams<D>>()).map(|s| &s.0)
+        self.streams.get(&TypeId::of::<D>()).and_then(|s| s.as_any().downcast_ref::<Streams<D>>()).map(|s| &s.0)
     }
 
     fn of<D: Decider>(&mut self) -> &mut HashMap<Subject<D>, D::State> {
-        let streams = self.0.entry(TypeId::of::<D>()).or_insert_with(|| Box::new(Streams::<D>(HashMap::new(), PhantomData)));
+        let streams = self.streams.entry(TypeId::of::<D>()).or_insert_with(|| Box::new(Streams::<D>(HashMap::new(), PhantomData)));
         &mut streams.as_any_mut().downcast_mut::<Streams<D>>().expect("keyed by the decider's type").0
     }
 
     /// Takes over every state of `staged` (a batch made durable).
     pub fn absorb(&mut self, staged: States) {
-        for (_, streams) in staged.0 {
+        for (_, streams) in staged.streams {
             streams.merge_into(self);
+        }
+        for (id, view) in staged.views {
+            match view {
+                Some(v) => {
+                    self.views.insert(id, Some(v));
+                }
+                None => {
+                    self.views.remove(&id);
+                }
+            }
         }
     }
 
+    /// How many streams (of every aggregate) there are.
     pub fn len(&self) -> usize {
-        self.0.values().map(|s| s.len()).sum()
+        self.streams.values().map(|s| s.len()).sum()
+    }
+
+    /// How many live tasks have a current state.
+    pub fn views(&self) -> usize {
+        self.views.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The snapshot form: `{"<aggregate>": [[stream id, state], ...], ...}`.
+    /// The snapshot form: `{"<aggregate>": [[stream id, state], ...], ..., "task_views": [view, ...]}`.
     pub fn to_snapshot(&self) -> serde_json::Value {
         struct Collect<'a>(&'a States, serde_json::Map<String, serde_json::Value>);
         impl DeciderVisitor for Collect<'_> {
@@ -89,6 +133,8 @@ impl States {
         }
         let mut c = Collect(self, serde_json::Map::new());
         Aggregates::visit(&mut c);
+        let views: Vec<serde_json::Value> = self.views.values().flatten().filter_map(|v| serde_json::to_value(v).ok()).collect();
+        c.1.insert(VIEWS_KEY.to_owned(), views.into());
         serde_json::Value::Object(c.1)
     }
 
@@ -117,12 +163,21 @@ impl States {
         }
         let mut l = Load(&mut value, States::default(), None);
         Aggregates::visit(&mut l);
-        match l.2 {
-            Some(e) => Err(e),
-            None => Ok(l.1),
+        if let Some(e) = l.2 {
+            return Err(e);
         }
+        let mut states = l.1;
+        let Some(views) = value.get_mut(VIEWS_KEY).map(serde_json::Value::take) else {
+            return Err(format!("the snapshot has no {VIEWS_KEY} (the tasks' current states)"));
+        };
+        let views: Vec<TaskView> = serde_json::from_value(views).map_err(|e| format!("{VIEWS_KEY}: {e}"))?;
+        states.views = views.into_iter().map(|v| (v.task_id, Some(v))).collect();
+        Ok(states)
     }
 }
+
+/// Where the snapshot form keeps the tasks' current states.
+const VIEWS_KEY: &str = "task_views";
 
 /// A batch's staged states over the committed ones: reads see staged first, writes go to staged.
 pub struct Layered<'a> {
@@ -139,6 +194,14 @@ impl Layered<'_> {
     pub fn current<D: Decider>(&self, id: &Subject<D>) -> D::State {
         let staged = self.staged.get::<D>().and_then(|m| m.get(id));
         staged.or_else(|| self.committed.and_then(|c| c.get::<D>()).and_then(|m| m.get(id))).cloned().unwrap_or_default()
+    }
+
+    /// The task's current state (`None`: no such task, or deleted).
+    pub fn view(&self, id: &TaskId) -> Option<&TaskView> {
+        match self.staged.views.get(id) {
+            Some(staged) => staged.as_ref(),
+            None => self.committed.and_then(|c| c.views.get(id)).and_then(Option::as_ref),
+        }
     }
 
     /// The stream's state to evolve (copied from the committed state on first touch).

@@ -5,6 +5,13 @@
 //! one stream are therefore applied in order, versions are contiguous, and the log never holds a
 //! rejected event. Writers of different partitions commit in parallel.
 //!
+//! The same transaction carries the partition's `task-updates` records: after every accepted task
+//! command, the task's full state (`TaskView`, a tombstone after a deletion), so the current-state
+//! topic and the log can never disagree. The writer keeps the `TaskView` of every live task of the
+//! partition next to the decider's state (`States`: evolved live and at restore, recorded in the
+//! snapshot), because the decider's state holds only what the rules look at (no title, description
+//! or tags) and `evolve` does not see the event's time.
+//!
 //! Taking a partition over: fence the previous owner (`EventLog::connect`), restore the latest
 //! snapshot and read the partition to its end, announce the ownership, then accept commands. Giving
 //! it up (`Writer::stop`): stop accepting, finish the transaction in flight, refuse what is queued.
@@ -18,13 +25,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use domain::{AnyCommand, CommandVisitor, Decider, DomainError, Envelope, FieldError, IdempotencyTag, Metadata, Receipt, Record, RecordVisitor, UserId};
-use platform::codec::{self, EncodedEvent};
+use platform::codec::{self, EncodedEvent, EncodedState};
 use platform::position::Position;
 use platform::retry::Policy;
 
 use crate::idempotency::{Answer, IdempotencyCache, KeptAnswer};
 use crate::log::{EventLog, LogError, OwnerRecord, Undecodable};
-use crate::streams::{apply_event, Layered, States};
+use crate::streams::{apply_event, apply_view, as_task_event, Layered, States};
 
 /// Metadata carried with a command into its events.
 #[derive(Debug, Clone, Default)]
@@ -193,7 +200,9 @@ struct Snapshot {
     blocked: Vec<(String, i32, i64)>,
 }
 
-const SNAPSHOT_FORMAT: u32 = 1;
+/// 2: the states include the tasks' current states (`task_views`). A snapshot of format 1 is
+/// ignored (the writer restores from the start of the log, which is kept forever).
+const SNAPSHOT_FORMAT: u32 = 2;
 
 /// A restore that read more events than this after the snapshot records a new one at once.
 const RESTORED_TAIL_SNAPSHOT: u64 = 10_000;
@@ -452,6 +461,7 @@ impl<L: EventLog> Actor<L> {
         // State after this batch's accepted commands, not yet durable.
         let mut staged = States::default();
         let mut records: Vec<EncodedEvent> = Vec::new();
+        let mut updates: Vec<EncodedState> = Vec::new();
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
         let mut refused: Vec<(Submission, String)> = Vec::new();
         for sub in batch {
@@ -468,6 +478,7 @@ impl<L: EventLog> Actor<L> {
             let mut stage = Stage {
                 streams: Layered { committed: Some(&self.states), staged: &mut staged },
                 records: &mut records,
+                updates: &mut updates,
                 meta: &sub.meta,
                 now,
                 saw_staged: false,
@@ -493,7 +504,7 @@ impl<L: EventLog> Actor<L> {
         for r in &records {
             *types.entry(r.event_type).or_default() += 1;
         }
-        match self.log.append(records).await {
+        match self.log.append(records, updates).await {
             Ok(positions) => {
                 metrics::histogram!("command_api_append_seconds").record(started.elapsed().as_secs_f64());
                 metrics::counter!("command_api_events_appended_total").increment(n as u64);
@@ -540,10 +551,12 @@ impl<L: EventLog> Actor<L> {
 }
 
 /// Decides one command against the state of its stream (staged by an earlier command of the batch,
-/// or committed), stages the new state and encodes the events.
+/// or committed), stages the new state and encodes the events, and for a task command the task's
+/// state after it (its `task-updates` record).
 struct Stage<'a> {
     streams: Layered<'a>,
     records: &'a mut Vec<EncodedEvent>,
+    updates: &'a mut Vec<EncodedState>,
     meta: &'a CommandMeta,
     now: DateTime<Utc>,
     saw_staged: bool,
@@ -574,7 +587,15 @@ impl CommandVisitor for Stage<'_> {
                 traceparent: self.meta.traceparent.clone(),
                 idempotency: self.meta.idempotency.clone(),
             };
-            self.records.push(codec::encode(&Envelope { subject: id.clone(), meta, event }));
+            let env = Envelope { subject: id.clone(), meta, event };
+            let is_task = apply_view(&mut self.streams, &env);
+            self.records.push(codec::encode(&env));
+            if is_task && i + 1 == count {
+                // One current-state record per accepted command: the state after its last event.
+                if let Some(task) = as_task_event(&env) {
+                    self.updates.push(codec::encode_state(task, self.streams.view(&task.subject)));
+                }
+            }
         }
         decided.ok_or_else(|| DomainError::Invalid(vec![FieldError::new("", "the command changes nothing")]))
     }
@@ -640,6 +661,7 @@ impl RecordVisitor for Replay<'_> {
 
     fn record<D: Decider>(&mut self, env: &Envelope<D::Event>) -> Answer {
         let version = apply_event::<D>(&mut self.streams, &env.subject, &env.meta.user_id, &env.event);
+        apply_view(&mut self.streams, env);
         if version != env.meta.sequence {
             tracing::warn!(subject = %env.subject, expected = env.meta.sequence, got = version, "log sequence differs from replayed version");
         }

@@ -43,7 +43,7 @@ impl Topics {
             dlq: format!("{events}.dlq"),
             owners: format!("{events}.owners"),
             snapshots: format!("{events}.snapshots"),
-            updates: UPDATES_TOPIC.to_owned(),
+            updates: crate::settings::updates_topic_for(events),
         }
     }
 
@@ -52,7 +52,8 @@ impl Topics {
     }
 }
 
-/// The current-state topic.
+/// The current-state topic (of the log `task-events`; another log's is `<events>.updates`,
+/// `settings::updates_topic_for`).
 pub const UPDATES_TOPIC: &str = "task-updates";
 /// `ce_type` of a `task-updates` record, and the name of its data schema.
 pub const TASK_STATE_TYPE: &str = domain::current::TaskView::TYPE;

@@ -29,12 +29,13 @@ pub fn client_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig 
 pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(settings, "taskstream-admin").create()?;
     let dlq = settings.dlq_topic();
-    let (owners, snapshots) = (settings.owners_topic(), settings.snapshots_topic());
+    let (owners, snapshots, updates) = (settings.owners_topic(), settings.snapshots_topic(), settings.updates_topic());
     let replication = || TopicReplication::Fixed(settings.task_events_replication);
+    let min_insync = if settings.task_events_replication > 1 { "2" } else { "1" };
     let topics = [
         // The log is the source of truth: never delete it by age or size.
         NewTopic::new(&settings.task_events_topic, settings.task_events_partitions, replication())
-            .set("min.insync.replicas", if settings.task_events_replication > 1 { "2" } else { "1" })
+            .set("min.insync.replicas", min_insync)
             .set("retention.ms", "-1")
             .set("retention.bytes", "-1"),
         NewTopic::new(&dlq, settings.task_events_partitions, replication()),
@@ -46,6 +47,17 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
             .set("segment.ms", "600000")
             .set("min.cleanable.dirty.ratio", "0.1")
             .set("max.message.bytes", "8388608"),
+        // The current state of every task (written in the log's transactions, partition p with
+        // partition p): compacted, so a consumer reading it from the start gets one record per
+        // live task; tombstones stay a day so a consumer that catches up within a day sees the
+        // deletions. Hourly segments and a dirty ratio of 0.2 keep the duplicates few without
+        // recompacting a large topic all the time.
+        NewTopic::new(&updates, settings.task_events_partitions, replication())
+            .set("cleanup.policy", "compact")
+            .set("min.insync.replicas", min_insync)
+            .set("segment.ms", "3600000")
+            .set("min.cleanable.dirty.ratio", "0.2")
+            .set("delete.retention.ms", "86400000"),
     ];
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
     for result in admin.create_topics(&topics, &opts).await? {
@@ -54,6 +66,30 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
         }
+    }
+    // A writer writes the state of partition p's tasks to partition p of the current-state topic:
+    // one made elsewhere with other partitions than the log would fail (or mix) those writes.
+    let consumer: BaseConsumer = client_config(settings, "taskstream-admin").create()?;
+    let (events, timeout) = (settings.task_events_topic.clone(), Duration::from_secs(10));
+    let (log, current) = tokio::task::spawn_blocking(move || {
+        // A topic just created may take a moment to show in every broker's metadata.
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let counts = partitions(&consumer, &events, timeout).and_then(|log| Ok((log.len(), partitions(&consumer, &updates, timeout)?.len())));
+            match counts {
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                other => return other,
+            }
+        }
+    })
+    .await??;
+    if log != current {
+        anyhow::bail!(
+            "the current-state topic {} has {current} partitions but the log {} has {log}: they must have as many (recreate {} with {log})",
+            settings.updates_topic(),
+            settings.task_events_topic,
+            settings.updates_topic()
+        );
     }
     Ok(())
 }

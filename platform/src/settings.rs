@@ -50,6 +50,24 @@ impl KafkaSettings {
     pub fn snapshots_topic(&self) -> String {
         format!("{}.snapshots", self.task_events_topic)
     }
+
+    /// The current-state topic (compacted, key = task id, as many partitions as the log): see
+    /// [`updates_topic_for`].
+    pub fn updates_topic(&self) -> String {
+        updates_topic_for(&self.task_events_topic)
+    }
+}
+
+/// The current-state topic of the event log `events`: `task-updates` for the contract's
+/// `task-events`, `<events>.updates` for any other log (a test's, a benchmark's), so that every log
+/// has its own, with its partition count (a writer of partition p writes the state of p's tasks to
+/// partition p).
+pub fn updates_topic_for(events: &str) -> String {
+    if events == "task-events" {
+        crate::catalogue::UPDATES_TOPIC.to_owned()
+    } else {
+        format!("{events}.updates")
+    }
 }
 
 #[derive(Debug, Clone, Args)]

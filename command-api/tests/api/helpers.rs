@@ -18,7 +18,8 @@ use command_api::log::{Apply, EventLog, LogError, Undecodable};
 use command_api::writer::WriterConfig;
 use command_api::AppState;
 use domain::TaskEvent;
-use platform::codec::{self, DecodeError, EncodedEvent, Envelope};
+use domain::current::TaskView;
+use platform::codec::{self, DecodeError, EncodedEvent, EncodedState, Envelope};
 use platform::position::Position;
 use test_support::{eventually, Tokens};
 
@@ -50,9 +51,32 @@ impl LogRecord {
     }
 }
 
+/// One record of the fake `task-updates` topic (`payload` `None`: a tombstone).
+#[derive(Clone)]
+pub struct UpdateRecord {
+    pub key: String,
+    pub payload: Option<Vec<u8>>,
+    pub headers: OwnedHeaders,
+    pub position: Position,
+}
+
+impl UpdateRecord {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().filter(|h| h.key == name).last().map(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())
+    }
+
+    /// The task's state, `None` for a tombstone; panics on a value that is not a `TaskView`.
+    pub fn view(&self) -> Option<TaskView> {
+        self.payload.as_ref().map(|p| serde_json::from_slice(p).expect("a task-updates value is a TaskView"))
+    }
+}
+
 #[derive(Default)]
 struct LogData {
     records: Vec<LogRecord>,
+    /// The `task-updates` topic, written in the same appends as `records`.
+    updates: Vec<UpdateRecord>,
+    updates_next_offset: BTreeMap<i32, i64>,
     next_offset: BTreeMap<i32, i64>,
     snapshots: BTreeMap<i32, Vec<u8>>,
 }
@@ -90,6 +114,16 @@ impl FakeLog {
 
     pub fn len(&self) -> usize {
         self.lock().records.len()
+    }
+
+    /// Every record of the fake `task-updates`, in the order appended.
+    pub fn updates(&self) -> Vec<UpdateRecord> {
+        self.lock().updates.clone()
+    }
+
+    /// The `task-updates` records of one task, in order.
+    pub fn updates_of(&self, task_id: &str) -> Vec<UpdateRecord> {
+        self.updates().into_iter().filter(|r| r.key == task_id).collect()
     }
 
     /// Every record decoded; panics on a record the codec cannot read (the log must never hold one).
@@ -181,7 +215,7 @@ impl EventLog for FakeLog {
         self.check()
     }
 
-    async fn append(&mut self, records: Vec<EncodedEvent>) -> Result<Vec<Position>, LogError> {
+    async fn append(&mut self, records: Vec<EncodedEvent>, states: Vec<EncodedState>) -> Result<Vec<Position>, LogError> {
         let now = self.appends_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_appends_in_flight.fetch_max(now, Ordering::SeqCst);
         let delay = self.append_delay_ms.load(Ordering::SeqCst);
@@ -203,6 +237,13 @@ impl EventLog for FakeLog {
             *next += 1;
             positions.push(position);
             data.records.push(LogRecord { key, payload, headers, position });
+        }
+        for EncodedState { key, payload, headers } in states {
+            let partition = partition_for(&key);
+            let next = data.updates_next_offset.entry(partition).or_insert(0);
+            let position = Position { partition, offset: *next };
+            *next += 1;
+            data.updates.push(UpdateRecord { key, payload, headers, position });
         }
         Ok(positions)
     }

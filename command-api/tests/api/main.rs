@@ -15,3 +15,4 @@ mod notifications;
 mod operations;
 mod problems;
 mod tasks;
+mod updates;
