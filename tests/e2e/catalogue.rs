@@ -61,7 +61,7 @@ fn version_of(r: &LogRecord) -> u32 {
 
 /// Validates `records` ({type, version, data}) against the committed schemas with
 /// schemas/tools/check.mjs (Ajv; modules from deploy/local/asyncapi.sh).
-fn validate(records: &[Value]) -> anyhow::Result<String> {
+pub(crate) fn validate(records: &[Value]) -> anyhow::Result<String> {
     let node_path = std::env::var("ASYNCAPI_NODE_PATH").map_err(|_| {
         anyhow::anyhow!("ASYNCAPI_NODE_PATH is not set: run ./dev test, or `source deploy/local/lib.sh; source deploy/local/asyncapi.sh; ensure_asyncapi_tools` and export ASYNCAPI_NODE_PATH=$PWD/.local/asyncapi/node_modules")
     })?;

@@ -11,6 +11,7 @@ mod projector_group;
 mod reactions;
 mod secured;
 mod startup;
+mod updates;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
