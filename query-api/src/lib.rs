@@ -12,7 +12,7 @@
 //! ```text
 //! routes       HTTP: /graphql (with consistency-token waits), /graphql/ws, health, metrics; assembles TaskSchema
 //! graphiql     the GraphiQL page and its vendored assets (assets/graphiql/), embedded in the binary
-//! apq          automatic persisted queries: the documents' cache (moka) and the protocol's error codes
+//! apq          automatic persisted queries: the documents' cache (moka) and the protocol's error codes; documents kept parsed by their text
 //! ws           the WebSocket transport and its limits (init timeout, token expiry, subscriptions, connections, message size)
 //! live         subscriptions: one NOTIFY listener (Hub) fanned out to taskChanged / notificationReceived
 //! schema       the GraphQL types and queries (list fields carry their cost); maps GraphQL enums and filters onto the store's terms

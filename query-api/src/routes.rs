@@ -29,7 +29,7 @@ use platform::db::Migrations;
 use platform::position::Position;
 use platform::ratelimit::{RateLimiter, RateLimits};
 
-use crate::apq::{PersistedQueries, PersistedQueryCodes};
+use crate::apq::{ParsedDocuments, PersistedQueries, PersistedQueryCodes};
 use crate::cost::{CostLimit, CostLimits};
 use crate::error::ApiError;
 use crate::live::{Hub, LiveContext, Subscription};
@@ -94,6 +94,10 @@ impl Default for Limits {
 /// than the default limit (12) meant for data. Introspection is answered from the schema in memory.
 pub const INTROSPECTION_MIN_DEPTH: usize = 16;
 
+/// Estimated memory of the documents kept parsed by their text ([`ParsedDocuments`]): a typical
+/// document weighs a few KiB, so thousands of distinct documents fit.
+const PARSED_DOCUMENTS_BYTES: u64 = 16 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct AppState {
     schema: TaskSchema,
@@ -109,6 +113,8 @@ pub struct AppState {
     rate_limiter: RateLimiter,
     /// Automatic persisted queries' documents (`None`: turned off).
     persisted: Option<PersistedQueries>,
+    /// Documents sent in full, kept parsed by their text.
+    documents: ParsedDocuments,
     /// The start-up migrations: until they are applied, GraphQL answers 503 (NOT_READY).
     migrations: Migrations,
 }
@@ -140,6 +146,7 @@ impl AppState {
             progress,
             rate_limiter: RateLimiter::new(limits.rate, "graphql_rate_limited_total"),
             persisted,
+            documents: ParsedDocuments::new(PARSED_DOCUMENTS_BYTES),
             limits: Arc::new(limits),
             hub,
             connections: Connections::default(),
@@ -300,13 +307,14 @@ async fn execute(
         let position = token.to_str().ok().and_then(|t| Position::from_token(t).ok()).ok_or(ApiError::BadConsistencyToken)?;
         state.progress.wait_for(position, state.limits.consistency_wait).await?;
     }
+    state.documents.parse(&mut request).await;
     let schema = if introspection_only(&mut request, state.persisted.as_ref()).await { &state.introspection } else { &state.schema };
     Ok(schema.execute(request.data(user)).await)
 }
 
 /// Whether every operation of the document (sent, or persisted and named by its hash) selects only
-/// introspection fields at its root. (A sent document is kept parsed in the request, so it is
-/// parsed once.)
+/// introspection fields at its root. (A sent document is already parsed in the request, see
+/// [`ParsedDocuments::parse`].)
 async fn introspection_only(request: &mut async_graphql::Request, persisted: Option<&PersistedQueries>) -> bool {
     let persisted_doc = match persisted {
         Some(p) if request.query.is_empty() => p.document_of(request).await,

@@ -194,16 +194,29 @@ impl PageInfo {
     }
 }
 
-#[derive(SimpleObject, Debug)]
+/// A task of a page and its position; the cursor (`cursor`, the position encoded) is only
+/// encoded when it is selected: a client paging through usually reads only `pageInfo.endCursor`.
+#[derive(Debug)]
 pub struct TaskEdge {
-    pub cursor: String,
+    pub position: Keyset,
     pub node: Task,
+}
+
+#[Object]
+impl TaskEdge {
+    async fn cursor(&self) -> String {
+        self.position.encode()
+    }
+
+    async fn node(&self) -> &Task {
+        &self.node
+    }
 }
 
 impl DirectObject for TaskEdge {
     fn field_value(&self, name: &str, selection: &ContextSelectionSet<'_>) -> Option<Value> {
         match name {
-            "cursor" => Some(scalar(&self.cursor)),
+            "cursor" => Some(Value::String(self.position.encode())),
             "node" => direct::object_value(&self.node, selection),
             _ => None,
         }
@@ -460,9 +473,14 @@ impl Query {
         let mut rows = store::tasks(&qc.pool, user, order_by, &filter, after.as_ref(), limit + 1).await.map_err(internal)?;
         let has_next_page = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
-        let edges: Vec<TaskEdge> = rows.into_iter().map(|r| TaskEdge { cursor: Keyset::of(order_by, &r).encode(), node: r.into() }).collect();
-        let cursors: Vec<String> = edges.iter().map(|e| e.cursor.clone()).collect();
-        Ok(TaskConnection { page_info: PageInfo::of(&cursors, has_next_page, after.is_some()), edges: DirectList(edges) })
+        let edges: Vec<TaskEdge> = rows.into_iter().map(|r| TaskEdge { position: Keyset::of(order_by, &r), node: r.into() }).collect();
+        let page_info = PageInfo {
+            has_next_page,
+            has_previous_page: after.is_some(),
+            start_cursor: edges.first().map(|e| e.position.encode()),
+            end_cursor: edges.last().map(|e| e.position.encode()),
+        };
+        Ok(TaskConnection { page_info, edges: DirectList(edges) })
     }
 
     /// The events of one of the caller's tasks, oldest first; kept after the task is deleted. Another
@@ -623,7 +641,11 @@ mod tests {
             occurrence: None,
             ..full.clone()
         };
-        vec![TaskEdge { cursor: "c1".into(), node: full }, TaskEdge { cursor: "c2".into(), node: bare }]
+        let id = |n: u128| Uuid::from_u128(n);
+        vec![
+            TaskEdge { position: Keyset::PriorityDesc { priority: 3, due_at: Some(at(60)), id: id(1) }, node: full },
+            TaskEdge { position: Keyset::DueAtAsc { due_at: None, id: id(3) }, node: bare },
+        ]
     }
 
     struct Pages;

@@ -8,6 +8,11 @@ use chrono::{Duration as Span, Utc};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use domain::UserId;
+use platform::readmodel::TaskRow;
+use query_api::cursor::Order;
+use query_api::store::{self, TaskFilterSql};
+
 use crate::helpers::{base, spawn_app, SeedTask, TestApp};
 
 const PAGE: &str = "query($order: TaskOrder, $first: Int, $after: String, $filter: TaskFilter) {
@@ -167,6 +172,39 @@ async fn a_task_is_served_with_every_field_as_stored() {
     // Unknown and malformed ids are simply not found.
     for missing in [Uuid::new_v4().to_string(), "not-a-uuid".to_owned()] {
         assert_eq!(app.data("alice", q, json!({"id": missing})).await, json!({"task": null}));
+    }
+}
+
+/// The page and `task(id)` read rows by column position: every column comes back exactly as
+/// sqlx's `FromRow` (by column name) reads it, for a row with every column set and one with none.
+#[tokio::test]
+async fn rows_read_by_position_are_the_rows_read_by_name() {
+    let app = spawn_app().await;
+    let (full, bare) = (Uuid::new_v4(), Uuid::new_v4());
+    sqlx::query(
+        "INSERT INTO tasks (id, user_id, title, description, status, priority, due_at, timezone, recurrence, remind_before,
+                            remind_at, tags, version, created_at, updated_at, completed_at, recurrence_parent_id, occurrence, reminded_for)
+         VALUES ($1, 'alice', 'Water plants', 'the ferns too', 'completed', 2, '2026-03-01T09:00:00Z', 'Europe/Paris',
+                 'FREQ=WEEKLY;BYDAY=MO', 'PT30M', '2026-03-01T08:30:00Z', ARRAY['home','green'], 4,
+                 '2026-02-01T10:00:00Z', '2026-02-03T10:00:00Z', '2026-02-03T10:00:00Z', $2, 3, '2026-03-01T08:30:00Z')",
+    )
+    .bind(full)
+    .bind(Uuid::new_v4())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    app.seed(&SeedTask { id: bare, ..SeedTask::new("alice", "bare", base()) }).await;
+    let by_name: Vec<TaskRow> = sqlx::query_as(&format!("SELECT {} FROM tasks ORDER BY due_at ASC NULLS LAST, id ASC", TaskRow::COLUMNS))
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(by_name.iter().map(|r| r.id).collect::<Vec<_>>(), [full, bare]);
+    assert!(by_name[0].reminded_for.is_some() && by_name[0].recurrence_parent_id.is_some() && by_name[1].description.is_none());
+    let user = UserId::parse("alice".to_owned()).unwrap();
+    let page = store::tasks(&app.pool, &user, Order::DueAtAsc, &TaskFilterSql::default(), None, 10).await.unwrap();
+    assert_eq!(page, by_name);
+    for row in &by_name {
+        assert_eq!(store::task(&app.pool, &user, row.id).await.unwrap().as_ref(), Some(row));
     }
 }
 
