@@ -49,10 +49,7 @@ pub fn init(service: &str) -> Telemetry {
         .unwrap_or_else(|| EnvFilter::new(DEFAULT_TRACES_FILTER));
     // Without busy/idle times (the `busy_ns`/`idle_ns` attributes): keeping them reads the clock
     // and updates the span's data on every entry and exit, ~4% of the query API's CPU (perf).
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer(service.to_owned()))
-        .with_tracked_inactivity(false)
-        .with_filter(otel_filter);
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned())).with_tracked_inactivity(false).with_filter(otel_filter);
     let result = tracing_subscriber::registry().with(fmt_layer.with_filter(filter)).with(otel).try_init();
     if result.is_err() {
         return Telemetry { provider: None };

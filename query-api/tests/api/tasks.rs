@@ -194,10 +194,8 @@ async fn rows_read_by_position_are_the_rows_read_by_name() {
     .await
     .unwrap();
     app.seed(&SeedTask { id: bare, ..SeedTask::new("alice", "bare", base()) }).await;
-    let by_name: Vec<TaskRow> = sqlx::query_as(&format!("SELECT {} FROM tasks ORDER BY due_at ASC NULLS LAST, id ASC", TaskRow::COLUMNS))
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
+    let by_name: Vec<TaskRow> =
+        sqlx::query_as(&format!("SELECT {} FROM tasks ORDER BY due_at ASC NULLS LAST, id ASC", TaskRow::COLUMNS)).fetch_all(&app.pool).await.unwrap();
     assert_eq!(by_name.iter().map(|r| r.id).collect::<Vec<_>>(), [full, bare]);
     assert!(by_name[0].reminded_for.is_some() && by_name[0].recurrence_parent_id.is_some() && by_name[1].description.is_none());
     let user = UserId::parse("alice".to_owned()).unwrap();
