@@ -299,12 +299,27 @@ async fn assert_exact(stack: &Stack, written: &Written) -> anyhow::Result<()> {
     let Written { created: creates, completed_series: series, reminded } = written;
     eprintln!("tasks written: {} ({} series completed, {} reminders)", creates.len(), series.len(), reminded.len());
     assert!(!series.is_empty() && !reminded.is_empty());
-    // Generous: a reminder whose firing failed (the command API overloaded) waits for its backoff.
-    eventually("the reminders to fire", Duration::from_secs(120), || async {
+    // Generous: a reminder whose firing failed (the command API overloaded: the whole suite runs
+    // in parallel on two cores in CI) waits for its backoff, 1 s doubling per failure, so a few
+    // failures in a row can take it past two minutes. A reminder that never fires still fails here,
+    // and the failure shows where each unfired reminder stands.
+    let fired = eventually("the reminders to fire", Duration::from_secs(300), || async {
         let fired = scalar(stack, "SELECT count(*) FROM task_history WHERE event_type = 'task.reminder_due'").await.ok()?;
         (fired >= reminded.len() as i64).then_some(())
     })
-    .await?;
+    .await;
+    if let Err(e) = fired {
+        let mut db = stack.db().await?;
+        let waiting: Vec<(String,)> = sqlx::query_as(
+            "SELECT concat_ws(' ', s.task_id, s.remind_at, 'attempts', a.attempts, 'next', a.next_attempt_at, 'failure', a.failure, a.last_error, 'claimed by', a.claimed_by, a.claimed_until) \
+             FROM reminder_schedule s LEFT JOIN reminder_attempts a USING (task_id, remind_at) ORDER BY s.remind_at",
+        )
+        .fetch_all(&mut db)
+        .await
+        .unwrap_or_default();
+        eprintln!("reminders still scheduled ({}): {waiting:#?}", waiting.len());
+        return Err(e);
+    }
     settled(stack).await?;
     let all: BTreeSet<i32> = (0..PARTITIONS).collect();
     // Offsets: every projection stands exactly after the last record of every partition.
