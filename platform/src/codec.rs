@@ -65,6 +65,16 @@ pub fn encode<E: DomainEvent>(env: &Envelope<E>) -> EncodedEvent {
         .insert(header("content-type", CONTENT_TYPE))
         .insert(header("ce_userid", m.user_id.as_ref()))
         .insert(header("ce_sequence", &sequence));
+    h = with_trace_context(h, m);
+    if let Some(i) = &m.idempotency {
+        h = h.insert(header("ce_idempotencykey", &i.key)).insert(header("ce_requestdigest", &i.request_digest));
+    }
+    EncodedEvent { key: subject, payload: env.event.to_json(), headers: h, event_type }
+}
+
+/// The optional CloudEvents extensions and W3C trace context an event carries (and its
+/// `task-updates` record repeats).
+fn with_trace_context(mut h: OwnedHeaders, m: &Metadata) -> OwnedHeaders {
     if let Some(c) = &m.correlation_id {
         h = h.insert(header("ce_correlationid", c));
     }
@@ -74,10 +84,7 @@ pub fn encode<E: DomainEvent>(env: &Envelope<E>) -> EncodedEvent {
     if let Some(t) = &m.traceparent {
         h = h.insert(header("traceparent", t));
     }
-    if let Some(i) = &m.idempotency {
-        h = h.insert(header("ce_idempotencykey", &i.key)).insert(header("ce_requestdigest", &i.request_digest));
-    }
-    EncodedEvent { key: subject, payload: env.event.to_json(), headers: h, event_type }
+    h
 }
 
 /// A `task-updates` record: key = task id, the task's state after an event as JSON, or no value
@@ -113,15 +120,7 @@ pub fn encode_state(env: &Envelope<domain::TaskEvent>, state: Option<&domain::cu
     if state.is_some() {
         h = h.insert(header("content-type", CONTENT_TYPE));
     }
-    if let Some(c) = &m.correlation_id {
-        h = h.insert(header("ce_correlationid", c));
-    }
-    if let Some(c) = &m.causation_id {
-        h = h.insert(header("ce_causationid", c));
-    }
-    if let Some(t) = &m.traceparent {
-        h = h.insert(header("traceparent", t));
-    }
+    h = with_trace_context(h, m);
     let payload = state.map(|s| serde_json::to_vec(s).expect("a task state always serializes"));
     EncodedState { key: subject, payload, headers: h }
 }
