@@ -396,11 +396,8 @@ async fn kafka_raw(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
     let topic = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
     let settings = kafka_settings(ctx, &topic);
     platform::kafka::ensure_topics(&settings).await?;
-    let producer: FutureProducer = platform::kafka::client_config(&settings, "bench-raw")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .create()?;
+    let producer: FutureProducer =
+        platform::kafka::client_config(&settings, "bench-raw").set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "1").create()?;
     // A task.created value with CloudEvents headers is about 350 bytes; send the same size.
     let payload = vec![b'x'; 350];
     let n = ctx.n(300_000);
@@ -496,11 +493,7 @@ async fn mixed_command_at(ctx: &Ctx, base: &str, token: &str, ids: &[String], i:
     let status = res.status();
     let body: Value = res.json().await.unwrap_or(Value::Null);
     // 409s (completing a completed task) are correct refusals of the mix, not errors.
-    Ok(Sent {
-        accepted: status.is_success(),
-        position: body["position"].as_str().map(str::to_owned),
-        task_id: body["task_id"].as_str().map(str::to_owned),
-    })
+    Ok(Sent { accepted: status.is_success(), position: body["position"].as_str().map(str::to_owned), task_id: body["task_id"].as_str().map(str::to_owned) })
 }
 
 /// Accepted commands per second at saturation, with the projector stopped (SIGSTOP: the write path
@@ -734,10 +727,7 @@ async fn reminders(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     };
     let secs = ((last - remind_at).num_milliseconds() as f64 / 1000.0).max(0.001);
     eprintln!("reminders: {n} fired, the last {secs:.2} s after they were due");
-    Ok(BTreeMap::from([
-        ("reminders_fired_per_s".to_owned(), round(n as f64 / secs)),
-        ("reminders_all_fired_seconds_after_due".to_owned(), round(secs)),
-    ]))
+    Ok(BTreeMap::from([("reminders_fired_per_s".to_owned(), round(n as f64 / secs)), ("reminders_all_fired_seconds_after_due".to_owned(), round(secs))]))
 }
 
 /// The owner of every partition as the benchmark's command API sees it, once all are ready.
@@ -797,7 +787,12 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     let ms = |h: &Histogram<u64>, q: f64| round(h.value_at_quantile(q) as f64 / 1000.0);
     eprintln!(
         "at 1000/s: command p50 {} p99 {} p999 {} ms; e2e p50 {} p99 {} ms; errors {}",
-        ms(&c, 0.5), ms(&c, 0.99), ms(&c, 0.999), ms(&e, 0.5), ms(&e, 0.99), errors.load(Ordering::Relaxed)
+        ms(&c, 0.5),
+        ms(&c, 0.99),
+        ms(&c, 0.999),
+        ms(&e, 0.5),
+        ms(&e, 0.99),
+        errors.load(Ordering::Relaxed)
     );
     Ok(BTreeMap::from([
         ("command_p50_ms_at_1k".into(), ms(&c, 0.5)),

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use domain::DomainEvent as _;
-use domain::{Decider, Command, CommandKind, DomainError, NewTask, Priority, TaskEvent, TaskId, TaskPatch, TaskState, Tags, Title, UserId};
+use domain::{Command, CommandKind, Decider, DomainError, NewTask, Priority, Tags, TaskEvent, TaskId, TaskPatch, TaskState, Title, UserId};
 
 #[derive(Default, Serialize, Deserialize)]
 struct Task {

@@ -187,8 +187,9 @@ impl Cluster {
         if self.partitions() == 0 {
             return Some("the partitions of the event log are not known yet (is Kafka reachable?)".into());
         }
-        let unowned: Vec<i32> =
-            (0..self.partitions()).filter(|p| !(local.get(p).is_some_and(Writer::is_ready) || owners.get(p).is_some_and(|o| o.instance != self.me.id))).collect();
+        let unowned: Vec<i32> = (0..self.partitions())
+            .filter(|p| !(local.get(p).is_some_and(Writer::is_ready) || owners.get(p).is_some_and(|o| o.instance != self.me.id)))
+            .collect();
         (!unowned.is_empty()).then(|| format!("partitions {unowned:?} have no ready owner yet"))
     }
 

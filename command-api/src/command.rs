@@ -91,11 +91,7 @@ async fn run(state: &AppState, caller: AuthUser, headers: CommandHeaders, digest
             tracing::debug!(partition, owner = %owner.instance, "forwarding the command to its partition's owner");
             return state.forwarder.forward(&owner, raw, created).await;
         }
-        _ => {
-            return Err(ApiError::Unavailable(format!(
-                "partition {partition} has no owner right now (it is moving to another instance); retry shortly"
-            )))
-        }
+        _ => return Err(ApiError::Unavailable(format!("partition {partition} has no owner right now (it is moving to another instance); retry shortly"))),
     };
     let request_id = Uuid::new_v4().to_string();
     let causation_id = headers.causation_id.filter(|_| caller.is_service()).unwrap_or_else(|| request_id.clone());

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, MatchedPath, Path, RawPathParams, Request};
 use axum::http::{header, request::Parts, HeaderMap, Method, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
@@ -155,8 +155,7 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
         // W3C trace context: version-traceid-parentid-flags; an invalid one is ignored, as the spec says.
         let traceparent = header_str(h, "traceparent")?.filter(|t| is_traceparent(t)).map(str::to_owned);
         let forwarded = h.contains_key(FORWARDED_BY);
-        let forwarded_task_id =
-            if forwarded { header_str(h, FORWARDED_TASK_ID)?.and_then(|v| v.parse::<uuid::Uuid>().ok()) } else { None };
+        let forwarded_task_id = if forwarded { header_str(h, FORWARDED_TASK_ID)?.and_then(|v| v.parse::<uuid::Uuid>().ok()) } else { None };
         let raw = parts.extensions.get::<Arc<RawRequest>>().cloned();
         Ok(Self { if_match, idempotency_key, correlation_id, causation_id, traceparent, forwarded, forwarded_task_id, raw })
     }
@@ -329,4 +328,3 @@ pub async fn capture(req: Request, next: Next) -> Response {
     parts.extensions.insert(raw);
     next.run(Request::from_parts(parts, Body::from(body))).await
 }
-

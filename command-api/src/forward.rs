@@ -46,7 +46,10 @@ impl Forwarder {
             }
         }
         let unavailable = |e: String| {
-            ApiError::Unavailable(format!("the owner of partition {} ({}) did not answer: {e}; the partition moves to another instance when it is gone", owner.partition, owner.instance))
+            ApiError::Unavailable(format!(
+                "the owner of partition {} ({}) did not answer: {e}; the partition moves to another instance when it is gone",
+                owner.partition, owner.instance
+            ))
         };
         let res = self.client.request(raw.method.clone(), &url).headers(headers).body(raw.body.clone()).send().await.map_err(|e| unavailable(e.to_string()))?;
         metrics::counter!("commands_forwarded_total").increment(1);

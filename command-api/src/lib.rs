@@ -50,14 +50,14 @@ use platform::auth::JwtAuth;
 use platform::ratelimit::{Rate, RateLimits};
 use platform::settings::{AuthSettings, KafkaSettings, SecretPolicy};
 
-pub use crate::extract::BODY_LIMIT_BYTES;
 use crate::cluster::{Cluster, Instance};
+pub use crate::extract::BODY_LIMIT_BYTES;
 use crate::idempotency::IdempotencyCache;
 use crate::log::{KafkaLog, KafkaLogSettings};
 use crate::membership::WriterFactory;
-use crate::writer::{Writer, WriterConfig};
 pub use crate::routes::router;
 pub use crate::state::AppState;
+use crate::writer::{Writer, WriterConfig};
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "command-api", about = "taskstream command API", version)]
@@ -210,7 +210,11 @@ fn parse_position(s: &str) -> Result<(i32, i64), String> {
 }
 
 fn hostname() -> String {
-    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned())).unwrap_or_else(|| "command-api".into())
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|| "command-api".into())
 }
 
 /// Creates the topics and learns the partition count (retrying until Kafka answers), then joins the
@@ -231,7 +235,8 @@ async fn join_when_reachable(kafka: platform::settings::KafkaSettings, group: St
         match attempt.await {
             Ok(n) => {
                 cluster.set_partitions(n);
-                let joined = membership::follow_owners(&kafka, cluster.clone()).and_then(|_| membership::join(&kafka, &group, cluster.clone(), factory.clone()));
+                let joined =
+                    membership::follow_owners(&kafka, cluster.clone()).and_then(|_| membership::join(&kafka, &group, cluster.clone(), factory.clone()));
                 if let Err(e) = joined {
                     tracing::error!(error.message = %e, "could not start the group membership");
                 }

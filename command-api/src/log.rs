@@ -36,7 +36,12 @@ impl From<KafkaError> for LogError {
     fn from(e: KafkaError) -> Self {
         let fenced = matches!(
             e.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::TransactionCoordinatorFenced)
+            Some(
+                RDKafkaErrorCode::Fenced
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::TransactionCoordinatorFenced
+            )
         );
         if fenced {
             LogError::Fenced(e.to_string())
@@ -216,9 +221,21 @@ impl EventLog for KafkaLog {
         let updates = self.settings.kafka.updates_topic();
         let events = records.len();
         let mut outgoing: Vec<Outgoing> = Vec::with_capacity(events + states.len());
-        outgoing.extend(records.into_iter().map(|r| Outgoing { topic: topic.clone(), partition: self.partition, key: r.key, payload: Some(r.payload), headers: r.headers }));
+        outgoing.extend(records.into_iter().map(|r| Outgoing {
+            topic: topic.clone(),
+            partition: self.partition,
+            key: r.key,
+            payload: Some(r.payload),
+            headers: r.headers,
+        }));
         // The same partition number as the task's events (the topics have as many partitions).
-        outgoing.extend(states.into_iter().map(|s| Outgoing { topic: updates.clone(), partition: self.partition, key: s.key, payload: s.payload, headers: s.headers }));
+        outgoing.extend(states.into_iter().map(|s| Outgoing {
+            topic: updates.clone(),
+            partition: self.partition,
+            key: s.key,
+            payload: s.payload,
+            headers: s.headers,
+        }));
         let mut positions = self.transact(outgoing).await?;
         positions.truncate(events);
         Ok(positions)
@@ -236,8 +253,13 @@ impl EventLog for KafkaLog {
 
     async fn announce(&mut self, owner: &OwnerRecord) -> Result<(), LogError> {
         let payload = serde_json::to_vec(owner).map_err(|e| LogError::Unavailable(e.to_string()))?;
-        let record =
-            Outgoing { topic: self.settings.kafka.owners_topic(), partition: 0, key: self.partition.to_string(), payload: Some(payload), headers: OwnedHeaders::new() };
+        let record = Outgoing {
+            topic: self.settings.kafka.owners_topic(),
+            partition: 0,
+            key: self.partition.to_string(),
+            payload: Some(payload),
+            headers: OwnedHeaders::new(),
+        };
         self.transact(vec![record]).await.map(|_| ())
     }
 
@@ -261,7 +283,13 @@ impl EventLog for KafkaLog {
             .collect();
         // The previous snapshot's extra chunks are deleted in the same transaction.
         for i in n..self.snapshot_chunks {
-            records.push(Outgoing { topic: topic.clone(), partition: self.partition, key: format!("{}:{i}", self.partition), payload: None, headers: OwnedHeaders::new() });
+            records.push(Outgoing {
+                topic: topic.clone(),
+                partition: self.partition,
+                key: format!("{}:{i}", self.partition),
+                payload: None,
+                headers: OwnedHeaders::new(),
+            });
         }
         self.transact(records).await?;
         self.snapshot_chunks = n;
@@ -314,7 +342,8 @@ fn read_snapshot_chunks(consumer: &BaseConsumer<QuietEof>, topic: &str, partitio
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 last_progress = Instant::now();
-                let Some(index) = m.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.rsplit(':').next()).and_then(|i| i.parse::<usize>().ok()) else {
+                let Some(index) = m.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.rsplit(':').next()).and_then(|i| i.parse::<usize>().ok())
+                else {
                     continue;
                 };
                 match m.payload() {
@@ -323,7 +352,11 @@ fn read_snapshot_chunks(consumer: &BaseConsumer<QuietEof>, topic: &str, partitio
                     }
                     Some(bytes) => {
                         let header = |name: &str| {
-                            m.headers().and_then(|h| h.iter().find(|x| x.key == name)).and_then(|x| x.value).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_owned)
+                            m.headers()
+                                .and_then(|h| h.iter().find(|x| x.key == name))
+                                .and_then(|x| x.value)
+                                .and_then(|v| std::str::from_utf8(v).ok())
+                                .map(str::to_owned)
                         };
                         let (Some(id), Some(n)) = (header("snapshot_id"), header("chunks").and_then(|n| n.parse().ok())) else { continue };
                         chunks.insert(index, (id, n, bytes.to_vec()));
@@ -429,14 +462,7 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
         .collect()
 }
 
-fn read_to_end(
-    consumer: &BaseConsumer<QuietEof>,
-    topic: &str,
-    partition: i32,
-    mut next: i64,
-    mut apply: Apply,
-    timeout: Duration,
-) -> Result<i64, LogError> {
+fn read_to_end(consumer: &BaseConsumer<QuietEof>, topic: &str, partition: i32, mut next: i64, mut apply: Apply, timeout: Duration) -> Result<i64, LogError> {
     let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
     if next >= high {
         return Ok(next);

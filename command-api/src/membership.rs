@@ -80,7 +80,10 @@ impl Membership {
         }
         for w in writers {
             if self.rt.block_on(async { tokio::time::timeout(STOP_TIMEOUT, w.stopped()).await }).is_err() {
-                tracing::warn!(partition = w.partition(), "the revoked partition's writer did not stop in time; the new owner's fencing aborts its transaction");
+                tracing::warn!(
+                    partition = w.partition(),
+                    "the revoked partition's writer did not stop in time; the new owner's fencing aborts its transaction"
+                );
             }
         }
         if !partitions.is_empty() {
@@ -103,7 +106,10 @@ impl Membership {
             match stopped_since {
                 None => *stopped_since = Some(Instant::now()),
                 Some(t) if t.elapsed() >= RESTART_FENCED_AFTER => {
-                    tracing::warn!(partition = *p, "the group still assigns this partition to this instance although its writer was fenced; taking it over again");
+                    tracing::warn!(
+                        partition = *p,
+                        "the group still assigns this partition to this instance although its writer was fenced; taking it over again"
+                    );
                     let _guard = self.rt.enter();
                     self.cluster.add_local((self.factory)(*p));
                     *stopped_since = None;

@@ -147,9 +147,9 @@ impl States {
                 let map = self.1.of::<D>();
                 map.reserve(rows.len());
                 for row in rows {
-                    let parsed = serde_json::from_value::<(String, D::State)>(row).map_err(|e| e.to_string()).and_then(|(id, state)| {
-                        Ok((<Subject<D> as StreamId>::parse_subject(&id).map_err(|e| format!("stream id {id}: {}", e.0))?, state))
-                    });
+                    let parsed = serde_json::from_value::<(String, D::State)>(row)
+                        .map_err(|e| e.to_string())
+                        .and_then(|(id, state)| Ok((<Subject<D> as StreamId>::parse_subject(&id).map_err(|e| format!("stream id {id}: {}", e.0))?, state)));
                     match parsed {
                         Ok((id, state)) => {
                             map.insert(id, state);

@@ -355,7 +355,14 @@ impl<L: EventLog> Actor<L> {
                 self.since_snapshot = 0;
                 self.last_snapshot = Instant::now();
                 metrics::histogram!("command_api_snapshot_seconds").record(started.elapsed().as_secs_f64());
-                tracing::info!(partition = self.partition, next_offset = self.next_offset, streams = self.states.len(), bytes = size, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot recorded");
+                tracing::info!(
+                    partition = self.partition,
+                    next_offset = self.next_offset,
+                    streams = self.states.len(),
+                    bytes = size,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "snapshot recorded"
+                );
             }
             Err(e) => {
                 tracing::warn!(partition = self.partition, error.message = %e, "could not record a snapshot; reconnecting");
@@ -435,7 +442,11 @@ impl<L: EventLog> Actor<L> {
             }
         };
         if snap.format != SNAPSHOT_FORMAT || snap.partition != self.partition {
-            tracing::warn!(partition = self.partition, format = snap.format, "ignoring a snapshot of another format or partition; restoring from the start of the log");
+            tracing::warn!(
+                partition = self.partition,
+                format = snap.format,
+                "ignoring a snapshot of another format or partition; restoring from the start of the log"
+            );
             return;
         }
         match States::from_snapshot(snap.states) {

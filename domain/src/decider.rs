@@ -102,7 +102,6 @@ impl TaskState {
     }
 }
 
-
 /// The task aggregate's decider; its stream is keyed by the task id.
 pub struct TaskDecider;
 

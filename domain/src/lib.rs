@@ -22,7 +22,8 @@ pub mod user;
 pub mod values;
 
 pub use aggregate::{
-    CommandVisitor, DataSchema, DeciderVisitor, Decider, DomainEvent, Envelope, EnvelopeError, IdempotencyTag, Metadata, Receipt, RecordVisitor, StreamId, UnknownEventType,
+    CommandVisitor, DataSchema, Decider, DeciderVisitor, DomainEvent, Envelope, EnvelopeError, IdempotencyTag, Metadata, Receipt, RecordVisitor, StreamId,
+    UnknownEventType,
 };
 pub use decider::{Command, CommandKind, DomainError, LiveTask, TaskDecider, TaskState, TaskStatus};
 pub use events::{NewTask, ReminderDue, TaskEvent, TaskPatch};

@@ -474,13 +474,13 @@ mod tests {
     #[test]
     fn ipv6_forms_that_reach_ipv4_or_site_local_space_are_refused() {
         for bad in [
-            "::127.0.0.1",   // IPv4-compatible
-            "::10.0.0.1",    // IPv4-compatible, private
-            "::8.8.8.8",     // IPv4-compatible (deprecated form: never a real destination)
-            "2002:7f00:1::", // 6to4 of 127.0.0.1
-            "2002:0808:0808::1", // 6to4 of a public address: a tunnel, refused as a whole
-            "fec0::1",       // site-local
-            "2001:db8::1",   // documentation
+            "::127.0.0.1",         // IPv4-compatible
+            "::10.0.0.1",          // IPv4-compatible, private
+            "::8.8.8.8",           // IPv4-compatible (deprecated form: never a real destination)
+            "2002:7f00:1::",       // 6to4 of 127.0.0.1
+            "2002:0808:0808::1",   // 6to4 of a public address: a tunnel, refused as a whole
+            "fec0::1",             // site-local
+            "2001:db8::1",         // documentation
             "2001:0:4136:e378::1", // Teredo
         ] {
             let ip: IpAddr = bad.parse().unwrap();

@@ -43,10 +43,8 @@ pub fn init(service: &str) -> Telemetry {
     // Spans carry the trace context across services whatever RUST_LOG says about logs: the
     // OpenTelemetry layer has its own filter (`OTEL_TRACES_FILTER`). By default only taskstream's
     // own spans are traced: library spans cost ~5% of the query API's CPU in a perf profile.
-    let otel_filter = std::env::var("OTEL_TRACES_FILTER")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(DEFAULT_TRACES_FILTER));
+    let otel_filter =
+        std::env::var("OTEL_TRACES_FILTER").ok().and_then(|f| EnvFilter::try_new(f).ok()).unwrap_or_else(|| EnvFilter::new(DEFAULT_TRACES_FILTER));
     // Without busy/idle times (the `busy_ns`/`idle_ns` attributes): keeping them reads the clock
     // and updates the span's data on every entry and exit, ~4% of the query API's CPU (perf).
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned())).with_tracked_inactivity(false).with_filter(otel_filter);

@@ -430,7 +430,7 @@ async fn kafka_down_gives_503_and_the_service_recovers() -> anyhow::Result<()> {
         async move { stack.query("alice", TASK, json!({"id": id}), Some(&token)).await.ok() }
     })
     .await?["task"]
-    .clone();
+        .clone();
     eprintln!("projector caught up {:.1} s after the first accepted command", resumed.elapsed().as_secs_f64());
     assert_eq!((t["title"].as_str(), t["version"].as_i64()), (Some("after"), Some(2)));
     let h = stack.query("alice", HISTORY, json!({"id": id}), Some(&pos(&after))).await?;

@@ -128,7 +128,13 @@ async fn owners(stack: &Stack, inst: &Instances, i: usize) -> Option<BTreeMap<i6
 
 /// Sends creates and completes/reopens round-robin over the instances until `stop`, recording every
 /// 2xx. Every command carries an Idempotency-Key; a 503 or a timeout is retried with the same key.
-async fn load(stack: Arc<Stack>, ports: Vec<u16>, accepted: Arc<Mutex<Vec<Accepted>>>, stop: Arc<std::sync::atomic::AtomicBool>, worker: usize) -> anyhow::Result<u64> {
+async fn load(
+    stack: Arc<Stack>,
+    ports: Vec<u16>,
+    accepted: Arc<Mutex<Vec<Accepted>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    worker: usize,
+) -> anyhow::Result<u64> {
     let mut sent = 0u64;
     let mut tasks: Vec<(String, bool)> = Vec::new();
     let mut n = 0usize;
@@ -145,7 +151,8 @@ async fn load(stack: Arc<Stack>, ports: Vec<u16>, accepted: Arc<Mutex<Vec<Accept
         };
         for attempt in 0..100 {
             let port = ports[(n + attempt) % ports.len()];
-            let mut req = stack.http.request(method.clone(), format!("http://127.0.0.1:{port}{path}")).bearer_auth(stack.token("alice")).header("idempotency-key", &key);
+            let mut req =
+                stack.http.request(method.clone(), format!("http://127.0.0.1:{port}{path}")).bearer_auth(stack.token("alice")).header("idempotency-key", &key);
             if let Some(b) = &body {
                 req = req.json(b);
             }
@@ -241,7 +248,10 @@ async fn three_command_apis_share_the_partitions_and_survive_losing_one() -> any
     // on the local broker) plus the restore; generous bound for a loaded test machine.
     assert!(failover < Duration::from_secs(45), "partitions not served again after {failover:?}");
     let before = accepted.lock().unwrap().len();
-    eventually("commands to be accepted after the failover", Duration::from_secs(30), || async { (accepted.lock().unwrap().len() > before + 40).then_some(()) }).await?;
+    eventually("commands to be accepted after the failover", Duration::from_secs(30), || async {
+        (accepted.lock().unwrap().len() > before + 40).then_some(())
+    })
+    .await?;
 
     // The killed instance restarts and rejoins.
     inst.respawn(&stack, 2)?;
@@ -250,7 +260,8 @@ async fn three_command_apis_share_the_partitions_and_survive_losing_one() -> any
     })
     .await?;
     let before = accepted.lock().unwrap().len();
-    eventually("commands to be accepted after the rejoin", Duration::from_secs(30), || async { (accepted.lock().unwrap().len() > before + 40).then_some(()) }).await?;
+    eventually("commands to be accepted after the rejoin", Duration::from_secs(30), || async { (accepted.lock().unwrap().len() > before + 40).then_some(()) })
+        .await?;
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut sent = 0;
@@ -281,7 +292,14 @@ async fn a_frozen_command_api_whose_partitions_moved_appends_nothing_more() -> a
     while tasks.len() < 20 {
         n += 1;
         let key = format!("z-{n}");
-        let r = stack.http.post(inst.url(1, "/v1/tasks")).bearer_auth(stack.token("alice")).header("idempotency-key", &key).json(&json!({"title": key})).send().await?;
+        let r = stack
+            .http
+            .post(inst.url(1, "/v1/tasks"))
+            .bearer_auth(stack.token("alice"))
+            .header("idempotency-key", &key)
+            .json(&json!({"title": key}))
+            .send()
+            .await?;
         assert_eq!(r.status().as_u16(), 201);
         let v: Value = r.json().await?;
         let task = v["task_id"].as_str().unwrap().to_owned();
@@ -301,7 +319,12 @@ async fn a_frozen_command_api_whose_partitions_moved_appends_nothing_more() -> a
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let req = stack.http.patch(inst.url(1, &format!("/v1/tasks/{t}"))).bearer_auth(stack.token("alice")).header("idempotency-key", format!("zu-{i}")).json(&json!({"title": format!("zombie {i}")}));
+            let req = stack
+                .http
+                .patch(inst.url(1, &format!("/v1/tasks/{t}")))
+                .bearer_auth(stack.token("alice"))
+                .header("idempotency-key", format!("zu-{i}"))
+                .json(&json!({"title": format!("zombie {i}")}));
             tokio::spawn(async move { req.timeout(Duration::from_secs(60)).send().await })
         })
         .collect();

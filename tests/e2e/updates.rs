@@ -14,8 +14,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{Offset, TopicPartitionList};
 use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -59,8 +59,10 @@ async fn read_topic(stack: &Stack, topic: &str) -> anyhow::Result<Vec<Rec>> {
             }
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(m)) => {
-                let headers =
-                    m.headers().map(|h| h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()).unwrap_or_default();
+                let headers = m
+                    .headers()
+                    .map(|h| h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                    .unwrap_or_default();
                 let value = m.payload().map(serde_json::from_slice).transpose()?;
                 out.push(Rec { partition: m.partition(), key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), headers, value });
             }
@@ -148,18 +150,30 @@ async fn task_updates_holds_each_tasks_latest_state_as_graphql_shows_it_and_a_to
         let g = stack.query(user, q, json!({"id": task}), Some(&last_position)).await?["task"].clone();
         assert_eq!(view["task_id"].as_str(), Some(task.as_str()));
         assert_eq!(view["owner"].as_str(), Some(user));
-        for (field, gql) in [("title", "title"), ("description", "description"), ("timezone", "timezone"), ("recurrence", "recurrence"), ("tags", "tags"), ("version", "version")] {
+        for (field, gql) in [
+            ("title", "title"),
+            ("description", "description"),
+            ("timezone", "timezone"),
+            ("recurrence", "recurrence"),
+            ("tags", "tags"),
+            ("version", "version"),
+        ] {
             assert_eq!(view[field], g[gql], "{task}: {field}");
         }
         for (field, gql) in [("status", "status"), ("priority", "priority")] {
             assert_eq!(view[field].as_str().map(str::to_lowercase), g[gql].as_str().map(str::to_lowercase), "{task}: {field}");
         }
-        for (field, gql) in [("due_at", "dueAt"), ("remind_at", "remindAt"), ("created_at", "createdAt"), ("updated_at", "updatedAt"), ("completed_at", "completedAt")] {
+        for (field, gql) in
+            [("due_at", "dueAt"), ("remind_at", "remindAt"), ("created_at", "createdAt"), ("updated_at", "updatedAt"), ("completed_at", "completedAt")]
+        {
             assert_eq!(time(&view[field]), time(&g[gql]), "{task}: {field}");
         }
     }
     let a_view = by_task[a.as_str()].last().unwrap().value.clone().unwrap();
-    assert_eq!((a_view["title"].as_str(), a_view["recurrence"].as_str(), a_view["description"].as_str()), (Some("set"), Some("FREQ=WEEKLY;BYDAY=MO"), Some("still all fields")));
+    assert_eq!(
+        (a_view["title"].as_str(), a_view["recurrence"].as_str(), a_view["description"].as_str()),
+        (Some("set"), Some("FREQ=WEEKLY;BYDAY=MO"), Some("still all fields"))
+    );
     let d_view = by_task[d.as_str()].last().unwrap().value.clone().unwrap();
     assert_eq!((d_view["status"].as_str(), d_view["completed_at"].is_string()), (Some("completed"), true));
 

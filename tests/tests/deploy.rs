@@ -27,7 +27,11 @@ fn yaml_documents(path: &str) -> Vec<Value> {
 fn k8s_documents() -> Vec<Value> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/k8s")).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
-    files.iter().filter(|p| p.extension().is_some_and(|e| e == "yaml")).flat_map(|p| yaml_documents(p.strip_prefix(root()).unwrap().to_str().unwrap())).collect()
+    files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .flat_map(|p| yaml_documents(p.strip_prefix(root()).unwrap().to_str().unwrap()))
+        .collect()
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -68,7 +72,10 @@ fn manifests_and_compose_file_pass_kubeconform_and_the_compose_schema_and_a_typo
     eprintln!("{out}");
     assert!(ok, "deploy/ is not valid:\n{out}");
     let count = k8s_documents().len();
-    assert!(out.contains(&format!("{count} resources found")) && out.contains(&format!("Valid: {count}, Invalid: 0, Errors: 0, Skipped: 0")), "every resource validated:\n{out}");
+    assert!(
+        out.contains(&format!("{count} resources found")) && out.contains(&format!("Valid: {count}, Invalid: 0, Errors: 0, Skipped: 0")),
+        "every resource validated:\n{out}"
+    );
     assert!(out.contains("docker-compose.yml: valid against Compose Specification"), "{out}");
 
     // A copy of deploy/ with one typo at a time: each must fail, naming the misspelt field (or the
@@ -226,30 +233,46 @@ fn each_service_authenticates_as_its_own_kafka_user_with_acls_limited_to_its_wor
         for acl in u["spec"]["authorization"]["acls"].as_sequence().unwrap() {
             assert_ne!(acl["type"].as_str(), Some("deny"));
             let r = &acl["resource"];
-            let key = (r["type"].as_str().unwrap().to_owned(), r["name"].as_str().unwrap_or("").to_owned(), r["patternType"].as_str().unwrap_or("literal").to_owned());
+            let key = (
+                r["type"].as_str().unwrap().to_owned(),
+                r["name"].as_str().unwrap_or("").to_owned(),
+                r["patternType"].as_str().unwrap_or("literal").to_owned(),
+            );
             assert!(!key.1.is_empty() && key.1 != "*", "{user}: ACL on every {}", key.0);
             assert_ne!(key.0, "cluster", "{user}: no cluster-wide permission");
             out.entry(key).or_default().extend(acl["operations"].as_sequence().unwrap().iter().map(|o| o.as_str().unwrap().to_owned()));
         }
         out
     };
-    let ops = |acls: &Acls, kind: &str, name: &str, pattern: &str| -> BTreeSet<String> { acls.get(&(kind.into(), name.into(), pattern.into())).cloned().unwrap_or_default() };
+    let ops = |acls: &Acls, kind: &str, name: &str, pattern: &str| -> BTreeSet<String> {
+        acls.get(&(kind.into(), name.into(), pattern.into())).cloned().unwrap_or_default()
+    };
     let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
 
     for service in SERVICES {
         let user = format!("taskstream-{service}");
         let deployment = find(&docs, "Deployment", service);
         assert_eq!(env(deployment, "KAFKA_CONFIG_SASL_USERNAME").and_then(|e| e["value"].as_str()), Some(user.as_str()), "{service}");
-        let password = &env(deployment, "KAFKA_CONFIG_SASL_PASSWORD").unwrap_or_else(|| panic!("{service}: no KAFKA_CONFIG_SASL_PASSWORD"))["valueFrom"]["secretKeyRef"];
+        let password =
+            &env(deployment, "KAFKA_CONFIG_SASL_PASSWORD").unwrap_or_else(|| panic!("{service}: no KAFKA_CONFIG_SASL_PASSWORD"))["valueFrom"]["secretKeyRef"];
         assert_eq!(password["name"].as_str(), Some(user.as_str()), "{service}: the User Operator's Secret of the KafkaUser");
         assert_eq!(password["key"].as_str(), Some("password"));
         // The cluster CA, mounted where KAFKA_CONFIG_SSL_CA_LOCATION says.
         let ca = setting(&docs, deployment, "KAFKA_CONFIG_SSL_CA_LOCATION").expect("KAFKA_CONFIG_SSL_CA_LOCATION");
-        let mount = container(deployment)["volumeMounts"].as_sequence().unwrap().iter().find(|m| ca.starts_with(m["mountPath"].as_str().unwrap())).unwrap_or_else(|| panic!("{service}: {ca} is not mounted"));
+        let mount = container(deployment)["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| ca.starts_with(m["mountPath"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("{service}: {ca} is not mounted"));
         let volume = deployment["spec"]["template"]["spec"]["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
         assert_eq!(volume["secret"]["secretName"].as_str(), Some("taskstream-cluster-ca-cert"), "{service}: Strimzi's cluster CA Secret");
         assert!(ca.ends_with(volume["secret"]["items"][0]["path"].as_str().unwrap()));
-        assert_eq!(deployment["spec"]["template"]["metadata"]["labels"]["taskstream.io/kafka-client"].as_str(), Some("true"), "{service}: the listener admits only labelled pods");
+        assert_eq!(
+            deployment["spec"]["template"]["metadata"]["labels"]["taskstream.io/kafka-client"].as_str(),
+            Some("true"),
+            "{service}: the listener admits only labelled pods"
+        );
     }
 
     // The command API: transactional ids <prefix>-p<N>, groups <prefix>, <prefix>-p<N>-<purpose>
@@ -258,7 +281,10 @@ fn each_service_authenticates_as_its_own_kafka_user_with_acls_limited_to_its_wor
     let prefix = setting(&docs, find(&docs, "Deployment", "command-api"), "KAFKA_TRANSACTIONAL_ID").expect("KAFKA_TRANSACTIONAL_ID");
     assert_eq!(ops(&command, "transactionalId", &prefix, "prefix"), set(&["Describe", "Write"]));
     assert_eq!(ops(&command, "group", &prefix, "prefix"), set(&["Describe", "Read"]));
-    assert!(read("command-api/src/membership.rs").contains(&format!("format!(\"{prefix}-owners-{{}}\"")), "the owners reader's group is no longer under {prefix}");
+    assert!(
+        read("command-api/src/membership.rs").contains(&format!("format!(\"{prefix}-owners-{{}}\"")),
+        "the owners reader's group is no longer under {prefix}"
+    );
     assert_eq!(ops(&command, "topic", "task-events", "literal"), set(&["Create", "Describe", "Read", "Write"]));
     assert_eq!(ops(&command, "topic", "task-updates", "literal"), set(&["Create", "Describe", "Write"]));
     for t in ["task-events.owners", "task-events.snapshots"] {
@@ -309,7 +335,9 @@ fn kubernetes_manifests_run_several_partition_owning_command_apis() {
 #[test]
 fn every_service_has_resources_probes_a_disruption_budget_and_a_network_policy() {
     let docs = k8s_documents();
-    let matches = |selector: &Value, labels: &Value| selector["matchLabels"].as_mapping().is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[k.as_str().unwrap()] == *v));
+    let matches = |selector: &Value, labels: &Value| {
+        selector["matchLabels"].as_mapping().is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[k.as_str().unwrap()] == *v))
+    };
     for service in SERVICES {
         let d = find(&docs, "Deployment", service);
         let labels = &d["spec"]["template"]["metadata"]["labels"];
@@ -322,7 +350,9 @@ fn every_service_has_resources_probes_a_disruption_budget_and_a_network_policy()
             c[probe]["httpGet"]["port"].clone()
         };
         let named = |p: Value| match p {
-            Value::String(name) => c["ports"].as_sequence().unwrap().iter().find(|q| q["name"].as_str() == Some(&name)).unwrap()["containerPort"].as_u64().unwrap(),
+            Value::String(name) => {
+                c["ports"].as_sequence().unwrap().iter().find(|q| q["name"].as_str() == Some(&name)).unwrap()["containerPort"].as_u64().unwrap()
+            }
             other => other.as_u64().unwrap(),
         };
         let (live, ready) = (named(port("livenessProbe", "/healthz")), named(port("readinessProbe", "/readyz")));
@@ -331,9 +361,15 @@ fn every_service_has_resources_probes_a_disruption_budget_and_a_network_policy()
         assert_eq!(addr, format!("0.0.0.0:{live}"), "{service}: probes on the port it listens on");
         assert_eq!(live, ready);
 
-        let pdb = docs.iter().find(|x| x["kind"] == "PodDisruptionBudget" && matches(&x["spec"]["selector"], labels)).unwrap_or_else(|| panic!("{service}: no PodDisruptionBudget"));
+        let pdb = docs
+            .iter()
+            .find(|x| x["kind"] == "PodDisruptionBudget" && matches(&x["spec"]["selector"], labels))
+            .unwrap_or_else(|| panic!("{service}: no PodDisruptionBudget"));
         assert!(!pdb["spec"]["maxUnavailable"].is_null() || !pdb["spec"]["minAvailable"].is_null());
-        let policy = docs.iter().find(|x| x["kind"] == "NetworkPolicy" && matches(&x["spec"]["podSelector"], labels)).unwrap_or_else(|| panic!("{service}: no NetworkPolicy"));
+        let policy = docs
+            .iter()
+            .find(|x| x["kind"] == "NetworkPolicy" && matches(&x["spec"]["podSelector"], labels))
+            .unwrap_or_else(|| panic!("{service}: no NetworkPolicy"));
         let types: BTreeSet<&str> = policy["spec"]["policyTypes"].as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
         assert_eq!(types, BTreeSet::from(["Egress", "Ingress"]), "{service}: both directions limited");
         let egress = serde_yaml::to_string(&policy["spec"]["egress"]).unwrap();
@@ -475,8 +511,26 @@ fn exported_metrics() -> BTreeMap<String, &'static str> {
 /// strings, numbers nor durations.
 fn promql_metrics(expr: &str) -> BTreeSet<String> {
     const LABEL_LISTS: [&str; 6] = ["by", "without", "on", "ignoring", "group_left", "group_right"];
-    const NOT_METRICS: [&str; 18] =
-        ["and", "or", "unless", "bool", "offset", "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group", "limitk"];
+    const NOT_METRICS: [&str; 18] = [
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "stddev",
+        "stdvar",
+        "topk",
+        "bottomk",
+        "quantile",
+        "count_values",
+        "group",
+        "limitk",
+    ];
     let chars: Vec<char> = expr.chars().collect();
     let skip_to = |from: usize, open: char, close: char| {
         let mut depth = 0;

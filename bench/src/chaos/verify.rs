@@ -250,7 +250,8 @@ pub async fn reminders(log: &[LogRecord], db: &PgPool, arrivals: &HashMap<String
     let ids: HashSet<String> = rows.iter().map(|(_, n)| n.to_string()).collect();
     let (delivered, resent) = deliveries(&ids, arrivals, sender_kills);
     let total: usize = arrivals.values().map(Vec::len).sum();
-    let resent = if resent == 0 { String::new() } else { format!(", {resent} posted again after their sender was killed before recording them (at least once)") };
+    let resent =
+        if resent == 0 { String::new() } else { format!(", {resent} posted again after their sender was killed before recording them (at least once)") };
     Ok(vec![
         check("every reminder due in the run fired exactly once", &fired, format!("{} reminders", tasks.len())),
         check("every fired reminder has exactly one notification", &notified, format!("{} notifications", rows.len())),

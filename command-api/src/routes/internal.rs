@@ -13,7 +13,7 @@ use domain::{AnyCommand, CommandKind, TaskId};
 
 use crate::command::{submit, task_command};
 use crate::error::ApiError;
-use crate::extract::{IdPath, CommandHeaders, CommandRoute, JsonBody, ServiceCaller, TaskPath};
+use crate::extract::{CommandHeaders, CommandRoute, IdPath, JsonBody, ServiceCaller, TaskPath};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {

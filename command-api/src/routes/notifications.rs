@@ -14,7 +14,7 @@ use domain::AnyCommand;
 use super::openapi::{CommandProblems, IdempotencyKey};
 use crate::command::submit;
 use crate::error::{ApiError, Problem};
-use crate::extract::{IdPath, AuthUser, CommandHeaders, CommandRoute};
+use crate::extract::{AuthUser, CommandHeaders, CommandRoute, IdPath};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {

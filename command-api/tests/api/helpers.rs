@@ -17,8 +17,8 @@ use command_api::idempotency::IdempotencyCache;
 use command_api::log::{Apply, EventLog, LogError, Undecodable};
 use command_api::writer::WriterConfig;
 use command_api::AppState;
-use domain::TaskEvent;
 use domain::current::TaskView;
+use domain::TaskEvent;
 use platform::codec::{self, DecodeError, EncodedEvent, EncodedState, Envelope};
 use platform::position::Position;
 use test_support::{eventually, Tokens};
@@ -156,11 +156,8 @@ impl FakeLog {
     /// only the snapshots can restore them; returns how many were dropped.
     pub fn drop_records_covered_by_snapshots(&self) -> usize {
         let mut data = self.lock();
-        let covered: BTreeMap<i32, i64> = data
-            .snapshots
-            .iter()
-            .map(|(p, s)| (*p, serde_json::from_slice::<Value>(s).ok().and_then(|v| v["next_offset"].as_i64()).unwrap_or(0)))
-            .collect();
+        let covered: BTreeMap<i32, i64> =
+            data.snapshots.iter().map(|(p, s)| (*p, serde_json::from_slice::<Value>(s).ok().and_then(|v| v["next_offset"].as_i64()).unwrap_or(0))).collect();
         let before = data.records.len();
         data.records.retain(|r| r.position.offset >= covered.get(&r.position.partition).copied().unwrap_or(0));
         before - data.records.len()

@@ -139,9 +139,11 @@ async fn a_retry_after_the_client_gave_up_is_answered_from_the_first_run_not_run
     // The client gives up after 50 ms, while the append is still in flight.
     let first = tokio::time::timeout(std::time::Duration::from_millis(50), app.patch(ALICE, &id, json!({"title": "once"}), &key)).await;
     assert!(first.is_err(), "the first request was expected to be cut off");
-    test_support::eventually("the first run to be appended", std::time::Duration::from_secs(5), || async { (app.log.records_of(&id).len() == 2).then_some(()) })
-        .await
-        .unwrap();
+    test_support::eventually("the first run to be appended", std::time::Duration::from_secs(5), || async {
+        (app.log.records_of(&id).len() == 2).then_some(())
+    })
+    .await
+    .unwrap();
     app.log.set_append_delay_ms(0);
     let retry = app.patch(ALICE, &id, json!({"title": "once"}), &key).await;
     assert_eq!((retry.status, retry.version(), retry.header("idempotent-replayed")), (StatusCode::OK, 2, Some("true")), "{}", retry.text);

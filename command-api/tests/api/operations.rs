@@ -141,7 +141,8 @@ async fn the_event_catalogue_is_served_without_a_token() {
     let committed: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/asyncapi.json")).unwrap()).unwrap();
     assert_eq!(r.body, committed, "the served catalogue is the committed one (default topics)");
-    for t in ["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted", "task.reminder_due", "notification.read", "webhook.registered"] {
+    for t in ["task.created", "task.updated", "task.completed", "task.reopened", "task.deleted", "task.reminder_due", "notification.read", "webhook.registered"]
+    {
         assert!(r.body["components"]["schemas"].get(format!("{t}.v1")).is_some(), "{t} v1 missing");
     }
     let doc = app.get("/v1/openapi.json").await.body;

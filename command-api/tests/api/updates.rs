@@ -53,7 +53,11 @@ async fn every_accepted_task_command_appends_the_tasks_full_state_and_a_delete_a
     assert_eq!(first.task_id.to_string(), id);
     assert_eq!((first.owner.as_ref(), first.status, first.remind_at), (ALICE, TaskViewStatus::Open, Some(remind_at)));
     let patched = v[1].clone().unwrap();
-    assert_eq!((patched.title.as_ref(), patched.description.as_ref().map(AsRef::as_ref), patched.version), ("rewrite", Some("the report"), 2), "the full state, not the patch");
+    assert_eq!(
+        (patched.title.as_ref(), patched.description.as_ref().map(AsRef::as_ref), patched.version),
+        ("rewrite", Some("the report"), 2),
+        "the full state, not the patch"
+    );
     assert_eq!(serde_json::to_value(&patched.tags).unwrap(), json!(["work", "urgent"]));
     assert_eq!(v[2].as_ref().unwrap().reminded_for, Some(remind_at));
     let done = v[3].clone().unwrap();
@@ -127,7 +131,10 @@ async fn after_a_restart_from_the_log_or_a_snapshot_the_states_go_on_from_the_sa
     let app = spawn_app_over(log.clone()).await;
     assert_eq!(app.complete(ALICE, &id, &[]).await.version(), 2);
     let v = log.updates_of(&id).last().and_then(UpdateRecord::view).unwrap();
-    assert_eq!((v.title.as_ref(), v.description.as_ref().map(AsRef::as_ref), v.status, v.version), ("kept", Some("across restarts"), TaskViewStatus::Completed, 2));
+    assert_eq!(
+        (v.title.as_ref(), v.description.as_ref().map(AsRef::as_ref), v.status, v.version),
+        ("kept", Some("across restarts"), TaskViewStatus::Completed, 2)
+    );
     drop(app);
 
     // From snapshots only (the records they cover are gone).
