@@ -149,7 +149,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.secrets.enforce(&[("AUTH_JWT_SECRET", Some(&settings.auth.auth_jwt_secret)), ("SERVICE_JWT_SECRET", settings.service_jwt_secret.as_ref())])?;
         platform::http::metrics_handle();
-        let listener = tokio::net::TcpListener::bind(settings.addr).await?;
+        let listener = platform::http::listen(settings.addr, "COMMAND_API_ADDR").await?;
         let addr = listener.local_addr()?;
         let me = Instance {
             id: settings.instance_id.clone().unwrap_or_else(|| format!("{}:{}", hostname(), addr.port())),

@@ -36,6 +36,13 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
+/// Binds a service's listening address; a failure names the address and the variable that sets it
+/// (e.g. another instance still holds the port).
+pub async fn listen(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (set by {variable})"))
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -212,7 +212,7 @@ impl Application {
         settings.secrets.enforce(&[("SERVICE_JWT_SECRET", settings.service_jwt_secret.as_ref())])?;
         platform::http::metrics_handle();
         let pool = platform::db::pool(&settings.database)?;
-        let listener = tokio::net::TcpListener::bind(settings.addr).await?;
+        let listener = platform::http::listen(settings.addr, "PROJECTOR_ADDR").await?;
         tracing::info!(addr = %listener.local_addr()?, "projector health/metrics listening");
         Ok(Self { listener, settings, pool })
     }

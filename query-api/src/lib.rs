@@ -48,7 +48,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_graphql::EmptyMutation;
 use axum::Router;
 use clap::Parser;
@@ -177,7 +176,7 @@ impl Application {
             hub.spawn(pool.clone());
             projections::export_lag(pool, topic, watermarks, Duration::from_secs(2)).await;
         });
-        let listener = TcpListener::bind(settings.addr).await.with_context(|| format!("binding {}", settings.addr))?;
+        let listener = platform::http::listen(settings.addr, "QUERY_API_ADDR").await?;
         tracing::info!(addr = %listener.local_addr()?, "query API listening");
         Ok(Self { listener, router: router(state) })
     }

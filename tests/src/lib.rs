@@ -203,7 +203,11 @@ impl Stack {
         self.env.push((key.to_owned(), value.to_owned()));
     }
 
+    /// Starts `svc` again and waits until it is ready. A running instance is killed first and
+    /// waited for: started while the old one still listened, the new one would exit with "address
+    /// already in use" (a CI run lost a test to that race).
     pub async fn restart(&mut self, svc: Svc) -> anyhow::Result<()> {
+        self.kill(svc).await?;
         self.spawn(svc)?;
         self.wait_ready(svc).await
     }
