@@ -131,22 +131,48 @@ pub async fn run(opts: Options, cancel: impl Future<Output = ()>) -> Result<Summ
         r = work.run() => r.map_err(RebuildError::Other),
         () = cancel => Err(RebuildError::Aborted),
     };
+    // The pool's connections may have been in the middle of the replay's work when it was
+    // cancelled: close them before cleaning up on a connection of its own.
+    pool.close().await;
     if result.is_err() {
-        // The copies go; the live tables were never touched (a switch in flight is rolled back
-        // with its connection).
-        let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).execute(&pool).await;
-        let forgotten = sqlx::query("DELETE FROM projection_rebuilds WHERE projection = ANY($1) AND requested_by = $2")
-            .bind(&projections)
-            .bind(opts.requested_by)
-            .execute(&pool)
-            .await;
-        if let Some(e) = dropped.err().or(forgotten.err()) {
+        if let Err(e) = forget(&options, &projections, opts.requested_by).await {
             tracing::warn!(error.message = %e, "could not drop the partial copies (the next rebuild drops them)");
         }
     }
     let _ = lock.close().await;
-    pool.close().await;
     result
+}
+
+/// After a failed or aborted rebuild: the copies go and the rebuild is no longer registered, both
+/// or neither (the live tables were never touched: a switch in flight is rolled back with its
+/// connection). A few attempts, for a database that is restarting.
+async fn forget(options: &PgConnectOptions, projections: &[String], requested_by: &str) -> anyhow::Result<()> {
+    let mut backoff = APPLY_RETRY.backoff();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result: anyhow::Result<()> = async {
+            let mut conn = options.connect().await?;
+            let mut tx = conn.begin().await?;
+            sqlx::query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM projection_rebuilds WHERE projection = ANY($1) AND requested_by = $2")
+                .bind(projections)
+                .bind(requested_by)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            let _ = conn.close().await;
+            Ok(())
+        }
+        .await;
+        match result {
+            Err(e) if attempt < 3 => {
+                tracing::info!(error.message = %e, "dropping the partial copies failed; trying again");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 struct Rebuild<'a> {
