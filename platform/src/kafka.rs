@@ -218,8 +218,72 @@ impl rdkafka::ClientContext for Probe {
         if last.is_some() && error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             return;
         }
+        // Nor does the transport failure that follows a refused login replace it.
+        if last.as_deref().is_some_and(|l| l.starts_with(AUTHENTICATION_FAILED)) && !is_authentication_error(&error) {
+            return;
+        }
         *last = Some(if is_authentication_error(&error) { format!("{AUTHENTICATION_FAILED} ({reason})") } else { format!("{error}: {reason}") });
+    }
+
+    /// librdkafka's own log, as rdkafka logs it by default; a refused login or TLS handshake is
+    /// also kept as the reason. The error event that says so is not always served before the
+    /// next probe (a CI run saw only "all brokers down" for a minute while this line came every
+    /// second), so the reason is taken from whichever comes first.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+        if refuses_authentication(message) {
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = Some(format!("{AUTHENTICATION_FAILED} ({message})"));
+            }
+        }
     }
 }
 
+/// Whether a librdkafka log line says the broker refused this client's credentials or TLS
+/// handshake.
+fn refuses_authentication(message: &str) -> bool {
+    ["SASL authentication error", "SSL handshake failed", "Authentication failed"].iter().any(|s| message.contains(s))
+}
+
 impl ConsumerContext for Probe {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::config::RDKafkaLogLevel;
+    use rdkafka::error::KafkaError;
+    use rdkafka::ClientContext;
+
+    const REFUSED: &str = "sasl_ssl://127.0.0.1:19094/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 5ms in state AUTH_REQ)";
+
+    fn reason(probe: &Probe) -> Option<String> {
+        probe.last_error.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn a_refused_login_in_librdkafkas_log_is_the_probes_reason_and_stays_it() {
+        let probe = Probe::default();
+        probe.log(RDKafkaLogLevel::Error, "FAIL", REFUSED);
+        let why = reason(&probe).expect("a reason");
+        assert!(why.starts_with(AUTHENTICATION_FAILED) && why.contains("invalid credentials"), "{why}");
+        // What follows a refused login does not hide it.
+        probe.error(KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure), "sasl_ssl://127.0.0.1:19094/bootstrap: Disconnected");
+        probe.error(KafkaError::Global(RDKafkaErrorCode::AllBrokersDown), "1/1 brokers are down");
+        assert_eq!(reason(&probe), Some(why));
+    }
+
+    #[test]
+    fn other_log_lines_are_not_a_reason_and_other_errors_are() {
+        let probe = Probe::default();
+        probe.log(RDKafkaLogLevel::Warning, "FAIL", "127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: Connection refused");
+        assert_eq!(reason(&probe), None);
+        probe.error(KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure), "Connection refused");
+        assert!(reason(&probe).is_some_and(|r| r.contains("Connection refused") && !r.starts_with(AUTHENTICATION_FAILED)));
+    }
+}
