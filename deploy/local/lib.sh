@@ -83,6 +83,28 @@ apt_install() {
 
 shown() { printf '%s' "${1#"$ROOT"/}"; } # a path as messages show it: relative inside the checkout
 
+# A Python virtual environment in dir with exactly these PyPI packages ("name==version" ...), made
+# afresh (python3 and its venv module from apt when missing); what is "the tool" in the messages.
+# The caller checks first whether the installed versions are the ones it wants.
+pip_venv() { # dir what package...
+  local dir=$1 what=$2 t0 log
+  shift 2
+  command -v python3 >/dev/null || apt_install python3 python3-venv
+  # Debian ships venv's ensurepip in python3-venv.
+  python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+  say "installing $what ($*) from PyPI into $(shown "$dir") (first run only)"
+  log="$dir-install.log"
+  t0=$(now_ms)
+  rm -rf "$dir"
+  mkdir -p "$(dirname "$dir")"
+  if ! { python3 -m venv "$dir" && "$dir/bin/pip" install --disable-pip-version-check -q "$@"; } >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    rm -rf "$dir"
+    die "could not install $what (full output: $(shown "$log")); PyPI must be reachable (proxy: PIP_INDEX_URL / pip.conf)"
+  fi
+  say "installed $what in $(since "$t0")"
+}
+
 kafka_pom_digest() { sha256sum "$ROOT/deploy/local/kafka/pom.xml" | cut -c1-16; }
 
 fetch_kafka_jars() {
@@ -162,7 +184,8 @@ stop_outdated_kafka() {
 write_kafka_config() {
   mkdir -p "$KAFKA_DIR/data" "$KAFKA_DIR/logs"
   rm -f "$KAFKA_DIR/log4j.properties" # the log4j 1 configuration of Kafka 3.x
-  cat >"$KAFKA_DIR/server.properties" <<PROPS
+  {
+    cat <<PROPS
 # Written by deploy/local/lib.sh on every start; edit that file instead.
 # One KRaft node that is both broker and controller (Kafka $KAFKA_VERSION).
 node.id=1
@@ -173,7 +196,18 @@ controller.listener.names=CONTROLLER
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 # A dynamic quorum (KIP-853) of this one controller, formatted with --standalone.
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
-log.dirs=$KAFKA_DIR/data
+PROPS
+    kafka_node_properties "$KAFKA_DIR"
+  } >"$KAFKA_DIR/server.properties"
+  write_kafka_log4j "$KAFKA_DIR"
+}
+
+# What every local single-node broker shares (this one and the SASL_SSL one of sasl.sh): its data
+# folder under dir, one replica of everything, consumer groups that move a killed member's partitions
+# quickly, and a log that is kept.
+kafka_node_properties() { # dir
+  cat <<PROPS
+log.dirs=$1/data
 num.partitions=1
 auto.create.topics.enable=false
 offsets.topic.replication.factor=1
@@ -193,13 +227,17 @@ group.consumer.heartbeat.interval.ms=1000
 # The log is the source of truth: keep it (the broker default deletes segments after 7 days).
 log.retention.ms=-1
 PROPS
-  cat >"$KAFKA_DIR/log4j2.properties" <<PROPS
-# Written by deploy/local/lib.sh. The broker logs to kafka.log beside this file, never to the terminal.
+}
+
+# The broker's log4j2 configuration in dir: to kafka.log beside it, never to the terminal.
+write_kafka_log4j() { # dir
+  cat >"$1/log4j2.properties" <<PROPS
+# Written by deploy/local/lib.sh (write_kafka_log4j). The broker logs to kafka.log beside this file, never to the terminal.
 status = warn
 appender.file.type = RollingFile
 appender.file.name = file
-appender.file.fileName = $KAFKA_DIR/kafka.log
-appender.file.filePattern = $KAFKA_DIR/kafka.log.%i
+appender.file.fileName = $1/kafka.log
+appender.file.filePattern = $1/kafka.log.%i
 appender.file.layout.type = PatternLayout
 appender.file.layout.pattern = [%d] %p %m (%c)%n
 appender.file.policies.type = Policies

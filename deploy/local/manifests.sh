@@ -76,20 +76,7 @@ sys.exit(0 if (m.version("jsonschema"), m.version("PyYAML")) == tuple(sys.argv[1
 
 ensure_compose_check() {
   compose_check_installed && return
-  command -v python3 >/dev/null || apt_install python3 python3-venv
-  python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
-  say "installing jsonschema $JSONSCHEMA_VERSION and PyYAML $PYYAML_VERSION from PyPI into $(shown "$COMPOSE_CHECK_VENV") (first run only)"
-  local t0 log="$LOCAL_DIR/compose-check-install.log"
-  t0=$(now_ms)
-  rm -rf "$COMPOSE_CHECK_VENV"
-  mkdir -p "$LOCAL_DIR"
-  if ! { python3 -m venv "$COMPOSE_CHECK_VENV" \
-    && "$COMPOSE_CHECK_VENV/bin/pip" install --disable-pip-version-check -q "jsonschema==$JSONSCHEMA_VERSION" "PyYAML==$PYYAML_VERSION"; } >"$log" 2>&1; then
-    tail -n 20 "$log" >&2
-    rm -rf "$COMPOSE_CHECK_VENV"
-    die "could not install jsonschema/PyYAML (full output: $(shown "$log")); PyPI must be reachable (proxy: PIP_INDEX_URL / pip.conf)"
-  fi
-  say "installed the compose checker in $(since "$t0")"
+  pip_venv "$COMPOSE_CHECK_VENV" "the compose checker" "jsonschema==$JSONSCHEMA_VERSION" "PyYAML==$PYYAML_VERSION"
 }
 
 # Both tools, once at a time (./dev test and the Rust test may ask together).

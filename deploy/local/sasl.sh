@@ -70,7 +70,8 @@ sasl_certificates() {
 sasl_write_config() {
   local d=$SASL_DIR broker_password
   broker_password=$(sed -n 's/^broker=//p' "$d/scram-passwords")
-  cat >"$d/server.properties" <<PROPS
+  {
+    cat <<PROPS
 # Written by deploy/local/sasl.sh on every start; edit that file instead.
 # One KRaft node (Kafka $KAFKA_VERSION) whose only client listener is SASL_SSL with SCRAM-SHA-512.
 node.id=1
@@ -89,45 +90,11 @@ ssl.keystore.location=$d/broker.pem
 ssl.truststore.type=PEM
 ssl.truststore.location=$d/ca.pem
 ssl.client.auth=none
-log.dirs=$d/data
-num.partitions=1
-auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-group.consumer.min.session.timeout.ms=1000
-group.consumer.session.timeout.ms=6000
-group.consumer.min.heartbeat.interval.ms=250
-group.consumer.heartbeat.interval.ms=1000
-log.retention.ms=-1
 PROPS
+    kafka_node_properties "$d"
+  } >"$d/server.properties"
   chmod 600 "$d/server.properties"
-  cat >"$d/log4j2.properties" <<PROPS
-# Written by deploy/local/sasl.sh: warnings and the start-up line to kafka.log beside this file.
-status = warn
-appender.file.type = RollingFile
-appender.file.name = file
-appender.file.fileName = $d/kafka.log
-appender.file.filePattern = $d/kafka.log.%i
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-appender.file.policies.type = Policies
-appender.file.policies.size.type = SizeBasedTriggeringPolicy
-appender.file.policies.size.size = 20MB
-appender.file.strategy.type = DefaultRolloverStrategy
-appender.file.strategy.max = 2
-rootLogger.level = warn
-rootLogger.appenderRef.file.ref = file
-logger.main.name = kafka.Kafka
-logger.main.level = info
-logger.raft.name = kafka.server.KafkaRaftServer
-logger.raft.level = info
-logger.broker.name = kafka.server.BrokerServer
-logger.broker.level = info
-PROPS
+  write_kafka_log4j "$d"
   cat >"$d/client.properties" <<PROPS
 # Written by deploy/local/sasl.sh: a taskstream service's settings for the local SASL_SSL broker,
 #   KAFKA_BROKERS=127.0.0.1:$SASL_KAFKA_PORT KAFKA_CONFIG_FILE=$(shown "$d")/client.properties

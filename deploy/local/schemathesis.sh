@@ -27,21 +27,7 @@ ensure_schemathesis() {
   if [ -x "$SCHEMATHESIS_VENV/bin/st" ] && [ "$(schemathesis_installed_version)" = "$SCHEMATHESIS_VERSION" ]; then
     return
   fi
-  command -v python3 >/dev/null || apt_install python3 python3-venv
-  # Debian ships venv's ensurepip in python3-venv.
-  python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
-  say "installing schemathesis $SCHEMATHESIS_VERSION from PyPI into $(shown "$SCHEMATHESIS_VENV") (first run only)"
-  local t0 log="$LOCAL_DIR/schemathesis-install.log"
-  t0=$(now_ms)
-  rm -rf "$SCHEMATHESIS_VENV"
-  mkdir -p "$LOCAL_DIR"
-  if ! { python3 -m venv "$SCHEMATHESIS_VENV" \
-    && "$SCHEMATHESIS_VENV/bin/pip" install --disable-pip-version-check -q "schemathesis==$SCHEMATHESIS_VERSION"; } >"$log" 2>&1; then
-    tail -n 20 "$log" >&2
-    rm -rf "$SCHEMATHESIS_VENV"
-    die "could not install schemathesis $SCHEMATHESIS_VERSION (full output: $(shown "$log")); PyPI must be reachable (proxy: PIP_INDEX_URL / pip.conf)"
-  fi
-  say "installed schemathesis $(schemathesis_installed_version) in $(since "$t0")"
+  pip_venv "$SCHEMATHESIS_VENV" "schemathesis" "schemathesis==$SCHEMATHESIS_VERSION"
 }
 
 # Runs st against the API at BASE_URL (its document at /v1/openapi.json) as the holder of TOKEN;
