@@ -318,6 +318,15 @@ async fn assert_exact(stack: &Stack, written: &Written) -> anyhow::Result<()> {
         .await
         .unwrap_or_default();
         eprintln!("reminders still scheduled ({}): {waiting:#?}", waiting.len());
+        // Fired but not projected, or never fired (answered stale)? The log against the rows.
+        if let Ok((_, records)) = read_log(stack).await {
+            let due: BTreeSet<&str> = records.iter().filter(|(t, _)| t == "task.reminder_due").map(|(_, s)| s.as_str()).collect();
+            let missing: Vec<&String> = reminded.iter().filter(|id| !due.contains(id.as_str())).collect();
+            eprintln!("task.reminder_due in the log: {} ({} reminded tasks without one: {missing:?})", due.len(), missing.len());
+        }
+        let offsets: Vec<(String, i32, i64)> =
+            sqlx::query_as("SELECT projection, partition, next_offset FROM projection_offsets ORDER BY 1, 2").fetch_all(&mut db).await.unwrap_or_default();
+        eprintln!("log end {:?}; projection offsets {offsets:?}", stack.log_end().await.ok());
         return Err(e);
     }
     settled(stack).await?;
