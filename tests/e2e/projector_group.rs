@@ -323,6 +323,16 @@ async fn assert_exact(stack: &Stack, written: &Written) -> anyhow::Result<()> {
             let due: BTreeSet<&str> = records.iter().filter(|(t, _)| t == "task.reminder_due").map(|(_, s)| s.as_str()).collect();
             let missing: Vec<&String> = reminded.iter().filter(|id| !due.contains(id.as_str())).collect();
             eprintln!("task.reminder_due in the log: {} ({} reminded tasks without one: {missing:?})", due.len(), missing.len());
+            for id in missing {
+                let types: Vec<&str> = records.iter().filter(|(_, s)| s == id).map(|(t, _)| t.as_str()).collect();
+                let row: Option<(String, Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>, i32)> =
+                    sqlx::query_as("SELECT status, due_at, remind_at, reminded_for, version FROM tasks WHERE id = $1::uuid")
+                        .bind(id)
+                        .fetch_optional(&mut db)
+                        .await
+                        .unwrap_or_default();
+                eprintln!("  {id}: in the log {types:?}; row (status, due_at, remind_at, reminded_for, version) {row:?}");
+            }
         }
         let offsets: Vec<(String, i32, i64)> =
             sqlx::query_as("SELECT projection, partition, next_offset FROM projection_offsets ORDER BY 1, 2").fetch_all(&mut db).await.unwrap_or_default();
