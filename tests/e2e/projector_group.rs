@@ -354,7 +354,26 @@ async fn assert_exact(stack: &Stack, written: &Written) -> anyhow::Result<()> {
     }
     // Rows: one history row per task event of the log, no more, no less.
     let task_events = records.iter().filter(|(t, _)| t.starts_with("task.")).count() as i64;
-    assert_eq!(scalar(stack, "SELECT count(*) FROM task_history").await?, task_events);
+    let history = scalar(stack, "SELECT count(*) FROM task_history").await?;
+    if history != task_events {
+        // Which tasks miss history rows, and which of their events.
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT task_id::text, event_type FROM task_history ORDER BY task_id, version").fetch_all(&mut db).await.unwrap_or_default();
+        let mut in_log: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (t, s) in records.iter().filter(|(t, _)| t.starts_with("task.")) {
+            in_log.entry(s.as_str()).or_default().push(t.as_str());
+        }
+        let mut in_rows: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (s, t) in &rows {
+            in_rows.entry(s.as_str()).or_default().push(t.as_str());
+        }
+        let short: Vec<_> = in_log.iter().filter(|(s, evs)| in_rows.get(*s).map_or(0, Vec::len) != evs.len()).collect();
+        eprintln!("{} tasks whose history differs from the log; the first 10:", short.len());
+        for (s, evs) in short.iter().take(10) {
+            eprintln!("  {s}: log {evs:?}, history {:?}", in_rows.get(*s));
+        }
+    }
+    assert_eq!(history, task_events);
     // Reactions, in the log: one next occurrence per completed series, one reminder per task.
     let created: BTreeMap<&str, usize> = records.iter().filter(|(t, _)| t == "task.created").fold(BTreeMap::new(), |mut m, (_, s)| {
         *m.entry(s.as_str()).or_default() += 1;
