@@ -122,15 +122,19 @@ impl Runner {
         let mut batch = Batch::default();
         loop {
             // Rebalances happen only inside `read_batch`: take their changes before applying what
-            // it read, so nothing of a revoked partition is applied after its revocation.
-            let revoked = self.follow_rebalances(&consumer, &topic, &mut next).await?;
+            // it read, so nothing of a revoked partition is applied after its revocation, and
+            // nothing read of a partition before it was (re)positioned: such records come from
+            // where the consumer was, which may lie past the stored offset (after a fenced batch,
+            // the consumer stands at that batch's end while another instance committed less), and
+            // applying them from the stored offset would skip the records in between.
+            let stale = self.follow_rebalances(&consumer, &topic, &mut next).await?;
             if self.membership.books().joined() || Instant::now() >= joined_by {
                 self.ready.store(true, Ordering::Release);
             }
-            // Only partitions owned now, and not revoked since they were read; a revocation waits
+            // Only partitions owned now, and neither revoked nor repositioned since they were read; a revocation waits
             // until this batch has committed or been given up (the guard, dropped before reading:
             // the callbacks run inside the read).
-            let applying = self.membership.applying(|books| batch.retain_partitions(|p| books.owns(p) && !revoked.contains(&p) && next.contains_key(&p)));
+            let applying = self.membership.applying(|books| batch.retain_partitions(|p| books.owns(p) && !stale.contains(&p) && next.contains_key(&p)));
             let outcome = if batch.is_empty() { Outcome::Applied } else { self.apply(&topic, batch, &mut next).await? };
             drop(applying);
             if let Outcome::Fenced = outcome {
@@ -149,12 +153,13 @@ impl Runner {
         }
     }
 
-    /// Takes the rebalances' changes: forgets revoked partitions (returned, so that what was read
-    /// of them is dropped) and seeks assigned ones to their stored offsets, then lets them be
-    /// fetched; records the owners for `projector status`.
+    /// Takes the rebalances' changes: forgets revoked partitions and seeks assigned (or
+    /// repositioned) ones to their stored offsets, then lets them be fetched; records the owners
+    /// for `projector status`. Returns both kinds, so that what was read of them is dropped.
     async fn follow_rebalances(&self, consumer: &GroupConsumer, topic: &str, next: &mut HashMap<i32, i64>) -> anyhow::Result<BTreeSet<i32>> {
         let changes = self.membership.books().take_changes();
         let me = &self.settings.instance;
+        let mut stale = changes.revoked.clone();
         for p in &changes.revoked {
             next.remove(p);
         }
@@ -179,6 +184,7 @@ impl Runner {
             if !positioned.is_empty() {
                 tracing::info!(partitions = ?positioned, "consuming assigned partitions from their stored offsets");
             }
+            stale.extend(positioned);
             if let Err(e) = group::record_owners(&self.pool, topic, &owned, me).await {
                 tracing::warn!(error.message = %e, "could not record the partitions' owner (display only)");
             }
@@ -186,7 +192,7 @@ impl Runner {
         if !changes.revoked.is_empty() || !changes.to_position.is_empty() {
             publish_owned(self.membership.books().owned().len());
         }
-        Ok(changes.revoked)
+        Ok(stale)
     }
 
     /// Reads the stored offsets of `partitions`, seeks them there and resumes fetching them. A
