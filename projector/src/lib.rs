@@ -142,6 +142,9 @@ pub struct Settings {
     /// Most records applied in one transaction.
     #[arg(long, env = "PROJECTOR_MAX_BATCH", default_value_t = 5_000, global = true)]
     pub max_batch: usize,
+    /// Transactions one projector applies a batch in at once, each with whole partitions.
+    #[arg(long, env = "PROJECTOR_APPLY_PARALLELISM", default_value_t = 2, global = true, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub apply_parallelism: u16,
     /// How long a batch waits for more records after the first one.
     #[arg(long, env = "PROJECTOR_LINGER_MS", default_value_t = 2, global = true)]
     pub linger_ms: u64,
@@ -244,6 +247,7 @@ impl Application {
                 kafka: self.settings.kafka.clone(),
                 database: self.settings.database.clone(),
                 max_batch: self.settings.max_batch,
+                apply_parallelism: usize::from(self.settings.apply_parallelism),
                 linger: Duration::from_millis(self.settings.linger_ms),
                 instance: self.instance(),
             },

@@ -146,6 +146,52 @@ impl Batch {
         self.to.retain(|p, _| keep(*p));
     }
 
+    /// Splits the batch into at most `ways` batches by partition, each partition whole in one of
+    /// them, balanced by records (a partition's records stay in order). Each part can be applied
+    /// in its own transaction: the offsets are compared and set per partition, and a stream (with
+    /// its parked records) lives in one partition.
+    pub fn split_by_partition(self, ways: usize) -> Vec<Batch> {
+        use rdkafka::message::Message;
+        let mut load: HashMap<i32, usize> = self.to.keys().map(|p| (*p, 0)).collect();
+        for p in self.tasks.iter().map(|r| r.position.partition).chain(self.users.iter().map(|r| r.position.partition)) {
+            *load.entry(p).or_default() += 1;
+        }
+        for p in self.failed.iter().map(|f| f.raw.position.partition).chain(self.raw.iter().map(|m| m.partition())) {
+            load.entry(p).or_default();
+        }
+        let ways = ways.clamp(1, load.len().max(1));
+        if ways == 1 {
+            return vec![self];
+        }
+        let mut partitions: Vec<(i32, usize)> = load.into_iter().collect();
+        partitions.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut part_of: HashMap<i32, usize> = HashMap::new();
+        let mut sizes = vec![0usize; ways];
+        for (p, n) in partitions {
+            let i = (0..ways).min_by_key(|i| sizes[*i]).expect("ways >= 1");
+            sizes[i] += n;
+            part_of.insert(p, i);
+        }
+        let mut parts: Vec<Batch> = (0..ways).map(|_| Batch::default()).collect();
+        for r in self.tasks {
+            parts[part_of[&r.position.partition]].tasks.push(r);
+        }
+        for r in self.users {
+            parts[part_of[&r.position.partition]].users.push(r);
+        }
+        for f in self.failed {
+            parts[part_of[&f.raw.position.partition]].failed.push(f);
+        }
+        for m in self.raw {
+            parts[part_of[&m.partition()]].raw.push(m);
+        }
+        for (p, o) in self.to {
+            parts[part_of[&p]].to.insert(p, o);
+        }
+        parts.retain(|b| !b.is_empty());
+        parts
+    }
+
     /// The key (task or user id) of every decoded record with its position.
     pub fn keys(&self) -> impl Iterator<Item = (String, Position)> + '_ {
         let tasks = self.tasks.iter().map(|r| (r.envelope.subject.to_string(), r.position));
@@ -402,6 +448,39 @@ mod tests {
                 event,
             },
         }
+    }
+
+    #[test]
+    fn a_batch_splits_into_whole_partitions_balanced_by_records_in_their_order() {
+        let mut batch = Batch::default();
+        // Partition 0: 4 records, 1: 2, 2: 1, 3: none (only an end offset: transaction markers).
+        for (partition, offset) in [(0, 1), (1, 1), (0, 2), (2, 1), (0, 3), (1, 2), (0, 4)] {
+            let mut r = env(u128::from(partition as u32) * 100 + u128::from(offset as u64), 1, created());
+            r.position = Position { partition, offset };
+            batch.tasks.push(r);
+            batch.to.insert(partition, offset + 1);
+        }
+        let raw = RawRecord { position: Position { partition: 2, offset: 2 }, key: None, header_names: vec![], header_values: vec![], payload: None };
+        batch.failed.push(FailedRecord { raw, error: "x".into() });
+        batch.to.insert(2, 3);
+        batch.to.insert(3, 10);
+        let parts = batch.split_by_partition(2);
+        assert_eq!(parts.len(), 2);
+        let shape = |b: &Batch| {
+            let mut to: Vec<(i32, i64)> = b.to.iter().map(|(p, o)| (*p, *o)).collect();
+            to.sort_unstable();
+            let records: Vec<(i32, i64)> = b.tasks.iter().map(|r| (r.position.partition, r.position.offset)).collect();
+            let failed: Vec<i32> = b.failed.iter().map(|f| f.raw.position.partition).collect();
+            (to, records, failed)
+        };
+        // The busiest partition alone; the others (3 records) together.
+        assert_eq!(shape(&parts[0]), (vec![(0, 5)], vec![(0, 1), (0, 2), (0, 3), (0, 4)], vec![]));
+        assert_eq!(shape(&parts[1]), (vec![(1, 3), (2, 3), (3, 10)], vec![(1, 1), (2, 1), (1, 2)], vec![2]));
+        // One way, or one partition: the batch as it is.
+        let mut one = Batch::default();
+        one.to.insert(4, 1);
+        assert_eq!(one.split_by_partition(4).len(), 1);
+        assert!(Batch::default().split_by_partition(2).len() <= 1);
     }
 
     #[test]
