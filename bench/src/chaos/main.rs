@@ -558,7 +558,7 @@ async fn delete_topics(kafka: &platform::settings::KafkaSettings) {
     let Ok(admin) = platform::kafka::client_config(kafka, "chaos-admin").create::<AdminClient<rdkafka::client::DefaultClientContext>>() else {
         return;
     };
-    let names = [kafka.task_events_topic.clone(), kafka.dlq_topic(), kafka.owners_topic(), kafka.snapshots_topic()];
+    let names = [kafka.task_events_topic.clone(), kafka.dlq_topic(), kafka.owners_topic(), kafka.snapshots_topic(), kafka.updates_topic()];
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let _ = admin.delete_topics(&names, &AdminOptions::new().request_timeout(Some(Duration::from_secs(10)))).await;
 }
