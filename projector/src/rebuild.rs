@@ -148,9 +148,7 @@ pub async fn run(opts: Options, cancel: impl Future<Output = ()>) -> Result<Summ
 /// connection). A few attempts, for a database that is restarting.
 async fn forget(options: &PgConnectOptions, projections: &[String], requested_by: &str) -> anyhow::Result<()> {
     let mut backoff = APPLY_RETRY.backoff();
-    let mut attempt = 0;
     loop {
-        attempt += 1;
         let result: anyhow::Result<()> = async {
             let mut conn = options.connect().await?;
             let mut tx = conn.begin().await?;
@@ -166,7 +164,8 @@ async fn forget(options: &PgConnectOptions, projections: &[String], requested_by
         }
         .await;
         match result {
-            Err(e) if attempt < 3 => {
+            // Three attempts: the first and two retries.
+            Err(e) if backoff.attempts() < 2 => {
                 tracing::info!(error.message = %e, "dropping the partial copies failed; trying again");
                 tokio::time::sleep(backoff.next_delay()).await;
             }
