@@ -40,6 +40,9 @@ pub enum ApiError {
     RateLimited(#[from] RateLimited),
     #[error("the event log is unavailable; nothing was appended, retry later")]
     Unavailable(String),
+    /// The query API, to which a read is relayed (`GET /v1/me/export`), did not answer.
+    #[error("the query API is unavailable; retry later")]
+    QueryApiUnavailable(String),
     /// Writes to a stream are stopped (its log holds a record that cannot be decoded).
     #[error("{0}")]
     Blocked(String),
@@ -80,7 +83,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Validation(_) | ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) | ApiError::Blocked(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::QueryApiUnavailable(_) | ApiError::Blocked(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -99,6 +102,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => "idempotency-key-reused",
             ApiError::RateLimited(_) => "rate-limited",
             ApiError::Unavailable(_) => "log-unavailable",
+            ApiError::QueryApiUnavailable(_) => "query-api-unavailable",
             ApiError::Blocked(_) => "stream-blocked",
             ApiError::Internal(_) => "internal",
         }
@@ -135,7 +139,7 @@ impl IntoResponse for ApiError {
                 tracing::error!(error.message = %cause, "internal error");
                 "an internal error occurred; it has been logged".to_owned()
             }
-            ApiError::Unavailable(cause) => {
+            ApiError::Unavailable(cause) | ApiError::QueryApiUnavailable(cause) => {
                 tracing::warn!(error.message = %cause, "answering 503");
                 self.to_string()
             }
@@ -160,7 +164,7 @@ impl IntoResponse for ApiError {
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         match self {
-            ApiError::Unavailable(_) => {
+            ApiError::Unavailable(_) | ApiError::QueryApiUnavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Blocked(_) => {

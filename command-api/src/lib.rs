@@ -5,9 +5,10 @@
 //!
 //! A command's way through the modules, top to bottom (each imports only modules below it):
 //! - `lib` (settings, `Application`) wires everything; `main` only starts it.
-//! - `routes`: the HTTP surface by resource (`tasks`, `notifications`, `webhooks`, and `internal`
-//!   for the service identity), each with its own `router()`; `routes/mod.rs` composes them with
-//!   the operational routes. Handlers parse requests into domain commands (`domain::AnyCommand`).
+//! - `routes`: the HTTP surface by resource (`tasks`, `notifications`, `webhooks`, `me` for the
+//!   caller's own data, and `internal` for the service identity), each with its own `router()`;
+//!   `routes/mod.rs` composes them with the operational routes. Handlers parse requests into domain
+//!   commands (`domain::AnyCommand`); `me` relays its read to the query API (`query_api`).
 //! - `command`: one submission path for every route (trace span, event metadata, metrics, the
 //!   answer as HTTP); `state`: the `AppState` handlers share.
 //! - `forward`: replays a command request to its partition's owner; `membership`: the consumer group
@@ -21,7 +22,7 @@
 //!   Idempotency-Key digest) and the layer that keeps a command request to forward it.
 //! - `ratelimit`: the layer that spends the caller's request budget (`platform::ratelimit`) first.
 //! - `error`: `ApiError`, the one problem+json error type; `log`: the `EventLog` port (one partition)
-//!   and its Kafka adapter.
+//!   and its Kafka adapter; `query_api`: the client that relays `GET /v1/me/export` to the query API.
 
 pub mod cluster;
 pub mod command;
@@ -32,6 +33,7 @@ pub mod idempotency;
 pub mod log;
 pub mod membership;
 pub mod partition;
+pub mod query_api;
 pub mod ratelimit;
 pub mod routes;
 pub mod state;
@@ -55,6 +57,7 @@ pub use crate::extract::BODY_LIMIT_BYTES;
 use crate::idempotency::IdempotencyCache;
 use crate::log::{KafkaLog, KafkaLogSettings};
 use crate::membership::WriterFactory;
+use crate::query_api::QueryApi;
 pub use crate::routes::router;
 pub use crate::state::AppState;
 use crate::writer::{Writer, WriterConfig};
@@ -132,6 +135,14 @@ pub struct Settings {
     /// Requests without a valid token one address may send at once.
     #[arg(long, env = "COMMAND_RATE_BURST_PER_ADDRESS", default_value_t = 100)]
     pub command_rate_burst_per_address: u32,
+    /// Base URL of the query API, to which `GET /v1/me/export` is relayed (default:
+    /// `http://<QUERY_API_ADDR>` when that is set, as `./dev` sets it for every service, else
+    /// http://127.0.0.1:8081).
+    #[arg(long, env = "QUERY_API_URL")]
+    pub query_api_url: Option<String>,
+    /// The query API's listen address, the default of `QUERY_API_URL` (the query API's own setting).
+    #[arg(long, env = "QUERY_API_ADDR", hide = true)]
+    pub query_api_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub secrets: SecretPolicy,
 }
@@ -177,15 +188,17 @@ impl Application {
         let auth = JwtAuth::new(&settings.auth.auth_jwt_secret).with_service_secret(settings.service_jwt_secret.as_ref());
         let brokers = platform::kafka::watch_brokers(&settings.kafka, "taskstream-command-api-probe", BROKER_PROBE_PERIOD)?;
         let forward_timeout = Duration::from_millis(settings.request_timeout_ms / 2);
+        let query_api = QueryApi::new(&query_api::base_url(settings.query_api_url.as_deref(), settings.query_api_addr))?;
         let state = AppState::with_cluster(cluster.clone(), auth, idempotency, forward_timeout)
             .allow_private_webhooks(settings.webhook_allow_private)
             .with_topics(&platform::catalogue::Topics::from_settings(&settings.kafka))
             .with_brokers(brokers)
+            .with_query_api(query_api)
             .with_rate_limits(RateLimits {
                 per_user: Rate { per_second: settings.command_rate_per_user, burst: settings.command_rate_burst_per_user },
                 per_address: Rate { per_second: settings.command_rate_per_address, burst: settings.command_rate_burst_per_address },
             });
-        tracing::info!(%addr, instance = %me.id, url = %me.url, "command API listening");
+        tracing::info!(%addr, instance = %me.id, url = %me.url, query_api = %state.query_api.base(), "command API listening");
         Ok(Self { listener, router: router(state, Duration::from_millis(settings.request_timeout_ms)), cluster })
     }
 

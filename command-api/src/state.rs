@@ -1,5 +1,6 @@
 //! What every handler shares: the cluster (this instance's partition writers and who owns the
-//! others), the forwarder, token verification, the Idempotency-Key answers, the request budgets.
+//! others), the forwarder, token verification, the Idempotency-Key answers, the request budgets, and
+//! the query API to which `GET /v1/me/export` is relayed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use crate::forward::Forwarder;
 use crate::idempotency::IdempotencyCache;
 use crate::log::EventLog;
 use crate::membership::{self, WriterFactory};
+use crate::query_api::QueryApi;
 use crate::writer::{Writer, WriterConfig};
 
 #[derive(Clone)]
@@ -31,6 +33,8 @@ pub struct AppState {
     pub rate_limiter: RateLimiter,
     /// The event catalogue served at `GET /v1/asyncapi.json`, for the configured topics.
     pub catalogue: Arc<serde_json::Value>,
+    /// Where `GET /v1/me/export` is relayed.
+    pub query_api: QueryApi,
 }
 
 impl FromRef<AppState> for JwtAuth {
@@ -48,7 +52,8 @@ impl AppState {
         let forwarder = Forwarder::new(&cluster.me().id, forward_timeout);
         let rate_limiter = crate::ratelimit::limiter(RateLimits::default());
         let catalogue = Arc::new(platform::catalogue::asyncapi(&platform::catalogue::Topics::default()));
-        Self { cluster, forwarder, auth, idempotency, allow_private_webhooks: false, brokers: Reachability::assumed(), rate_limiter, catalogue }
+        let query_api = QueryApi::new(crate::query_api::DEFAULT_URL).expect("the default query API URL is valid");
+        Self { cluster, forwarder, auth, idempotency, allow_private_webhooks: false, brokers: Reachability::assumed(), rate_limiter, catalogue, query_api }
     }
 
     /// One process owning every partition of `log` (an in-memory log in tests): `log` is cloned for
@@ -86,6 +91,12 @@ impl AppState {
 
     pub fn allow_private_webhooks(mut self, allow: bool) -> Self {
         self.allow_private_webhooks = allow;
+        self
+    }
+
+    /// Relays `GET /v1/me/export` to this query API (default: [`crate::query_api::DEFAULT_URL`]).
+    pub fn with_query_api(mut self, query_api: QueryApi) -> Self {
+        self.query_api = query_api;
         self
     }
 

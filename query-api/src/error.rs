@@ -31,6 +31,12 @@ pub enum ApiError {
     NotReady,
     #[error(transparent)]
     RateLimited(#[from] RateLimited),
+    /// Every slot for a long-running request (an export) is taken.
+    #[error("{0}")]
+    Busy(&'static str),
+    /// PostgreSQL failed a request outside GraphQL (the cause is logged, never sent).
+    #[error("the read models could not be read; try again shortly")]
+    Database,
 }
 
 impl ApiError {
@@ -38,7 +44,7 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::BadConsistencyToken | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::ConsistencyTimeout(_) | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ConsistencyTimeout(_) | ApiError::NotReady | ApiError::Busy(_) | ApiError::Database => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -54,7 +60,41 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
             ApiError::NotReady => "NOT_READY",
             ApiError::RateLimited(_) => "RATE_LIMITED",
+            ApiError::Busy(_) => "BUSY",
+            ApiError::Database => "UNAVAILABLE",
         }
+    }
+
+    /// A failed read-model statement outside GraphQL: logged with its cause chain, answered 503.
+    pub fn database(e: sqlx::Error) -> Self {
+        let e = anyhow::Error::from(e);
+        tracing::error!(error.message = %e, error.cause_chain = ?e, "read-model query failed");
+        ApiError::Database
+    }
+
+    /// The error as RFC 9457 problem+json, for the plain HTTP routes (`GET /v1/me/export`), with the
+    /// command API's problem types (`urn:taskstream:problem:<slug>`) and the same headers as
+    /// [`IntoResponse`] (Retry-After, WWW-Authenticate).
+    pub fn into_problem(self) -> Response {
+        let slug = match &self {
+            ApiError::Unauthenticated(_) => "unauthorized",
+            ApiError::BadConsistencyToken | ApiError::BadRequest(_) => "bad-request",
+            ApiError::ConsistencyTimeout(_) => "consistency-timeout",
+            ApiError::PayloadTooLarge(_) => "payload-too-large",
+            ApiError::NotReady | ApiError::Busy(_) | ApiError::Database => "unavailable",
+            ApiError::RateLimited(_) => "rate-limited",
+        };
+        let status = self.status_code();
+        let body = json!({
+            "type": format!("urn:taskstream:problem:{slug}"),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": self.to_string(),
+        });
+        let mut res = self.into_response();
+        *res.body_mut() = axum::body::Body::from(body.to_string());
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        res
     }
 }
 
@@ -69,8 +109,11 @@ impl IntoResponse for ApiError {
             ApiError::Unauthenticated(_) => {
                 res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::ConsistencyTimeout(_) | ApiError::NotReady => {
+            ApiError::ConsistencyTimeout(_) | ApiError::NotReady | ApiError::Database => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Busy(_) => {
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}
         }

@@ -10,7 +10,8 @@
 //! one that imports it back:
 //!
 //! ```text
-//! routes       HTTP: /graphql (with consistency-token waits), /graphql/ws, health, metrics; assembles TaskSchema
+//! routes       HTTP: /graphql (with consistency-token waits), /graphql/ws, /v1/me/export, health, metrics; assembles TaskSchema
+//! export       GET /v1/me/export: every read-model row of one user as one JSON document, streamed from one snapshot
 //! graphiql     the GraphiQL page and its vendored assets (assets/graphiql/), embedded in the binary
 //! apq          automatic persisted queries: the documents' cache (moka) and the protocol's error codes; documents kept parsed by their text
 //! ws           the WebSocket transport and its limits (init timeout, token expiry, subscriptions, connections, message size)
@@ -25,7 +26,8 @@
 //! watermarks   the log's high watermarks (Kafka, cached; a trait so tests can fake it)
 //! ```
 //!
-//! Edges: routes -> graphiql, apq, ws, live, schema, cost, error, progress, store, watermarks; cost -> error; live -> schema, store;
+//! Edges: routes -> graphiql, apq, ws, live, schema, cost, error, export, progress, store, watermarks; export -> store;
+//! cost -> error; live -> schema, store;
 //! schema -> error, projections, store, cursor, watermarks; error -> progress;
 //! projections -> watermarks; store -> cursor. What the projector shares with this crate (the
 //! `tasks` row, projection status) lives in `platform`.
@@ -34,6 +36,7 @@ pub mod apq;
 pub mod cost;
 pub mod cursor;
 pub mod error;
+pub mod export;
 pub mod graphiql;
 pub mod live;
 pub mod progress;

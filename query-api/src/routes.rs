@@ -1,7 +1,9 @@
 //! HTTP: `POST /graphql` and `GET /graphql?query=..` (authenticated queries, optionally as of a
 //! consistency token; either may name a persisted query by its hash instead, see `apq`), `GET
-//! /graphql` without a query (GraphiQL, with its assets under `/graphiql/assets/`), `/healthz`,
-//! `/readyz`, `/metrics`.
+//! /graphql` without a query (GraphiQL, with its assets under `/graphiql/assets/`), `GET
+//! /v1/me/export` (the caller's data as one JSON document, see `export`; errors as problem+json),
+//! `/healthz`, `/readyz`, `/metrics`. Both GraphQL and the export authenticate and spend the request
+//! budgets ([`authenticate`]) and wait for a consistency token ([`wait_for_token`]) the same way.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use domain::UserId;
 use platform::auth::JwtAuth;
 use platform::db::Migrations;
 use platform::position::Position;
@@ -32,6 +35,7 @@ use platform::ratelimit::{RateLimiter, RateLimits};
 use crate::apq::{ParsedDocuments, PersistedQueries, PersistedQueryCodes};
 use crate::cost::{CostLimit, CostLimits};
 use crate::error::ApiError;
+use crate::export::Exports;
 use crate::live::{Hub, LiveContext, Subscription};
 use crate::progress::ProgressTracker;
 use crate::schema::{Query, QueryContext};
@@ -117,6 +121,8 @@ pub struct AppState {
     documents: ParsedDocuments,
     /// The start-up migrations: until they are applied, GraphQL answers 503 (NOT_READY).
     migrations: Migrations,
+    /// The slots of the exports running at once.
+    exports: Exports,
 }
 
 impl AppState {
@@ -151,6 +157,7 @@ impl AppState {
             hub,
             connections: Connections::default(),
             migrations: Migrations::already_applied(),
+            exports: Exports::default(),
         }
     }
 
@@ -186,6 +193,7 @@ pub fn router(state: AppState) -> Router {
         .route("/graphql", get(graphql_get).post(graphql_post))
         .merge(crate::graphiql::routes())
         .route("/graphql/ws", get(graphql_ws))
+        .route("/v1/me/export", get(export))
         .route("/healthz", get(platform::http::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(platform::http::metrics))
@@ -289,6 +297,18 @@ async fn execute(
     headers: &HeaderMap,
     request: impl FnOnce() -> Result<async_graphql::Request, ApiError>,
 ) -> Result<async_graphql::Response, ApiError> {
+    let user = authenticate(state, address, headers)?;
+    tracing::Span::current().record("user", user.as_ref());
+    let mut request = request()?;
+    wait_for_token(state, headers).await?;
+    state.documents.parse(&mut request).await;
+    let schema = if introspection_only(&mut request, state.persisted.as_ref()).await { &state.introspection } else { &state.schema };
+    Ok(schema.execute(request.data(user)).await)
+}
+
+/// What every request on the read models goes through first: started, a valid token (without one,
+/// the client address's budget is spent), the user's budget. Returns the caller.
+fn authenticate(state: &AppState, address: Option<IpAddr>, headers: &HeaderMap) -> Result<UserId, ApiError> {
     state.check_started()?;
     // A header that is not visible ASCII cannot be a valid bearer token.
     let authorization = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
@@ -301,15 +321,48 @@ async fn execute(
         }
     };
     state.rate_limiter.check_user(&user)?;
-    tracing::Span::current().record("user", user.as_ref());
-    let mut request = request()?;
+    Ok(user)
+}
+
+/// Waits until the projections have applied the position of `X-Consistency-Token`, if there is one.
+async fn wait_for_token(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if let Some(token) = headers.get(CONSISTENCY_HEADER) {
         let position = token.to_str().ok().and_then(|t| Position::from_token(t).ok()).ok_or(ApiError::BadConsistencyToken)?;
         state.progress.wait_for(position, state.limits.consistency_wait).await?;
     }
-    state.documents.parse(&mut request).await;
-    let schema = if introspection_only(&mut request, state.persisted.as_ref()).await { &state.introspection } else { &state.schema };
-    Ok(schema.execute(request.data(user)).await)
+    Ok(())
+}
+
+/// `GET /v1/me/export`: all of the caller's data (tasks, history, notifications, webhook) as one JSON
+/// document, downloaded as `taskstream-export-<user>.json` (see `export`). Honours
+/// `X-Consistency-Token` like GraphQL; errors are problem+json.
+#[tracing::instrument(name = "export", skip_all, fields(user = tracing::field::Empty))]
+async fn export(State(state): State<AppState>, extensions: Extensions, headers: HeaderMap) -> Response {
+    let address = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let started = async {
+        let user = authenticate(&state, address, &headers)?;
+        tracing::Span::current().record("user", user.as_ref());
+        wait_for_token(&state, &headers).await?;
+        let slot = state.exports.try_slot().ok_or(ApiError::Busy("too many exports are running; try again shortly"))?;
+        let file = crate::export::file_name(&user);
+        let body = crate::export::begin(&state.pool, user, slot).await.map_err(ApiError::database)?;
+        Ok::<_, ApiError>((file, body))
+    };
+    match started.await {
+        Ok((file, body)) => {
+            let disposition = HeaderValue::from_str(&format!("attachment; filename=\"{file}\"")).unwrap_or(HeaderValue::from_static("attachment"));
+            let headers = [
+                (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+                (header::CONTENT_DISPOSITION, disposition),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            ];
+            (headers, body).into_response()
+        }
+        Err(e) => {
+            tracing::debug!(error.message = %e, "export refused");
+            e.into_problem()
+        }
+    }
 }
 
 /// Whether every operation of the document (sent, or persisted and named by its hash) selects only

@@ -207,7 +207,7 @@ pub async fn tasks(pool: &PgPool, user: &UserId, order: Order, f: &TaskFilterSql
 /// A row selected as [`TaskRow::COLUMNS`], read by position: `FromRow` reads each column by its
 /// name, a lookup in the statement's map of names per column per row (~5% of the query API's CPU
 /// for a 50-row page). `COLUMNS` lists the columns in field order (a test in `platform` checks it).
-fn task_row(row: PgRow) -> Result<TaskRow, sqlx::Error> {
+pub(crate) fn task_row(row: PgRow) -> Result<TaskRow, sqlx::Error> {
     Ok(TaskRow {
         id: row.try_get(0)?,
         user_id: row.try_get(1)?,

@@ -3,6 +3,7 @@
 
 mod bench_smoke;
 mod catalogue;
+mod export;
 mod lifecycle;
 mod live;
 mod observability;

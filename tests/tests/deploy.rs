@@ -130,6 +130,7 @@ fn compose_file_wires_every_service() {
         assert!(s["healthcheck"]["test"].is_sequence(), "{svc} has no healthcheck");
         assert!(text.contains("KAFKA_BROKERS: kafka:9092"));
     }
+    assert_eq!(doc["services"]["command-api"]["environment"]["QUERY_API_URL"].as_str(), Some("http://query-api:8081"), "GET /v1/me/export is relayed there");
     for (_, s) in services {
         if let Some(b) = s.get("build") {
             let dockerfile = b["dockerfile"].as_str().unwrap();
@@ -328,6 +329,10 @@ fn kubernetes_manifests_run_several_partition_owning_command_apis() {
         assert!(docs.iter().any(|d| d["kind"] == "Service" && d["metadata"]["name"] == name), "{name} service missing");
     }
     assert_eq!(setting(&docs, find(&docs, "Deployment", "projector"), "COMMAND_API_URL").as_deref(), Some("http://command-api:8080"));
+    // GET /v1/me/export is relayed to the query API.
+    assert_eq!(setting(&docs, writer, "QUERY_API_URL").as_deref(), Some("http://query-api:8081"));
+    let egress = serde_yaml::to_string(&find(&docs, "NetworkPolicy", "command-api")["spec"]["egress"]).unwrap();
+    assert!(egress.contains("app: query-api") && egress.contains("port: 8081"), "the command API reaches the query API: {egress}");
 }
 
 /// Requests and limits, probes on /healthz and /readyz, a disruption budget and a network policy

@@ -1,10 +1,12 @@
-//! The HTTP surface, by resource: each module parses its requests into domain commands and has its
-//! own `router()`; this module puts them together with the operational routes (health, readiness,
-//! metrics, the OpenAPI document) and the shared layers (rate limits on the API routes, body limit,
-//! timeout, problem+json fallbacks). `openapi` holds what the resource modules' OpenAPI annotations share (command headers,
+//! The HTTP surface, by resource: each module parses its requests into domain commands (`me`
+//! relays its one read to the query API) and has its own `router()`; this module puts them
+//! together with the operational routes (health, readiness, metrics, the OpenAPI document) and the
+//! shared layers (rate limits on the API routes, body limit, timeout, problem+json fallbacks).
+//! `openapi` holds what the resource modules' OpenAPI annotations share (command headers,
 //! problem+json answer sets).
 
 pub mod internal;
+pub mod me;
 pub mod notifications;
 pub mod openapi;
 pub mod tasks;
@@ -33,7 +35,7 @@ use crate::state::AppState;
     modifiers(&BearerAuth),
     // Referenced by name from `openapi`'s answer sets (which do not collect schemas themselves).
     components(schemas(crate::error::Problem)),
-    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"), (name = "cluster", description = "Which instance owns which partition"), (name = "catalogue", description = "The event catalogue (AsyncAPI)"))
+    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"), (name = "me", description = "Your own data"), (name = "cluster", description = "Which instance owns which partition"), (name = "catalogue", description = "The event catalogue (AsyncAPI)"))
 )]
 struct ApiDoc;
 
@@ -52,6 +54,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(tasks::router())
         .merge(notifications::router())
         .merge(webhooks::router())
+        .merge(me::router())
         .routes(utoipa_axum::routes!(cluster))
         .split_for_parts();
     openapi::answer_rate_limited(&mut openapi);

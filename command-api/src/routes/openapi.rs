@@ -2,7 +2,8 @@
 //! (`IdempotencyKey`, `IfMatch`, with the constraints `crate::extract::CommandHeaders` enforces) and
 //! the problem+json answer sets the handlers list in their `#[utoipa::path(responses(...))]`: what
 //! every command can be answered (`CommandProblems`), what a JSON body adds (`JsonBodyProblems`)
-//! and what a command on an existing task adds (`TaskProblems`); the rate limits' 429, which every
+//! and what a command on an existing task adds (`TaskProblems`), and what a read relayed to the
+//! query API can meet (`ReadProblems`); the rate limits' 429, which every
 //! operation can meet, is added to all of them at once (`answer_rate_limited`). Which status means what is
 //! `crate::error::ApiError::status_code`; these sets say which of them each operation can meet, so
 //! that a client (or schemathesis, in `./dev test`) finds every status it is answered in the
@@ -104,6 +105,20 @@ impl IntoResponses for TaskProblems {
             (404, "No such task (or it is another user's)"),
             (409, "The command conflicts with the task's state (e.g. the task is deleted, or already completed)"),
             (412, "If-Match: the task is at another version"),
+        ])
+    }
+}
+
+/// A read relayed to the query API (`GET /v1/me/export`): a malformed `X-Consistency-Token`, no
+/// valid token, and the query API unavailable, busy, or not caught up in time.
+pub struct ReadProblems;
+
+impl IntoResponses for ReadProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems(&[
+            (400, "X-Consistency-Token is not a position returned by a command"),
+            (401, "Missing, invalid or expired bearer token"),
+            (503, "The query API is unavailable or busy, or the read models did not reach X-Consistency-Token in time (retry after Retry-After seconds)"),
         ])
     }
 }

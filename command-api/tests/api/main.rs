@@ -3,14 +3,15 @@
 //! or concern: the task routes and the records they append (`tasks`), authentication (`auth`),
 //! problem+json answers to bad input (`problems`), `If-Match` (`conditional`), `Idempotency-Key`
 //! (`idempotency`, also across a restart), ordering, log outages and restarts (`log`), the
-//! notifications the user's stream records and reads (`notifications`), and the documentation and
-//! operations endpoints (`operations`).
+//! notifications the user's stream records and reads (`notifications`), the export relayed to the
+//! query API (`me`), and the documentation and operations endpoints (`operations`).
 
 mod auth;
 mod conditional;
 mod helpers;
 mod idempotency;
 mod log;
+mod me;
 mod notifications;
 mod operations;
 mod problems;

@@ -69,6 +69,19 @@ async fn every_operation_documents_every_status_it_can_answer() {
                 assert_eq!(statuses, ["200"], "{op_name}");
                 continue;
             }
+            if method == "get" && path == "/v1/me/export" {
+                // A read relayed to the query API: no Idempotency-Key; its own answer set.
+                assert_eq!(statuses, ["200", "400", "401", "429", "503"], "{op_name}");
+                assert_eq!(header_params, ["X-Consistency-Token"], "{op_name}");
+                for (status, response) in responses {
+                    let types: Vec<&str> =
+                        response["content"].as_object().unwrap_or_else(|| panic!("{op_name} {status}: no content")).keys().map(String::as_str).collect();
+                    assert_eq!(types, [if status == "200" { "application/json" } else { "application/problem+json" }], "{op_name} {status}");
+                }
+                assert!(responses["200"]["headers"].get("Content-Disposition").is_some(), "{op_name}: the download's name is documented");
+                assert!(responses["503"]["headers"].get("Retry-After").is_some(), "{op_name}: 503 documents Retry-After");
+                continue;
+            }
             if method == "get" {
                 // Not a command: `GET /v1/cluster` (public, always answers within the rate limits).
                 assert_eq!(statuses, ["200", "429"], "{op_name}");

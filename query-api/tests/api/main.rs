@@ -8,6 +8,7 @@ mod auth;
 mod consistency;
 mod cost;
 mod errors;
+mod export;
 mod graphiql;
 mod health;
 mod helpers;
