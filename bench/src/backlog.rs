@@ -88,7 +88,9 @@ pub fn free_port() -> u16 {
 
 /// The backlog: `events` events over `events / 5` tasks (created, updated twice, completed, then
 /// reopened or, one in five, deleted), round by round so that each task's events are spread over the
-/// log, produced in large Kafka transactions exactly as the command API encodes them.
+/// log, produced in large Kafka transactions exactly as the command API encodes them: personal
+/// fields sealed with each user's data key (made first, wrapped with the KEK that the benchmark's
+/// services use).
 async fn produce_backlog(ctx: &Ctx, topic: &str, events: usize) -> anyhow::Result<()> {
     let settings = crate::kafka_settings(ctx, topic);
     platform::kafka::ensure_topics(&settings).await?;
@@ -103,6 +105,17 @@ async fn produce_backlog(ctx: &Ctx, topic: &str, events: usize) -> anyhow::Resul
     let tasks = (events / 5).max(1);
     let ids: Vec<TaskId> = (0..tasks).map(|_| TaskId::new_v7()).collect();
     let users: Vec<UserId> = (0..1000).map(|u| UserId::parse(format!("user-{u}")).expect("valid user")).collect();
+    // The KEK the benchmark's services use (TASKSTREAM_KEK / TASKSTREAM_KEK_FILE, else the dev one).
+    let kek = platform::keys::KekSettings {
+        kek: std::env::var("TASKSTREAM_KEK").ok().map(platform::secret::Secret::new),
+        kek_file: std::env::var_os("TASKSTREAM_KEK_FILE").map(Into::into),
+    };
+    let keys = std::sync::Arc::new(platform::keys::KeyRing::new(kek.keks(true)?));
+    keys.start(&settings, "bench-backlog").await?;
+    let mut user_keys = Vec::with_capacity(users.len());
+    for u in &users {
+        user_keys.push(keys.ensure(u.as_ref()).await?);
+    }
     let now = chrono::Utc::now();
     let mut sent = 0;
     tokio::task::block_in_place(|| producer.begin_transaction())?;
@@ -122,20 +135,25 @@ async fn produce_backlog(ctx: &Ctx, topic: &str, events: usize) -> anyhow::Resul
                 _ if i % 5 == 0 => TaskEvent::Deleted,
                 _ => TaskEvent::Reopened,
             };
-            let enc = codec::encode(&Envelope {
-                subject: *id,
-                meta: Metadata {
-                    event_id: Uuid::now_v7(),
-                    user_id: users[i % users.len()].clone(),
-                    sequence: round + 1,
-                    occurred_at: now,
-                    correlation_id: Some(Uuid::now_v7().to_string()),
-                    causation_id: None,
-                    traceparent: None,
-                    idempotency: None,
+            let key = &user_keys[i % users.len()];
+            let enc = codec::encode(
+                &Envelope {
+                    subject: *id,
+                    meta: Metadata {
+                        event_id: Uuid::now_v7(),
+                        user_id: users[i % users.len()].clone(),
+                        sequence: round + 1,
+                        occurred_at: now,
+                        correlation_id: Some(Uuid::now_v7().to_string()),
+                        causation_id: None,
+                        traceparent: None,
+                        idempotency: None,
+                        data_key: Some(key.id),
+                    },
+                    event,
                 },
-                event,
-            });
+                Some(key),
+            );
             let record = FutureRecord::to(topic).key(&enc.key).payload(&enc.payload).headers(enc.headers);
             // Fire and forget: the commit below waits for every delivery.
             drop(producer.send_result(record).map_err(|(e, _)| e)?);

@@ -345,6 +345,7 @@ fn kafka_settings(ctx: &Ctx, topic: &str) -> platform::settings::KafkaSettings {
         task_events_partitions: 12,
         task_events_replication: 1,
         kafka_config: ctx.cli.kafka_config.clone(),
+        data_keys_erasure_bound_ms: 86_400_000,
     }
 }
 

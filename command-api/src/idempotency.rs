@@ -14,6 +14,7 @@ use domain::{IdempotencyTag, Receipt, UserId};
 
 use crate::error::ApiError;
 use crate::extract::RequestDigest;
+use platform::keys::{DataKeys, KeyRing};
 use platform::position::Position;
 
 /// What a command is answered with: what it names (its receipt), the version after it, and where
@@ -94,8 +95,11 @@ pub struct KeptAnswer {
     pub id: uuid::Uuid,
     pub created: bool,
     pub etag: bool,
+    /// A generated secret (SetWebhook's), sealed with `secret_key`, the user's data key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key: Option<uuid::Uuid>,
     pub version: u32,
     pub partition: i32,
     pub offset: i64,
@@ -103,19 +107,27 @@ pub struct KeptAnswer {
 
 /// The `id_field`s a receipt can name (`Receipt::id_field` is a static name).
 fn id_field(name: &str) -> Option<&'static str> {
-    ["task_id", "notification_id", "webhook_id"].into_iter().find(|f| *f == name)
+    ["task_id", "notification_id", "webhook_id", "erasure_id"].into_iter().find(|f| *f == name)
 }
 
 impl IdempotencyCache {
-    /// Every answer remembered for a command of `partition`, for its snapshot.
-    pub fn export(&self, partition: i32) -> Vec<KeptAnswer> {
+    /// Every answer remembered for a command of `partition`, for its snapshot (a generated secret
+    /// sealed with its user's data key; an answer whose user has none any more is left out).
+    pub fn export(&self, partition: i32, keys: &KeyRing) -> Vec<KeptAnswer> {
         self.cache
             .iter()
             .filter(|(_, v)| v.answer.position.partition == partition)
-            .map(|(k, v)| {
+            .filter_map(|(k, v)| {
                 let (user, key) = &*k;
                 let a = &v.answer;
-                KeptAnswer {
+                let (secret, secret_key) = match a.receipt.secret.as_deref() {
+                    None => (None, None),
+                    Some(s) => {
+                        let data_key = keys.current(user.as_ref())?;
+                        (Some(data_key.seal(s)), Some(data_key.id))
+                    }
+                };
+                Some(KeptAnswer {
                     user: user.to_string(),
                     key: key.clone(),
                     digest: v.request_digest.clone(),
@@ -123,20 +135,29 @@ impl IdempotencyCache {
                     id: a.receipt.id,
                     created: a.receipt.created,
                     etag: a.receipt.etag,
-                    secret: a.receipt.secret.as_deref().map(str::to_owned),
+                    secret,
+                    secret_key,
                     version: a.version,
                     partition: a.position.partition,
                     offset: a.position.offset,
-                }
+                })
             })
             .collect()
     }
 
-    /// Remembers the answers of a snapshot.
-    pub async fn import(&self, answers: Vec<KeptAnswer>) {
+    /// Remembers the answers of a snapshot (one whose sealed secret cannot be opened any more, its
+    /// user erased, is left out).
+    pub async fn import(&self, answers: Vec<KeptAnswer>, keys: &dyn DataKeys) {
         for k in answers {
             let (Some(id_field), Ok(user)) = (id_field(&k.id_field), UserId::parse(k.user)) else { continue };
-            let receipt = Receipt { id_field, id: k.id, created: k.created, etag: k.etag, secret: k.secret.map(Arc::from) };
+            let secret = match (k.secret, k.secret_key) {
+                (Some(sealed), Some(id)) => match keys.data_key(&id).and_then(|key| key.open(&sealed)) {
+                    Ok(s) => Some(s),
+                    Err(_) => continue,
+                },
+                (secret, _) => secret,
+            };
+            let receipt = Receipt { id_field, id: k.id, created: k.created, etag: k.etag, secret: secret.map(Arc::from) };
             let answer = Answer::new(receipt, k.version, Position { partition: k.partition, offset: k.offset });
             self.cache.insert((user, k.key), Arc::new(Stored { request_digest: k.digest, answer })).await;
         }

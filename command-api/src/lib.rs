@@ -72,6 +72,8 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     #[command(flatten)]
     pub auth: AuthSettings,
+    #[command(flatten)]
+    pub kek: platform::keys::KekSettings,
     /// Secret of the service identity (the projector's reactions); users never see it. Required
     /// (at least 32 bytes) unless in dev mode, where without it service calls are refused.
     #[arg(long, env = "SERVICE_JWT_SECRET")]
@@ -167,6 +169,7 @@ impl Application {
             url: settings.advertised_url.clone().unwrap_or_else(|| format!("http://{addr}")),
         };
         let cluster = Arc::new(Cluster::new(me.clone(), 0));
+        let keys = Arc::new(platform::keys::KeyRing::new(settings.kek.keks(settings.secrets.dev)?));
         let log_settings = KafkaLogSettings {
             kafka: settings.kafka.clone(),
             transactional_id_prefix: settings.transactional_id.clone(),
@@ -180,16 +183,19 @@ impl Application {
             snapshot_interval: Duration::from_secs(settings.snapshot_interval_seconds),
             released: settings.released_records.iter().copied().collect::<HashSet<_>>(),
             transaction_slots: (settings.transaction_slots > 0).then(|| Arc::new(tokio::sync::Semaphore::new(settings.transaction_slots))),
+            keys: keys.clone(),
         };
         let cache = idempotency.clone();
-        let factory: WriterFactory = Arc::new(move |p| Writer::spawn(p, KafkaLog::new(log_settings.clone(), p), cache.clone(), config.clone()));
+        let factory: WriterFactory =
+            Arc::new(move |p| Writer::spawn(p, KafkaLog::new(log_settings.clone(), p, config.keys.clone()), cache.clone(), config.clone()));
         let group = settings.group.clone().unwrap_or_else(|| settings.transactional_id.clone());
-        tokio::spawn(join_when_reachable(settings.kafka.clone(), group, cluster.clone(), factory));
+        tokio::spawn(join_when_reachable(settings.kafka.clone(), group, cluster.clone(), factory, keys.clone()));
         let auth = JwtAuth::new(&settings.auth.auth_jwt_secret).with_service_secret(settings.service_jwt_secret.as_ref());
         let brokers = platform::kafka::watch_brokers(&settings.kafka, "taskstream-command-api-probe", BROKER_PROBE_PERIOD)?;
         let forward_timeout = Duration::from_millis(settings.request_timeout_ms / 2);
         let query_api = QueryApi::new(&query_api::base_url(settings.query_api_url.as_deref(), settings.query_api_addr))?;
         let state = AppState::with_cluster(cluster.clone(), auth, idempotency, forward_timeout)
+            .with_keys(keys)
             .allow_private_webhooks(settings.webhook_allow_private)
             .with_topics(&platform::catalogue::Topics::from_settings(&settings.kafka))
             .with_brokers(brokers)
@@ -232,11 +238,19 @@ fn hostname() -> String {
 
 /// Creates the topics and learns the partition count (retrying until Kafka answers), then joins the
 /// group and follows the owners topic.
-async fn join_when_reachable(kafka: platform::settings::KafkaSettings, group: String, cluster: Arc<Cluster>, factory: WriterFactory) {
+async fn join_when_reachable(
+    kafka: platform::settings::KafkaSettings,
+    group: String,
+    cluster: Arc<Cluster>,
+    factory: WriterFactory,
+    keys: Arc<platform::keys::KeyRing>,
+) {
     let mut backoff = platform::retry::Policy::new(Duration::from_millis(200), Duration::from_secs(5)).backoff();
     loop {
         let attempt = async {
             platform::kafka::ensure_topics(&kafka).await?;
+            // The data keys first: a writer decides and restores with them.
+            keys.start(&kafka, "taskstream-command-api").await?;
             let k = kafka.clone();
             let n = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
                 let consumer: rdkafka::consumer::BaseConsumer = platform::kafka::client_config(&k, "taskstream-command-api-metadata").create()?;
@@ -257,7 +271,7 @@ async fn join_when_reachable(kafka: platform::settings::KafkaSettings, group: St
             }
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "Kafka is not reachable yet; the command API owns no partition until it is");
+                tracing::warn!(error.message = %e, retry_in_ms = delay.as_millis() as u64, "cannot join yet (Kafka unreachable, or data keys this instance cannot unwrap); the command API owns no partition until then");
                 tokio::time::sleep(delay).await;
             }
         }

@@ -20,6 +20,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use platform::codec::{self, DecodeError, EncodedEvent, EncodedState, Record};
 use platform::kafka::QuietEof;
+use platform::keys::DataKeys;
 use platform::position::Position;
 use platform::settings::KafkaSettings;
 
@@ -125,11 +126,13 @@ pub struct KafkaLog {
     producer: Option<Arc<BaseProducer<TxnContext>>>,
     /// Chunks of the last snapshot written or read (the extra ones are deleted by the next).
     snapshot_chunks: usize,
+    /// Opens the records' sealed fields.
+    keys: Arc<dyn DataKeys>,
 }
 
 impl KafkaLog {
-    pub fn new(settings: KafkaLogSettings, partition: i32) -> Self {
-        Self { settings, partition, producer: None, snapshot_chunks: 0 }
+    pub fn new(settings: KafkaLogSettings, partition: i32, keys: Arc<dyn DataKeys>) -> Self {
+        Self { settings, partition, producer: None, snapshot_chunks: 0, keys }
     }
 
     fn op_timeout(&self) -> Duration {
@@ -245,8 +248,8 @@ impl EventLog for KafkaLog {
         let consumer = self.reader("restore")?;
         let topic = self.settings.kafka.task_events_topic.clone();
         let timeout = self.op_timeout();
-        let partition = self.partition;
-        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, partition, from, apply, timeout))
+        let (partition, keys) = (self.partition, self.keys.clone());
+        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, partition, from, apply, timeout, &*keys))
             .await
             .map_err(|e| LogError::Unavailable(e.to_string()))?
     }
@@ -462,7 +465,15 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
         .collect()
 }
 
-fn read_to_end(consumer: &BaseConsumer<QuietEof>, topic: &str, partition: i32, mut next: i64, mut apply: Apply, timeout: Duration) -> Result<i64, LogError> {
+fn read_to_end(
+    consumer: &BaseConsumer<QuietEof>,
+    topic: &str,
+    partition: i32,
+    mut next: i64,
+    mut apply: Apply,
+    timeout: Duration,
+    keys: &dyn DataKeys,
+) -> Result<i64, LogError> {
     let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
     if next >= high {
         return Ok(next);
@@ -479,7 +490,7 @@ fn read_to_end(consumer: &BaseConsumer<QuietEof>, topic: &str, partition: i32, m
                 last_progress = Instant::now();
                 let pos = Position { partition: m.partition(), offset: m.offset() };
                 next = pos.offset + 1;
-                let rec = codec::decode_record(m.key(), m.headers(), m.payload())
+                let rec = codec::decode_record(m.key(), m.headers(), m.payload(), keys)
                     .map_err(|error| Undecodable { key: m.key().and_then(|k| std::str::from_utf8(k).ok()).map(str::to_owned), error });
                 apply(pos, rec);
                 count += 1;

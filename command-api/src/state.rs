@@ -9,6 +9,7 @@ use axum::extract::FromRef;
 
 use platform::auth::JwtAuth;
 use platform::kafka::Reachability;
+use platform::keys::KeyRing;
 use platform::ratelimit::{RateLimiter, RateLimits};
 
 use crate::cluster::{Cluster, Instance};
@@ -33,6 +34,8 @@ pub struct AppState {
     pub rate_limiter: RateLimiter,
     /// The event catalogue served at `GET /v1/asyncapi.json`, for the configured topics.
     pub catalogue: Arc<serde_json::Value>,
+    /// The users' data keys (the writers seal with them; an erasure destroys them).
+    pub keys: Arc<KeyRing>,
     /// Where `GET /v1/me/export` is relayed.
     pub query_api: QueryApi,
 }
@@ -52,8 +55,20 @@ impl AppState {
         let forwarder = Forwarder::new(&cluster.me().id, forward_timeout);
         let rate_limiter = crate::ratelimit::limiter(RateLimits::default());
         let catalogue = Arc::new(platform::catalogue::asyncapi(&platform::catalogue::Topics::default()));
+        let keys = KeyRing::in_memory(platform::keys::Keks::dev());
         let query_api = QueryApi::new(crate::query_api::DEFAULT_URL).expect("the default query API URL is valid");
-        Self { cluster, forwarder, auth, idempotency, allow_private_webhooks: false, brokers: Reachability::assumed(), rate_limiter, catalogue, query_api }
+        Self {
+            cluster,
+            forwarder,
+            auth,
+            idempotency,
+            allow_private_webhooks: false,
+            brokers: Reachability::assumed(),
+            rate_limiter,
+            catalogue,
+            keys,
+            query_api,
+        }
     }
 
     /// One process owning every partition of `log` (an in-memory log in tests): `log` is cloned for
@@ -65,10 +80,16 @@ impl AppState {
     /// `new` with the writers' configuration (snapshot frequency, released records).
     pub fn with_config<L: EventLog + Clone + Sync>(log: L, auth: JwtAuth, config: WriterConfig, idempotency: IdempotencyCache) -> Self {
         let cluster = Arc::new(Cluster::new(Instance { id: "local".into(), url: "http://127.0.0.1".into() }, DEFAULT_PARTITIONS));
-        let cache = idempotency.clone();
+        let (cache, keys) = (idempotency.clone(), config.keys.clone());
         let factory: WriterFactory = Arc::new(move |p| Writer::spawn(p, log.clone(), cache.clone(), config.clone()));
         membership::own_all(&cluster, &factory);
-        Self::with_cluster(cluster, auth, idempotency, Duration::from_secs(10))
+        Self::with_cluster(cluster, auth, idempotency, Duration::from_secs(10)).with_keys(keys)
+    }
+
+    /// The data keys the writers use (the same ring).
+    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// Readiness follows this probe of the brokers as well as the partitions' state.

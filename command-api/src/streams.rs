@@ -8,7 +8,11 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 
 use domain::current::TaskView;
-use domain::{Aggregates, Decider, DeciderVisitor, DomainEvent, Envelope, StreamId, TaskEvent, TaskId, UserId};
+use domain::personal::personal_fields;
+use domain::{Aggregates, Decider, DeciderVisitor, DomainEvent, Envelope, StreamId, TaskDecider, TaskEvent, TaskId, UserId};
+use platform::codec::DecodeError;
+use platform::keys::{DataKeys, KeyError};
+use uuid::Uuid;
 
 pub type Subject<D> = <<D as Decider>::Event as DomainEvent>::Subject;
 
@@ -26,7 +30,8 @@ pub fn as_task_event<E: DomainEvent>(env: &Envelope<E>) -> Option<&Envelope<Task
     (env as &dyn Any).downcast_ref::<Envelope<TaskEvent>>()
 }
 
-/// Folds an accepted event into its task's current state (`TaskView`), if it is a task event; the
+/// Folds an accepted event into its task's current state (`TaskView`), if it is a task event, and
+/// remembers the data key the task is sealed with (`ce_datakey` of its events) while it lives; the
 /// live path (after `apply_event`) and the restore both go through here. Returns whether it was.
 pub fn apply_view<E: DomainEvent>(streams: &mut Layered<'_>, env: &Envelope<E>) -> bool {
     let Some(env) = as_task_event(env) else { return false };
@@ -34,9 +39,23 @@ pub fn apply_view<E: DomainEvent>(streams: &mut Layered<'_>, env: &Envelope<E>) 
     let views = &mut streams.staged.views;
     let slot = views.entry(env.subject).or_insert_with(|| committed.and_then(|c| c.views.get(&env.subject)).cloned().flatten());
     *slot = TaskView::next(slot.take(), env);
-    if slot.is_none() && committed.is_none() {
+    let live = slot.is_some();
+    if !live && committed.is_none() {
         // Nothing underneath to shadow (a restore): a deleted task keeps nothing.
         views.remove(&env.subject);
+    }
+    let keys = &mut streams.staged.task_keys;
+    match (live, env.meta.data_key) {
+        (true, Some(key)) => {
+            keys.insert(env.subject, Some(key));
+        }
+        (true, None) => {}
+        (false, _) if committed.is_none() => {
+            keys.remove(&env.subject);
+        }
+        (false, _) => {
+            keys.insert(env.subject, None);
+        }
     }
     true
 }
@@ -49,6 +68,9 @@ pub struct States {
     /// By task: its `TaskView`; in a batch's staged states, `None` is a task the batch deleted (the
     /// committed states never hold a `None`: a deleted task keeps nothing here).
     views: HashMap<TaskId, Option<TaskView>>,
+    /// By live task: the data key its personal fields are sealed with (in staged states, `None`: no
+    /// longer known). A task whose key is destroyed was erased with its user.
+    task_keys: HashMap<TaskId, Option<Uuid>>,
 }
 
 /// One aggregate's states by stream id.
@@ -102,6 +124,29 @@ impl States {
                 }
             }
         }
+        for (id, key) in staged.task_keys {
+            match key {
+                Some(k) => {
+                    self.task_keys.insert(id, Some(k));
+                }
+                None => {
+                    self.task_keys.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Forgets every task whose data key is destroyed (its user was erased): after a snapshot is
+    /// restored, and when a command meets one (`Layered::forget_task`). Returns how many.
+    pub fn forget_erased(&mut self, keys: &dyn DataKeys) -> usize {
+        let erased: Vec<TaskId> =
+            self.task_keys.iter().filter_map(|(t, k)| k.filter(|k| matches!(keys.data_key(k), Err(KeyError::Erased(_)))).map(|_| *t)).collect();
+        for t in &erased {
+            self.task_keys.remove(t);
+            self.views.remove(t);
+            self.of::<TaskDecider>().remove(t);
+        }
+        erased.len()
     }
 
     /// How many streams (of every aggregate) there are.
@@ -118,8 +163,10 @@ impl States {
         self.len() == 0
     }
 
-    /// The snapshot form: `{"<aggregate>": [[stream id, state], ...], ..., "task_views": [view, ...]}`.
-    pub fn to_snapshot(&self) -> serde_json::Value {
+    /// The snapshot form: `{"<aggregate>": [[stream id, state], ...], ..., "task_views": [view, ...]}`,
+    /// each view's personal fields sealed with its task's data key (named by its `data_key`); the
+    /// views of tasks whose key is destroyed are left out.
+    pub fn to_snapshot(&self, keys: &dyn DataKeys) -> serde_json::Value {
         struct Collect<'a>(&'a States, serde_json::Map<String, serde_json::Value>);
         impl DeciderVisitor for Collect<'_> {
             fn decider<D: Decider>(&mut self, name: &'static str) {
@@ -133,13 +180,28 @@ impl States {
         }
         let mut c = Collect(self, serde_json::Map::new());
         Aggregates::visit(&mut c);
-        let views: Vec<serde_json::Value> = self.views.values().flatten().filter_map(|v| serde_json::to_value(v).ok()).collect();
+        let fields = personal_fields(TaskView::TYPE);
+        let views: Vec<serde_json::Value> = self
+            .views
+            .values()
+            .flatten()
+            .filter_map(|v| {
+                let mut json = serde_json::to_value(v).ok()?;
+                if let Some(id) = self.task_keys.get(&v.task_id).copied().flatten() {
+                    let key = keys.data_key(&id).ok()?;
+                    key.seal_fields(&mut json, fields);
+                    json.as_object_mut()?.insert(DATA_KEY_FIELD.to_owned(), id.to_string().into());
+                }
+                Some(json)
+            })
+            .collect();
         c.1.insert(VIEWS_KEY.to_owned(), views.into());
         serde_json::Value::Object(c.1)
     }
 
-    /// Reads the snapshot form back (an aggregate the snapshot does not name starts empty).
-    pub fn from_snapshot(mut value: serde_json::Value) -> Result<States, String> {
+    /// Reads the snapshot form back (an aggregate the snapshot does not name starts empty); the
+    /// tasks whose data key is destroyed are forgotten.
+    pub fn from_snapshot(mut value: serde_json::Value, keys: &dyn DataKeys) -> Result<States, String> {
         struct Load<'a>(&'a mut serde_json::Value, States, Option<String>);
         impl DeciderVisitor for Load<'_> {
             fn decider<D: Decider>(&mut self, name: &'static str) {
@@ -170,14 +232,39 @@ impl States {
         let Some(views) = value.get_mut(VIEWS_KEY).map(serde_json::Value::take) else {
             return Err(format!("the snapshot has no {VIEWS_KEY} (the tasks' current states)"));
         };
-        let views: Vec<TaskView> = serde_json::from_value(views).map_err(|e| format!("{VIEWS_KEY}: {e}"))?;
-        states.views = views.into_iter().map(|v| (v.task_id, Some(v))).collect();
+        let serde_json::Value::Array(views) = views else { return Err(format!("{VIEWS_KEY} is not an array")) };
+        let fields = personal_fields(TaskView::TYPE);
+        let mut erased = Vec::new();
+        for mut json in views {
+            let key = json.as_object_mut().and_then(|o| o.remove(DATA_KEY_FIELD)).and_then(|k| k.as_str().and_then(|k| Uuid::parse_str(k).ok()));
+            if let Some(id) = key {
+                match keys.data_key(&id) {
+                    Ok(k) => k.open_fields(&mut json, fields).map_err(|e| format!("{VIEWS_KEY}: {e}"))?,
+                    Err(KeyError::Erased(_)) => {
+                        erased.push(json.get("task_id").and_then(|t| t.as_str()).and_then(|t| Uuid::parse_str(t).ok()));
+                        continue;
+                    }
+                    Err(e) => return Err(format!("{VIEWS_KEY}: {}", DecodeError::from(e))),
+                }
+            }
+            let view: TaskView = serde_json::from_value(json).map_err(|e| format!("{VIEWS_KEY}: {e}"))?;
+            if let Some(id) = key {
+                states.task_keys.insert(view.task_id, Some(id));
+            }
+            states.views.insert(view.task_id, Some(view));
+        }
+        // An erased task's decider state goes with its view.
+        for t in erased.into_iter().flatten() {
+            states.of::<TaskDecider>().remove(&TaskId::from_uuid(t));
+        }
         Ok(states)
     }
 }
 
 /// Where the snapshot form keeps the tasks' current states.
 const VIEWS_KEY: &str = "task_views";
+/// The field of a view in the snapshot naming the data key that sealed it.
+const DATA_KEY_FIELD: &str = "data_key";
 
 /// A batch's staged states over the committed ones: reads see staged first, writes go to staged.
 pub struct Layered<'a> {
@@ -202,6 +289,22 @@ impl Layered<'_> {
             Some(staged) => staged.as_ref(),
             None => self.committed.and_then(|c| c.views.get(id)).and_then(Option::as_ref),
         }
+    }
+
+    /// The data key the task is sealed with, while it lives.
+    pub fn task_key(&self, id: &TaskId) -> Option<Uuid> {
+        match self.staged.task_keys.get(id) {
+            Some(staged) => *staged,
+            None => self.committed.and_then(|c| c.task_keys.get(id)).copied().flatten(),
+        }
+    }
+
+    /// Forgets a task whose user was erased (its data key is destroyed): from now on it does not
+    /// exist, and its id may be used again.
+    pub fn forget_task(&mut self, id: &TaskId) {
+        *self.state::<TaskDecider>(id) = Default::default();
+        self.staged.views.insert(*id, None);
+        self.staged.task_keys.insert(*id, None);
     }
 
     /// The stream's state to evolve (copied from the committed state on first touch).

@@ -24,8 +24,11 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use domain::{AnyCommand, CommandVisitor, Decider, DomainError, Envelope, FieldError, IdempotencyTag, Metadata, Receipt, Record, RecordVisitor, UserId};
-use platform::codec::{self, EncodedEvent, EncodedState};
+use domain::{
+    AnyCommand, CommandVisitor, Decider, DomainError, DomainEvent, Envelope, FieldError, IdempotencyTag, Metadata, Receipt, Record, RecordVisitor, UserId,
+};
+use platform::codec::{self, DecodeError, EncodedEvent, EncodedState};
+use platform::keys::{DataKeys, KeyRing};
 use platform::position::Position;
 use platform::retry::Policy;
 
@@ -91,6 +94,9 @@ pub struct WriterConfig {
     /// writer waiting for a slot keeps taking commands into its batch, so under load the batches
     /// grow and the transactions get fewer, while an idle instance never waits.
     pub transaction_slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// The users' data keys: personal fields are sealed with them on the way to the log and opened
+    /// on restore; a task whose key is destroyed was erased with its user.
+    pub keys: Arc<KeyRing>,
 }
 
 impl Default for WriterConfig {
@@ -102,6 +108,7 @@ impl Default for WriterConfig {
             snapshot_interval: Duration::from_secs(300),
             released: HashSet::new(),
             transaction_slots: None,
+            keys: KeyRing::in_memory(platform::keys::Keks::dev()),
         }
     }
 }
@@ -113,6 +120,7 @@ pub struct Writer {
     tx: mpsc::Sender<Submission>,
     phase: watch::Receiver<Phase>,
     stop: Arc<watch::Sender<bool>>,
+    keys: Arc<KeyRing>,
 }
 
 impl Writer {
@@ -123,6 +131,7 @@ impl Writer {
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
         let (phase_tx, phase) = watch::channel(Phase::Restoring);
         let (stop, stop_rx) = watch::channel(false);
+        let keys = config.keys.clone();
         let actor = Actor {
             partition,
             log,
@@ -138,7 +147,7 @@ impl Writer {
             last_snapshot: Instant::now(),
         };
         tokio::spawn(actor.run(rx, stop_rx));
-        Self { partition, tx, phase, stop: Arc::new(stop) }
+        Self { partition, tx, phase, stop: Arc::new(stop), keys }
     }
 
     pub fn partition(&self) -> i32 {
@@ -178,6 +187,13 @@ impl Writer {
                 }
             )));
         }
+        // The user's data key exists (durably) before their command is decided: the writer seals
+        // with it without waiting.
+        // (An erasure needs none: it seals nothing.)
+        let erasure = matches!(&cmd, AnyCommand::User(domain::user::UserCommand { kind: domain::user::UserCommandKind::Erase { .. }, .. }));
+        if !erasure {
+            self.keys.ensure(cmd.actor().as_ref()).await.map_err(|e| WriteError::Unavailable(e.to_string()))?;
+        }
         let (reply, rx) = oneshot::channel();
         let gone = || WriteError::Unavailable(format!("partition {} is moving to another instance", self.partition));
         self.tx.send(Submission { cmd, meta, reply }).await.map_err(|_| gone())?;
@@ -200,9 +216,11 @@ struct Snapshot {
     blocked: Vec<(String, i32, i64)>,
 }
 
-/// 2: the states include the tasks' current states (`task_views`). A snapshot of format 1 is
-/// ignored (the writer restores from the start of the log, which is kept forever).
-const SNAPSHOT_FORMAT: u32 = 2;
+/// 2: the states include the tasks' current states (`task_views`); 3: their personal fields are
+/// sealed with the tasks' data keys, and a user's state says only whether a webhook exists (no
+/// URL). A snapshot of an older format is ignored (the writer restores from the start of the log,
+/// which is kept forever).
+const SNAPSHOT_FORMAT: u32 = 3;
 
 /// A restore that read more events than this after the snapshot records a new one at once.
 const RESTORED_TAIL_SNAPSHOT: u64 = 10_000;
@@ -232,7 +250,7 @@ const RECOVERY_BACKOFF: Policy = Policy::new(Duration::from_millis(100), Duratio
 /// A decided command waiting for its batch to be appended.
 struct Pending {
     sub: Submission,
-    outcome: Result<Decided, DomainError>,
+    outcome: Result<Decided, WriteError>,
     /// The decision looked at state staged by an earlier command of this batch.
     saw_staged: bool,
 }
@@ -338,8 +356,8 @@ impl<L: EventLog> Actor<L> {
             partition: self.partition,
             next_offset: self.next_offset,
             taken_at: Utc::now(),
-            states: self.states.to_snapshot(),
-            answers: self.idempotency.export(self.partition),
+            states: self.states.to_snapshot(&*self.config.keys),
+            answers: self.idempotency.export(self.partition, &self.config.keys),
             blocked: self.blocked.iter().map(|(k, p)| (k.clone(), p.partition, p.offset)).collect(),
         };
         let bytes = match serde_json::to_vec(&snap) {
@@ -381,6 +399,9 @@ impl<L: EventLog> Actor<L> {
             let _ = self.phase.send(Phase::Recovering);
         }
         self.log.connect().await?;
+        // Every data key the partition's records were sealed with is made before they were
+        // appended: once the keys topic is read this far, a key still unknown is destroyed.
+        self.config.keys.catch_up().await.map_err(|e| LogError::Unavailable(e.to_string()))?;
         let started = Instant::now();
         if !self.restored_once && self.next_offset == 0 {
             if let Some(bytes) = self.log.read_snapshot().await? {
@@ -449,14 +470,14 @@ impl<L: EventLog> Actor<L> {
             );
             return;
         }
-        match States::from_snapshot(snap.states) {
+        match States::from_snapshot(snap.states, &*self.config.keys) {
             Ok(states) => {
                 self.states = states;
                 self.next_offset = snap.next_offset;
                 self.blocked = snap.blocked.into_iter().map(|(k, partition, offset)| (k, Position { partition, offset })).collect();
                 self.blocked.retain(|_, p| !self.config.released.contains(&(p.partition, p.offset)));
                 let answers = snap.answers.len();
-                self.idempotency.import(snap.answers).await;
+                self.idempotency.import(snap.answers, &*self.config.keys).await;
                 self.last_snapshot = Instant::now();
                 tracing::info!(partition = self.partition, next_offset = self.next_offset, streams = self.states.len(), answers, taken_at = %snap.taken_at, "snapshot restored");
             }
@@ -493,6 +514,7 @@ impl<L: EventLog> Actor<L> {
                 meta: &sub.meta,
                 now,
                 saw_staged: false,
+                keys: &self.config.keys,
             };
             let outcome = sub.cmd.visit(&mut stage);
             let saw_staged = stage.saw_staged;
@@ -504,7 +526,7 @@ impl<L: EventLog> Actor<L> {
         if records.is_empty() {
             for p in pending {
                 if let Err(e) = p.outcome {
-                    let _ = p.sub.reply.send(Err(WriteError::Domain(e)));
+                    let _ = p.sub.reply.send(Err(e));
                 }
             }
             return Ok(());
@@ -528,7 +550,7 @@ impl<L: EventLog> Actor<L> {
                 self.since_snapshot += n as u64;
                 self.states.absorb(staged);
                 for p in pending {
-                    let answer = p.outcome.map(|d| Answer::new(d.receipt, d.version, positions[d.last_record])).map_err(WriteError::from);
+                    let answer = p.outcome.map(|d| Answer::new(d.receipt, d.version, positions[d.last_record]));
                     if let (Ok(a), Some(tag)) = (&answer, &p.sub.meta.idempotency) {
                         // Remembered here, before the caller hears it: a snapshot recorded right
                         // after this batch (the log records before it may then be gone) must hold
@@ -545,7 +567,7 @@ impl<L: EventLog> Actor<L> {
                 for p in pending {
                     // A refusal decided on state that was never made durable is not a real answer.
                     let reply = match p.outcome {
-                        Err(d) if !p.saw_staged => Err(WriteError::Domain(d)),
+                        Err(WriteError::Domain(d)) if !p.saw_staged => Err(WriteError::Domain(d)),
                         _ => Err(WriteError::Unavailable(msg.clone())),
                     };
                     let _ = p.sub.reply.send(reply);
@@ -571,16 +593,38 @@ struct Stage<'a> {
     meta: &'a CommandMeta,
     now: DateTime<Utc>,
     saw_staged: bool,
+    keys: &'a KeyRing,
 }
 
 impl CommandVisitor for Stage<'_> {
-    type Output = Result<Decided, DomainError>;
+    type Output = Result<Decided, WriteError>;
 
-    fn command<D: Decider>(&mut self, cmd: &D::Command) -> Result<Decided, DomainError> {
+    fn command<D: Decider>(&mut self, cmd: &D::Command) -> Result<Decided, WriteError> {
         let id = D::stream_id(cmd);
         let actor = D::actor(cmd);
+        let task = (&id as &dyn std::any::Any).downcast_ref::<domain::TaskId>().copied();
+        if let Some(task) = task {
+            // A task sealed with a destroyed key was erased with its user: it no longer exists.
+            if self.streams.task_key(&task).is_some_and(|k| !self.keys.is_live(&k)) {
+                self.streams.forget_task(&task);
+            }
+        }
         self.saw_staged = self.streams.is_staged::<D>(&id);
         let events = D::decide(cmd, &self.streams.current::<D>(&id))?;
+        // A task's events are sealed with the task's key (the user's key when it was created); a
+        // user's with their current key. The erasure itself names no key: it stays readable.
+        let key = match task.and_then(|t| self.streams.task_key(&t)) {
+            Some(k) => self.keys.data_key(&k).ok(),
+            None => self.keys.current(actor.as_ref()),
+        };
+        let erasure = events.iter().any(|e| e.event_type() == "user.erased");
+        let key = match (key, erasure) {
+            (_, true) => None,
+            (Some(k), false) => Some(k),
+            (None, false) => {
+                return Err(WriteError::Unavailable("the user's data key was destroyed (an erasure) while the command waited; send it again".into()));
+            }
+        };
         let count = events.len();
         let mut decided = None;
         for (i, event) in events.into_iter().enumerate() {
@@ -597,18 +641,19 @@ impl CommandVisitor for Stage<'_> {
                 causation_id: self.meta.causation_id.clone(),
                 traceparent: self.meta.traceparent.clone(),
                 idempotency: self.meta.idempotency.clone(),
+                data_key: key.as_ref().map(|k| k.id),
             };
             let env = Envelope { subject: id.clone(), meta, event };
             let is_task = apply_view(&mut self.streams, &env);
-            self.records.push(codec::encode(&env));
+            self.records.push(codec::encode(&env, key.as_deref()));
             if is_task && i + 1 == count {
                 // One current-state record per accepted command: the state after its last event.
                 if let Some(task) = as_task_event(&env) {
-                    self.updates.push(codec::encode_state(task, self.streams.view(&task.subject)));
+                    self.updates.push(codec::encode_state(task, self.streams.view(&task.subject), key.as_deref()));
                 }
             }
         }
-        decided.ok_or_else(|| DomainError::Invalid(vec![FieldError::new("", "the command changes nothing")]))
+        decided.ok_or_else(|| WriteError::Domain(DomainError::Invalid(vec![FieldError::new("", "the command changes nothing")])))
     }
 }
 
@@ -634,6 +679,11 @@ impl Restoring {
         self.next = self.next.max(pos.offset + 1);
         let rec = match rec {
             Ok(rec) => rec,
+            Err(Undecodable { error: DecodeError::Erased(_), .. }) => {
+                // Its user was erased (the data key is destroyed): the record is nothing now.
+                metrics::counter!("command_api_restore_erased_total").increment(1);
+                return;
+            }
             Err(Undecodable { key, error }) => {
                 metrics::counter!("command_api_restore_undecodable_total").increment(1);
                 if self.released.contains(&(pos.partition, pos.offset)) {

@@ -43,6 +43,8 @@ async fn spawn_app(limits: &[&str]) -> App {
         test_support::tokens::USER_SECRET,
         "--service-jwt-secret",
         test_support::tokens::SERVICE_SECRET,
+        "--kek",
+        test_support::tokens::TEST_KEK,
     ];
     args.extend_from_slice(limits);
     let settings = Settings::try_parse_from(args).expect("settings");

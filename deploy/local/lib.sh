@@ -27,7 +27,8 @@
 #   java -cp ".local/kafka/libs/*" org.apache.kafka.tools.FeatureCommand --bootstrap-server 127.0.0.1:9092 describe
 #
 # Functions: ensure_kafka, ensure_postgres, stop_local (and stop_kafka, stop_postgres).
-# ensure_kafka exports KAFKA_BROKERS and TASKSTREAM_KAFKA_LIBS; ensure_postgres exports DATABASE_URL.
+# ensure_kafka exports KAFKA_BROKERS, TASKSTREAM_KAFKA_LIBS and (local broker) TASKSTREAM_KAFKA_DATA;
+# ensure_postgres exports DATABASE_URL.
 # When KAFKA_BROKERS / DATABASE_URL are already set they are used as they are.
 # STARTED_KAFKA / STARTED_PG are 1 when this shell started the broker / the cluster.
 
@@ -303,6 +304,8 @@ ensure_kafka() {
     return
   fi
   export KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
+  # Where the local broker keeps its segment files (the privacy tests grep them).
+  export TASKSTREAM_KAFKA_DATA="$KAFKA_DIR/data"
   local pid
   if port_open "$KAFKA_PORT"; then
     if pid=$(kafka_pid); then

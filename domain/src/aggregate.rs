@@ -186,6 +186,9 @@ pub struct Metadata {
     /// Recorded with a command's events so that a restarted command API still recognises a retried
     /// request (`ce_idempotencykey`, `ce_requestdigest` extensions).
     pub idempotency: Option<IdempotencyTag>,
+    /// The user's data key that sealed the event's personal fields (`ce_datakey`), if any: an
+    /// opaque id (the adapters seal and open; `personal` says which fields).
+    pub data_key: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -167,6 +167,7 @@ mod tests {
                 causation_id: None,
                 traceparent: None,
                 idempotency: None,
+                data_key: None,
             },
             event,
         }

@@ -29,6 +29,11 @@ pub fn webhook_id(user: &UserId) -> Uuid {
     Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("taskstream:webhook:{user}").as_bytes())
 }
 
+/// The id an EraseUser answer names (one per user: erasing again names the same).
+pub fn user_erasure_id(user: &UserId) -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("taskstream:erasure:{user}").as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

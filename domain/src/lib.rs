@@ -8,7 +8,8 @@
 //! `decider` + `events` (tasks), `user` (notifications recorded and read, webhook registration);
 //! `recurrence` (next occurrence of a series, used by the projector's reactions); `upcast` (older
 //! schema versions of event data, read into today's types); `current` (a task's full state, the
-//! value of `task-updates`).
+//! value of `task-updates`); `personal` (which fields of the event data are personal, sealed in the
+//! log with the user's data key).
 
 pub mod aggregate;
 pub mod current;
@@ -16,6 +17,7 @@ pub mod decider;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod personal;
 pub mod recurrence;
 pub mod upcast;
 pub mod user;
@@ -27,7 +29,7 @@ pub use aggregate::{
 };
 pub use decider::{Command, CommandKind, DomainError, LiveTask, TaskDecider, TaskState, TaskStatus};
 pub use events::{NewTask, ReminderDue, TaskEvent, TaskPatch};
-pub use user::UserDecider;
+pub use user::{UserDecider, UserEvent};
 pub use values::{Description, FieldError, Priority, Recurrence, RemindBefore, Tag, Tags, TaskId, TimeZone, Title, UserId, ValidationError};
 
 // The aggregates of taskstream: one line each. Generates `AnyCommand` and `Record`.

@@ -142,11 +142,22 @@ pub enum UserEvent {
     NotificationRead(NotificationRead),
     WebhookRegistered(WebhookRegistered),
     WebhookRemoved,
+    /// The user asked to be forgotten: their data keys are destroyed (crypto-shredding), the read
+    /// models drop everything of theirs, and the stream starts afresh.
+    Erased(UserErased),
+}
+
+/// The data of `user.erased`: which of the user's data keys the erasure destroys (every one known
+/// when it was decided). The events sealed with them can no longer be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct UserErased {
+    #[serde(default)]
+    pub data_keys: Vec<Uuid>,
 }
 
 impl DomainEvent for UserEvent {
     type Subject = UserId;
-    const TYPES: &'static [&'static str] = &["notification.created", "notification.read", "webhook.registered", "webhook.removed"];
+    const TYPES: &'static [&'static str] = &["notification.created", "notification.read", "webhook.registered", "webhook.removed", "user.erased"];
 
     fn event_type(&self) -> &'static str {
         match self {
@@ -154,6 +165,7 @@ impl DomainEvent for UserEvent {
             UserEvent::NotificationRead(_) => "notification.read",
             UserEvent::WebhookRegistered(_) => "webhook.registered",
             UserEvent::WebhookRemoved => "webhook.removed",
+            UserEvent::Erased(_) => "user.erased",
         }
     }
 
@@ -170,6 +182,7 @@ impl DomainEvent for UserEvent {
             UserEvent::NotificationRead(e) => serde_json::to_vec(e).expect("event data always serializes"),
             UserEvent::WebhookRegistered(e) => serde_json::to_vec(e).expect("event data always serializes"),
             UserEvent::WebhookRemoved => empty_json(),
+            UserEvent::Erased(e) => serde_json::to_vec(e).expect("event data always serializes"),
         }
     }
 
@@ -179,6 +192,7 @@ impl DomainEvent for UserEvent {
             "notification.read" => UserEvent::NotificationRead(parse_json(event_type, data)?),
             "webhook.registered" => UserEvent::WebhookRegistered(parse_json(event_type, data)?),
             "webhook.removed" => parse_empty(event_type, data).map(|()| UserEvent::WebhookRemoved)?,
+            "user.erased" => UserEvent::Erased(parse_json(event_type, data)?),
             other => return Err(UnknownEventType::Type(other.to_owned())),
         })
     }
@@ -209,6 +223,11 @@ impl DomainEvent for UserEvent {
                 "The user registered (or replaced) their webhook endpoint and the HMAC-SHA256 key that signs its deliveries (signing_secret; v1 called it secret).",
             ),
             DataSchema::empty("webhook.removed", 1, "The user removed their webhook. The data is {}."),
+            DataSchema::of::<UserErased>(
+                "user.erased",
+                1,
+                "The user was erased (crypto-shredding): the data keys listed are destroyed, so every event sealed with them is unreadable; read models drop the user's rows and the stream starts afresh.",
+            ),
         ]
     }
 }
@@ -228,6 +247,10 @@ pub enum UserCommandKind {
         secret: String,
     },
     RemoveWebhook,
+    /// Forget the user: destroy `data_keys` (the adapter lists the user's keys) and start afresh.
+    Erase {
+        data_keys: Vec<Uuid>,
+    },
 }
 
 impl UserCommandKind {
@@ -237,6 +260,7 @@ impl UserCommandKind {
             UserCommandKind::MarkNotificationRead(_) => "MarkNotificationRead",
             UserCommandKind::SetWebhook { .. } => "SetWebhook",
             UserCommandKind::RemoveWebhook => "RemoveWebhook",
+            UserCommandKind::Erase { .. } => "EraseUser",
         }
     }
 }
@@ -248,12 +272,13 @@ pub struct UserCommand {
 }
 
 /// What the user-level decider needs: the notifications this stream recorded (`true` once read)
-/// and whether a webhook is registered.
+/// and whether a webhook is registered (not its URL: the state is snapshotted, and a URL is
+/// personal data that only travels sealed).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct UserState {
     pub version: u32,
     pub notifications: HashMap<Uuid, bool>,
-    pub webhook: Option<WebhookUrl>,
+    pub webhook: bool,
 }
 
 /// The user-level aggregate's decider; its stream is keyed by the user id.
@@ -305,9 +330,11 @@ impl Decider for UserDecider {
                 Ok(vec![UserEvent::WebhookRegistered(WebhookRegistered { url: url.clone(), secret: secret.clone() })])
             }
             UserCommandKind::RemoveWebhook => match state.webhook {
-                Some(_) => Ok(vec![UserEvent::WebhookRemoved]),
-                None => Err(DomainError::NotFound),
+                true => Ok(vec![UserEvent::WebhookRemoved]),
+                false => Err(DomainError::NotFound),
             },
+            // Always accepted: erasing again (a retry, or keys made since) destroys what is left.
+            UserCommandKind::Erase { data_keys } => Ok(vec![UserEvent::Erased(UserErased { data_keys: data_keys.clone() })]),
         }
     }
     fn evolve(mut state: UserState, _actor: &UserId, event: &UserEvent) -> UserState {
@@ -319,8 +346,10 @@ impl Decider for UserDecider {
             UserEvent::NotificationRead(e) => {
                 state.notifications.insert(e.notification_id, true);
             }
-            UserEvent::WebhookRegistered(e) => state.webhook = Some(e.url.clone()),
-            UserEvent::WebhookRemoved => state.webhook = None,
+            UserEvent::WebhookRegistered(_) => state.webhook = true,
+            UserEvent::WebhookRemoved => state.webhook = false,
+            // A fresh identity: nothing of before is known any more (the version goes on).
+            UserEvent::Erased(_) => state = UserState { version: state.version, ..UserState::default() },
         }
         state
     }
@@ -333,6 +362,7 @@ impl Decider for UserDecider {
             UserEvent::NotificationRead(e) => ("notification_id", e.notification_id, None),
             UserEvent::WebhookRegistered(e) => ("webhook_id", webhook_id(user), Some(e.secret.as_str().into())),
             UserEvent::WebhookRemoved => ("webhook_id", webhook_id(user), None),
+            UserEvent::Erased(_) => ("erasure_id", crate::ids::user_erasure_id(user), None),
         };
         Receipt { id_field, id, created: false, etag: false, secret }
     }
@@ -437,11 +467,27 @@ mod tests {
         let set = cmd(UserCommandKind::SetWebhook { url: url.clone(), secret: "s".repeat(32) });
         let events = UserDecider::decide(&set, &UserState::default()).unwrap();
         let s = UserDecider::evolve(UserState::default(), &alice(), &events[0]);
-        assert_eq!(s.webhook, Some(url));
+        assert!(s.webhook);
         assert_eq!(UserDecider::decide(&cmd(UserCommandKind::RemoveWebhook), &s).unwrap(), vec![UserEvent::WebhookRemoved]);
         assert_eq!(UserDecider::decide(&cmd(UserCommandKind::RemoveWebhook), &UserState::default()), Err(DomainError::NotFound));
         let short = cmd(UserCommandKind::SetWebhook { url: WebhookUrl::parse("https://a.example".into(), false).unwrap(), secret: "x".into() });
         assert!(matches!(UserDecider::decide(&short, &UserState::default()), Err(DomainError::Invalid(_))));
+    }
+
+    #[test]
+    fn erasure_starts_the_stream_afresh_and_is_always_accepted() {
+        let url = WebhookUrl::parse("https://hooks.example.com/taskstream".into(), false).unwrap();
+        let s = given(&[created(task(), at()), UserEvent::WebhookRegistered(WebhookRegistered { url, secret: "s".repeat(32) })]);
+        let keys = vec![Uuid::from_u128(1), Uuid::from_u128(2)];
+        let events = UserDecider::decide(&cmd(UserCommandKind::Erase { data_keys: keys.clone() }), &s).unwrap();
+        assert_eq!(events, vec![UserEvent::Erased(UserErased { data_keys: keys })]);
+        let after = UserDecider::evolve(s, &alice(), &events[0]);
+        assert_eq!(after, UserState { version: 3, ..UserState::default() });
+        assert_eq!(UserDecider::decide(&cmd(UserCommandKind::RemoveWebhook), &after), Err(DomainError::NotFound));
+        // The old reminder's notification may be recorded again (its task is gone with the key).
+        assert!(UserDecider::decide(&record(task(), at()), &after).is_ok());
+        assert!(UserDecider::decide(&cmd(UserCommandKind::Erase { data_keys: vec![] }), &after).is_ok());
+        assert_eq!(UserEvent::from_json("user.erased", &events[0].to_json()).unwrap(), events[0]);
     }
 
     #[test]

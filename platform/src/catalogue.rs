@@ -27,6 +27,7 @@ pub struct Topics {
     pub owners: String,
     pub snapshots: String,
     pub updates: String,
+    pub keys: String,
 }
 
 impl Default for Topics {
@@ -44,6 +45,7 @@ impl Topics {
             owners: format!("{events}.owners"),
             snapshots: format!("{events}.snapshots"),
             updates: crate::settings::updates_topic_for(events),
+            keys: format!("{events}.keys"),
         }
     }
 
@@ -122,6 +124,10 @@ fn cloudevents_headers(event_type: &str, version: u32, subject: Value, data_requ
     p.insert("traceparent".into(), json!({"type": "string", "description": "W3C trace context, when tracing is on."}));
     p.insert("ce_idempotencykey".into(), string("Extension: the Idempotency-Key of the command, when it had one."));
     p.insert("ce_requestdigest".into(), string("Extension: the digest of the request that carried ce_idempotencykey."));
+    p.insert(
+        "ce_datakey".into(),
+        json!({"type": "string", "format": "uuid", "description": "Extension: the user's data key that sealed the personal fields of the data (titles, descriptions, tags, webhook URL and secret: each string is sealed:v1:<base64url(nonce | AES-256-GCM ciphertext | tag)>). Absent when nothing is sealed. A record whose key is destroyed (the user was erased) is unreadable: treat it as erased."}),
+    );
     let mut required = vec!["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "ce_subject", "ce_userid", "ce_sequence"];
     if data_required {
         required.push("content-type");
@@ -233,6 +239,17 @@ pub fn asyncapi(topics: &Topics) -> Value {
         }),
     );
     messages.insert(
+        "data_key".into(),
+        json!({
+            "name": "data-key",
+            "title": "wrapped data key (internal)",
+            "summary": "One data key of a user, wrapped (AES-256-GCM) with a key-encryption key from configuration; a tombstone destroys it (erasure). Internal: its format may change in any release.",
+            "payload": {"type": "object"},
+            "bindings": kafka_message_binding(json!({"type": "string", "format": "uuid", "description": "The data key's id (ce_datakey of what it sealed)."})),
+            "x-internal": true,
+        }),
+    );
+    messages.insert(
         "partition_snapshot".into(),
         json!({
             "name": "partition-snapshot",
@@ -255,7 +272,7 @@ pub fn asyncapi(topics: &Topics) -> Value {
         "info": {
             "title": "taskstream event catalogue",
             "version": "1.0.0",
-            "description": "The Kafka topics of taskstream: the event log (the source of truth), its dead letters, the current state of every task, and the command API's internal topics. Every record of task-events and task-updates is a CloudEvents 1.0 event in binary content mode (attributes as ce_* headers, the data as the value). Compatibility: a schema version, once published, never changes incompatibly; a new version may only add optional fields, anything else (removing, renaming or retyping a field, adding a required one) is a new version, and readers upcast older versions. Generated from the Rust types (platform::catalogue); the JSON Schemas are also under schemas/events/.",
+            "description": "The Kafka topics of taskstream: the event log (the source of truth), its dead letters, the current state of every task, and the command API's internal topics. Every record of task-events and task-updates is a CloudEvents 1.0 event in binary content mode (attributes as ce_* headers, the data as the value). Personal fields (titles, descriptions, tags, the webhook URL and its secret) are sealed with the user's data key named by ce_datakey; erasing the user destroys the key (crypto-shredding), so those records stay in place but become unreadable. Compatibility: a schema version, once published, never changes incompatibly; a new version may only add optional fields, anything else (removing, renaming or retyping a field, adding a required one) is a new version, and readers upcast older versions. Generated from the Rust types (platform::catalogue); the JSON Schemas are also under schemas/events/.",
         },
         "defaultContentType": CONTENT_TYPE,
         "servers": {
@@ -299,6 +316,14 @@ pub fn asyncapi(topics: &Topics) -> Value {
                 "bindings": channel_binding(&topics.snapshots, topics.partitions, json!({"cleanup.policy": ["compact"], "max.message.bytes": 8_388_608})),
                 "x-internal": true,
             },
+            "dataKeys": {
+                "address": topics.keys,
+                "title": "the users' data keys (internal)",
+                "description": "Internal: every user's data keys, wrapped with a key-encryption key that the log does not hold; compacted so that an erased key's record leaves the broker's disk within a known bound. Not for outside consumers.",
+                "messages": refs(&["data_key"]),
+                "bindings": channel_binding(&topics.keys, 1, json!({"cleanup.policy": ["compact"]})),
+                "x-internal": true,
+            },
         },
         "operations": {
             "appendEvents": {
@@ -329,6 +354,11 @@ pub fn asyncapi(topics: &Topics) -> Value {
                 "action": "send",
                 "channel": {"$ref": "#/channels/partitionOwners"},
                 "messages": op_messages("partitionOwners", vec!["partition_owner".into()]),
+            },
+            "storeDataKeys": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/dataKeys"},
+                "messages": op_messages("dataKeys", vec!["data_key".into()]),
             },
             "writeSnapshots": {
                 "action": "send",
@@ -581,6 +611,7 @@ mod tests {
             causation_id: None,
             traceparent: None,
             idempotency: None,
+            data_key: None,
         };
         let view = domain::current::TaskView::next(None, &domain::Envelope { subject: TaskId::new_v7(), meta, event: TaskEvent::Created(full) }).unwrap();
         records.push(json!({"type": TASK_STATE_TYPE, "version": 1, "data": view}));

@@ -1,12 +1,19 @@
 //! The event codec: a domain event plus its metadata <-> a Kafka record in CloudEvents 1.0 binary
 //! content mode (attributes as `ce_*` headers, the event data as the value, key = the stream id:
 //! the task id, or the user id for user-level events). One encoder and one decoder for every aggregate.
+//!
+//! Personal fields (`domain::personal`) are sealed on the way in with the user's data key, named by
+//! the `ce_datakey` header, and opened on the way out (`keys`); a record sealed with a destroyed key
+//! decodes to [`DecodeError::Erased`]: its user was erased.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use uuid::Uuid;
 
+use domain::personal::personal_fields;
 use domain::{DomainEvent, EnvelopeError, UserId};
+
+use crate::keys::{DataKey, DataKeys, KeyError, DATA_KEY_HEADER};
 // The envelope types, with the codec that writes and reads them.
 pub use domain::{Envelope, IdempotencyTag, Metadata, Record};
 
@@ -45,8 +52,9 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     Header { key, value: Some(value) }
 }
 
-/// Encodes an event of any aggregate: key and `ce_subject` are its stream id.
-pub fn encode<E: DomainEvent>(env: &Envelope<E>) -> EncodedEvent {
+/// Encodes an event of any aggregate: key and `ce_subject` are its stream id. With `key`, the
+/// event's personal fields are sealed with it and `ce_datakey` names it.
+pub fn encode<E: DomainEvent>(env: &Envelope<E>, key: Option<&DataKey>) -> EncodedEvent {
     let m = &env.meta;
     let subject = env.subject.to_string();
     let event_type = env.event.event_type();
@@ -69,7 +77,12 @@ pub fn encode<E: DomainEvent>(env: &Envelope<E>) -> EncodedEvent {
     if let Some(i) = &m.idempotency {
         h = h.insert(header("ce_idempotencykey", &i.key)).insert(header("ce_requestdigest", &i.request_digest));
     }
-    EncodedEvent { key: subject, payload: env.event.to_json(), headers: h, event_type }
+    let mut payload = env.event.to_json();
+    if let Some(key) = key {
+        payload = key.seal_json(payload, personal_fields(event_type));
+        h = h.insert(header(DATA_KEY_HEADER, &key.id.to_string()));
+    }
+    EncodedEvent { key: subject, payload, headers: h, event_type }
 }
 
 /// The optional CloudEvents extensions and W3C trace context an event carries (and its
@@ -100,7 +113,8 @@ pub struct EncodedState {
 /// `TaskView::next(previous, env)`, `None` after a deletion. The CloudEvents attributes are the
 /// event's (subject, time, user, sequence = the task's version, correlation and causation), with
 /// `ce_type` `task.state` and a `ce_id` derived from the event's id (the same on a retry).
-pub fn encode_state(env: &Envelope<domain::TaskEvent>, state: Option<&domain::current::TaskView>) -> EncodedState {
+/// With `key` (the task's data key) its personal fields are sealed as the events' are.
+pub fn encode_state(env: &Envelope<domain::TaskEvent>, state: Option<&domain::current::TaskView>, key: Option<&DataKey>) -> EncodedState {
     let m = &env.meta;
     let subject = env.subject.to_string();
     let id = Uuid::new_v5(&STATE_ID_NAMESPACE, m.event_id.as_bytes()).to_string();
@@ -121,7 +135,17 @@ pub fn encode_state(env: &Envelope<domain::TaskEvent>, state: Option<&domain::cu
         h = h.insert(header("content-type", CONTENT_TYPE));
     }
     h = with_trace_context(h, m);
-    let payload = state.map(|s| serde_json::to_vec(s).expect("a task state always serializes"));
+    let payload = state.map(|s| match key {
+        Some(key) => {
+            let mut v = serde_json::to_value(s).expect("a task state always serializes");
+            key.seal_fields(&mut v, personal_fields(domain::current::TaskView::TYPE));
+            serde_json::to_vec(&v).expect("JSON values serialize")
+        }
+        None => serde_json::to_vec(s).expect("a task state always serializes"),
+    });
+    if let (Some(key), Some(_)) = (key, &payload) {
+        h = h.insert(header(DATA_KEY_HEADER, &key.id.to_string()));
+    }
     EncodedState { key: subject, payload, headers: h }
 }
 
@@ -166,6 +190,7 @@ fn decode_parts<'a, H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload
             (Some(key), Some(d)) => Some(IdempotencyTag { key, request_digest: d }),
             _ => None,
         },
+        data_key: get.optional(DATA_KEY_HEADER).map(|k| Uuid::parse_str(&k).map_err(|e| invalid(DATA_KEY_HEADER, e.to_string()))).transpose()?,
     };
     let event_type = get.required("ce_type")?.to_owned();
     let version = match get.optional("ce_dataschema") {
@@ -187,16 +212,56 @@ impl From<EnvelopeError> for DecodeError {
     }
 }
 
-/// Decodes any record of the log (an event of any registered aggregate).
-pub fn decode_record<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<Record, DecodeError> {
+/// The data with its personal fields opened, when they are sealed.
+fn open<'a>(p: &Parts<'a>, keys: &dyn DataKeys) -> Result<std::borrow::Cow<'a, [u8]>, DecodeError> {
+    let Some(id) = p.meta.data_key else { return Ok(p.data.into()) };
+    let fields = personal_fields(&p.event_type);
+    if fields.is_empty() {
+        return Ok(p.data.into());
+    }
+    let key = keys.data_key(&id).map_err(DecodeError::from)?;
+    Ok(key.open_json(p.data, fields).map_err(DecodeError::from)?.into())
+}
+
+impl From<KeyError> for DecodeError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Erased(id) => DecodeError::Erased(id),
+            other => DecodeError::Sealed(other.to_string()),
+        }
+    }
+}
+
+/// Decodes any record of the log (an event of any registered aggregate), opening its personal
+/// fields with `keys`.
+pub fn decode_record<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>, keys: &dyn DataKeys) -> Result<Record, DecodeError> {
     let p = decode_parts(key, headers, payload)?;
-    Ok(Record::from_data(&p.subject, p.meta, &p.event_type, p.version, p.data)?)
+    let data = open(&p, keys)?;
+    Ok(Record::from_data(&p.subject, p.meta, &p.event_type, p.version, &data)?)
 }
 
 /// Decodes a record that must be an event of `E`'s aggregate.
-pub fn decode<E: DomainEvent, H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>) -> Result<Envelope<E>, DecodeError> {
+pub fn decode<E: DomainEvent, H: Headers>(
+    key: Option<&[u8]>,
+    headers: Option<&H>,
+    payload: Option<&[u8]>,
+    keys: &dyn DataKeys,
+) -> Result<Envelope<E>, DecodeError> {
     let p = decode_parts(key, headers, payload)?;
-    Ok(Envelope::from_data(&p.subject, p.meta, &p.event_type, p.version, p.data)?)
+    let data = open(&p, keys)?;
+    Ok(Envelope::from_data(&p.subject, p.meta, &p.event_type, p.version, &data)?)
+}
+
+/// The user a record belongs to (`ce_userid`) and the data key that sealed it (`ce_datakey`), read
+/// from the headers alone (what an erased record still tells).
+pub fn owner_of<H: Headers>(headers: Option<&H>) -> (Option<String>, Option<Uuid>) {
+    let mut get = HeaderMap::default();
+    if let Some(headers) = headers {
+        for h in headers.iter() {
+            get.set(h.key, h.value);
+        }
+    }
+    (get.optional("ce_userid"), get.optional(DATA_KEY_HEADER).and_then(|k| Uuid::parse_str(&k).ok()))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -213,6 +278,12 @@ pub enum DecodeError {
     EmptyValue,
     #[error(transparent)]
     Data(#[from] domain::UnknownEventType),
+    /// Sealed with a data key that is destroyed: the record's user was erased.
+    #[error("sealed with data key {0}, which is destroyed (its user was erased)")]
+    Erased(Uuid),
+    /// Sealed with a key this service cannot use (its KEK is not configured) or damaged.
+    #[error("the sealed fields cannot be opened: {0}")]
+    Sealed(String),
 }
 
 #[derive(Default)]
@@ -239,6 +310,7 @@ impl<'a> HeaderMap<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::{Keks, KeyRing, NoKeys};
     use domain::user::{NotificationRead, UserEvent};
     use domain::{NewTask, TaskEvent, TaskId, Title};
 
@@ -252,6 +324,7 @@ mod tests {
             causation_id: None,
             traceparent: None,
             idempotency: Some(IdempotencyTag { key: "k1".into(), request_digest: "abc".into() }),
+            data_key: None,
         }
     }
 
@@ -262,8 +335,8 @@ mod tests {
     #[test]
     fn round_trips_through_cloudevents_headers() {
         let env = envelope();
-        let enc = encode(&env);
-        let back = decode(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)).unwrap();
+        let enc = encode(&env, None);
+        let back = decode(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload), &NoKeys).unwrap();
         assert_eq!(back, env);
         let names: Vec<&str> = enc.headers.iter().map(|h| h.key).collect();
         for required in
@@ -288,17 +361,17 @@ mod tests {
         }
         let mut env = envelope();
         env.meta.sequence = 10;
-        let enc = encode(&env);
+        let enc = encode(&env, None);
         let h: Vec<_> = enc.headers.iter().filter(|h| h.key == "ce_sequence").map(|h| h.value.unwrap().to_vec()).collect();
         assert_eq!(h, [b"00000000000000000010".to_vec()]);
-        assert_eq!(decode::<TaskEvent, _>(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)).unwrap().meta.sequence, 10);
+        assert_eq!(decode::<TaskEvent, _>(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload), &NoKeys).unwrap().meta.sequence, 10);
     }
 
     #[test]
     fn a_task_state_record_carries_the_events_attributes_and_a_tombstone_has_no_value() {
         let env = envelope();
         let view = domain::current::TaskView::next(None, &env).unwrap();
-        let enc = encode_state(&env, Some(&view));
+        let enc = encode_state(&env, Some(&view), None);
         assert_eq!(enc.key, env.subject.to_string());
         let h: std::collections::HashMap<&str, &[u8]> = enc.headers.iter().map(|h| (h.key, h.value.unwrap())).collect();
         assert_eq!(h["ce_type"], b"task.state");
@@ -306,10 +379,10 @@ mod tests {
         assert_eq!(h["ce_dataschema"], b"urn:taskstream:schema:task.state:v1");
         assert_eq!(h["ce_subject"], enc.key.as_bytes());
         assert_ne!(h["ce_id"], env.meta.event_id.to_string().as_bytes(), "its own id");
-        assert_eq!(h["ce_id"], encode_state(&env, Some(&view)).headers.iter().find(|h| h.key == "ce_id").unwrap().value.unwrap(), "the same on a retry");
+        assert_eq!(h["ce_id"], encode_state(&env, Some(&view), None).headers.iter().find(|h| h.key == "ce_id").unwrap().value.unwrap(), "the same on a retry");
         let back: domain::current::TaskView = serde_json::from_slice(enc.payload.as_deref().unwrap()).unwrap();
         assert_eq!(back, view);
-        let tombstone = encode_state(&env, None);
+        let tombstone = encode_state(&env, None, None);
         assert!(tombstone.payload.is_none());
         assert!(!tombstone.headers.iter().any(|h| h.key == "content-type"));
     }
@@ -317,13 +390,13 @@ mod tests {
     #[test]
     fn records_with_unpadded_sequences_are_still_read() {
         let env = envelope();
-        let enc = encode(&env);
+        let enc = encode(&env, None);
         let mut old = OwnedHeaders::new();
         for h in enc.headers.iter() {
             let value = if h.key == "ce_sequence" { b"1".as_slice() } else { h.value.unwrap() };
             old = old.insert(Header { key: h.key, value: Some(value) });
         }
-        assert_eq!(decode(Some(enc.key.as_bytes()), Some(&old), Some(&enc.payload)), Ok(env));
+        assert_eq!(decode(Some(enc.key.as_bytes()), Some(&old), Some(&enc.payload), &NoKeys), Ok(env));
     }
 
     #[test]
@@ -336,26 +409,52 @@ mod tests {
             meta: m,
             event: UserEvent::NotificationRead(NotificationRead { notification_id: Uuid::from_u128(9) }),
         };
-        let enc = encode(&env);
+        let enc = encode(&env, None);
         assert_eq!(enc.key, "alice");
-        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)), Ok(Record::User(env)));
+        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload), &NoKeys), Ok(Record::User(env)));
         let task = envelope();
-        let enc = encode(&task);
-        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)), Ok(Record::Task(task)));
+        let enc = encode(&task, None);
+        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload), &NoKeys), Ok(Record::Task(task)));
+    }
+
+    #[tokio::test]
+    async fn personal_fields_are_sealed_with_the_users_key_and_erased_with_it() {
+        let ring = KeyRing::in_memory(Keks::dev());
+        let key = ring.ensure("alice").await.unwrap();
+        let mut env = envelope();
+        let TaskEvent::Created(t) = &mut env.event else { unreachable!() };
+        t.title = Title::parse("Call the dentist".into()).unwrap();
+        t.tags = domain::Tags::parse(vec!["health".into()]).unwrap();
+        let enc = encode(&env, Some(&key));
+        let text = String::from_utf8(enc.payload.clone()).unwrap();
+        assert!(!text.contains("dentist") && !text.contains("health"), "{text}");
+        assert!(text.contains("\"priority\":\"medium\""), "other fields stay readable: {text}");
+        let h: std::collections::HashMap<&str, &[u8]> = enc.headers.iter().map(|h| (h.key, h.value.unwrap())).collect();
+        assert_eq!(h[DATA_KEY_HEADER], key.id.to_string().as_bytes());
+        env.meta.data_key = Some(key.id);
+        assert_eq!(decode(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload), &*ring), Ok(env.clone()));
+        assert_eq!(owner_of(Some(&enc.headers)), (Some("alice".to_owned()), Some(key.id)));
+        // The state record is sealed too.
+        let view = domain::current::TaskView::next(None, &env).unwrap();
+        let state = encode_state(&env, Some(&view), Some(&key));
+        assert!(!String::from_utf8(state.payload.unwrap()).unwrap().contains("dentist"));
+        // Without the key (destroyed): erased, not a broken record.
+        ring.destroy(&[key.id]).await.unwrap();
+        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload), &*ring), Err(DecodeError::Erased(key.id)));
     }
 
     #[test]
     fn refuses_broken_records() {
         let env = envelope();
-        let enc = encode(&env);
+        let enc = encode(&env, None);
         let decode = decode::<TaskEvent, OwnedHeaders>;
-        assert_eq!(decode(Some(b"other".as_slice()), Some(&enc.headers), Some(&enc.payload)), Err(DecodeError::KeyMismatch));
-        assert_eq!(decode(None, None, Some(&enc.payload)), Err(DecodeError::MissingHeader("ce_specversion")));
-        assert!(decode(None, Some(&enc.headers), Some(b"{\"title\": 1}".as_slice())).is_err());
-        assert_eq!(decode(None, Some(&enc.headers), None), Err(DecodeError::EmptyValue));
+        assert_eq!(decode(Some(b"other".as_slice()), Some(&enc.headers), Some(&enc.payload), &NoKeys), Err(DecodeError::KeyMismatch));
+        assert_eq!(decode(None, None, Some(&enc.payload), &NoKeys), Err(DecodeError::MissingHeader("ce_specversion")));
+        assert!(decode(None, Some(&enc.headers), Some(b"{\"title\": 1}".as_slice()), &NoKeys).is_err());
+        assert_eq!(decode(None, Some(&enc.headers), None, &NoKeys), Err(DecodeError::EmptyValue));
         // A user-level event whose subject is not its ce_userid.
         let user = Envelope { subject: UserId::parse("bob".into()).unwrap(), meta: meta(1), event: UserEvent::WebhookRemoved };
-        let enc = encode(&user);
-        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload)), Err(DecodeError::KeyMismatch));
+        let enc = encode(&user, None);
+        assert_eq!(decode_record(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload), &NoKeys), Err(DecodeError::KeyMismatch));
     }
 }

@@ -24,12 +24,15 @@ pub fn client_config(settings: &KafkaSettings, client_id: &str) -> ClientConfig 
     c
 }
 
-/// Creates `task-events`, its dead-letter topic and the command API's ownership and snapshot topics
+/// Creates `task-events`, its dead-letter topic, the command API's ownership and snapshot topics and
+/// the data keys topic
 /// if they do not exist yet.
 pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(settings, "taskstream-admin").create()?;
     let dlq = settings.dlq_topic();
-    let (owners, snapshots, updates) = (settings.owners_topic(), settings.snapshots_topic(), settings.updates_topic());
+    let (owners, snapshots, updates, keys) = (settings.owners_topic(), settings.snapshots_topic(), settings.updates_topic(), settings.keys_topic());
+    let bound = crate::keys::erasure_bound(settings).as_millis().to_string();
+    let delete_delay = (crate::keys::erasure_bound(settings).as_millis() / 10).min(60_000).to_string();
     let replication = || TopicReplication::Fixed(settings.task_events_replication);
     let min_insync = if settings.task_events_replication > 1 { "2" } else { "1" };
     let topics = [
@@ -58,6 +61,17 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
             .set("segment.ms", "3600000")
             .set("min.cleanable.dirty.ratio", "0.2")
             .set("delete.retention.ms", "86400000"),
+        // The users' data keys, wrapped: an erasure's tombstone must make the key's record go
+        // from disk within a known time (`keys::erasure_bound`), so segments roll and are
+        // compacted within the bound, and the replaced files go soon after.
+        NewTopic::new(&keys, 1, replication())
+            .set("cleanup.policy", "compact")
+            .set("min.insync.replicas", min_insync)
+            .set("segment.ms", &bound)
+            .set("max.compaction.lag.ms", &bound)
+            .set("min.cleanable.dirty.ratio", "0.01")
+            .set("delete.retention.ms", &bound)
+            .set("file.delete.delay.ms", &delete_delay),
     ];
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
     for result in admin.create_topics(&topics, &opts).await? {

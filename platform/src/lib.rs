@@ -1,6 +1,6 @@
 //! The thin, non-pure pieces that more than one taskstream service needs: settings shared by all
 //! binaries, the CloudEvents codec for Kafka records, Kafka client set-up, JWT auth, the consistency
-//! position token, database set-up, the retry/backoff policy, the APIs' request budgets (`ratelimit`)
+//! position token, the users' data keys and the sealing of personal fields (`keys`), database set-up, the retry/backoff policy, the APIs' request budgets (`ratelimit`)
 //! and telemetry. Nothing here holds business rules.
 //!
 //! Read side, shared by the projector (writer) and the query API (reader): `readmodel` holds the
@@ -14,6 +14,7 @@ pub mod db;
 pub mod http;
 pub mod kafka;
 pub mod kafka_properties;
+pub mod keys;
 pub mod position;
 pub mod projections;
 pub mod ratelimit;

@@ -32,6 +32,10 @@ pub struct KafkaSettings {
         value_parser = ClientProperties::parse_arg
     )]
     pub kafka_config: ClientProperties,
+    /// How long an erased user's data key may stay on the broker's disk (the keys topic's
+    /// compaction settings when this service creates it; see `platform::keys::erasure_bound`).
+    #[arg(long, env = "DATA_KEYS_ERASURE_BOUND_MS", default_value_t = 86_400_000)]
+    pub data_keys_erasure_bound_ms: u64,
 }
 
 impl KafkaSettings {
@@ -49,6 +53,12 @@ impl KafkaSettings {
     /// partition p).
     pub fn snapshots_topic(&self) -> String {
         format!("{}.snapshots", self.task_events_topic)
+    }
+
+    /// The users' data keys, wrapped (compacted, key = the data key's id, one partition;
+    /// `platform::keys`).
+    pub fn keys_topic(&self) -> String {
+        format!("{}.keys", self.task_events_topic)
     }
 
     /// The current-state topic (compacted, key = task id, as many partitions as the log): see

@@ -13,6 +13,8 @@ use rdkafka::message::Message;
 
 use platform::settings::KafkaSettings;
 
+use platform::keys::KeyRing;
+
 use crate::model::Batch;
 
 /// The settings of every reader of the log: read_committed, nothing committed to Kafka (the offsets
@@ -45,6 +47,7 @@ pub async fn read_batch<C: ConsumerContext + 'static>(
     max_batch: usize,
     linger: Duration,
     keep_raw: bool,
+    keys: &KeyRing,
     interrupted: impl Future<Output = ()>,
 ) -> anyhow::Result<Batch> {
     let mut batch = Batch::default();
@@ -58,7 +61,10 @@ pub async fn read_batch<C: ConsumerContext + 'static>(
     loop {
         if let Some(m) = msg.take() {
             if m.topic() == topic && next.get(&m.partition()).is_some_and(|n| m.offset() >= *n) {
-                batch.push_message(m, keep_raw);
+                if let (_, Some(key)) = platform::codec::owner_of(m.headers()) {
+                    keys.settle(&key).await?;
+                }
+                batch.push_message(m, keep_raw, keys);
             }
         }
         if batch.len() + batch.failed.len() >= max_batch {

@@ -20,6 +20,8 @@ use sqlx::{Connection, PgPool, Postgres, Transaction};
 use platform::position::Position;
 use platform::settings::KafkaSettings;
 
+use platform::keys::KeyRing;
+
 use crate::model::{Batch, FailedRecord, RawRecord};
 use crate::store::{self, Applied, ApplyMode, StoreError, REBUILD_LOCK_KEY};
 
@@ -381,7 +383,7 @@ impl StoredRecord {
 /// Replays or discards one open dead letter and applies its parked records in log order, all in
 /// one transaction (live mode: their reactions happen now). A parked record that fails in turn
 /// becomes the new dead letter of its key, and the records after it stay parked behind it.
-pub async fn release(pool: &PgPool, sink: &DeadLetterSink, id: i64, how: Release) -> Result<Released, ReleaseError> {
+pub async fn release(pool: &PgPool, sink: &DeadLetterSink, id: i64, how: Release, keys: &KeyRing) -> Result<Released, ReleaseError> {
     let mut tx = pool.begin().await?;
     let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock_shared($1)").bind(REBUILD_LOCK_KEY).fetch_one(&mut *tx).await?;
     if !free {
@@ -413,7 +415,7 @@ pub async fn release(pool: &PgPool, sink: &DeadLetterSink, id: i64, how: Release
 
     let mut released = Released::default();
     if how == Release::Replay {
-        if let Err(error) = apply_one(&mut tx, &letter.raw()).await? {
+        if let Err(error) = apply_one(&mut tx, &letter.raw(), keys).await? {
             return Err(ReleaseError::StillFails { id, error });
         }
         released.applied += 1;
@@ -437,7 +439,7 @@ pub async fn release(pool: &PgPool, sink: &DeadLetterSink, id: i64, how: Release
             .bind(record.log_offset)
             .execute(&mut *tx)
             .await?;
-        match apply_one(&mut tx, &raw).await? {
+        match apply_one(&mut tx, &raw, keys).await? {
             Ok(()) => released.applied += 1,
             Err(error) => {
                 let failed = FailedRecord { raw, error };
@@ -459,9 +461,12 @@ pub async fn release(pool: &PgPool, sink: &DeadLetterSink, id: i64, how: Release
 
 /// Applies one stored record inside a savepoint: `Ok(Err(..))` when it cannot be decoded or applied
 /// (the savepoint is rolled back), `Err` for a transient failure.
-async fn apply_one(tx: &mut Transaction<'_, Postgres>, raw: &RawRecord) -> Result<Result<(), String>, StoreError> {
+async fn apply_one(tx: &mut Transaction<'_, Postgres>, raw: &RawRecord, keys: &KeyRing) -> Result<Result<(), String>, StoreError> {
+    if let Some(k) = raw.data_key() {
+        keys.settle(&k).await.map_err(|e| StoreError::Keys(e.to_string()))?;
+    }
     let mut batch = Batch::default();
-    batch.push(raw.clone());
+    batch.push(raw.clone(), keys);
     if let Some(f) = batch.failed.pop() {
         return Ok(Err(f.error));
     }

@@ -65,6 +65,7 @@ use sqlx::PgPool;
 
 use platform::auth::JwtAuth;
 use platform::db::Migrations;
+use platform::keys::KeyRing;
 use platform::secret::Secret;
 use platform::settings::{DatabaseSettings, KafkaSettings, SecretPolicy};
 
@@ -100,6 +101,17 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Erase a user (the right to be forgotten): their data keys are destroyed, the read models drop
+    /// their rows. Sent to the command API as `DELETE /v1/me` with the service identity acting for
+    /// the user (needs SERVICE_JWT_SECRET and COMMAND_API_URL).
+    EraseUser {
+        /// The user id (the `sub` of their tokens).
+        user: String,
+    },
+    /// After a key-encryption key rotation (the new key first in TASKSTREAM_KEK, the old one still
+    /// after it): wrap every user's data key with the new key, so the old one can be dropped. The log
+    /// is not rewritten.
+    RewrapKeys,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -158,6 +170,8 @@ pub struct Settings {
     #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE", default_value_t = false, global = true)]
     pub webhook_allow_private: bool,
     #[command(flatten)]
+    pub kek: platform::keys::KekSettings,
+    #[command(flatten)]
     pub secrets: SecretPolicy,
 }
 
@@ -207,17 +221,19 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     settings: Settings,
     pool: PgPool,
+    keys: Arc<KeyRing>,
 }
 
 impl Application {
     /// Checks the secrets and binds the listener; PostgreSQL need not be up (see `run_until_stopped`).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.secrets.enforce(&[("SERVICE_JWT_SECRET", settings.service_jwt_secret.as_ref())])?;
+        let keys = Arc::new(KeyRing::new(settings.kek.keks(settings.secrets.dev)?));
         platform::http::metrics_handle();
         let pool = platform::db::pool(&settings.database)?;
         let listener = platform::http::listen(settings.addr, "PROJECTOR_ADDR").await?;
         tracing::info!(addr = %listener.local_addr()?, "projector health/metrics listening");
-        Ok(Self { listener, settings, pool })
+        Ok(Self { listener, settings, pool, keys })
     }
 
     pub fn port(&self) -> u16 {
@@ -250,6 +266,7 @@ impl Application {
                 apply_parallelism: usize::from(self.settings.apply_parallelism),
                 linger: Duration::from_millis(self.settings.linger_ms),
                 instance: self.instance(),
+                keys: self.keys.clone(),
             },
             self.pool.clone(),
             ready.clone(),
@@ -282,6 +299,13 @@ impl Application {
     }
 }
 
+/// The data keys of a one-shot command, the keys topic read.
+async fn started_keys(settings: &Settings) -> anyhow::Result<Arc<KeyRing>> {
+    let keys = Arc::new(KeyRing::new(settings.kek.keks(settings.secrets.dev)?));
+    keys.start(&settings.kafka, "taskstream-projector-cli").await?;
+    Ok(keys)
+}
+
 /// `projector rebuild`.
 pub async fn rebuild_cli(settings: Settings, projections: Vec<String>, yes: bool) -> anyhow::Result<()> {
     use std::io::{BufRead, IsTerminal, Write};
@@ -302,6 +326,7 @@ pub async fn rebuild_cli(settings: Settings, projections: Vec<String>, yes: bool
     }
     // Fail at once with a clear message when PostgreSQL is not there (a one-shot command).
     platform::db::connect(&settings.database).await?.close().await;
+    let keys = started_keys(&settings).await?;
     let opts = rebuild::Options {
         kafka: settings.kafka,
         database: settings.database,
@@ -309,6 +334,7 @@ pub async fn rebuild_cli(settings: Settings, projections: Vec<String>, yes: bool
         max_batch: settings.max_batch,
         report: rebuild::Report::Cli,
         requested_by: "cli",
+        keys,
     };
     let summary = rebuild::run(opts, async {
         platform::http::shutdown_signal().await;
@@ -316,6 +342,36 @@ pub async fn rebuild_cli(settings: Settings, projections: Vec<String>, yes: bool
     })
     .await?;
     println!("{}", summary.line());
+    Ok(())
+}
+
+/// `projector erase-user USER`.
+pub async fn erase_user_cli(settings: Settings, user: String) -> anyhow::Result<()> {
+    let user = domain::UserId::parse(user).map_err(|e| anyhow::anyhow!("user id: {}", e.0))?;
+    let auth = JwtAuth::new(&Secret::new(uuid::Uuid::new_v4().to_string())).with_service_secret(settings.service_jwt_secret.as_ref());
+    let token =
+        auth.issue_service("service:operator", &user, 300).ok_or_else(|| anyhow::anyhow!("SERVICE_JWT_SECRET must be set (the same as the command API's)"))?;
+    let url = format!("{}/v1/me", settings.command_api_url.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .delete(&url)
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("DELETE {url}: {e}"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "the command API answered {status}: {body}");
+    println!("user {user} erased: {body}");
+    Ok(())
+}
+
+/// `projector rewrap-keys`.
+pub async fn rewrap_keys_cli(settings: Settings) -> anyhow::Result<()> {
+    platform::kafka::ensure_topics(&settings.kafka).await?;
+    let keys = started_keys(&settings).await?;
+    let n = keys.rewrap().await?;
+    println!("{n} of {} data keys wrapped again with the current key-encryption key", keys.len());
     Ok(())
 }
 
@@ -338,9 +394,10 @@ pub async fn dlq_cli(settings: Settings, command: DlqCommand) -> anyhow::Result<
         return Ok(());
     }
     let sink = dlq::DeadLetterSink::new(&settings.kafka)?;
+    let keys = started_keys(&settings).await?;
     let mut failures = 0;
     for (id, how) in ids {
-        match dlq::release(&pool, &sink, id, how).await {
+        match dlq::release(&pool, &sink, id, how, &keys).await {
             Ok(r) => {
                 let verb = if how == dlq::Release::Replay { "replayed" } else { "discarded" };
                 let extra = r.new_dead_letter.map(|n| format!("; a parked record failed in turn and is dead letter {n}")).unwrap_or_default();

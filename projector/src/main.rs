@@ -24,6 +24,8 @@ async fn main() -> std::process::ExitCode {
                 Command::Status => projector::print_status(cli.settings).await,
                 Command::Rebuild { projections, yes } => projector::rebuild_cli(cli.settings, projections, yes).await,
                 Command::Dlq { command } => projector::dlq_cli(cli.settings, command).await,
+                Command::EraseUser { user } => projector::erase_user_cli(cli.settings, user).await,
+                Command::RewrapKeys => projector::rewrap_keys_cli(cli.settings).await,
                 Command::Run => unreachable!("handled above"),
             }
         }

@@ -9,6 +9,7 @@ use domain::recurrence::{next_occurrence, NextOccurrence};
 use domain::user::UserEvent;
 use domain::{ids, Recurrence, TaskEvent, TaskId, TimeZone};
 use platform::codec::{self, Envelope};
+use platform::keys::KeyRing;
 use platform::position::Position;
 use platform::readmodel::status;
 pub use platform::readmodel::TaskRow;
@@ -68,12 +69,21 @@ impl RawRecord {
         Some(String::from_utf8_lossy(&self.header_values[i]).into_owned())
     }
 
-    pub fn decode(&self) -> Result<codec::Record, codec::DecodeError> {
+    pub fn decode(&self, keys: &KeyRing) -> Result<codec::Record, codec::DecodeError> {
+        codec::decode_record(self.key.as_deref(), Some(&self.headers()), self.payload.as_deref(), keys)
+    }
+
+    fn headers(&self) -> rdkafka::message::OwnedHeaders {
         let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(self.header_names.len());
         for (key, value) in self.header_names.iter().zip(&self.header_values) {
             headers = headers.insert(rdkafka::message::Header { key: key.as_str(), value: Some(value.as_slice()) });
         }
-        codec::decode_record(self.key.as_deref(), Some(&headers), self.payload.as_deref())
+        headers
+    }
+
+    /// The data key that sealed the record (`ce_datakey`), if any.
+    pub fn data_key(&self) -> Option<Uuid> {
+        codec::owner_of(Some(&self.headers())).1
     }
 }
 
@@ -95,6 +105,9 @@ pub struct Batch {
     pub raw: Vec<rdkafka::message::OwnedMessage>,
     /// Next offset per partition after this batch (includes skipped records).
     pub to: HashMap<i32, i64>,
+    /// Records sealed with a destroyed data key (their user was erased): skipped, projected to
+    /// nothing.
+    pub erased: u64,
 }
 
 impl Batch {
@@ -106,25 +119,30 @@ impl Batch {
         self.to.is_empty()
     }
 
-    /// Adds a stored record (a dead letter or a parked record being released).
-    pub fn push(&mut self, raw: RawRecord) {
+    /// Adds a stored record (a dead letter or a parked record being released). The caller has
+    /// settled its data key (`KeyRing::settle`).
+    pub fn push(&mut self, raw: RawRecord, keys: &KeyRing) {
         let position = raw.position;
         self.to.insert(position.partition, position.offset + 1);
-        match raw.decode() {
-            Ok(codec::Record::Task(envelope)) => self.tasks.push(Recorded { position, envelope }),
-            Ok(codec::Record::User(envelope)) => self.users.push(RecordedUser { position, envelope }),
+        match raw.decode(keys) {
+            Ok(record) => self.push_decoded(position, record, keys),
+            Err(codec::DecodeError::Erased(_)) => self.erased += 1,
             Err(e) => self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw }),
         }
     }
 
-    /// Adds a record read from the log; `keep_raw` keeps the message for parking (live mode).
-    pub fn push_message(&mut self, m: rdkafka::message::OwnedMessage, keep_raw: bool) {
+    /// Adds a record read from the log; `keep_raw` keeps the message for parking (live mode). The
+    /// caller has settled its data key (`KeyRing::settle`).
+    pub fn push_message(&mut self, m: rdkafka::message::OwnedMessage, keep_raw: bool, keys: &KeyRing) {
         use rdkafka::message::Message;
         let position = Position { partition: m.partition(), offset: m.offset() };
         self.to.insert(position.partition, position.offset + 1);
-        match codec::decode_record(m.key(), m.headers(), m.payload()) {
-            Ok(codec::Record::Task(envelope)) => self.tasks.push(Recorded { position, envelope }),
-            Ok(codec::Record::User(envelope)) => self.users.push(RecordedUser { position, envelope }),
+        match codec::decode_record(m.key(), m.headers(), m.payload(), keys) {
+            Ok(record) => self.push_decoded(position, record, keys),
+            Err(codec::DecodeError::Erased(_)) => {
+                self.erased += 1;
+                return;
+            }
             Err(e) => {
                 self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw: RawRecord::from_message(&m) });
                 return;
@@ -132,6 +150,20 @@ impl Batch {
         }
         if keep_raw {
             self.raw.push(m);
+        }
+    }
+
+    fn push_decoded(&mut self, position: Position, record: codec::Record, keys: &KeyRing) {
+        match record {
+            codec::Record::Task(envelope) => self.tasks.push(Recorded { position, envelope }),
+            codec::Record::User(envelope) => {
+                // The keys an erasure names are destroyed from here on, even before their tombstones
+                // are read: a record sealed with one, in any partition, is erased.
+                if let UserEvent::Erased(e) = &envelope.event {
+                    keys.forget(&e.data_keys);
+                }
+                self.users.push(RecordedUser { position, envelope })
+            }
         }
     }
 
@@ -444,6 +476,7 @@ mod tests {
                     causation_id: None,
                     traceparent: None,
                     idempotency: None,
+                    data_key: None,
                 },
                 event,
             },

@@ -60,6 +60,8 @@ pub struct Options {
     pub report: Report,
     /// Who asked: `cli` or `new-projection` (a projection without stored offsets).
     pub requested_by: &'static str,
+    /// Opens the sealed fields (started: the keys topic is read).
+    pub keys: std::sync::Arc<platform::keys::KeyRing>,
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +240,7 @@ impl Rebuild<'_> {
             max_batch: self.opts.max_batch,
             events: 0,
             undecodable: 0,
+            keys: self.opts.keys.clone(),
         };
         let mut progress = Progress::new(self.opts.report, &self.projections);
         let mut last_saved = Instant::now();
@@ -373,6 +376,7 @@ struct Replay {
     max_batch: usize,
     events: u64,
     undecodable: u64,
+    keys: std::sync::Arc<platform::keys::KeyRing>,
 }
 
 impl Replay {
@@ -412,7 +416,10 @@ impl Replay {
                 if live.skip.contains(&position) {
                     batch.to.insert(position.partition, position.offset + 1);
                 } else {
-                    batch.push_message(m, false);
+                    if let (_, Some(key)) = platform::codec::owner_of(m.headers()) {
+                        self.keys.settle(&key).await?;
+                    }
+                    batch.push_message(m, false, &self.keys);
                 }
             }
         }

@@ -17,6 +17,7 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use domain::DomainEvent as _;
+use platform::keys::KeyRing;
 use platform::position::Position;
 use platform::retry::{Jitter, Policy};
 use platform::settings::KafkaSettings;
@@ -47,6 +48,8 @@ pub struct RunSettings {
     pub apply_parallelism: usize,
     pub linger: Duration,
     pub instance: Instance,
+    /// The users' data keys (opens the sealed fields; started by the run).
+    pub keys: Arc<KeyRing>,
 }
 
 pub struct Runner {
@@ -113,6 +116,7 @@ impl Runner {
 
     async fn run_once(&self) -> anyhow::Result<()> {
         platform::kafka::ensure_topics(&self.settings.kafka).await?;
+        self.settings.keys.start(&self.settings.kafka, "taskstream-projector").await?;
         let topic = self.settings.kafka.task_events_topic.clone();
         self.rebuild_new_projections(&topic).await?;
         self.membership.reset();
@@ -151,7 +155,7 @@ impl Runner {
                     () = tokio::time::sleep(POSITION_RETRY), if retry_soon => {}
                 }
             };
-            batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, true, interrupted).await?;
+            batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, true, &self.settings.keys, interrupted).await?;
         }
     }
 
@@ -245,6 +249,7 @@ impl Runner {
             max_batch: self.settings.max_batch,
             report: crate::rebuild::Report::Log,
             requested_by: "new-projection",
+            keys: self.settings.keys.clone(),
         };
         let flag = self.rebuilding.clone();
         tokio::spawn(async move {

@@ -35,6 +35,9 @@ pub enum StoreError {
     Fenced { topic: String },
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    /// The data keys could not be read (Kafka away): transient.
+    #[error("the data keys are unavailable: {0}")]
+    Keys(String),
 }
 
 impl StoreError {
@@ -146,7 +149,7 @@ pub async fn apply_records(tx: &mut Transaction<'_, Postgres>, batch: &Batch, mo
     write_schedule(tx, &ids, &folded).await?;
     write_tasks(tx, folded).await?;
     write_history(tx, &batch.tasks).await?;
-    write_user_events(tx, &batch.users).await?;
+    write_user_events(tx, &batch.users, mode).await?;
     write_notifications(tx, &notifications).await?;
     let applied = match mode {
         ApplyMode::Live => {
@@ -197,7 +200,7 @@ async fn announce_changes(tx: &mut Transaction<'_, Postgres>, tasks: &[Recorded]
 }
 
 /// Notification read marks and webhook registrations.
-async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[RecordedUser]) -> Result<(), sqlx::Error> {
+async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[RecordedUser], mode: ApplyMode) -> Result<(), sqlx::Error> {
     for r in users {
         let e = &r.envelope;
         let version = i32::try_from(e.meta.sequence).unwrap_or(i32::MAX);
@@ -216,6 +219,7 @@ async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[Recorded
                 .execute(&mut **tx)
                 .await?;
             }
+            UserEvent::Erased(erased) => erase_user(tx, e.meta.user_id.as_ref(), &erased.data_keys, mode).await?,
             UserEvent::WebhookRegistered(_) | UserEvent::WebhookRemoved => {
                 let (url, secret) = match &e.event {
                     UserEvent::WebhookRegistered(w) => (Some(w.url.as_ref().to_owned()), Some(w.secret.clone())),
@@ -497,6 +501,7 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
     let mut causation = Vec::with_capacity(batch.len());
     let mut partition = Vec::with_capacity(batch.len());
     let mut offset = Vec::with_capacity(batch.len());
+    let mut data_key = Vec::with_capacity(batch.len());
     for r in batch {
         let e = &r.envelope;
         event_id.push(e.meta.event_id);
@@ -512,12 +517,13 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
         causation.push(e.meta.causation_id.clone());
         partition.push(r.position.partition);
         offset.push(r.position.offset);
+        data_key.push(e.meta.data_key);
     }
     sqlx::query(
         "INSERT INTO task_history (event_id, task_id, user_id, version, event_type, schema_version, occurred_at, data,
-                                   correlation_id, causation_id, log_partition, log_offset)
+                                   correlation_id, causation_id, log_partition, log_offset, data_key)
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::int4[], $7::timestamptz[],
-                              $8::text[]::jsonb[], $9::text[], $10::text[], $11::int4[], $12::int8[])
+                              $8::text[]::jsonb[], $9::text[], $10::text[], $11::int4[], $12::int8[], $13::uuid[])
          ON CONFLICT DO NOTHING",
     )
     .bind(event_id)
@@ -532,8 +538,60 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
     .bind(causation)
     .bind(partition)
     .bind(offset)
+    .bind(data_key)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// `user.erased`: every row of the user's erased identity goes. Task rows are found by the data
+/// keys the erasure destroys (through `task_history.data_key`; rows written before sealing, without
+/// a key, go too), so a task of the user's fresh identity stays whichever partition is applied
+/// first; the user's own rows (read marks, webhook, deliveries) go in their stream's order.
+/// The live-only tables (reactions, deliveries) are cleared in live mode (a replay has none).
+async fn erase_user(tx: &mut Transaction<'_, Postgres>, user: &str, data_keys: &[Uuid], mode: ApplyMode) -> Result<(), sqlx::Error> {
+    let tasks: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT task_id FROM task_history WHERE user_id = $1 AND (data_key IS NULL OR data_key = ANY($2))")
+        .bind(user)
+        .bind(data_keys)
+        .fetch_all(&mut **tx)
+        .await?;
+    let live = mode == ApplyMode::Live;
+    let by_task: &[&str] = if live {
+        &[
+            "DELETE FROM notifications WHERE user_id = $1 AND task_id = ANY($2)",
+            "DELETE FROM reminder_schedule WHERE user_id = $1 AND task_id = ANY($2)",
+            "DELETE FROM reaction_outbox WHERE user_id = $1 AND task_id = ANY($2)",
+            "DELETE FROM tasks WHERE user_id = $1 AND id = ANY($2)",
+            "DELETE FROM task_history WHERE user_id = $1 AND task_id = ANY($2)",
+        ]
+    } else {
+        &[
+            "DELETE FROM notifications WHERE user_id = $1 AND task_id = ANY($2)",
+            "DELETE FROM reminder_schedule WHERE user_id = $1 AND task_id = ANY($2)",
+            "DELETE FROM tasks WHERE user_id = $1 AND id = ANY($2)",
+            "DELETE FROM task_history WHERE user_id = $1 AND task_id = ANY($2)",
+        ]
+    };
+    for sql in by_task {
+        sqlx::query(sql).bind(user).bind(&tasks).execute(&mut **tx).await?;
+    }
+    if live {
+        sqlx::query("DELETE FROM reminder_attempts WHERE task_id = ANY($1)").bind(&tasks).execute(&mut **tx).await?;
+    }
+    let by_user: &[&str] = if live {
+        &[
+            "DELETE FROM notification_reads WHERE user_id = $1",
+            "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE user_id = $1)",
+            "DELETE FROM webhook_deliveries WHERE user_id = $1",
+            "DELETE FROM webhooks WHERE user_id = $1",
+        ]
+    } else {
+        &["DELETE FROM notification_reads WHERE user_id = $1", "DELETE FROM webhooks WHERE user_id = $1"]
+    };
+    for sql in by_user {
+        sqlx::query(sql).bind(user).execute(&mut **tx).await?;
+    }
+    metrics::counter!("projector_users_erased_total").increment(1);
     Ok(())
 }
 

@@ -115,6 +115,7 @@ mod tests {
             task_events_partitions: 1,
             task_events_replication: 1,
             kafka_config: Default::default(),
+            data_keys_erasure_bound_ms: 86_400_000,
         }
     }
 

@@ -10,6 +10,8 @@ use platform::secret::Secret;
 pub const USER_SECRET: &str = "taskstream-test-user-secret-4mX9qT2vR7wK";
 /// The service-token secret (`SERVICE_JWT_SECRET`) the tests configure the services with (as strong).
 pub const SERVICE_SECRET: &str = "taskstream-test-service-secret-8pL3nZ6cH1yD";
+/// The key-encryption key of the test stacks (`TASKSTREAM_KEK`: id:base64 of 32 bytes).
+pub const TEST_KEK: &str = "test1:dGFza3N0cmVhbS10ZXN0LWtlay0xLTMyLWJ5dGVzISE";
 
 /// How long a test token is valid.
 const TTL_SECONDS: i64 = 3600;

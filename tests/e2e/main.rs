@@ -8,6 +8,7 @@ mod lifecycle;
 mod live;
 mod observability;
 mod partitions;
+mod privacy;
 mod projector_group;
 mod reactions;
 mod secured;

@@ -86,6 +86,7 @@ async fn a_wrong_password_keeps_the_command_api_not_ready_and_says_why() -> anyh
             ("KAFKA_CONFIG_SASL_PASSWORD", wrong),
             ("AUTH_JWT_SECRET", USER_SECRET),
             ("SERVICE_JWT_SECRET", SERVICE_SECRET),
+            ("TASKSTREAM_KEK", test_support::tokens::TEST_KEK),
             ("COMMAND_API_ADDR", &format!("127.0.0.1:{port}")),
             ("TASK_EVENTS_TOPIC", &format!("task-events-e2e-{}", &id[..12])),
             ("KAFKA_TRANSACTIONAL_ID", &format!("e2e-{id}")),

@@ -24,6 +24,7 @@ impl Service {
         let quiet = std::env::var("TEST_LOG").is_err();
         let child = Command::new(bin_dir().join(name))
             .env_remove("TASKSTREAM_DEV")
+            .env("TASKSTREAM_KEK", test_support::tokens::TEST_KEK)
             .envs(env.iter().copied())
             .env(addr_var, format!("127.0.0.1:{port}"))
             .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -123,6 +124,7 @@ async fn run_to_exit(binary: &str, args: &[&str], env: &[(&str, &str)]) -> anyho
         .env("QUERY_API_ADDR", "127.0.0.1:0")
         .env("PROJECTOR_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
+        .env("TASKSTREAM_KEK", test_support::tokens::TEST_KEK)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true);

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use test_support::tokens::{SERVICE_SECRET, USER_SECRET};
+use test_support::tokens::{SERVICE_SECRET, TEST_KEK, USER_SECRET};
 use test_support::{required_env, TestDatabase, Tokens};
 
 /// Where the service binaries are (`TASKSTREAM_BIN_DIR`, or the target dir this test runs from).
@@ -85,7 +85,7 @@ pub struct Stack {
 }
 
 /// Deletes a test's topics (the log and every topic named after it: `.dlq`, `.owners`,
-/// `.snapshots`, `.updates`) when dropped, so that repeated `./dev test` runs do not leave a local
+/// `.snapshots`, `.updates`, `.keys`) when dropped, so that repeated `./dev test` runs do not leave a local
 /// broker with thousands of topics: one that had collected 1 896 of them (about 20 000 partitions)
 /// served commands measurably slower.
 struct TestTopics {
@@ -149,6 +149,7 @@ impl Stack {
             ("DATABASE_URL".to_owned(), database_url.clone()),
             ("AUTH_JWT_SECRET".to_owned(), USER_SECRET.to_owned()),
             ("SERVICE_JWT_SECRET".to_owned(), SERVICE_SECRET.to_owned()),
+            ("TASKSTREAM_KEK".to_owned(), TEST_KEK.to_owned()),
             ("COMMAND_API_URL".to_owned(), format!("http://127.0.0.1:{}", ports[&Svc::CommandApi])),
             ("TASK_EVENTS_TOPIC".to_owned(), topic.clone()),
             ("TASK_EVENTS_PARTITIONS".to_owned(), opts.partitions.to_string()),

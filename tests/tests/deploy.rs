@@ -408,7 +408,7 @@ fn every_service_has_resources_probes_a_disruption_budget_and_a_network_policy()
 /// appears anywhere.
 #[test]
 fn deploy_files_hold_no_default_secrets() {
-    const SECRETS: [&str; 2] = ["AUTH_JWT_SECRET", "SERVICE_JWT_SECRET"];
+    const SECRETS: [&str; 3] = ["AUTH_JWT_SECRET", "SERVICE_JWT_SECRET", "TASKSTREAM_KEK"];
 
     let mut compose: Value = serde_yaml::from_str(&read("deploy/docker-compose.yml")).unwrap();
     compose.apply_merge().unwrap();
@@ -426,7 +426,7 @@ fn deploy_files_hold_no_default_secrets() {
             }
         }
     }
-    assert_eq!(seen, 5, "the three services get AUTH_JWT_SECRET (the shared block), command-api and projector SERVICE_JWT_SECRET");
+    assert_eq!(seen, 7, "the three services get AUTH_JWT_SECRET (the shared block), command-api and projector SERVICE_JWT_SECRET and TASKSTREAM_KEK");
 
     let docs = k8s_documents();
     assert!(!docs.iter().any(|d| d["kind"] == "Secret"), "the manifests must not define a Secret (with placeholder values)");
@@ -445,7 +445,7 @@ fn deploy_files_hold_no_default_secrets() {
             }
         }
     }
-    assert_eq!(refs, 4, "each service reads its JWT secrets from the Secret");
+    assert_eq!(refs, 6, "each service reads its JWT secrets (and the command API and projector the KEK) from the Secret");
     for c in docs.iter().filter(|d| d["kind"] == "ConfigMap") {
         for (key, _) in c["data"].as_mapping().into_iter().flatten() {
             let key = key.as_str().unwrap();

@@ -171,6 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         task_events_partitions: cli.partitions,
         task_events_replication: 1,
         kafka_config: cli.kafka_config.clone(),
+        data_keys_erasure_bound_ms: 86_400_000,
     };
     let env: Vec<(String, String)> = [
         ("KAFKA_BROKERS", cli.brokers.as_str()),

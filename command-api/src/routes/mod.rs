@@ -5,6 +5,7 @@
 //! `openapi` holds what the resource modules' OpenAPI annotations share (command headers,
 //! problem+json answer sets).
 
+pub mod erasure;
 pub mod internal;
 pub mod me;
 pub mod notifications;
@@ -35,7 +36,7 @@ use crate::state::AppState;
     modifiers(&BearerAuth),
     // Referenced by name from `openapi`'s answer sets (which do not collect schemas themselves).
     components(schemas(crate::error::Problem)),
-    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"), (name = "me", description = "Your own data"), (name = "cluster", description = "Which instance owns which partition"), (name = "catalogue", description = "The event catalogue (AsyncAPI)"))
+    tags((name = "tasks", description = "Task commands"), (name = "notifications", description = "Notification read state"), (name = "webhooks", description = "Webhook registration"), (name = "me", description = "Your data: erasure (and export)"), (name = "cluster", description = "Which instance owns which partition"), (name = "catalogue", description = "The event catalogue (AsyncAPI)"))
 )]
 struct ApiDoc;
 
@@ -55,6 +56,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(notifications::router())
         .merge(webhooks::router())
         .merge(me::router())
+        .merge(erasure::router())
         .routes(utoipa_axum::routes!(cluster))
         .split_for_parts();
     openapi::answer_rate_limited(&mut openapi);

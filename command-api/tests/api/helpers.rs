@@ -20,10 +20,14 @@ use command_api::AppState;
 use domain::current::TaskView;
 use domain::TaskEvent;
 use platform::codec::{self, DecodeError, EncodedEvent, EncodedState, Envelope};
+use platform::keys::{Keks, KeyRing};
 use platform::position::Position;
 use test_support::{eventually, Tokens};
 
 pub const PARTITIONS: i32 = 12;
+
+/// The data keys every fake log of this test binary shares (in Kafka: the keys topic).
+pub static KEYS: std::sync::LazyLock<Arc<KeyRing>> = std::sync::LazyLock::new(|| KeyRing::in_memory(Keks::dev()));
 pub const ALICE: &str = "alice";
 pub const BOB: &str = "bob";
 
@@ -47,7 +51,7 @@ impl LogRecord {
     }
 
     pub fn decode(&self) -> Result<Envelope<TaskEvent>, DecodeError> {
-        codec::decode(Some(self.key.as_bytes()), Some(&self.headers), Some(&self.payload))
+        codec::decode(Some(self.key.as_bytes()), Some(&self.headers), Some(&self.payload), &**KEYS)
     }
 }
 
@@ -67,7 +71,12 @@ impl UpdateRecord {
 
     /// The task's state, `None` for a tombstone; panics on a value that is not a `TaskView`.
     pub fn view(&self) -> Option<TaskView> {
-        self.payload.as_ref().map(|p| serde_json::from_slice(p).expect("a task-updates value is a TaskView"))
+        let mut value: Value = serde_json::from_slice(self.payload.as_ref()?).expect("a task-updates value is JSON");
+        if let Some(key) = self.header(platform::keys::DATA_KEY_HEADER) {
+            let key = platform::keys::DataKeys::data_key(&**KEYS, &key.parse().expect("ce_datakey is a UUID")).expect("the data key is known");
+            key.open_fields(&mut value, domain::personal::personal_fields(TaskView::TYPE)).expect("the sealed fields open");
+        }
+        Some(serde_json::from_value(value).expect("a task-updates value is a TaskView"))
     }
 }
 
@@ -145,6 +154,11 @@ impl FakeLog {
         *next += 1;
         data.records.push(LogRecord { key: key.to_owned(), payload: payload.to_vec(), headers, position });
         position
+    }
+
+    /// The snapshots recorded, as written.
+    pub fn snapshot_bytes(&self) -> Vec<Vec<u8>> {
+        self.lock().snapshots.values().cloned().collect()
     }
 
     /// Partitions with a snapshot recorded.
@@ -252,7 +266,7 @@ impl EventLog for FakeLog {
         let data = self.lock();
         for r in &data.records {
             if Some(r.position.partition) == self.partition && r.position.offset >= from {
-                let rec = codec::decode_record(Some(r.key.as_bytes()), Some(&r.headers), Some(&r.payload))
+                let rec = codec::decode_record(Some(r.key.as_bytes()), Some(&r.headers), Some(&r.payload), &**KEYS)
                     .map_err(|error| Undecodable { key: Some(r.key.clone()), error });
                 apply(r.position, rec);
             }
@@ -274,6 +288,7 @@ pub fn build_app(log: FakeLog) -> TestApp {
 
 /// An app over `log` whose partition writers run with `config` (snapshots, released records).
 pub fn build_app_with(log: FakeLog, config: WriterConfig) -> TestApp {
+    let config = WriterConfig { keys: KEYS.clone(), ..config };
     let tokens = Tokens::default();
     let state = AppState::with_config(log.clone(), tokens.auth(), config, IdempotencyCache::new(1000, Duration::from_secs(60)));
     TestApp { router: command_api::router(state, Duration::from_secs(10)), log, tokens }

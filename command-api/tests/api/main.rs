@@ -4,10 +4,11 @@
 //! problem+json answers to bad input (`problems`), `If-Match` (`conditional`), `Idempotency-Key`
 //! (`idempotency`, also across a restart), ordering, log outages and restarts (`log`), the
 //! notifications the user's stream records and reads (`notifications`), the export relayed to the
-//! query API (`me`), and the documentation and operations endpoints (`operations`).
+//! query API (`me`), erasure by crypto-shredding (`erasure`), and the documentation and operations endpoints (`operations`).
 
 mod auth;
 mod conditional;
+mod erasure;
 mod helpers;
 mod idempotency;
 mod log;

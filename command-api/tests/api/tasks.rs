@@ -118,10 +118,18 @@ async fn lifecycle_commands_answer_200_with_versions_and_records_carry_cloudeven
     assert_eq!(records[0].header("ce_correlationid").as_deref(), Some("corr-123"));
     assert_eq!(records[0].header("traceparent").as_deref(), Some(traceparent));
     assert!(records[1].header("traceparent").is_none());
+    // The personal fields are sealed with the user's data key, which the record names.
     let created: Value = serde_json::from_slice(&records[0].payload).unwrap();
-    assert_eq!(created["title"], "t");
+    assert!(created["title"].as_str().unwrap().starts_with(platform::keys::SEALED_PREFIX), "{created}");
+    assert_eq!(created["priority"], "medium", "other fields stay readable");
+    assert!(records.iter().all(|r| r.header(platform::keys::DATA_KEY_HEADER) == records[0].header(platform::keys::DATA_KEY_HEADER)));
+    let TaskEvent::Created(t) = records[0].decode().unwrap().event else { panic!("not a creation") };
+    assert_eq!(t.title.as_ref(), "t");
     let updated: Value = serde_json::from_slice(&records[1].payload).unwrap();
-    assert_eq!(updated, json!({"title": "u", "description": null}), "null clears, absent is unchanged");
+    assert_eq!(updated["description"], Value::Null, "null clears, absent is unchanged: {updated}");
+    assert_eq!(updated.as_object().unwrap().len(), 2, "{updated}");
+    let TaskEvent::Updated(p) = records[1].decode().unwrap().event else { panic!("not an update") };
+    assert_eq!(p.title.as_ref().map(AsRef::as_ref), Some("u"));
 }
 
 #[tokio::test]

@@ -59,6 +59,7 @@ fn history(task: TaskId) -> Batch {
                     causation_id: None,
                     traceparent: None,
                     idempotency: None,
+                    data_key: None,
                 },
                 event,
             },
@@ -154,6 +155,7 @@ fn user_batch(offset: i64, sequence: u32, event: UserEvent) -> Batch {
                 causation_id: None,
                 traceparent: None,
                 idempotency: None,
+                data_key: None,
             },
             event,
         },
@@ -396,6 +398,7 @@ fn events_batch(task: TaskId, first: u32, events: Vec<TaskEvent>) -> Batch {
                     causation_id: None,
                     traceparent: None,
                     idempotency: None,
+                    data_key: None,
                 },
                 event,
             },
@@ -604,4 +607,58 @@ async fn a_webhook_whose_outcome_cannot_be_recorded_at_once_is_recorded_later_no
     assert_eq!(*posts.lock().unwrap(), 1, "the receiver got the notification more than once");
     assert_eq!(count(&pool, "SELECT count(*) FROM webhook_attempts WHERE status_code = 204 AND attempt = 1").await, 1);
     db.drop_database().await.unwrap();
+}
+
+/// One task event of `user` sealed with `data_key` at `offset` of partition 0.
+fn sealed(user: &str, task: TaskId, offset: i64, sequence: u32, data_key: Option<Uuid>, event: TaskEvent) -> Recorded {
+    Recorded {
+        position: Position { partition: 0, offset },
+        envelope: Envelope {
+            subject: task,
+            meta: Metadata {
+                event_id: Uuid::now_v7(),
+                user_id: UserId::parse(user.into()).unwrap(),
+                sequence,
+                occurred_at: at(offset),
+                correlation_id: None,
+                causation_id: None,
+                traceparent: None,
+                idempotency: None,
+                data_key,
+            },
+            event,
+        },
+    }
+}
+
+#[tokio::test]
+async fn an_erasure_drops_exactly_the_rows_of_the_keys_it_destroys_in_any_order() {
+    let (_db, pool) = fresh_store().await;
+    let (old_key, new_key, bobs_key) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let created = |title: &str| TaskEvent::Created(NewTask::new(Title::parse(title.into()).unwrap()));
+    // Alice: a task written before sealing (no key) with its reminder and reactions, one sealed
+    // with her key; Bob: one task of his own.
+    let mut batch = history(TaskId::new_v7());
+    let alices = TaskId::new_v7();
+    batch.tasks.push(sealed("alice", alices, 3, 1, Some(old_key), created("alice's")));
+    let bobs = TaskId::new_v7();
+    batch.tasks.push(sealed("bob", bobs, 4, 1, Some(bobs_key), created("bob's")));
+    batch.to.insert(0, 5);
+    store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live).await.unwrap();
+    assert_eq!(count(&pool, "SELECT count(*) FROM tasks WHERE user_id = 'alice'").await, 2);
+    // The erasure arrives in the same batch as a task of Alice's fresh identity (another
+    // partition may well be applied first): that task stays.
+    let mut batch = user_batch(7, 1, UserEvent::Erased(domain::user::UserErased { data_keys: vec![old_key] }));
+    let fresh = TaskId::new_v7();
+    batch.tasks.push(sealed("alice", fresh, 6, 1, Some(new_key), created("alice again")));
+    store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 5)]), ApplyMode::Live).await.unwrap();
+    let alice_tasks: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tasks WHERE user_id = 'alice'").fetch_all(&pool).await.unwrap();
+    assert_eq!(alice_tasks, [*fresh.as_uuid()], "only the fresh identity's task is left");
+    let history = format!("SELECT count(*) FROM task_history WHERE user_id = 'alice' AND task_id <> '{fresh}'");
+    assert_eq!(count(&pool, &history).await, 0, "task_history keeps nothing of the erased identity");
+    for table in ["notifications", "reminder_schedule", "reaction_outbox", "webhook_deliveries"] {
+        assert_eq!(count(&pool, &format!("SELECT count(*) FROM {table} WHERE user_id = 'alice'")).await, 0, "{table} keeps nothing of the erased identity");
+    }
+    assert_eq!(count(&pool, "SELECT count(*) FROM tasks WHERE user_id = 'bob'").await, 1, "another user is untouched");
+    assert_eq!(count(&pool, "SELECT count(*) FROM task_history WHERE user_id = 'bob'").await, 1);
 }
