@@ -114,26 +114,8 @@ impl States {
         for (_, streams) in staged.streams {
             streams.merge_into(self);
         }
-        for (id, view) in staged.views {
-            match view {
-                Some(v) => {
-                    self.views.insert(id, Some(v));
-                }
-                None => {
-                    self.views.remove(&id);
-                }
-            }
-        }
-        for (id, key) in staged.task_keys {
-            match key {
-                Some(k) => {
-                    self.task_keys.insert(id, Some(k));
-                }
-                None => {
-                    self.task_keys.remove(&id);
-                }
-            }
-        }
+        overlay(&mut self.views, staged.views);
+        overlay(&mut self.task_keys, staged.task_keys);
     }
 
     /// Forgets every task whose data key is destroyed (its user was erased): after a snapshot is
@@ -258,6 +240,20 @@ impl States {
             states.of::<TaskDecider>().remove(&TaskId::from_uuid(t));
         }
         Ok(states)
+    }
+}
+
+/// Applies a batch's staged entries to the committed ones: a value replaces, `None` removes.
+fn overlay<V>(committed: &mut HashMap<TaskId, Option<V>>, staged: HashMap<TaskId, Option<V>>) {
+    for (id, v) in staged {
+        match v {
+            Some(v) => {
+                committed.insert(id, Some(v));
+            }
+            None => {
+                committed.remove(&id);
+            }
+        }
     }
 }
 
