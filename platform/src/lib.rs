@@ -6,11 +6,14 @@
 //! Read side, shared by the projector (writer) and the query API (reader): `readmodel` holds the
 //! read-model rows (`TaskRow`) as PostgreSQL stores them; `projections` the projection names, the
 //! NOTIFY channels and the projection status (stored offsets + high watermarks -> lag, state).
+//! `export` holds the document of `GET /v1/me/export`, which the query API writes from those rows
+//! and the command API describes in its OpenAPI document.
 
 pub mod auth;
 pub mod catalogue;
 pub mod codec;
 pub mod db;
+pub mod export;
 pub mod http;
 pub mod kafka;
 pub mod kafka_properties;

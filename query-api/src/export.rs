@@ -1,5 +1,6 @@
 //! `GET /v1/me/export` (GDPR data portability): every read-model row of one user as one JSON
-//! document,
+//! document, [`platform::export::Export`] (whose types the command API's OpenAPI document describes),
+//! written here key by key:
 //!
 //! ```text
 //! {"user_id": .., "exported_at": RFC 3339,
@@ -37,9 +38,9 @@ use futures::TryStreamExt as _;
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use uuid::Uuid;
 
 use domain::UserId;
+use platform::export::{ExportedEvent, ExportedNotification, ExportedTask, ExportedWebhook};
 use platform::readmodel::TaskRow;
 
 /// About how many bytes of JSON one chunk of the body holds.
@@ -50,84 +51,6 @@ const CHUNKS_AHEAD: usize = 4;
 pub const EXPORTS_AT_ONCE: usize = 4;
 /// Longest an export may take (a client that stops reading holds a connection and a snapshot).
 pub const TIME_LIMIT: Duration = Duration::from_secs(15 * 60);
-
-/// A task as exported: what GraphQL's `Task` shows, in snake_case, plus `remind_before`.
-#[derive(Debug, Serialize)]
-pub struct ExportTask {
-    pub id: Uuid,
-    pub title: String,
-    pub description: Option<String>,
-    /// `open` or `completed`.
-    pub status: String,
-    /// `low`, `medium`, `high` or `urgent`.
-    pub priority: &'static str,
-    pub due_at: Option<DateTime<Utc>>,
-    pub timezone: String,
-    pub recurrence: Option<String>,
-    pub remind_before: Option<String>,
-    pub remind_at: Option<DateTime<Utc>>,
-    pub tags: Vec<String>,
-    pub version: i32,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub completed_at: Option<DateTime<Utc>>,
-    pub recurrence_parent_id: Option<Uuid>,
-    pub occurrence: Option<i32>,
-}
-
-impl From<TaskRow> for ExportTask {
-    fn from(r: TaskRow) -> Self {
-        ExportTask {
-            priority: r.priority().as_str(),
-            id: r.id,
-            title: r.title,
-            description: r.description,
-            status: r.status,
-            due_at: r.due_at,
-            timezone: r.timezone,
-            recurrence: r.recurrence,
-            remind_before: r.remind_before,
-            remind_at: r.remind_at,
-            tags: r.tags,
-            version: r.version,
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-            completed_at: r.completed_at,
-            recurrence_parent_id: r.recurrence_parent_id,
-            occurrence: r.occurrence,
-        }
-    }
-}
-
-/// One event of one of the user's tasks.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct ExportEvent {
-    pub task_id: Uuid,
-    pub event_id: Uuid,
-    #[serde(rename = "type")]
-    pub event_type: String,
-    pub version: i32,
-    pub occurred_at: DateTime<Utc>,
-    pub data: serde_json::Value,
-    pub correlation_id: Option<String>,
-}
-
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct ExportNotification {
-    pub id: Uuid,
-    pub task_id: Uuid,
-    pub kind: String,
-    pub message: String,
-    pub created_at: DateTime<Utc>,
-    pub read_at: Option<DateTime<Utc>>,
-}
-
-/// The registered webhook, without its secret.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct ExportWebhook {
-    pub url: String,
-    pub updated_at: DateTime<Utc>,
-}
 
 /// The slots of the exports running at once.
 #[derive(Clone)]
@@ -256,12 +179,12 @@ async fn write(tx: &mut Transaction<'static, Postgres>, user: &UserId, exported_
     let mut rows = qb.build().try_map(crate::store::task_row).fetch(&mut **tx);
     let mut first = true;
     while let Some(row) = rows.try_next().await? {
-        json.item(&mut first, &ExportTask::from(row)).await?;
+        json.item(&mut first, &ExportedTask::from(row)).await?;
     }
     drop(rows);
 
     json.raw("],\"history\":[");
-    let mut rows = sqlx::query_as::<_, ExportEvent>(
+    let mut rows = sqlx::query_as::<_, ExportedEvent>(
         "SELECT task_id, event_id, event_type, version, occurred_at, data, correlation_id FROM task_history
          WHERE user_id = $1 ORDER BY task_id, version",
     )
@@ -274,7 +197,7 @@ async fn write(tx: &mut Transaction<'static, Postgres>, user: &UserId, exported_
     drop(rows);
 
     json.raw("],\"notifications\":[");
-    let mut rows = sqlx::query_as::<_, ExportNotification>(
+    let mut rows = sqlx::query_as::<_, ExportedNotification>(
         "SELECT n.id, n.task_id, n.kind, n.message, n.created_at, r.read_at
          FROM notifications n LEFT JOIN notification_reads r ON r.notification_id = n.id
          WHERE n.user_id = $1 ORDER BY n.created_at, n.id",
@@ -288,7 +211,7 @@ async fn write(tx: &mut Transaction<'static, Postgres>, user: &UserId, exported_
     drop(rows);
 
     // A removed webhook keeps its row with no URL: no webhook.
-    let webhook: Option<ExportWebhook> =
+    let webhook: Option<ExportedWebhook> =
         sqlx::query_as("SELECT url, updated_at FROM webhooks WHERE user_id = $1 AND url IS NOT NULL").bind(uid).fetch_optional(&mut **tx).await?;
     json.raw("],\"webhook\":");
     json.value(&webhook);
@@ -306,37 +229,5 @@ mod tests {
         assert_eq!(file_name(&user("alice")), "taskstream-export-alice.json");
         assert_eq!(file_name(&user("auth0|a.b-c_d")), "taskstream-export-auth0_a.b-c_d.json");
         assert_eq!(file_name(&user("o\"brien\\x y")), "taskstream-export-o_brien_x_y.json");
-    }
-
-    #[test]
-    fn a_task_is_exported_with_its_priority_and_status_by_name() {
-        let t = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
-        let row = TaskRow {
-            id: Uuid::nil(),
-            user_id: "alice".into(),
-            title: "t".into(),
-            description: None,
-            status: "completed".into(),
-            priority: 3,
-            due_at: None,
-            timezone: "UTC".into(),
-            recurrence: None,
-            remind_before: None,
-            remind_at: None,
-            tags: vec!["a".into()],
-            version: 2,
-            created_at: t,
-            updated_at: t,
-            completed_at: Some(t),
-            recurrence_parent_id: None,
-            occurrence: None,
-            reminded_for: None,
-        };
-        let v = serde_json::to_value(ExportTask::from(row)).unwrap();
-        assert_eq!(
-            (v["priority"].as_str(), v["status"].as_str(), v["completed_at"].as_str()),
-            (Some("urgent"), Some("completed"), Some("2026-01-01T00:00:00Z"))
-        );
-        assert!(v.get("user_id").is_none() && v.get("reminded_for").is_none(), "{v}");
     }
 }
