@@ -90,8 +90,8 @@ pub fn free_port() -> u16 {
 /// reopened or, one in five, deleted), round by round so that each task's events are spread over the
 /// log, produced in large Kafka transactions exactly as the command API encodes them: personal
 /// fields sealed with each user's data key (made first, wrapped with the KEK that the benchmark's
-/// services use).
-async fn produce_backlog(ctx: &Ctx, topic: &str, events: usize) -> anyhow::Result<()> {
+/// services are given).
+async fn produce_backlog(ctx: &Ctx, topic: &str, events: usize, kek: &str) -> anyhow::Result<()> {
     let settings = crate::kafka_settings(ctx, topic);
     platform::kafka::ensure_topics(&settings).await?;
     let producer: FutureProducer = platform::kafka::client_config(&settings, "bench-backlog")
@@ -105,12 +105,7 @@ async fn produce_backlog(ctx: &Ctx, topic: &str, events: usize) -> anyhow::Resul
     let tasks = (events / 5).max(1);
     let ids: Vec<TaskId> = (0..tasks).map(|_| TaskId::new_v7()).collect();
     let users: Vec<UserId> = (0..1000).map(|u| UserId::parse(format!("user-{u}")).expect("valid user")).collect();
-    // The KEK the benchmark's services use (TASKSTREAM_KEK / TASKSTREAM_KEK_FILE, else the dev one).
-    let kek = platform::keys::KekSettings {
-        kek: std::env::var("TASKSTREAM_KEK").ok().map(platform::secret::Secret::new),
-        kek_file: std::env::var_os("TASKSTREAM_KEK_FILE").map(Into::into),
-    };
-    let keys = std::sync::Arc::new(platform::keys::KeyRing::new(kek.keks(true)?));
+    let keys = std::sync::Arc::new(platform::keys::KeyRing::new(platform::keys::Keks::parse(kek)?));
     keys.start(&settings, "bench-backlog").await?;
     let mut user_keys = Vec::with_capacity(users.len());
     for u in &users {
@@ -207,7 +202,9 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
     sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin_conn).await?;
     let db_url = with_db(&admin, &db);
     let started = Instant::now();
-    produce_backlog(ctx, &topic, events).await?;
+    // A key-encryption key of this run's own, given to the services it starts.
+    let kek = platform::keys::Keks::generate("bench");
+    produce_backlog(ctx, &topic, events, &kek).await?;
     eprintln!("backlog: {events} events produced in {:.1} s", started.elapsed().as_secs_f64());
     let highs = high_watermarks(ctx, &topic).await?;
     let env = |c: &mut tokio::process::Command| {
@@ -216,6 +213,7 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
             .env("TASK_EVENTS_TOPIC", &topic)
             .env("AUTH_JWT_SECRET", &ctx.cli.secret)
             .env("SERVICE_JWT_SECRET", format!("bench-service-secret-{}", Uuid::new_v4().simple()))
+            .env("TASKSTREAM_KEK", &kek)
             .env("COMMAND_API_URL", "http://127.0.0.1:9")
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
@@ -238,6 +236,9 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
     };
     while !caught_up(&mut db_conn, &topic, &highs).await? {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "the projector did not catch up within 10 minutes");
+        if let Some(status) = projector.try_wait()? {
+            anyhow::bail!("the projector exited with {status} before it caught up");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let secs = started.elapsed().as_secs_f64();

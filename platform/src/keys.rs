@@ -145,6 +145,12 @@ impl Keks {
         Ok(Self(keks))
     }
 
+    /// A new random key-encryption key written as `TASKSTREAM_KEK` takes it (`id:base64`), e.g. for
+    /// a benchmark's throwaway stack.
+    pub fn generate(id: &str) -> String {
+        format!("{id}:{}", STANDARD.encode(random_bytes::<KEY_BYTES>(&SystemRandom::new())))
+    }
+
     /// The well-known development key.
     pub fn dev() -> Self {
         Self::parse(DEV_KEK).expect("the dev key parses")
@@ -715,6 +721,9 @@ mod tests {
         assert!(Keks::parse("k1:c2hvcnQ").is_err(), "too short");
         assert!(Keks::parse("nobase64").is_err());
         assert!(Keks::parse(&format!("{K1},{K1}")).is_err(), "twice");
+        let fresh = Keks::generate("fresh");
+        assert_eq!(keks(&fresh).current_id(), "fresh");
+        assert_ne!(fresh, Keks::generate("fresh"));
         assert!(format!("{:?}", keks(K1)).contains("k1") && !format!("{:?}", keks(K1)).contains("AAEC"));
     }
 
