@@ -550,11 +550,15 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
 /// first; the user's own rows (read marks, webhook, deliveries) go in their stream's order.
 /// The live-only tables (reactions, deliveries) are cleared in live mode (a replay has none).
 async fn erase_user(tx: &mut Transaction<'_, Postgres>, user: &str, data_keys: &[Uuid], mode: ApplyMode) -> Result<(), sqlx::Error> {
-    let tasks: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT task_id FROM task_history WHERE user_id = $1 AND (data_key IS NULL OR data_key = ANY($2))")
-        .bind(user)
-        .bind(data_keys)
-        .fetch_all(&mut **tx)
-        .await?;
+    let tasks: Vec<Uuid> = sqlx::query_scalar(
+        // The two halves match the two partial indexes (migrations/20261201200000_erasure.sql).
+        "SELECT task_id FROM task_history WHERE data_key = ANY($2) AND user_id = $1
+         UNION SELECT task_id FROM task_history WHERE data_key IS NULL AND user_id = $1",
+    )
+    .bind(user)
+    .bind(data_keys)
+    .fetch_all(&mut **tx)
+    .await?;
     let live = mode == ApplyMode::Live;
     let by_task: &[&str] = if live {
         &[
