@@ -552,8 +552,8 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
 async fn erase_user(tx: &mut Transaction<'_, Postgres>, user: &str, data_keys: &[Uuid], mode: ApplyMode) -> Result<(), sqlx::Error> {
     let tasks: Vec<Uuid> = sqlx::query_scalar(
         // The two halves match the two partial indexes (migrations/20261201200000_erasure.sql).
-        "SELECT task_id FROM task_history WHERE data_key = ANY($2) AND user_id = $1
-         UNION SELECT task_id FROM task_history WHERE data_key IS NULL AND user_id = $1",
+        "SELECT task_id FROM task_history WHERE event_type = 'task.created' AND data_key IS NOT NULL AND data_key = ANY($2) AND user_id = $1
+         UNION SELECT task_id FROM task_history WHERE event_type = 'task.created' AND data_key IS NULL AND user_id = $1",
     )
     .bind(user)
     .bind(data_keys)
