@@ -490,7 +490,9 @@ impl KeyRing {
         if self.store().is_none() {
             let topic = settings.keys_topic();
             let mut p = crate::kafka::client_config(settings, &format!("{client}-keys"));
-            p.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "0");
+            // A key that cannot be stored within 10 s fails the command that needed it (503), rather
+            // than holding it for librdkafka's default 5 minutes.
+            p.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "0").set("message.timeout.ms", "10000");
             let producer: FutureProducer = p.create()?;
             let meta: BaseConsumer = crate::kafka::client_config(settings, &format!("{client}-keys")).create()?;
             let mut c = crate::kafka::client_config(settings, &format!("{client}-keys"));

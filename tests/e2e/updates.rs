@@ -150,16 +150,20 @@ async fn task_updates_holds_each_tasks_latest_state_as_graphql_shows_it_and_a_to
         let g = stack.query(user, q, json!({"id": task}), Some(&last_position)).await?["task"].clone();
         assert_eq!(view["task_id"].as_str(), Some(task.as_str()));
         assert_eq!(view["owner"].as_str(), Some(user));
-        for (field, gql) in [
-            ("title", "title"),
-            ("description", "description"),
-            ("timezone", "timezone"),
-            ("recurrence", "recurrence"),
-            ("tags", "tags"),
-            ("version", "version"),
-        ] {
+        for (field, gql) in [("timezone", "timezone"), ("recurrence", "recurrence"), ("version", "version")] {
             assert_eq!(view[field], g[gql], "{task}: {field}");
         }
+        // The personal fields are sealed with the owner's data key: an outside consumer sees
+        // neither the text nor its length class beyond the ciphertext; GraphQL shows the owner.
+        let sealed = |v: &Value| v.as_str().is_some_and(|s| s.starts_with("sealed:v1:"));
+        assert!(sealed(&view["title"]) && g["title"].as_str().is_some_and(|t| !t.is_empty()), "{task}: title {view}");
+        assert!(
+            view["description"].is_null() == g["description"].is_null() && (view["description"].is_null() || sealed(&view["description"])),
+            "{task}: description"
+        );
+        let tags = view["tags"].as_array().expect("tags");
+        assert_eq!(tags.len(), g["tags"].as_array().map_or(0, Vec::len), "{task}: tags");
+        assert!(tags.iter().all(sealed), "{task}: tags {view}");
         for (field, gql) in [("status", "status"), ("priority", "priority")] {
             assert_eq!(view[field].as_str().map(str::to_lowercase), g[gql].as_str().map(str::to_lowercase), "{task}: {field}");
         }
@@ -170,10 +174,11 @@ async fn task_updates_holds_each_tasks_latest_state_as_graphql_shows_it_and_a_to
         }
     }
     let a_view = by_task[a.as_str()].last().unwrap().value.clone().unwrap();
-    assert_eq!(
-        (a_view["title"].as_str(), a_view["recurrence"].as_str(), a_view["description"].as_str()),
-        (Some("set"), Some("FREQ=WEEKLY;BYDAY=MO"), Some("still all fields"))
-    );
+    assert_eq!(a_view["recurrence"].as_str(), Some("FREQ=WEEKLY;BYDAY=MO"));
+    // The sealed title and description are the latest ones (as their owner reads them).
+    let g = stack.query("ann", q, json!({"id": a}), Some(&last_position)).await?["task"].clone();
+    assert_eq!((g["title"].as_str(), g["description"].as_str()), (Some("set"), Some("still all fields")));
+    assert_ne!(a_view["title"], by_task[a.as_str()][0].value.as_ref().unwrap()["title"], "each state is sealed afresh");
     let d_view = by_task[d.as_str()].last().unwrap().value.clone().unwrap();
     assert_eq!((d_view["status"].as_str(), d_view["completed_at"].is_string()), (Some("completed"), true));
 
