@@ -539,11 +539,20 @@ impl KeyRing {
     pub async fn catch_up(&self) -> Result<(), KeyError> {
         let Some(store) = self.store() else { return Ok(()) };
         let (meta, topic, timeout) = (store.meta.clone(), store.topic.clone(), store.timeout);
-        let high = tokio::task::spawn_blocking(move || meta.fetch_watermarks(&topic, 0, timeout))
-            .await
-            .map_err(|e| KeyError::Unavailable(e.to_string()))?
-            .map_err(|e| KeyError::Unavailable(e.to_string()))?
-            .1;
+        // A topic just created may have no leader for a moment (NotLeaderForPartition): retried
+        // within the timeout.
+        let high = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                match meta.fetch_watermarks(&topic, 0, timeout) {
+                    Ok((_, high)) => return Ok(high),
+                    Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                    Err(e) => return Err(KeyError::Unavailable(e.to_string())),
+                }
+            }
+        })
+        .await
+        .map_err(|e| KeyError::Unavailable(e.to_string()))??;
         let mut rx = self.read.subscribe();
         tokio::time::timeout(store.timeout, rx.wait_for(|read| *read >= high))
             .await
