@@ -563,16 +563,17 @@ impl KeyRing {
 
     /// Makes sure the ring knows the key if it exists: reads the keys topic to its end when the key
     /// is neither known nor known to be destroyed (a reader of the log calls this before decoding a
-    /// record sealed with it; the key was stored before the record was appended).
-    pub async fn settle(&self, id: &Uuid) -> Result<(), KeyError> {
+    /// record sealed with it; the key was stored before the record was appended). `true` when it
+    /// read the topic, so a record that did not open before should be decoded again.
+    pub async fn settle(&self, id: &Uuid) -> Result<bool, KeyError> {
         if self.is_live(id) || self.destroyed.lock().expect("not poisoned").contains(id) {
-            return Ok(());
+            return Ok(false);
         }
         self.catch_up().await?;
         if !self.is_live(id) && !self.ring.read().expect("not poisoned").locked.contains_key(id) {
             self.destroyed.lock().expect("not poisoned").insert(*id);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Forgets keys here only (a reader applying `user.erased`: the keys it names are destroyed, even

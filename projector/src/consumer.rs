@@ -61,10 +61,7 @@ pub async fn read_batch<C: ConsumerContext + 'static>(
     loop {
         if let Some(m) = msg.take() {
             if m.topic() == topic && next.get(&m.partition()).is_some_and(|n| m.offset() >= *n) {
-                if let (_, Some(key)) = platform::codec::owner_of(m.headers()) {
-                    keys.settle(&key).await?;
-                }
-                batch.push_message(m, keep_raw, keys);
+                batch.push_message(m, keep_raw, keys).await?;
             }
         }
         if batch.len() + batch.failed.len() >= max_batch {

@@ -9,7 +9,7 @@ use domain::recurrence::{next_occurrence, NextOccurrence};
 use domain::user::UserEvent;
 use domain::{ids, Recurrence, TaskEvent, TaskId, TimeZone};
 use platform::codec::{self, Envelope};
-use platform::keys::KeyRing;
+use platform::keys::{KeyError, KeyRing};
 use platform::position::Position;
 use platform::readmodel::status;
 pub use platform::readmodel::TaskRow;
@@ -131,26 +131,35 @@ impl Batch {
         }
     }
 
-    /// Adds a record read from the log; `keep_raw` keeps the message for parking (live mode). The
-    /// caller has settled its data key (`KeyRing::settle`).
-    pub fn push_message(&mut self, m: rdkafka::message::OwnedMessage, keep_raw: bool, keys: &KeyRing) {
+    /// Adds a record read from the log; `keep_raw` keeps the message for parking (live mode). `Err`
+    /// only when the keys topic could not be read.
+    pub async fn push_message(&mut self, m: rdkafka::message::OwnedMessage, keep_raw: bool, keys: &KeyRing) -> Result<(), KeyError> {
         use rdkafka::message::Message;
         let position = Position { partition: m.partition(), offset: m.offset() };
         self.to.insert(position.partition, position.offset + 1);
-        match codec::decode_record(m.key(), m.headers(), m.payload(), keys) {
+        let mut decoded = codec::decode_record(m.key(), m.headers(), m.payload(), keys);
+        // A key not known here yet: it was stored before the record was appended, so read the keys
+        // topic to its end and decode again (only on this miss; a known key decodes once).
+        if let Err(codec::DecodeError::Erased(id)) = &decoded {
+            if keys.settle(id).await? {
+                decoded = codec::decode_record(m.key(), m.headers(), m.payload(), keys);
+            }
+        }
+        match decoded {
             Ok(record) => self.push_decoded(position, record, keys),
             Err(codec::DecodeError::Erased(_)) => {
                 self.erased += 1;
-                return;
+                return Ok(());
             }
             Err(e) => {
                 self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw: RawRecord::from_message(&m) });
-                return;
+                return Ok(());
             }
         }
         if keep_raw {
             self.raw.push(m);
         }
+        Ok(())
     }
 
     fn push_decoded(&mut self, position: Position, record: codec::Record, keys: &KeyRing) {

@@ -416,10 +416,7 @@ impl Replay {
                 if live.skip.contains(&position) {
                     batch.to.insert(position.partition, position.offset + 1);
                 } else {
-                    if let (_, Some(key)) = platform::codec::owner_of(m.headers()) {
-                        self.keys.settle(&key).await?;
-                    }
-                    batch.push_message(m, false, &self.keys);
+                    batch.push_message(m, false, &self.keys).await?;
                 }
             }
         }
