@@ -157,7 +157,7 @@ impl Decider for TaskDecider {
                 if patch.is_empty() {
                     return Err(DomainError::Invalid(vec![FieldError::new("", "the update changes no field")]));
                 }
-                let due_at = patch.due_at.clone().unwrap_or(live.due_at);
+                let due_at = patch.due_at.unwrap_or(live.due_at);
                 let remind = patch.remind_before.as_ref().map_or(live.remind_before.is_some(), Option::is_some);
                 let rule = patch.recurrence.as_ref().map_or(live.recurrence.as_ref(), Option::as_ref);
                 let recurrence = rule.map(|r| (r, patch.timezone.unwrap_or(live.timezone)));

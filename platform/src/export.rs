@@ -99,8 +99,9 @@ pub struct ExportedEvent {
     pub correlation_id: Option<String>,
 }
 
-// One of the user's notifications, with when it was read (`notification_reads`).
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+// One of the user's notifications, with when it was read (`notification_reads`); GraphQL's
+// notification rows are read into it too.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
 pub struct ExportedNotification {
     pub id: Uuid,
     pub task_id: Uuid,

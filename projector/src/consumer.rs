@@ -46,7 +46,6 @@ pub async fn read_batch<C: ConsumerContext + 'static>(
     next: &HashMap<i32, i64>,
     max_batch: usize,
     linger: Duration,
-    keep_raw: bool,
     keys: &KeyRing,
     interrupted: impl Future<Output = ()>,
 ) -> anyhow::Result<Batch> {
@@ -61,7 +60,7 @@ pub async fn read_batch<C: ConsumerContext + 'static>(
     loop {
         if let Some(m) = msg.take() {
             if m.topic() == topic && next.get(&m.partition()).is_some_and(|n| m.offset() >= *n) {
-                batch.push_message(m, keep_raw, keys).await?;
+                batch.push_message(m, true, keys).await?;
             }
         }
         if batch.len() + batch.failed.len() >= max_batch {

@@ -155,7 +155,7 @@ impl Runner {
                     () = tokio::time::sleep(POSITION_RETRY), if retry_soon => {}
                 }
             };
-            batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, true, &self.settings.keys, interrupted).await?;
+            batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, &self.settings.keys, interrupted).await?;
         }
     }
 

@@ -322,15 +322,8 @@ pub async fn is_ready(pool: &PgPool) -> Result<bool, sqlx::Error> {
     Ok(platform::db::MIGRATOR.iter().filter(|m| m.migration_type.is_up_migration()).all(|m| applied.contains(&m.version)))
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct NotificationRow {
-    pub id: Uuid,
-    pub task_id: Uuid,
-    pub kind: String,
-    pub message: String,
-    pub created_at: DateTime<Utc>,
-    pub read_at: Option<DateTime<Utc>>,
-}
+/// A notification row with when it was read: the same shape the export writes.
+pub use platform::export::ExportedNotification as NotificationRow;
 
 /// The caller's notifications, newest first (keyset on (created_at, id) descending).
 pub async fn notifications(
