@@ -255,13 +255,21 @@ impl Reactor {
         .fetch_all(&self.pool)
         .await?;
         let n = rows.len();
-        let outcomes: Vec<Result<(), sqlx::Error>> = stream::iter(rows).map(|row| self.send_reaction(row)).buffer_unordered(CONCURRENCY).collect().await;
-        outcomes.into_iter().collect::<Result<(), _>>()?;
+        let outcomes: Vec<Result<Option<Uuid>, sqlx::Error>> =
+            stream::iter(rows).map(|row| self.send_reaction(row)).buffer_unordered(CONCURRENCY).collect().await;
+        // The rows done go in one statement (a burst of reactions costs one round trip, not one
+        // each). Until then they stay claimed; should this instance die first, they are sent again
+        // after their claim and answered as already done.
+        let done = outcomes.into_iter().filter_map(Result::transpose).collect::<Result<Vec<Uuid>, _>>()?;
+        if !done.is_empty() {
+            sqlx::query("DELETE FROM reaction_outbox WHERE id = ANY($1)").bind(&done).execute(&self.pool).await?;
+        }
         Ok(n)
     }
 
-    /// Sends one claimed outbox row and records the outcome.
-    async fn send_reaction(&self, (id, kind, user, payload, causation, correlation, traceparent, attempts): OutboxRow) -> Result<(), sqlx::Error> {
+    /// Sends one claimed outbox row and records a failure; `Some(id)` when it is done (the caller
+    /// deletes the rows done together).
+    async fn send_reaction(&self, (id, kind, user, payload, causation, correlation, traceparent, attempts): OutboxRow) -> Result<Option<Uuid>, sqlx::Error> {
         let mut headers = vec![("Idempotency-Key", format!("reaction:{id}")), ("X-Causation-Id", causation.to_string())];
         if let Some(c) = correlation {
             headers.push(("X-Correlation-Id", c));
@@ -280,7 +288,7 @@ impl Reactor {
         match verdict {
             Verdict::Done | Verdict::AlreadyDone => {
                 metrics::counter!("reactions_total", "kind" => kind.clone(), "outcome" => "done").increment(1);
-                sqlx::query("DELETE FROM reaction_outbox WHERE id = $1").bind(id).execute(&self.pool).await?;
+                return Ok(Some(id));
             }
             Verdict::Failed { failure: Failure::Refused, status, error } => {
                 count_failure(&kind, Failure::Refused, status);
@@ -313,7 +321,7 @@ impl Reactor {
                 .await?;
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn reminder_loop(self) {
@@ -374,13 +382,33 @@ impl Reactor {
         .fetch_all(&self.pool)
         .await?;
         let n = due.len();
-        let outcomes: Vec<Result<(), sqlx::Error>> = stream::iter(due).map(|r| self.fire(r)).buffer_unordered(CONCURRENCY).collect().await;
-        outcomes.into_iter().collect::<Result<(), _>>()?;
+        let outcomes: Vec<Result<Option<(Uuid, DateTime<Utc>)>, sqlx::Error>> =
+            stream::iter(due).map(|r| self.fire(r)).buffer_unordered(CONCURRENCY).collect().await;
+        // The reminders fired leave the schedule in one statement (10 000 due at once cost a few
+        // round trips, not 10 000). Until then their claims hold them; should this instance die
+        // first, they are fired again after the claim and answered 409 (already fired).
+        let (tasks, times): (Vec<Uuid>, Vec<DateTime<Utc>>) =
+            outcomes.into_iter().filter_map(Result::transpose).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
+        if !tasks.is_empty() {
+            sqlx::query(
+                "WITH fired AS (
+                    DELETE FROM reminder_schedule s USING UNNEST($1::uuid[], $2::timestamptz[]) AS f(task_id, remind_at)
+                    WHERE s.task_id = f.task_id AND s.remind_at = f.remind_at
+                 )
+                 DELETE FROM reminder_attempts a USING UNNEST($1::uuid[], $2::timestamptz[]) AS f(task_id, remind_at)
+                 WHERE a.task_id = f.task_id AND a.remind_at = f.remind_at",
+            )
+            .bind(&tasks)
+            .bind(&times)
+            .execute(&self.pool)
+            .await?;
+        }
         Ok(n)
     }
 
-    /// Fires one claimed reminder and records the outcome.
-    async fn fire(&self, (task, user, remind_at, attempts): DueReminder) -> Result<(), sqlx::Error> {
+    /// Fires one claimed reminder and records a failure; `Some` when it fired or had fired already
+    /// (the caller removes those from the schedule together).
+    async fn fire(&self, (task, user, remind_at, attempts): DueReminder) -> Result<Option<(Uuid, DateTime<Utc>)>, sqlx::Error> {
         let started = Instant::now();
         let delay = (Utc::now() - remind_at).num_milliseconds().max(0) as f64 / 1000.0;
         metrics::histogram!("reminder_scheduler_delay_seconds").record(delay);
@@ -388,14 +416,8 @@ impl Reactor {
         match self.send(&user, &format!("/internal/v1/tasks/{task}/remind"), &body, &[]).await {
             Verdict::Done | Verdict::AlreadyDone => {
                 metrics::counter!("reminders_fired_total").increment(1);
-                sqlx::query(
-                    "WITH fired AS (DELETE FROM reminder_schedule WHERE task_id = $1 AND remind_at = $2)
-                     DELETE FROM reminder_attempts WHERE task_id = $1 AND remind_at = $2",
-                )
-                .bind(task)
-                .bind(remind_at)
-                .execute(&self.pool)
-                .await?;
+                tracing::debug!(task_id = %task, elapsed_ms = started.elapsed().as_millis() as u64, "reminder fired");
+                return Ok(Some((task, remind_at)));
             }
             Verdict::Failed { failure, status, error } => {
                 count_failure(FIRE_REMINDER, failure, status);
@@ -417,8 +439,8 @@ impl Reactor {
                 .await?;
             }
         }
-        tracing::debug!(task_id = %task, elapsed_ms = started.elapsed().as_millis() as u64, "reminder handled");
-        Ok(())
+        tracing::debug!(task_id = %task, elapsed_ms = started.elapsed().as_millis() as u64, "reminder not fired");
+        Ok(None)
     }
 }
 

@@ -34,6 +34,9 @@ async fn loadgen_measures_every_key_against_a_real_stack() -> anyhow::Result<()>
     ] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} missing or zero in {v}");
     }
+    for key in ["reminders_minute_max_seconds_late", "reminders_minute_p99_seconds_late", "reminders_all_fired_seconds_after_due"] {
+        assert!(v[key].as_f64().is_some_and(|x| x >= 0.0), "{key} missing in {v}");
+    }
     assert_eq!(v["latency_errors_at_1k"].as_f64(), Some(0.0), "{v}");
     assert_eq!(v["runs"], 2, "{v}");
     assert!(v["spread"]["command_throughput_per_s"].as_array().is_some_and(|r| r.len() == 2), "{v}");
