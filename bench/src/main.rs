@@ -711,8 +711,9 @@ async fn reminder_burst(ctx: &Arc<Ctx>, url: &str, n: usize, spread: Duration) -
     use sqlx::Connection;
     let user = format!("bench-remind-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let token = ctx.token(&user);
-    // Creating them takes a few seconds: the first reminder is due well after the last create.
-    let lead = Duration::from_secs_f64(10.0 + n as f64 / 500.0);
+    // Creating them takes a while (10 000 took over 30 s on a loaded box): the first reminder is
+    // due well after the last create.
+    let lead = Duration::from_secs_f64(10.0 + n as f64 / 200.0);
     let first = chrono::Utc::now() + chrono::Duration::from_std(lead)?;
     let first = chrono::DateTime::from_timestamp(first.timestamp() + 1, 0).context("a valid instant")?;
     let step = spread.as_secs_f64() / n as f64;

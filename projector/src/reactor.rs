@@ -386,17 +386,24 @@ impl Reactor {
             stream::iter(due).map(|r| self.fire(r)).buffer_unordered(CONCURRENCY).collect().await;
         // The reminders fired leave the schedule in one statement (10 000 due at once cost a few
         // round trips, not 10 000). Until then their claims hold them; should this instance die
-        // first, they are fired again after the claim and answered 409 (already fired).
+        // first, they are fired again after the claim and answered 409 (already fired). Rows that
+        // a batch being applied holds are skipped, never waited for: that batch removes or moves
+        // them itself (it applies their `task.reminder_due` or a reschedule), and waiting could
+        // deadlock with it (both lock several rows), which PostgreSQL breaks only after a second.
+        // A skipped one keeps its claim: if it is still scheduled when the claim ends, it is fired
+        // again and answered 409 (already fired), which removes it.
         let (tasks, times): (Vec<Uuid>, Vec<DateTime<Utc>>) =
             outcomes.into_iter().filter_map(Result::transpose).collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
         if !tasks.is_empty() {
             sqlx::query(
                 "WITH fired AS (
-                    DELETE FROM reminder_schedule s USING UNNEST($1::uuid[], $2::timestamptz[]) AS f(task_id, remind_at)
-                    WHERE s.task_id = f.task_id AND s.remind_at = f.remind_at
+                    SELECT s.task_id, s.remind_at FROM reminder_schedule s
+                    JOIN UNNEST($1::uuid[], $2::timestamptz[]) AS f(task_id, remind_at) ON s.task_id = f.task_id AND s.remind_at = f.remind_at
+                    FOR UPDATE OF s SKIP LOCKED
+                 ), gone AS (
+                    DELETE FROM reminder_schedule s USING fired WHERE s.task_id = fired.task_id AND s.remind_at = fired.remind_at
                  )
-                 DELETE FROM reminder_attempts a USING UNNEST($1::uuid[], $2::timestamptz[]) AS f(task_id, remind_at)
-                 WHERE a.task_id = f.task_id AND a.remind_at = f.remind_at",
+                 DELETE FROM reminder_attempts a USING fired WHERE a.task_id = fired.task_id AND a.remind_at = fired.remind_at",
             )
             .bind(&tasks)
             .bind(&times)

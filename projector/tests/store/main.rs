@@ -326,6 +326,37 @@ async fn schedule_due_reminder(pool: &PgPool, task: Uuid) {
         .unwrap();
 }
 
+/// The reminders a pass fired leave the schedule in one statement, which skips the rows a batch
+/// being applied holds instead of waiting for them (waiting deadlocked with such batches under a
+/// burst of reminders: both lock several rows). The skipped one keeps its claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fired_reminders_leave_the_schedule_without_waiting_for_rows_a_batch_holds() {
+    let (db, pool) = fresh_store().await;
+    let fake = FakeCommandApi::start(always(200, "{}".into())).await;
+    fake.answer_after(Duration::from_secs(1));
+    let sender = fake.reactor(&pool);
+    let (held, free) = (Uuid::now_v7(), Uuid::now_v7());
+    schedule_due_reminder(&pool, held).await;
+    schedule_due_reminder(&pool, free).await;
+    let pass = tokio::spawn(async move { sender.fire_due_reminders().await });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.seen().len() < 2 {
+        assert!(Instant::now() < deadline, "the pass never fired both reminders");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A batch being applied holds one of the two rows (as applying its task's events does).
+    let mut batch = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM reminder_schedule WHERE task_id = $1 FOR UPDATE").bind(held).execute(&mut *batch).await.unwrap();
+    let fired = tokio::time::timeout(Duration::from_secs(30), pass).await.expect("the pass waited for the row the batch holds");
+    assert_eq!(fired.unwrap().unwrap(), 2);
+    let scheduled: Vec<Uuid> = sqlx::query_scalar("SELECT task_id FROM reminder_schedule").fetch_all(&pool).await.unwrap();
+    assert_eq!(scheduled, [held], "the free row is gone, the held one skipped");
+    let claimed: Vec<(Uuid, bool)> = sqlx::query_as("SELECT task_id, claimed_until > now() FROM reminder_attempts").fetch_all(&pool).await.unwrap();
+    assert_eq!(claimed, [(held, true)], "the skipped reminder keeps its claim (not fired again at once)");
+    batch.rollback().await.unwrap();
+    db.drop_database().await.unwrap();
+}
+
 /// Issue 11, defect 3: a 401 (the projector's SERVICE_JWT_SECRET differs from the command API's)
 /// used to delete the reminder for good. Only a definitive "stale" answer may drop one.
 #[tokio::test]
