@@ -263,12 +263,17 @@ pub async fn reminders(log: &[LogRecord], db: &PgPool, arrivals: &HashMap<String
 /// answer and the record of its outcome take milliseconds; this is generous).
 const UNRECORDED_BEFORE_KILL: Duration = Duration::from_secs(5);
 
+/// How long after a kill's instant a POST the killed projector had sent may still be noted by the
+/// receiver: the instant is taken just before the kill, and the receiver notes an arrival when its
+/// handler runs (a full run saw a delivery posted at the kill noted after that instant).
+const IN_FLIGHT_AT_KILL: Duration = Duration::from_secs(1);
+
 /// Problems with the webhook deliveries of `notifications` (received `arrivals`, per notification
 /// id), and how many second posts are the one case at-least-once delivery allows: the sender was
 /// killed after posting and before recording the outcome, so the next sender posts again. A
 /// second post is excused only when a projector was killed within [`UNRECORDED_BEFORE_KILL`] after
-/// the earlier post and before the later one; any other repeat (e.g. a resend after a database
-/// restart) is a duplicate.
+/// the earlier post (or at most [`IN_FLIGHT_AT_KILL`] before it was noted) and before the later one;
+/// any other repeat (e.g. a resend after a database restart) is a duplicate.
 fn deliveries(notifications: &HashSet<String>, arrivals: &HashMap<String, Vec<Instant>>, sender_kills: &[Instant]) -> (Vec<String>, usize) {
     let mut problems = Vec::new();
     let mut resent = 0;
@@ -283,7 +288,8 @@ fn deliveries(notifications: &HashSet<String>, arrivals: &HashMap<String, Vec<In
         let mut duplicates = 0;
         for pair in times.windows(2) {
             let (earlier, later) = (pair[0], pair[1]);
-            let crashed = sender_kills.iter().any(|&k| k >= earlier && k <= later && k.duration_since(earlier) <= UNRECORDED_BEFORE_KILL);
+            let crashed =
+                sender_kills.iter().any(|&k| earlier <= k + IN_FLIGHT_AT_KILL && k <= later && k.saturating_duration_since(earlier) <= UNRECORDED_BEFORE_KILL);
             if crashed {
                 resent += 1;
             } else {
@@ -402,11 +408,15 @@ mod tests {
     fn a_second_post_is_excused_only_after_its_sender_was_killed_before_recording_it() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let ids: HashSet<String> = ["once", "crash", "late", "again", "missing"].iter().map(|s| s.to_string()).collect();
+        let ids: HashSet<String> = ["once", "crash", "in_flight", "after", "late", "again", "missing"].iter().map(|s| s.to_string()).collect();
         let arrivals = HashMap::from([
             ("once".to_owned(), vec![at(1)]),
             // Posted at 10, its projector killed at 11, posted again by the next one at 40.
             ("crash".to_owned(), vec![at(10), at(40)]),
+            // Posted as its projector was killed (at 11), noted by the receiver a moment after.
+            ("in_flight".to_owned(), vec![at(11) + Duration::from_millis(300), at(41)]),
+            // Posted well after the kill (by another sender): a second post is a duplicate.
+            ("after".to_owned(), vec![at(14), at(42)]),
             // Posted long before the kill: it was recorded, a second post is a duplicate.
             ("late".to_owned(), vec![at(2), at(45)]),
             // No kill in between (a database restart): a duplicate.
@@ -414,10 +424,11 @@ mod tests {
             ("stranger".to_owned(), vec![at(3)]),
         ]);
         let (problems, resent) = deliveries(&ids, &arrivals, &[at(11)]);
-        assert_eq!(resent, 1);
+        assert_eq!(resent, 2);
         assert_eq!(
             problems,
             [
+                "notification after delivered 2 times",
                 "notification again delivered 2 times",
                 "notification late delivered 2 times",
                 "notification missing never reached the webhook",
