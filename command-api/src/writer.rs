@@ -218,9 +218,10 @@ struct Snapshot {
 
 /// 2: the states include the tasks' current states (`task_views`); 3: their personal fields are
 /// sealed with the tasks' data keys, and a user's state says only whether a webhook exists (no
-/// URL). A snapshot of an older format is ignored (the writer restores from the start of the log,
-/// which is kept forever).
-const SNAPSHOT_FORMAT: u32 = 3;
+/// URL); 4: a user's state remembers each notification's remind time and forgets old read ones. A
+/// snapshot of an older format is ignored (the writer restores from the start of the log, which is
+/// kept forever).
+const SNAPSHOT_FORMAT: u32 = 4;
 
 /// A restore that read more events than this after the snapshot records a new one at once.
 const RESTORED_TAIL_SNAPSHOT: u64 = 10_000;

@@ -20,7 +20,8 @@ pub enum DomainError {
     #[error("the notification is already read")]
     AlreadyRead,
     /// MarkNotificationRead of an id the user's own stream has not recorded: another user's, made
-    /// up, or a reminder's notification whose `notification.created` is not in the log yet.
+    /// up, a reminder's notification whose `notification.created` is not in the log yet, or a read
+    /// one its stream has forgotten (`user::READ_NOTIFICATION_MEMORY` after its remind time).
     #[error(
         "no notification with this id is recorded for you; a reminder's notification can be marked read once it is recorded in your stream, moments after it appears"
     )]

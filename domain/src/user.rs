@@ -271,14 +271,62 @@ pub struct UserCommand {
     pub kind: UserCommandKind,
 }
 
-/// What the user-level decider needs: the notifications this stream recorded (`true` once read)
-/// and whether a webhook is registered (not its URL: the state is snapshotted, and a URL is
-/// personal data that only travels sealed).
+/// How long a read notification is remembered after its remind time, measured on the stream's own
+/// clock: the latest remind time it recorded. Older read ones are forgotten, so the state follows
+/// the unread notifications and those of the last 30 days, not the length of the stream's history.
+/// A second mark-read of a forgotten one is a 404 instead of a 409, and recording it again is
+/// accepted: `notification.created` changes no row of the read model (the reminder's
+/// `task.reminder_due` made the notification), and the reactor's repeats come within minutes.
+pub const READ_NOTIFICATION_MEMORY: chrono::TimeDelta = chrono::TimeDelta::days(30);
+
+/// What the user's stream remembers of one of its notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remembered {
+    /// `None` for a notification known only from its read mark (a log from before
+    /// `notification.created`): never forgotten, and no new ones can appear.
+    pub remind_at: Option<DateTime<Utc>>,
+    pub read: bool,
+}
+
+impl Remembered {
+    /// Read, and its remind time older than the window before the stream's latest one.
+    fn forgotten(&self, latest_remind_at: Option<DateTime<Utc>>) -> bool {
+        self.read && matches!((self.remind_at, latest_remind_at), (Some(at), Some(latest)) if at < latest - READ_NOTIFICATION_MEMORY)
+    }
+}
+
+/// What the user-level decider needs: the notifications this stream remembers and whether a webhook
+/// is registered (not its URL: the state is snapshotted, and a URL is personal data that only travels
+/// sealed).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct UserState {
     pub version: u32,
-    pub notifications: HashMap<Uuid, bool>,
+    pub notifications: HashMap<Uuid, Remembered>,
+    /// The latest remind time recorded: the clock of [`READ_NOTIFICATION_MEMORY`].
+    pub latest_remind_at: Option<DateTime<Utc>>,
+    /// How many notifications the last sweep kept; the next sweep runs once there are twice as many.
+    pub swept_len: usize,
     pub webhook: bool,
+}
+
+impl UserState {
+    /// A notification the stream still knows: unread, or read within the memory window. A read one
+    /// older than that counts as unknown whether or not a sweep has removed it yet, so answers do
+    /// not depend on when sweeps run.
+    fn remembered(&self, id: &Uuid) -> Option<&Remembered> {
+        self.notifications.get(id).filter(|n| !n.forgotten(self.latest_remind_at))
+    }
+
+    /// Removes what the window forgot, once the map has doubled since the last sweep (amortised
+    /// O(1) per notification).
+    fn sweep(&mut self) {
+        if self.notifications.len() < (2 * self.swept_len).max(64) {
+            return;
+        }
+        let latest = self.latest_remind_at;
+        self.notifications.retain(|_, n| !n.forgotten(latest));
+        self.swept_len = self.notifications.len();
+    }
 }
 
 /// The user-level aggregate's decider; its stream is keyed by the user id.
@@ -313,15 +361,15 @@ impl Decider for UserDecider {
                 if *notification_id != reminder_notification_id(*task_id, *remind_at) {
                     return Err(DomainError::Invalid(vec![FieldError::new("notification_id", "is not the id of the reminder of task_id at remind_at")]));
                 }
-                if state.notifications.contains_key(notification_id) {
+                if state.remembered(notification_id).is_some() {
                     return Err(DomainError::NotificationExists);
                 }
                 Ok(vec![UserEvent::NotificationCreated(NotificationCreated { notification_id: *notification_id, task_id: *task_id, remind_at: *remind_at })])
             }
-            UserCommandKind::MarkNotificationRead(id) => match state.notifications.get(id) {
+            UserCommandKind::MarkNotificationRead(id) => match state.remembered(id) {
                 None => Err(DomainError::UnknownNotification),
-                Some(true) => Err(DomainError::AlreadyRead),
-                Some(false) => Ok(vec![UserEvent::NotificationRead(NotificationRead { notification_id: *id })]),
+                Some(Remembered { read: true, .. }) => Err(DomainError::AlreadyRead),
+                Some(Remembered { read: false, .. }) => Ok(vec![UserEvent::NotificationRead(NotificationRead { notification_id: *id })]),
             },
             UserCommandKind::SetWebhook { url, secret } => {
                 if secret.len() < 16 || secret.len() > 256 {
@@ -341,10 +389,14 @@ impl Decider for UserDecider {
         state.version += 1;
         match event {
             UserEvent::NotificationCreated(e) => {
-                state.notifications.entry(e.notification_id).or_insert(false);
+                state.latest_remind_at = state.latest_remind_at.max(Some(e.remind_at));
+                if state.remembered(&e.notification_id).is_none() {
+                    state.notifications.insert(e.notification_id, Remembered { remind_at: Some(e.remind_at), read: false });
+                }
+                state.sweep();
             }
             UserEvent::NotificationRead(e) => {
-                state.notifications.insert(e.notification_id, true);
+                state.notifications.entry(e.notification_id).or_insert(Remembered { remind_at: None, read: true }).read = true;
             }
             UserEvent::WebhookRegistered(_) => state.webhook = true,
             UserEvent::WebhookRemoved => state.webhook = false,
@@ -411,7 +463,7 @@ mod tests {
         assert_eq!(events, vec![created(task(), at())]);
         let s = given(&events);
         assert_eq!(s.version, 1);
-        assert_eq!(s.notifications.get(&reminder_notification_id(task(), at())), Some(&false));
+        assert_eq!(s.notifications.get(&reminder_notification_id(task(), at())), Some(&Remembered { remind_at: Some(at()), read: false }));
         // A repeat (a re-sent reaction) is refused: the reactor counts the 409 as done.
         assert_eq!(UserDecider::decide(&record(task(), at()), &s), Err(DomainError::NotificationExists));
         // Another remind time of the same task is another notification.
@@ -448,6 +500,53 @@ mod tests {
         let old = given(&[UserEvent::NotificationRead(NotificationRead { notification_id: id })]);
         assert_eq!(UserDecider::decide(&read(id), &old), Err(DomainError::AlreadyRead));
         assert_eq!(UserDecider::decide(&record(task(), at()), &old), Err(DomainError::NotificationExists));
+    }
+
+    /// A year of reminders, one a day, each read the same day.
+    fn a_year_of_read_notifications() -> UserState {
+        let mut s = UserState::default();
+        for day in 0..365 {
+            let (t, when) = (TaskId::from_uuid(Uuid::from_u128(1000 + day as u128)), at() + chrono::Duration::days(day));
+            for c in [record(t, when), read(reminder_notification_id(t, when))] {
+                for e in UserDecider::decide(&c, &s).unwrap() {
+                    s = UserDecider::evolve(s, &alice(), &e);
+                }
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn read_notifications_are_forgotten_once_their_remind_time_is_older_than_the_memory_window() {
+        let s = a_year_of_read_notifications();
+        // The state follows the notifications of the window, not the length of the stream's history.
+        let window = READ_NOTIFICATION_MEMORY.num_days() as usize + 1;
+        assert!(s.notifications.len() <= 2 * window.max(64), "{} notifications remembered", s.notifications.len());
+        // Inside the window: a repeat is still a repeat, a second read still a 409.
+        let (t, when) = (TaskId::from_uuid(Uuid::from_u128(1000 + 364)), at() + chrono::Duration::days(364));
+        assert_eq!(UserDecider::decide(&record(t, when), &s), Err(DomainError::NotificationExists));
+        assert_eq!(UserDecider::decide(&read(reminder_notification_id(t, when)), &s), Err(DomainError::AlreadyRead));
+        // Older than the window: the stream no longer knows it (whether or not a sweep removed it yet).
+        for day in [0, 364 - READ_NOTIFICATION_MEMORY.num_days() - 1] {
+            let (t, when) = (TaskId::from_uuid(Uuid::from_u128(1000 + day as u128)), at() + chrono::Duration::days(day));
+            assert_eq!(UserDecider::decide(&read(reminder_notification_id(t, when)), &s), Err(DomainError::UnknownNotification), "day {day}");
+            assert!(UserDecider::decide(&record(t, when), &s).is_ok(), "day {day}");
+        }
+    }
+
+    #[test]
+    fn unread_notifications_are_never_forgotten() {
+        let old = TaskId::from_uuid(Uuid::from_u128(7));
+        let mut s = given(&[created(old, at())]);
+        // A year of other reminders, each read: sweeps run, the unread one stays.
+        for day in 1..365 {
+            let (t, when) = (TaskId::from_uuid(Uuid::from_u128(1000 + day as u128)), at() + chrono::Duration::days(day));
+            s = UserDecider::evolve(s, &alice(), &created(t, when));
+            s = UserDecider::evolve(s, &alice(), &UserEvent::NotificationRead(NotificationRead { notification_id: reminder_notification_id(t, when) }));
+        }
+        let id = reminder_notification_id(old, at());
+        assert_eq!(UserDecider::decide(&record(old, at()), &s), Err(DomainError::NotificationExists));
+        assert_eq!(UserDecider::decide(&read(id), &s).unwrap(), vec![UserEvent::NotificationRead(NotificationRead { notification_id: id })]);
     }
 
     #[test]
