@@ -12,6 +12,7 @@ use domain::personal::personal_fields;
 use domain::{Aggregates, Decider, DeciderVisitor, DomainEvent, Envelope, StreamId, TaskDecider, TaskEvent, TaskId, UserId};
 use platform::codec::DecodeError;
 use platform::keys::{DataKeys, KeyError};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 pub type Subject<D> = <<D as Decider>::Event as DomainEvent>::Subject;
@@ -183,38 +184,37 @@ impl States {
 
     /// Reads the snapshot form back (an aggregate the snapshot does not name starts empty); the
     /// tasks whose data key is destroyed are forgotten.
-    pub fn from_snapshot(mut value: serde_json::Value, keys: &dyn DataKeys) -> Result<States, String> {
-        struct Load<'a>(&'a mut serde_json::Value, States, Option<String>);
+    pub fn from_snapshot(raw: &RawValue, keys: &dyn DataKeys) -> Result<States, String> {
+        // Each part is parsed straight into its types: only the views, whose personal fields are
+        // sealed, go through a JSON value.
+        let parts: HashMap<&str, &RawValue> = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+        struct Load<'a>(&'a HashMap<&'a str, &'a RawValue>, States, Option<String>);
         impl DeciderVisitor for Load<'_> {
             fn decider<D: Decider>(&mut self, name: &'static str) {
-                let Some(serde_json::Value::Array(rows)) = self.0.get_mut(name).map(serde_json::Value::take) else { return };
-                let map = self.1.of::<D>();
-                map.reserve(rows.len());
-                for row in rows {
-                    let parsed = serde_json::from_value::<(String, D::State)>(row)
-                        .map_err(|e| e.to_string())
-                        .and_then(|(id, state)| Ok((<Subject<D> as StreamId>::parse_subject(&id).map_err(|e| format!("stream id {id}: {}", e.0))?, state)));
-                    match parsed {
-                        Ok((id, state)) => {
-                            map.insert(id, state);
-                        }
-                        Err(e) => {
-                            self.2.get_or_insert(format!("{name}: {e}"));
-                        }
+                let Some(rows) = self.0.get(name) else { return };
+                let parsed = serde_json::from_str::<Vec<(String, D::State)>>(rows.get()).map_err(|e| e.to_string()).and_then(|rows| {
+                    rows.into_iter()
+                        .map(|(id, state)| Ok((<Subject<D> as StreamId>::parse_subject(&id).map_err(|e| format!("stream id {id}: {}", e.0))?, state)))
+                        .collect::<Result<HashMap<_, _>, String>>()
+                });
+                match parsed {
+                    Ok(map) => *self.1.of::<D>() = map,
+                    Err(e) => {
+                        self.2.get_or_insert(format!("{name}: {e}"));
                     }
                 }
             }
         }
-        let mut l = Load(&mut value, States::default(), None);
+        let mut l = Load(&parts, States::default(), None);
         Aggregates::visit(&mut l);
         if let Some(e) = l.2 {
             return Err(e);
         }
         let mut states = l.1;
-        let Some(views) = value.get_mut(VIEWS_KEY).map(serde_json::Value::take) else {
+        let Some(views) = parts.get(VIEWS_KEY) else {
             return Err(format!("the snapshot has no {VIEWS_KEY} (the tasks' current states)"));
         };
-        let serde_json::Value::Array(views) = views else { return Err(format!("{VIEWS_KEY} is not an array")) };
+        let views: Vec<serde_json::Value> = serde_json::from_str(views.get()).map_err(|e| format!("{VIEWS_KEY}: {e}"))?;
         let fields = personal_fields(TaskView::TYPE);
         let mut erased = Vec::new();
         for mut json in views {
