@@ -52,7 +52,16 @@ struct Keys {
     validation: Validation,
     /// Service identity: tokens signed with a secret users never see (`SERVICE_JWT_SECRET`).
     service: Option<(DecodingKey, EncodingKey)>,
+    /// Tokens verified before, with their caller and `exp`. A client sends the same token with
+    /// every request, and the command API checks it twice per command (rate limit, then handler):
+    /// the HS256 checks took 3.4 % of its CPU at saturation. Only verified tokens are kept (at most
+    /// `VERIFIED_TOKENS`, each until unused for 5 minutes), and a kept token still expires at its
+    /// `exp`, as a stateless JWT does.
+    verified: moka::sync::Cache<String, (Caller, i64)>,
 }
+
+/// How many verified tokens are remembered.
+const VERIFIED_TOKENS: u64 = 100_000;
 
 impl JwtAuth {
     pub fn new(secret: &Secret) -> Self {
@@ -64,31 +73,54 @@ impl JwtAuth {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             validation,
             service: None,
+            verified: moka::sync::Cache::builder().max_capacity(VERIFIED_TOKENS).time_to_idle(std::time::Duration::from_secs(300)).build(),
         }))
     }
 
     /// Also accepts (and can issue) service tokens signed with `secret`.
     pub fn with_service_secret(mut self, secret: Option<&Secret>) -> Self {
-        Arc::make_mut(&mut self.0).service = secret.map(|s| (DecodingKey::from_secret(s.expose().as_bytes()), EncodingKey::from_secret(s.expose().as_bytes())));
+        let keys = Arc::make_mut(&mut self.0);
+        keys.service = secret.map(|s| (DecodingKey::from_secret(s.expose().as_bytes()), EncodingKey::from_secret(s.expose().as_bytes())));
+        // What the other keys verified says nothing about these.
+        keys.verified = moka::sync::Cache::builder().max_capacity(VERIFIED_TOKENS).time_to_idle(std::time::Duration::from_secs(300)).build();
         self
     }
 
     /// Checks an `Authorization` header value: a user token, or a service token acting for a user.
     pub fn authenticate_caller(&self, header: Option<&str>) -> Result<Caller, AuthError> {
-        let token = bearer(header)?;
-        match self.verify(token) {
-            Ok(user) => Ok(Caller { user, service: None }),
-            Err(AuthError::Invalid) if self.0.service.is_some() => {
-                let (key, _) = self.0.service.as_ref().expect("checked");
-                let data = decode::<Claims>(token, key, &self.0.validation).map_err(|e| match e.kind() {
-                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                    _ => AuthError::Invalid,
-                })?;
-                let user = data.claims.obo.ok_or(AuthError::Invalid)?;
-                let user = UserId::parse(user).map_err(|_| AuthError::Invalid)?;
-                Ok(Caller { user, service: Some(data.claims.sub) })
-            }
-            Err(e) => Err(e),
+        self.check(bearer(header)?)
+    }
+
+    /// A token verified before answers from the cache (until its `exp`); any other is verified.
+    fn check(&self, token: &str) -> Result<Caller, AuthError> {
+        if let Some((caller, exp)) = self.0.verified.get(token) {
+            return match exp + self.0.validation.leeway as i64 >= chrono::Utc::now().timestamp() {
+                true => Ok(caller),
+                false => Err(AuthError::Expired),
+            };
+        }
+        let (caller, exp) = self.verify_signed(token)?;
+        self.0.verified.insert(token.to_owned(), (caller.clone(), exp));
+        Ok(caller)
+    }
+
+    /// The caller of a token signed with the user secret, or with the service secret (acting for a
+    /// user), and its `exp`.
+    fn verify_signed(&self, token: &str) -> Result<(Caller, i64), AuthError> {
+        let expired_or_invalid = |e: jsonwebtoken::errors::Error| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+            _ => AuthError::Invalid,
+        };
+        match decode::<Claims>(token, &self.0.decoding, &self.0.validation) {
+            Ok(data) => Ok((Caller { user: UserId::parse(data.claims.sub).map_err(|_| AuthError::Invalid)?, service: None }, data.claims.exp)),
+            Err(e) => match (expired_or_invalid(e), &self.0.service) {
+                (AuthError::Invalid, Some((key, _))) => {
+                    let data = decode::<Claims>(token, key, &self.0.validation).map_err(expired_or_invalid)?;
+                    let user = UserId::parse(data.claims.obo.ok_or(AuthError::Invalid)?).map_err(|_| AuthError::Invalid)?;
+                    Ok((Caller { user, service: Some(data.claims.sub) }, data.claims.exp))
+                }
+                (e, _) => Err(e),
+            },
         }
     }
 
@@ -105,12 +137,12 @@ impl JwtAuth {
         self.verify(bearer(header)?)
     }
 
+    /// The user of a user token (a service token is refused here).
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
-        let data = decode::<Claims>(token, &self.0.decoding, &self.0.validation).map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-            _ => AuthError::Invalid,
-        })?;
-        UserId::parse(data.claims.sub).map_err(|_| AuthError::Invalid)
+        match self.check(token)? {
+            Caller { user, service: None } => Ok(user),
+            Caller { service: Some(_), .. } => Err(AuthError::Invalid),
+        }
     }
 
     /// Issues a token (used by `./dev`-like tooling and tests).
@@ -141,6 +173,29 @@ mod tests {
         assert_eq!(auth.verify(&auth.issue("alice", -3600)), Err(AuthError::Expired));
         let other = JwtAuth::new(&Secret::new("other"));
         assert_eq!(other.verify(&t), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires_and_other_keys_do_not_share_what_was_verified() {
+        let auth = JwtAuth::new(&Secret::new("s3cret"));
+        let t = auth.issue("alice", 60);
+        assert_eq!(auth.verify(&t).unwrap().as_ref(), "alice");
+        let (caller, exp) = auth.0.verified.get(t.as_str()).expect("remembered once verified");
+        // Once its `exp` (plus the leeway) is past, a remembered token is refused as expired.
+        auth.0.verified.insert(t.clone(), (caller, exp - 60 - auth.0.validation.leeway as i64 - 1));
+        assert_eq!(auth.verify(&t), Err(AuthError::Expired));
+        // Tokens that fail are not remembered.
+        assert_eq!(auth.verify("x.y.z"), Err(AuthError::Invalid));
+        assert!(auth.0.verified.get("x.y.z").is_none());
+        // A service token verified once is still not a user token.
+        let svc_auth = JwtAuth::new(&Secret::new("user-secret")).with_service_secret(Some(&Secret::new("svc-secret")));
+        let svc = svc_auth.issue_service("service:projector", &UserId::parse("bob".into()).unwrap(), 60).unwrap();
+        assert!(svc_auth.authenticate_caller(Some(&format!("Bearer {svc}"))).is_ok());
+        assert_eq!(svc_auth.verify(&svc), Err(AuthError::Invalid));
+        // Another JwtAuth (another secret) verifies for itself.
+        let good = auth.issue("carol", 60);
+        assert!(auth.verify(&good).is_ok());
+        assert_eq!(JwtAuth::new(&Secret::new("other")).verify(&good), Err(AuthError::Invalid));
     }
 
     #[test]
