@@ -291,7 +291,8 @@ pub struct Remembered {
 impl Remembered {
     /// Read, and its remind time older than the window before the stream's latest one.
     fn forgotten(&self, latest_remind_at: Option<DateTime<Utc>>) -> bool {
-        self.read && matches!((self.remind_at, latest_remind_at), (Some(at), Some(latest)) if at < latest - READ_NOTIFICATION_MEMORY)
+        let horizon = latest_remind_at.and_then(|latest| latest.checked_sub_signed(READ_NOTIFICATION_MEMORY));
+        self.read && matches!((self.remind_at, horizon), (Some(at), Some(horizon)) if at < horizon)
     }
 }
 
@@ -532,6 +533,16 @@ mod tests {
             assert_eq!(UserDecider::decide(&read(reminder_notification_id(t, when)), &s), Err(DomainError::UnknownNotification), "day {day}");
             assert!(UserDecider::decide(&record(t, when), &s).is_ok(), "day {day}");
         }
+    }
+
+    #[test]
+    fn a_remind_time_at_the_edge_of_the_calendar_does_not_break_the_window() {
+        let edge = DateTime::<Utc>::MIN_UTC;
+        let s = given(&[created(task(), edge)]);
+        let id = reminder_notification_id(task(), edge);
+        let events = UserDecider::decide(&read(id), &s).unwrap();
+        let s = UserDecider::evolve(s, &alice(), &events[0]);
+        assert_eq!(UserDecider::decide(&read(id), &s), Err(DomainError::AlreadyRead));
     }
 
     #[test]
