@@ -94,7 +94,7 @@ impl JwtAuth {
     /// A token verified before answers from the cache (until its `exp`); any other is verified.
     fn check(&self, token: &str) -> Result<Caller, AuthError> {
         if let Some((caller, exp)) = self.0.verified.get(token) {
-            return match exp + self.0.validation.leeway as i64 >= chrono::Utc::now().timestamp() {
+            return match exp.saturating_add(self.0.validation.leeway as i64) >= chrono::Utc::now().timestamp() {
                 true => Ok(caller),
                 false => Err(AuthError::Expired),
             };
