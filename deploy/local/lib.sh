@@ -359,7 +359,7 @@ ensure_kafka() {
 # flushing). With the default C2 the JIT never settled under load: the sweeper dropped compiled
 # request paths between bursts and C2 compiled them again, 22-45 % of the broker's CPU in the
 # command benchmark (perf; 22 000 compilations in 9 minutes). Measured with C1 only: the broker
-# takes about 40 % less CPU per command and commands/s rose by 15-20 % (saturation runs, 3-4 of each).
+# takes 28-39 % less CPU per command and commands/s rose by about 16 % (saturation runs, 3-4 of each).
 # A production broker with cores of its own keeps the JVM's defaults (deploy/k8s, compose).
 KAFKA_JVM_OPTS=${KAFKA_JVM_OPTS:--Xmx1g -Xms256m -XX:+UseG1GC -XX:TieredStopAtLevel=1 -XX:-UseCodeCacheFlushing}
 
