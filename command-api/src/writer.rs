@@ -203,8 +203,8 @@ impl Writer {
 
 /// What a partition snapshot holds: the state of every stream of the partition after the records
 /// before `next_offset`, and the Idempotency-Key answers remembered then. `S` is the form of the
-/// states: written from a JSON value, read back as raw JSON that `States::from_snapshot` parses
-/// straight into the states (a JSON value tree of them took half of a restore's time).
+/// states: written from a JSON value, read back as raw JSON borrowed from the record, which
+/// `States::from_snapshot` parses straight into the states (a JSON value tree of them took half of a restore's time).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Snapshot<S> {
     format: u32,
@@ -458,7 +458,7 @@ impl<L: EventLog> Actor<L> {
     }
 
     async fn restore_snapshot(&mut self, bytes: &[u8]) {
-        let snap: Snapshot<Box<serde_json::value::RawValue>> = match serde_json::from_slice(bytes) {
+        let snap: Snapshot<&serde_json::value::RawValue> = match serde_json::from_slice(bytes) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(partition = self.partition, error.message = %e, "the partition's snapshot cannot be read; restoring from the start of the log");
@@ -473,7 +473,7 @@ impl<L: EventLog> Actor<L> {
             );
             return;
         }
-        match States::from_snapshot(&snap.states, &*self.config.keys) {
+        match States::from_snapshot(snap.states, &*self.config.keys) {
             Ok(states) => {
                 self.states = states;
                 self.next_offset = snap.next_offset;

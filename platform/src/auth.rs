@@ -63,6 +63,11 @@ struct Keys {
 /// How many verified tokens are remembered.
 const VERIFIED_TOKENS: u64 = 100_000;
 
+/// An empty cache of verified tokens (each kept until unused for 5 minutes).
+fn verified_tokens() -> moka::sync::Cache<String, (Caller, i64)> {
+    moka::sync::Cache::builder().max_capacity(VERIFIED_TOKENS).time_to_idle(std::time::Duration::from_secs(300)).build()
+}
+
 impl JwtAuth {
     pub fn new(secret: &Secret) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
@@ -73,7 +78,7 @@ impl JwtAuth {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             validation,
             service: None,
-            verified: moka::sync::Cache::builder().max_capacity(VERIFIED_TOKENS).time_to_idle(std::time::Duration::from_secs(300)).build(),
+            verified: verified_tokens(),
         }))
     }
 
@@ -82,7 +87,7 @@ impl JwtAuth {
         let keys = Arc::make_mut(&mut self.0);
         keys.service = secret.map(|s| (DecodingKey::from_secret(s.expose().as_bytes()), EncodingKey::from_secret(s.expose().as_bytes())));
         // What the other keys verified says nothing about these.
-        keys.verified = moka::sync::Cache::builder().max_capacity(VERIFIED_TOKENS).time_to_idle(std::time::Duration::from_secs(300)).build();
+        keys.verified = verified_tokens();
         self
     }
 
