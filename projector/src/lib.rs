@@ -332,6 +332,7 @@ pub async fn rebuild_cli(settings: Settings, projections: Vec<String>, yes: bool
         database: settings.database,
         projections: selected,
         max_batch: settings.max_batch,
+        apply_parallelism: usize::from(settings.apply_parallelism),
         report: rebuild::Report::Cli,
         requested_by: "cli",
         keys,

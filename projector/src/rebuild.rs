@@ -57,6 +57,8 @@ pub struct Options {
     /// The projections to rebuild (all when empty).
     pub projections: Vec<String>,
     pub max_batch: usize,
+    /// Transactions a replayed batch is applied in at once, each with whole partitions.
+    pub apply_parallelism: usize,
     pub report: Report,
     /// Who asked: `cli` or `new-projection` (a projection without stored offsets).
     pub requested_by: &'static str,
@@ -214,7 +216,14 @@ impl Rebuild<'_> {
         let started = Instant::now();
         let topic = self.opts.kafka.task_events_topic.clone();
         self.create_copies().await?;
-        let shadow = PgPoolOptions::new().max_connections(2).connect_with(self.options.clone().options([("search_path", SCHEMA)])).await?;
+        // Commits to the copies do not wait for their WAL flush: a crash can only lose the last
+        // batches together with their offsets, and a rebuild that stopped starts over anyway. The
+        // switch commits on a connection of its own, synchronously.
+        let ways = self.opts.apply_parallelism.max(1);
+        let shadow = PgPoolOptions::new()
+            .max_connections(ways as u32)
+            .connect_with(self.options.clone().options([("search_path", SCHEMA), ("synchronous_commit", "off")]))
+            .await?;
         platform::kafka::ensure_topics(&self.opts.kafka).await?;
         let consumer = crate::consumer::log_consumer(&self.opts.kafka, "taskstream-projector-rebuild")?;
         let mut conn = self.pool.acquire().await?;
@@ -238,12 +247,14 @@ impl Rebuild<'_> {
             pending: HashMap::new(),
             at: partitions.iter().map(|p| (*p, 0)).collect(),
             max_batch: self.opts.max_batch,
+            ways,
             events: 0,
             undecodable: 0,
             keys: self.opts.keys.clone(),
         };
         let mut progress = Progress::new(self.opts.report, &self.projections);
         let mut last_saved = Instant::now();
+        let mut indexed = false;
         loop {
             let live = live_position(&mut conn, &topic).await?;
             let gap = replay.gap(&live.caps);
@@ -251,6 +262,13 @@ impl Rebuild<'_> {
             if last_saved.elapsed() > Duration::from_secs(1) {
                 self.save_progress(replay.done(), replay.done() + gap).await?;
                 last_saved = Instant::now();
+            }
+            if gap <= self.opts.max_batch as u64 && !indexed {
+                // The copies were loaded without their secondary indexes (as bulk loaders do):
+                // built once, near the live head, then the replay catches up what came meanwhile.
+                self.build_indexes(&replay.shadow).await?;
+                indexed = true;
+                continue;
             }
             if gap <= self.opts.max_batch as u64 {
                 // Close to the live head: switch (or, if the live projection ran ahead meanwhile,
@@ -271,13 +289,26 @@ impl Rebuild<'_> {
 
     /// Empty copies of every projection's tables (all of them: the projections are folded
     /// together, so each one is built from the same replay), and the rebuild registered for status.
+    /// The copies get the live tables' primary keys and unique constraints (under the same names;
+    /// the upserts need them) but not their other indexes, which `build_indexes` adds near the end.
     async fn create_copies(&self) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).execute(&mut *tx).await?;
         sqlx::query(&format!("CREATE SCHEMA {SCHEMA}")).execute(&mut *tx).await?;
-        for table in TABLES.iter().flat_map(|(_, t)| t.iter()).chain(std::iter::once(&"projection_offsets")) {
-            sqlx::query(&format!("CREATE TABLE {SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL)")).execute(&mut *tx).await?;
+        for table in TABLES.iter().flat_map(|(_, t)| t.iter()) {
+            sqlx::query(&format!("CREATE TABLE {SCHEMA}.{table} (LIKE public.{table} INCLUDING ALL EXCLUDING INDEXES)")).execute(&mut *tx).await?;
+            let constraints: Vec<(String, String)> = sqlx::query_as(
+                "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+                 WHERE conrelid = format('public.%I', $1::text)::regclass AND contype IN ('p', 'u', 'x') ORDER BY conname",
+            )
+            .bind(table)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (name, def) in constraints {
+                sqlx::query(&format!("ALTER TABLE {SCHEMA}.{table} ADD CONSTRAINT {name} {def}")).execute(&mut *tx).await?;
+            }
         }
+        sqlx::query(&format!("CREATE TABLE {SCHEMA}.projection_offsets (LIKE public.projection_offsets INCLUDING ALL)")).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM projection_rebuilds WHERE projection = ANY($1)").bind(&self.projections).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO projection_rebuilds (projection, requested_by) SELECT p, $2 FROM UNNEST($1::text[]) AS p")
             .bind(&self.projections)
@@ -285,6 +316,37 @@ impl Rebuild<'_> {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// The live tables' indexes that back no constraint, built on the copies under the same names
+    /// (`CREATE INDEX` on a loaded table sorts once, instead of maintaining the index row by row).
+    async fn build_indexes(&self, shadow: &PgPool) -> anyhow::Result<()> {
+        let tables: Vec<String> = TABLES.iter().flat_map(|(_, t)| t.iter().map(|t| t.to_string())).collect();
+        let defs: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT c.relname::text, x.relname::text, pg_get_indexdef(i.indexrelid)
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_class x ON x.oid = i.indexrelid
+             WHERE c.relnamespace = 'public'::regnamespace AND c.relname = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+             ORDER BY 1, 2",
+        )
+        .bind(&tables)
+        .fetch_all(&self.pool)
+        .await?;
+        let started = Instant::now();
+        let mut conn = shadow.acquire().await?;
+        sqlx::query("SET maintenance_work_mem = '256MB'").execute(&mut *conn).await?;
+        for (table, name, def) in &defs {
+            let (live, copy) = (format!(" ON public.{table} "), format!(" ON {SCHEMA}.{table} "));
+            anyhow::ensure!(def.contains(&live), "internal: unexpected definition of index {name}: {def}");
+            sqlx::query(&def.replacen(&live, &copy, 1)).execute(&mut *conn).await?;
+        }
+        sqlx::query("RESET maintenance_work_mem").execute(&mut *conn).await?;
+        let line = format!("rebuild: built the copies' {} secondary indexes in {:.1} s", defs.len(), started.elapsed().as_secs_f64());
+        match self.opts.report {
+            Report::Cli => eprintln!("{line}"),
+            Report::Log => tracing::info!("{line}"),
+        }
         Ok(())
     }
 
@@ -325,43 +387,16 @@ impl Rebuild<'_> {
         if replay.at != live.caps {
             anyhow::bail!("internal: the copies stand at {:?}, the live projection at {:?}", replay.at, live.caps);
         }
-        let old_indexes = indexes(&mut tx, "public", &tables).await?;
+        // The copies' constraints and indexes carry the live ones' names.
         for t in &tables {
             sqlx::query(&format!("DROP TABLE public.{t}")).execute(&mut *tx).await?;
             sqlx::query(&format!("ALTER TABLE {SCHEMA}.{t} SET SCHEMA public")).execute(&mut *tx).await?;
-        }
-        // Keep the index names the migrations gave (LIKE generates its own).
-        let new_indexes = indexes(&mut tx, "public", &tables).await?;
-        for (shape, new_name) in &new_indexes {
-            if let Some(old_name) = old_indexes.get(shape) {
-                if old_name != new_name {
-                    sqlx::query(&format!("ALTER INDEX public.{new_name} RENAME TO {old_name}")).execute(&mut *tx).await?;
-                }
-            }
         }
         sqlx::query("DELETE FROM projection_rebuilds WHERE projection = ANY($1)").bind(&self.projections).execute(&mut *tx).await?;
         tx.commit().await?;
         let _ = conn.close().await;
         Ok(Some(live.caps))
     }
-}
-
-/// Index shape (table, unique, definition after the name) -> index name.
-async fn indexes(conn: &mut PgConnection, schema: &str, tables: &[&str]) -> anyhow::Result<HashMap<(String, String), String>> {
-    let rows: Vec<(String, String, String)> =
-        sqlx::query_as("SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = ANY($2)")
-            .bind(schema)
-            .bind(tables.iter().map(|t| t.to_string()).collect::<Vec<_>>())
-            .fetch_all(conn)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(table, name, def)| {
-            let unique = def.starts_with("CREATE UNIQUE");
-            let shape = def.split_once(" USING ").map(|(_, rest)| rest.to_owned()).unwrap_or(def.clone());
-            ((table, format!("{unique} {shape}")), name)
-        })
-        .collect())
 }
 
 /// The replay: reads the log from zero and applies it to the copies, never past the live offsets.
@@ -374,6 +409,8 @@ struct Replay {
     /// Next offset to apply, per partition.
     at: HashMap<i32, i64>,
     max_batch: usize,
+    /// Transactions a batch is applied in at once.
+    ways: usize,
     events: u64,
     undecodable: u64,
     keys: std::sync::Arc<platform::keys::KeyRing>,
@@ -429,21 +466,27 @@ impl Replay {
                 tracing::warn!(partition = f.raw.position.partition, offset = f.raw.position.offset, error.message = %f.error, "rebuild skips an undecodable record");
             }
         }
-        let mut backoff = APPLY_RETRY.backoff();
-        loop {
-            match store::apply_batch(&self.shadow, &self.topic, &batch, &self.at, ApplyMode::Replay).await {
-                Ok(_) => break,
-                Err(e) if e.is_deterministic() => {
-                    anyhow::bail!("the replay cannot apply a batch: {e}")
-                }
-                Err(e) => {
-                    tracing::warn!(error.message = %e, "rebuild batch failed; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
+        // Whole partitions per transaction, as the live projector applies them: a task's records
+        // stay in order, and each transaction compares and sets its own partitions' offsets.
+        let (shadow, topic, at) = (&self.shadow, self.topic.as_str(), &self.at);
+        let runs = batch.split_by_partition(self.ways).into_iter().map(|part| async move {
+            let mut backoff = APPLY_RETRY.backoff();
+            loop {
+                match store::apply_batch(shadow, topic, &part, at, ApplyMode::Replay).await {
+                    Ok(_) => return Ok(part),
+                    Err(e) if e.is_deterministic() => anyhow::bail!("the replay cannot apply a batch: {e}"),
+                    Err(e) => {
+                        tracing::warn!(error.message = %e, "rebuild batch failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
                 }
             }
+        });
+        for applied in futures::future::join_all(runs).await {
+            let part = applied?;
+            self.events += part.len() as u64;
+            self.at.extend(part.to);
         }
-        self.events += batch.len() as u64;
-        self.at.extend(batch.to);
         Ok(())
     }
 

@@ -247,6 +247,7 @@ impl Runner {
             database: self.settings.database.clone(),
             projections: pending,
             max_batch: self.settings.max_batch,
+            apply_parallelism: self.settings.apply_parallelism,
             report: crate::rebuild::Report::Log,
             requested_by: "new-projection",
             keys: self.settings.keys.clone(),
