@@ -248,6 +248,7 @@ impl Rebuild<'_> {
             at: partitions.iter().map(|p| (*p, 0)).collect(),
             max_batch: self.opts.max_batch,
             ways,
+            inflight: None,
             events: 0,
             undecodable: 0,
             keys: self.opts.keys.clone(),
@@ -266,6 +267,7 @@ impl Rebuild<'_> {
             if gap <= self.opts.max_batch as u64 && !indexed {
                 // The copies were loaded without their secondary indexes (as bulk loaders do):
                 // built once, near the live head, then the replay catches up what came meanwhile.
+                replay.settle().await?;
                 self.build_indexes(&replay.shadow).await?;
                 indexed = true;
                 continue;
@@ -383,7 +385,10 @@ impl Rebuild<'_> {
                 return Ok(None);
             }
             replay.step(&live, Duration::from_millis(100)).await?;
+            // Under the lock, each batch is waited for (the gap counts applied records only).
+            replay.settle().await?;
         }
+        replay.settle().await?;
         if replay.at != live.caps {
             anyhow::bail!("internal: the copies stand at {:?}, the live projection at {:?}", replay.at, live.caps);
         }
@@ -411,9 +416,20 @@ struct Replay {
     max_batch: usize,
     /// Transactions a batch is applied in at once.
     ways: usize,
+    /// The batch being applied while the next one is read and decoded.
+    inflight: Option<tokio::task::JoinHandle<anyhow::Result<Vec<Batch>>>>,
     events: u64,
     undecodable: u64,
     keys: std::sync::Arc<platform::keys::KeyRing>,
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        // An aborted rebuild does not leave a batch running into the copies it drops.
+        if let Some(inflight) = self.inflight.take() {
+            inflight.abort();
+        }
+    }
 }
 
 impl Replay {
@@ -458,7 +474,7 @@ impl Replay {
             }
         }
         if batch.is_empty() {
-            return Ok(());
+            return self.settle().await;
         }
         if !batch.failed.is_empty() {
             self.undecodable += batch.failed.len() as u64;
@@ -466,24 +482,18 @@ impl Replay {
                 tracing::warn!(partition = f.raw.position.partition, offset = f.raw.position.offset, error.message = %f.error, "rebuild skips an undecodable record");
             }
         }
-        // Whole partitions per transaction, as the live projector applies them: a task's records
-        // stay in order, and each transaction compares and sets its own partitions' offsets.
-        let (shadow, topic, at) = (&self.shadow, self.topic.as_str(), &self.at);
-        let runs = batch.split_by_partition(self.ways).into_iter().map(|part| async move {
-            let mut backoff = APPLY_RETRY.backoff();
-            loop {
-                match store::apply_batch(shadow, topic, &part, at, ApplyMode::Replay).await {
-                    Ok(_) => return Ok(part),
-                    Err(e) if e.is_deterministic() => anyhow::bail!("the replay cannot apply a batch: {e}"),
-                    Err(e) => {
-                        tracing::warn!(error.message = %e, "rebuild batch failed; retrying");
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
-                }
-            }
-        });
-        for applied in futures::future::join_all(runs).await {
-            let part = applied?;
+        // The batch read and decoded above overlapped the previous one's apply; it starts when that
+        // one has committed (its offsets are this one's starting point).
+        self.settle().await?;
+        let (shadow, topic, from, ways) = (self.shadow.clone(), self.topic.clone(), self.at.clone(), self.ways);
+        self.inflight = Some(tokio::spawn(async move { apply_parts(&shadow, &topic, batch, &from, ways).await }));
+        Ok(())
+    }
+
+    /// Waits for the batch being applied, if any, and moves the offsets past it.
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        let Some(inflight) = self.inflight.take() else { return Ok(()) };
+        for part in inflight.await?? {
             self.events += part.len() as u64;
             self.at.extend(part.to);
         }
@@ -499,6 +509,26 @@ impl Replay {
             })
             .sum()
     }
+}
+
+/// Applies a replayed batch with whole partitions per transaction, `ways` transactions at once, as
+/// the live projector does: a task's records stay in order, and each transaction compares and sets
+/// its own partitions' offsets. Transient failures are retried.
+async fn apply_parts(shadow: &PgPool, topic: &str, batch: Batch, from: &HashMap<i32, i64>, ways: usize) -> anyhow::Result<Vec<Batch>> {
+    let runs = batch.split_by_partition(ways).into_iter().map(|part| async move {
+        let mut backoff = APPLY_RETRY.backoff();
+        loop {
+            match store::apply_batch(shadow, topic, &part, from, ApplyMode::Replay).await {
+                Ok(_) => return Ok(part),
+                Err(e) if e.is_deterministic() => anyhow::bail!("the replay cannot apply a batch: {e}"),
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "rebuild batch failed; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    });
+    futures::future::join_all(runs).await.into_iter().collect()
 }
 
 /// Progress on stderr: bars on a terminal, a line every 5 s otherwise.

@@ -90,16 +90,18 @@ pub async fn init_offsets(pool: &PgPool, topic: &str, partitions: &[i32]) -> Res
     Ok(out)
 }
 
-async fn load_rows(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> Result<HashMap<TaskId, TaskRow>, sqlx::Error> {
-    let rows: Vec<TaskRow> = sqlx::query_as(
-        "SELECT id, user_id, title, description, status, priority, due_at, timezone, recurrence, remind_before,
+/// The rows a batch folds onto. Live, they are locked until the batch commits; a replay is the only
+/// writer of its copies and does not lock (a row lock is a write: it dirties the page and logs WAL).
+async fn load_rows(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid], mode: ApplyMode) -> Result<HashMap<TaskId, TaskRow>, sqlx::Error> {
+    const SELECT: &str = "SELECT id, user_id, title, description, status, priority, due_at, timezone, recurrence, remind_before,
                 remind_at, tags, version, created_at, updated_at, completed_at, recurrence_parent_id, occurrence,
                 reminded_for
-         FROM tasks WHERE id = ANY($1) FOR UPDATE",
-    )
-    .bind(ids)
-    .fetch_all(&mut **tx)
-    .await?;
+         FROM tasks WHERE id = ANY($1)";
+    let sql = match mode {
+        ApplyMode::Live => format!("{SELECT} FOR UPDATE"),
+        ApplyMode::Replay => SELECT.to_owned(),
+    };
+    let rows: Vec<TaskRow> = sqlx::query_as(&sql).bind(ids).fetch_all(&mut **tx).await?;
     Ok(rows.into_iter().map(|r| (TaskId::from_uuid(r.id), r)).collect())
 }
 
@@ -144,7 +146,7 @@ pub async fn apply_records(tx: &mut Transaction<'_, Postgres>, batch: &Batch, mo
     let mut ids: Vec<Uuid> = batch.tasks.iter().map(|r| *r.envelope.subject.as_uuid()).collect();
     ids.sort_unstable();
     ids.dedup();
-    let loaded = load_rows(tx, &ids).await?;
+    let loaded = load_rows(tx, &ids, mode).await?;
     let (folded, Effects { reactions, notifications }) = crate::model::fold_with_effects(loaded, &batch.tasks);
     write_schedule(tx, &ids, &folded).await?;
     write_tasks(tx, folded).await?;
