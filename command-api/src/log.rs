@@ -339,7 +339,7 @@ fn read_snapshot_chunks(consumer: &BaseConsumer<QuietEof>, topic: &str, partitio
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
+    platform::kafka::assign_when_known(consumer, &tpl, timeout)?;
     let mut last_progress = Instant::now();
     loop {
         match consumer.poll(Duration::from_millis(200)) {
@@ -480,7 +480,7 @@ fn read_to_end(
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
-    consumer.assign(&tpl)?;
+    platform::kafka::assign_when_known(consumer, &tpl, timeout)?;
     let mut last_progress = Instant::now();
     let mut count: u64 = 0;
     let started = Instant::now();

@@ -235,7 +235,11 @@ pub fn follow_owners(settings: &KafkaSettings, cluster: Arc<Cluster>) -> anyhow:
             }
         };
         let mut tpl = TopicPartitionList::new();
-        if tpl.add_partition_offset(&topic, 0, Offset::Beginning).and_then(|_| consumer.assign(&tpl)).is_err() {
+        if tpl
+            .add_partition_offset(&topic, 0, Offset::Beginning)
+            .and_then(|_| platform::kafka::assign_when_known(&consumer, &tpl, Duration::from_secs(5)))
+            .is_err()
+        {
             std::thread::sleep(Duration::from_secs(1));
             continue;
         }

@@ -504,7 +504,8 @@ impl KeyRing {
             let consumer: BaseConsumer<crate::kafka::QuietEof> = c.create_with_context(crate::kafka::QuietEof)?;
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
-            consumer.assign(&tpl)?;
+            let consumer =
+                tokio::task::spawn_blocking(move || crate::kafka::assign_when_known(&consumer, &tpl, Duration::from_secs(10)).map(|()| consumer)).await??;
             let store = Arc::new(Store { topic: topic.clone(), producer, meta: Arc::new(meta), timeout: Duration::from_secs(10) });
             *self.store.lock().expect("not poisoned") = Some(store.clone());
             let weak = Arc::downgrade(self);

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -238,7 +238,8 @@ impl Rebuild<'_> {
         for p in &partitions {
             tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
         }
-        consumer.assign(&tpl)?;
+        let consumer =
+            tokio::task::spawn_blocking(move || platform::kafka::assign_when_known(&consumer, &tpl, Duration::from_secs(10)).map(|()| consumer)).await??;
 
         let mut replay = Replay {
             topic: topic.clone(),
