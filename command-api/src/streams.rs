@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 
 use domain::current::TaskView;
-use domain::personal::personal_fields;
 use domain::{Aggregates, Decider, DeciderVisitor, DomainEvent, Envelope, StreamId, TaskDecider, TaskEvent, TaskId, UserId};
 use platform::codec::DecodeError;
 use platform::keys::{DataKeys, KeyError};
@@ -163,19 +162,19 @@ impl States {
         }
         let mut c = Collect(self, serde_json::Map::new());
         Aggregates::visit(&mut c);
-        let fields = personal_fields(TaskView::TYPE);
+        // Each view as `[task id, data key, view]`: with a data key the whole view is one sealed
+        // string (one AEAD operation, and the restore parses the opened JSON straight into a
+        // `TaskView`); without one (tasks written before sealing) the view itself.
         let views: Vec<serde_json::Value> = self
             .views
             .values()
             .flatten()
             .filter_map(|v| {
-                let mut json = serde_json::to_value(v).ok()?;
-                if let Some(id) = self.task_keys.get(&v.task_id).copied().flatten() {
-                    let key = keys.data_key(&id).ok()?;
-                    key.seal_fields(&mut json, fields);
-                    json.as_object_mut()?.insert(DATA_KEY_FIELD.to_owned(), id.to_string().into());
-                }
-                Some(json)
+                let (key, view) = match self.task_keys.get(&v.task_id).copied().flatten() {
+                    Some(id) => (serde_json::Value::from(id.to_string()), keys.data_key(&id).ok()?.seal(&serde_json::to_string(v).ok()?).into()),
+                    None => (serde_json::Value::Null, serde_json::to_value(v).ok()?),
+                };
+                Some(serde_json::Value::Array(vec![v.task_id.to_string().into(), key, view]))
             })
             .collect();
         c.1.insert(VIEWS_KEY.to_owned(), views.into());
@@ -185,8 +184,7 @@ impl States {
     /// Reads the snapshot form back (an aggregate the snapshot does not name starts empty); the
     /// tasks whose data key is destroyed are forgotten.
     pub fn from_snapshot(raw: &RawValue, keys: &dyn DataKeys) -> Result<States, String> {
-        // Each part is parsed straight into its types: only the views, whose personal fields are
-        // sealed, go through a JSON value.
+        // Each part is parsed straight into its types.
         let parts: HashMap<&str, &RawValue> = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
         struct Load<'a>(&'a HashMap<&'a str, &'a RawValue>, States, Option<String>);
         impl DeciderVisitor for Load<'_> {
@@ -214,30 +212,33 @@ impl States {
         let Some(views) = parts.get(VIEWS_KEY) else {
             return Err(format!("the snapshot has no {VIEWS_KEY} (the tasks' current states)"));
         };
-        let views: Vec<serde_json::Value> = serde_json::from_str(views.get()).map_err(|e| format!("{VIEWS_KEY}: {e}"))?;
-        let fields = personal_fields(TaskView::TYPE);
+        let views: Vec<(TaskId, Option<Uuid>, &RawValue)> = serde_json::from_str(views.get()).map_err(|e| format!("{VIEWS_KEY}: {e}"))?;
         let mut erased = Vec::new();
-        for mut json in views {
-            let key = json.as_object_mut().and_then(|o| o.remove(DATA_KEY_FIELD)).and_then(|k| k.as_str().and_then(|k| Uuid::parse_str(k).ok()));
-            if let Some(id) = key {
-                match keys.data_key(&id) {
-                    Ok(k) => k.open_fields(&mut json, fields).map_err(|e| format!("{VIEWS_KEY}: {e}"))?,
-                    Err(KeyError::Erased(_)) => {
-                        erased.push(json.get("task_id").and_then(|t| t.as_str()).and_then(|t| Uuid::parse_str(t).ok()));
-                        continue;
-                    }
-                    Err(e) => return Err(format!("{VIEWS_KEY}: {}", DecodeError::from(e))),
+        for (task, key, raw) in views {
+            let view: TaskView = match key {
+                Some(id) => {
+                    let sealed: std::borrow::Cow<str> = serde_json::from_str(raw.get()).map_err(|e| format!("{VIEWS_KEY}: {e}"))?;
+                    let opened = match keys.data_key(&id) {
+                        Ok(k) => k.open(&sealed).map_err(|e| format!("{VIEWS_KEY}: {e}"))?,
+                        Err(KeyError::Erased(_)) => {
+                            erased.push(task);
+                            continue;
+                        }
+                        Err(e) => return Err(format!("{VIEWS_KEY}: {}", DecodeError::from(e))),
+                    };
+                    serde_json::from_str(&opened)
                 }
+                None => serde_json::from_str(raw.get()),
             }
-            let view: TaskView = serde_json::from_value(json).map_err(|e| format!("{VIEWS_KEY}: {e}"))?;
+            .map_err(|e| format!("{VIEWS_KEY}: {e}"))?;
             if let Some(id) = key {
                 states.task_keys.insert(view.task_id, Some(id));
             }
             states.views.insert(view.task_id, Some(view));
         }
         // An erased task's decider state goes with its view.
-        for t in erased.into_iter().flatten() {
-            states.of::<TaskDecider>().remove(&TaskId::from_uuid(t));
+        for t in erased {
+            states.of::<TaskDecider>().remove(&t);
         }
         Ok(states)
     }
@@ -259,8 +260,6 @@ fn overlay<V>(committed: &mut HashMap<TaskId, Option<V>>, staged: HashMap<TaskId
 
 /// Where the snapshot form keeps the tasks' current states.
 const VIEWS_KEY: &str = "task_views";
-/// The field of a view in the snapshot naming the data key that sealed it.
-const DATA_KEY_FIELD: &str = "data_key";
 
 /// A batch's staged states over the committed ones: reads see staged first, writes go to staged.
 pub struct Layered<'a> {

@@ -220,10 +220,11 @@ struct Snapshot<S> {
 
 /// 2: the states include the tasks' current states (`task_views`); 3: their personal fields are
 /// sealed with the tasks' data keys, and a user's state says only whether a webhook exists (no
-/// URL); 4: a user's state remembers each notification's remind time and forgets old read ones. A
+/// URL); 4: a user's state remembers each notification's remind time and forgets old read ones; 5:
+/// a task's view is sealed whole (one sealed string instead of its personal fields). A
 /// snapshot of an older format is ignored (the writer restores from the start of the log, which is
 /// kept forever).
-const SNAPSHOT_FORMAT: u32 = 4;
+const SNAPSHOT_FORMAT: u32 = 5;
 
 /// A restore that read more events than this after the snapshot records a new one at once.
 const RESTORED_TAIL_SNAPSHOT: u64 = 10_000;

@@ -458,6 +458,10 @@ shared_buffers = 256MB
 fsync = on
 synchronous_commit = on
 full_page_writes = on
+# A catch-up or rebuild writes WAL fast: with the default 1GB, checkpoints came every ~25 s ("checkpoints
+# are occurring too frequently"), and each one makes the next write of every page log a full image.
+max_wal_size = 4GB
+checkpoint_timeout = 15min
 CONF
   [ "$(id -u)" -ne 0 ] || chown postgres: "$conf"
   grep -q "^include_if_exists = 'taskstream.conf'" "$PG_DIR/data/postgresql.conf" \
