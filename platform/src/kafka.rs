@@ -165,6 +165,7 @@ pub fn assign_when_known<C: ConsumerContext, K: Consumer<C>>(
     timeout: Duration,
 ) -> rdkafka::error::KafkaResult<()> {
     let mut topics: Vec<String> = tpl.elements().iter().map(|e| e.topic().to_owned()).collect();
+    topics.sort_unstable();
     topics.dedup();
     for topic in &topics {
         if let Err(e) = consumer.fetch_metadata(Some(topic), timeout) {

@@ -154,7 +154,8 @@ pub struct Settings {
     /// Most records applied in one transaction.
     #[arg(long, env = "PROJECTOR_MAX_BATCH", default_value_t = 5_000, global = true)]
     pub max_batch: usize,
-    /// Transactions one projector applies a batch in at once, each with whole partitions.
+    /// Transactions one projector applies a batch in at once, each with whole partitions (live, and
+    /// in a rebuild's replay).
     #[arg(long, env = "PROJECTOR_APPLY_PARALLELISM", default_value_t = 2, global = true, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub apply_parallelism: u16,
     /// How long a batch waits for more records after the first one.
