@@ -128,11 +128,13 @@ pub struct KafkaLog {
     snapshot_chunks: usize,
     /// Opens the records' sealed fields.
     keys: Arc<dyn DataKeys>,
+    /// Sees the partition's end as written, open transactions included (made on first use).
+    written: Option<Arc<BaseConsumer>>,
 }
 
 impl KafkaLog {
     pub fn new(settings: KafkaLogSettings, partition: i32, keys: Arc<dyn DataKeys>) -> Self {
-        Self { settings, partition, producer: None, snapshot_chunks: 0, keys }
+        Self { settings, partition, producer: None, snapshot_chunks: 0, keys, written: None }
     }
 
     fn op_timeout(&self) -> Duration {
@@ -246,12 +248,25 @@ impl EventLog for KafkaLog {
 
     async fn read_from(&mut self, from: i64, apply: Apply) -> Result<i64, LogError> {
         let consumer = self.reader("restore")?;
+        let written = match &self.written {
+            Some(w) => w.clone(),
+            None => {
+                let w: Arc<BaseConsumer> = Arc::new(
+                    platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api-end").set("isolation.level", "read_uncommitted").create()?,
+                );
+                self.written = Some(w.clone());
+                w
+            }
+        };
         let topic = self.settings.kafka.task_events_topic.clone();
         let timeout = self.op_timeout();
         let (partition, keys) = (self.partition, self.keys.clone());
-        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, partition, from, apply, timeout, &*keys))
-            .await
-            .map_err(|e| LogError::Unavailable(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            let end = stable_end(&consumer, &written, &topic, partition, timeout)?;
+            read_to_end(&consumer, &topic, partition, from, end, apply, timeout, &*keys)
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(e.to_string()))?
     }
 
     async fn announce(&mut self, owner: &OwnerRecord) -> Result<(), LogError> {
@@ -465,17 +480,43 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
         .collect()
 }
 
+/// The offset the partition is written to, once no transaction is open on it: the writer calls
+/// this after fencing (which completes or aborts the previous owner's transaction), so the last
+/// stable offset is the end. Should a transaction still be open, reading now would miss it if it
+/// then commits, and the writer would decide on a state without its events: wait until it is
+/// resolved (within `timeout`, else the partition is unavailable and the restore is retried).
+fn stable_end(committed: &BaseConsumer<QuietEof>, written: &BaseConsumer, topic: &str, partition: i32, timeout: Duration) -> Result<i64, LogError> {
+    let started = Instant::now();
+    loop {
+        let (_, stable) = committed.fetch_watermarks(topic, partition, timeout)?;
+        let (_, high) = written.fetch_watermarks(topic, partition, timeout)?;
+        if stable >= high {
+            return Ok(stable);
+        }
+        if started.elapsed() > timeout {
+            return Err(LogError::Unavailable(format!(
+                "a transaction is still open on partition {partition} after fencing (stable offset {stable}, written to {high})"
+            )));
+        }
+        tracing::warn!(partition, stable, high, "a transaction is still open on the partition after fencing; waiting for it to complete");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads every committed record of the partition from `next` up to `end` (the stable end the
+/// caller found), calling `apply` for each; returns the offset after the last one.
+#[allow(clippy::too_many_arguments)]
 fn read_to_end(
     consumer: &BaseConsumer<QuietEof>,
     topic: &str,
     partition: i32,
     mut next: i64,
+    end: i64,
     mut apply: Apply,
     timeout: Duration,
     keys: &dyn DataKeys,
 ) -> Result<i64, LogError> {
-    let (_, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
-    if next >= high {
+    if next >= end {
         return Ok(next);
     }
     let mut tpl = TopicPartitionList::new();
@@ -503,7 +544,15 @@ fn read_to_end(
                         next = next.max(o);
                     }
                 }
-                break;
+                // The end of what the broker serves now; the records up to `end` were committed
+                // before the read began, so an end short of it is waited past, never taken.
+                if next >= end {
+                    break;
+                }
+                if last_progress.elapsed() > timeout {
+                    return Err(LogError::Unavailable(format!("partition {partition} was read to {next}, short of its stable end {end}")));
+                }
+                tracing::warn!(partition, next, end, "the log ended short of its stable end; reading on");
             }
             Some(Err(e)) => {
                 tracing::warn!(error.message = %e, "error while reading the log");

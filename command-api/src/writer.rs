@@ -677,10 +677,12 @@ struct Restoring {
 
 impl Restoring {
     fn apply(&mut self, pos: Position, rec: Result<Record, Undecodable>) {
-        if pos.partition != self.partition {
+        // Only what comes after what the state holds: a record delivered again (a client re-fetch)
+        // or before the offset the state covers would be applied twice.
+        if pos.partition != self.partition || pos.offset < self.next {
             return;
         }
-        self.next = self.next.max(pos.offset + 1);
+        self.next = pos.offset + 1;
         let rec = match rec {
             Ok(rec) => rec,
             Err(Undecodable { error: DecodeError::Erased(_), .. }) => {

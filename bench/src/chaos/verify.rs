@@ -24,6 +24,9 @@ pub struct LogRecord {
     pub user: String,
     pub idempotency_key: Option<String>,
     pub data: Value,
+    /// Where it is (partition, offset) and its `ce_id`: named in a problem, to find it again.
+    pub position: (i32, i64),
+    pub id: String,
 }
 
 /// Every committed record of `topic`, in log order per partition (partitions one after another).
@@ -48,6 +51,7 @@ fn read_log_blocking(settings: &platform::settings::KafkaSettings) -> anyhow::Re
     let mut at_end: HashSet<i32> = HashSet::new();
     let mut by_partition: BTreeMap<i32, Vec<LogRecord>> = BTreeMap::new();
     let started = std::time::Instant::now();
+    let mut redelivered = 0u64;
     while at_end.len() < partitions.len() {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "reading the log took more than 5 minutes");
         match consumer.poll(Duration::from_millis(500)) {
@@ -58,6 +62,13 @@ fn read_log_blocking(settings: &platform::settings::KafkaSettings) -> anyhow::Re
             Some(Err(e)) => return Err(e).context("reading the log"),
             Some(Ok(m)) => {
                 at_end.remove(&m.partition());
+                // Each offset once: a record delivered again (a client re-fetch) is not a second
+                // append, and counting it twice would report a duplicate that the log does not hold.
+                let last = by_partition.get(&m.partition()).and_then(|r| r.last()).map(|r| r.position.1);
+                if last.is_some_and(|last| m.offset() <= last) {
+                    redelivered += 1;
+                    continue;
+                }
                 let mut h: HashMap<&str, String> = HashMap::new();
                 if let Some(headers) = m.headers() {
                     for x in headers.iter() {
@@ -72,9 +83,14 @@ fn read_log_blocking(settings: &platform::settings::KafkaSettings) -> anyhow::Re
                     user: h.get("ce_userid").cloned().unwrap_or_default(),
                     idempotency_key: h.get("ce_idempotencykey").cloned(),
                     data,
+                    position: (m.partition(), m.offset()),
+                    id: h.get("ce_id").cloned().unwrap_or_default(),
                 });
             }
         }
+    }
+    if redelivered > 0 {
+        eprintln!("reading the log: {redelivered} records were delivered again by the client and counted once");
     }
     Ok(by_partition.into_values().flatten().collect())
 }
@@ -175,14 +191,22 @@ pub fn commands_against_log(journal: &[CommandRecord], log: &[LogRecord], phases
 
 /// Versions 1..n per stream (task or user), in log order.
 pub fn versions_contiguous(log: &[LogRecord]) -> Check {
-    let mut last: HashMap<&str, u32> = HashMap::new();
+    let mut last: HashMap<&str, &LogRecord> = HashMap::new();
     let mut problems = Vec::new();
     for r in log {
-        let prev = last.entry(r.key.as_str()).or_insert(0);
-        if r.sequence != *prev + 1 {
-            problems.push(format!("{} ({}): version {} after {}", r.key, r.event_type, r.sequence, prev));
+        let prev = last.get(r.key.as_str()).map_or(0, |p| p.sequence);
+        if r.sequence != prev + 1 {
+            // Both records in full: the same ce_id twice is one append written twice, two ids two
+            // decisions taken on the same state.
+            let before = last
+                .get(r.key.as_str())
+                .map_or_else(String::new, |p| format!("; before it: {} at {}:{} id {} data {}", p.event_type, p.position.0, p.position.1, p.id, p.data));
+            problems.push(format!(
+                "{} ({}): version {} after {} (at {}:{} id {} data {}{before})",
+                r.key, r.event_type, r.sequence, prev, r.position.0, r.position.1, r.id, r.data
+            ));
         }
-        *prev = r.sequence;
+        last.insert(r.key.as_str(), r);
     }
     check("versions contiguous per task and user", &problems, format!("{} streams, {} events", last.len(), log.len()))
 }
@@ -345,7 +369,16 @@ mod tests {
     use crate::load::CommandRecord;
 
     fn record(key: &str, event_type: &str, sequence: u32, idempotency_key: Option<&str>, data: Value) -> LogRecord {
-        LogRecord { key: key.into(), event_type: event_type.into(), sequence, user: "u".into(), idempotency_key: idempotency_key.map(Into::into), data }
+        LogRecord {
+            key: key.into(),
+            event_type: event_type.into(),
+            sequence,
+            user: "u".into(),
+            idempotency_key: idempotency_key.map(Into::into),
+            data,
+            position: (0, 0),
+            id: String::new(),
+        }
     }
 
     fn command(key: &str, task: Uuid, op: Op, outcome: Outcome) -> CommandRecord {

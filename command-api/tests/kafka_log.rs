@@ -1,0 +1,79 @@
+//! The Kafka adapter of a partition's log on the real broker. A writer restores its state by
+//! reading its partition after fencing the previous owner; the read must not end while a
+//! transaction is still open on the partition. The chaos run caught the defect: after a broker
+//! kill, a transaction whose commit had timed out on the client was completed by the broker only
+//! after the new producer's fencing returned, the read stopped at the last stable offset before
+//! it, and the writer decided the same versions again (two `task.completed` at version 6).
+//!
+//! Needs `KAFKA_BROKERS` (`./dev test` provisions the broker).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+
+use command_api::log::{EventLog, KafkaLog, KafkaLogSettings, LogError};
+use command_api::Settings;
+use platform::keys::{Keks, KeyRing};
+use test_support::required_env;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partition() {
+    let brokers = required_env("KAFKA_BROKERS");
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("task-events-kafkalog-{run}");
+    let settings = Settings::try_parse_from([
+        "command-api",
+        "--kafka-brokers",
+        &brokers,
+        "--task-events-topic",
+        &topic,
+        "--task-events-partitions=1",
+        "--auth-jwt-secret",
+        test_support::tokens::USER_SECRET,
+    ])
+    .expect("settings")
+    .kafka;
+    platform::kafka::ensure_topics(&settings).await.expect("topics");
+
+    // A transaction left open on partition 0, as a previous owner's commit that the broker has not
+    // completed yet: its record is written, not committed.
+    let open: BaseProducer =
+        ClientConfig::new().set("bootstrap.servers", &brokers).set("transactional.id", format!("kafkalog-open-{run}")).create().expect("producer");
+    let timeout = Duration::from_secs(20);
+    open.init_transactions(timeout).expect("init");
+    open.begin_transaction().expect("begin");
+    open.send(BaseRecord::<str, [u8]>::to(&topic).partition(0).key("task").payload(b"{}".as_slice())).map_err(|(e, _)| e).expect("send");
+    open.flush(timeout).expect("written");
+
+    let keys = KeyRing::in_memory(Keks::parse(test_support::tokens::TEST_KEK).unwrap());
+    // op timeout = transaction timeout / 2 = 2 s.
+    let log_settings = KafkaLogSettings { kafka: settings, transactional_id_prefix: format!("kafkalog-{run}"), transaction_timeout: Duration::from_secs(4) };
+    let mut log = KafkaLog::new(log_settings, 0, keys);
+    log.connect().await.expect("the writer's own producer");
+    // While the transaction is open the partition is not fully read: the read fails (the writer
+    // stays unavailable and tries again) instead of ending at the last stable offset.
+    let (result, seen) = read_all(&mut log).await;
+    assert!(
+        matches!(&result, Err(LogError::Unavailable(m)) if m.contains("still open")),
+        "a read that ended before the open transaction would miss it if it commits: {result:?}, read {seen:?}"
+    );
+
+    // Once it commits, the read ends after it, with its record.
+    open.commit_transaction(timeout).expect("commit");
+    let (result, seen) = read_all(&mut log).await;
+    let next = result.expect("the read ends once no transaction is open");
+    assert_eq!(seen, vec![0], "the committed record is read");
+    assert!(next >= 2, "past the record and its commit marker: {next}");
+}
+
+/// Reads the partition from offset 0: the result and the offsets of the records read.
+async fn read_all(log: &mut KafkaLog) -> (Result<i64, LogError>, Vec<i64>) {
+    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let sink = seen.clone();
+    let result = log.read_from(0, Box::new(move |pos, _| sink.lock().unwrap().push(pos.offset))).await;
+    let seen = seen.lock().unwrap().clone();
+    (result, seen)
+}
