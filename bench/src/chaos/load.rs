@@ -330,7 +330,14 @@ impl Load {
         let status = res.status().as_u16();
         let replayed = res.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
         let retry_after = res.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let body: Value = res.json().await.unwrap_or(Value::Null);
+        let body: Value = match res.json().await {
+            Ok(body) => body,
+            // A 2xx whose body did not arrive (the client timed out or the connection dropped
+            // after the status line) says the command was accepted but not at which version: not a
+            // definitive answer. The retry, with the same Idempotency-Key, gets it replayed.
+            Err(e) if (200..300).contains(&status) => return Err(format!("{status} without a readable body: {e}")),
+            Err(_) => Value::Null,
+        };
         let body = match retry_after {
             Some(s) if !(200..300).contains(&status) => json!({"answer": body, "retry_after": s}),
             _ => body,
