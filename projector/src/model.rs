@@ -465,6 +465,112 @@ pub fn fold_with_effects(loaded: HashMap<TaskId, TaskRow>, batch: &[Recorded]) -
     (rows, effects)
 }
 
+/// A rebuild's bulk phase keeps the row of every task replayed so far here, instead of reading and
+/// upserting it per batch; the rows are written to PostgreSQL when the phase ends (and, before an
+/// erasure, the ones changed since the last write). A deleted task leaves the table, unless it was
+/// written already: then its entry stays, without a row, until the next write deletes it.
+#[derive(Debug, Default)]
+pub struct TaskTable {
+    slots: HashMap<TaskId, Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// `None`: deleted since it was written.
+    row: Option<TaskRow>,
+    /// In PostgreSQL (a write wrote it).
+    written: bool,
+    /// Changed since it was last written (or never written).
+    dirty: bool,
+}
+
+/// What a write of a [`TaskTable`] sends: rows never written (`fresh`), rows written before and
+/// changed since (`changed`; possibly deleted and created again meanwhile), and the ids of rows
+/// written before and deleted since (`removed`).
+#[derive(Debug, Default)]
+pub struct DirtyRows<'a> {
+    pub fresh: Vec<&'a TaskRow>,
+    pub changed: Vec<&'a TaskRow>,
+    pub removed: Vec<Uuid>,
+}
+
+impl DirtyRows<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.fresh.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl TaskTable {
+    /// Tasks held (rows, and deleted rows still to be deleted in PostgreSQL).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Folds a batch's task records onto the table: the rows of the batch's tasks are taken out and
+    /// folded by [`fold_with_effects`], as the rows a batch loads from PostgreSQL are, and what it
+    /// leaves goes back (a deleted task leaves the table).
+    pub fn fold(&mut self, batch: &[Recorded]) -> Effects {
+        let loaded: HashMap<TaskId, TaskRow> =
+            batch.iter().filter_map(|r| Some((r.envelope.subject, self.slots.get_mut(&r.envelope.subject)?.row.take()?))).collect();
+        let (folded, effects) = fold_with_effects(loaded, batch);
+        for (id, state) in folded {
+            match state {
+                Some(RowState::Present(r)) => {
+                    let slot = self.slots.entry(id).or_insert(Slot { row: None, written: false, dirty: true });
+                    slot.row = Some(r);
+                    slot.dirty = true;
+                }
+                // No row: the task was deleted (or never had one). A row that was written must still
+                // be deleted in PostgreSQL; one that never was is simply forgotten.
+                Some(RowState::Removed) | None => match self.slots.get_mut(&id) {
+                    Some(slot) if slot.written => slot.dirty = true,
+                    Some(_) => {
+                        self.slots.remove(&id);
+                    }
+                    None => {}
+                },
+            }
+        }
+        effects
+    }
+
+    /// The rows changed since the last write, each list in id order.
+    pub fn dirty(&self) -> DirtyRows<'_> {
+        let mut out = DirtyRows::default();
+        for (id, slot) in self.slots.iter().filter(|(_, s)| s.dirty) {
+            match (&slot.row, slot.written) {
+                (Some(r), false) => out.fresh.push(r),
+                (Some(r), true) => out.changed.push(r),
+                (None, _) => out.removed.push(*id.as_uuid()),
+            }
+        }
+        out.fresh.sort_unstable_by_key(|r| r.id);
+        out.changed.sort_unstable_by_key(|r| r.id);
+        out.removed.sort_unstable();
+        out
+    }
+
+    /// After [`dirty`](Self::dirty)'s rows were committed: they are in PostgreSQL as they are here.
+    pub fn mark_written(&mut self) {
+        self.slots.retain(|_, s| s.row.is_some() || !s.dirty);
+        for slot in self.slots.values_mut() {
+            slot.written = true;
+            slot.dirty = false;
+        }
+    }
+
+    /// Drops tasks whose rows PostgreSQL no longer has (an erasure deleted them).
+    pub fn forget(&mut self, ids: &[Uuid]) {
+        for id in ids {
+            self.slots.remove(&TaskId::from_uuid(*id));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,6 +774,124 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Tasks with every kind of event (reminders fired, deletions, events after a deletion, a task
+    /// created again), their events interleaved round by round as a log holds them.
+    fn any_log() -> impl Strategy<Value = Vec<Recorded>> {
+        proptest::collection::vec(proptest::collection::vec(0u8..7, 0..8), 1..6).prop_map(|tasks| {
+            let mut streams: Vec<Vec<Recorded>> = Vec::new();
+            for (i, steps) in tasks.iter().enumerate() {
+                let id = i as u128 + 1;
+                let mut events = vec![env(id, 1, created())];
+                for (n, s) in steps.iter().enumerate() {
+                    let seq = n as u32 + 2;
+                    let e = match s {
+                        0 => TaskEvent::Completed,
+                        1 => TaskEvent::Reopened,
+                        2 => TaskEvent::ReminderDue(domain::ReminderDue {
+                            remind_at: DateTime::from_timestamp(1_800_000_000 - 3600, 0).unwrap(),
+                            due_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+                        }),
+                        3 => TaskEvent::Deleted,
+                        // Created again (after a deletion: a row anew; else ignored).
+                        4 => created(),
+                        _ => TaskEvent::Updated(TaskPatch { title: Some(Title::parse(format!("v{seq}")).unwrap()), ..Default::default() }),
+                    };
+                    events.push(env(id, seq, e));
+                }
+                streams.push(events);
+            }
+            let longest = streams.iter().map(Vec::len).max().unwrap_or(0);
+            (0..longest).flat_map(|round| streams.iter().filter_map(move |s| s.get(round).cloned()).collect::<Vec<_>>()).collect()
+        })
+    }
+
+    /// What writing a table's dirty rows does to a stand-in of the `tasks` table; each kind of write
+    /// must find the table as the table's flags say.
+    fn write(pg: &mut HashMap<TaskId, TaskRow>, dirty: DirtyRows<'_>) {
+        for r in dirty.fresh {
+            assert!(pg.insert(TaskId::from_uuid(r.id), r.clone()).is_none(), "a fresh row was written before");
+        }
+        for r in dirty.changed {
+            assert!(pg.insert(TaskId::from_uuid(r.id), r.clone()).is_some(), "a changed row was never written");
+        }
+        for id in dirty.removed {
+            assert!(pg.remove(&TaskId::from_uuid(id)).is_some(), "a removed row was never written");
+        }
+    }
+
+    proptest! {
+        /// A rebuild's bulk phase: folding the log onto a table (written now and then, as before an
+        /// erasure, and at the end) leaves the rows, and produces the notifications, that applying
+        /// it batch by batch to PostgreSQL does (load the batch's rows, fold, upsert or delete).
+        #[test]
+        fn a_task_table_written_now_and_then_ends_with_the_rows_of_the_per_batch_path(
+            log in any_log(), split in 1usize..7, writes in proptest::collection::vec(any::<bool>(), 0..40),
+        ) {
+            let (mut per_batch, mut per_batch_notes) = (HashMap::<TaskId, TaskRow>::new(), Vec::new());
+            let (mut table, mut pg, mut bulk_notes) = (TaskTable::default(), HashMap::<TaskId, TaskRow>::new(), Vec::new());
+            for (i, chunk) in log.chunks(split).enumerate() {
+                let loaded = chunk.iter().filter_map(|r| Some((r.envelope.subject, per_batch.get(&r.envelope.subject)?.clone()))).collect();
+                let (folded, effects) = fold_with_effects(loaded, chunk);
+                for (id, state) in folded {
+                    match state {
+                        Some(RowState::Present(r)) => {
+                            per_batch.insert(id, r);
+                        }
+                        Some(RowState::Removed) => {
+                            per_batch.remove(&id);
+                        }
+                        None => {}
+                    }
+                }
+                per_batch_notes.extend(effects.notifications);
+                bulk_notes.extend(table.fold(chunk).notifications);
+                if writes.get(i).copied().unwrap_or(false) {
+                    write(&mut pg, table.dirty());
+                    table.mark_written();
+                    prop_assert!(table.dirty().is_empty());
+                }
+            }
+            write(&mut pg, table.dirty());
+            prop_assert_eq!(pg, per_batch);
+            prop_assert_eq!(bulk_notes, per_batch_notes);
+        }
+    }
+
+    #[test]
+    fn a_task_table_forgets_rows_and_deletes_only_written_ones() {
+        let mut table = TaskTable::default();
+        table.fold(&[env(1, 1, created()), env(2, 1, created()), env(3, 1, created())]);
+        // Never written: a deleted task just leaves the table.
+        table.fold(&[env(3, 2, TaskEvent::Deleted)]);
+        assert_eq!(table.len(), 2);
+        let dirty = table.dirty();
+        assert_eq!(dirty.fresh.iter().map(|r| r.id).collect::<Vec<_>>(), [Uuid::from_u128(1), Uuid::from_u128(2)]);
+        assert!(dirty.changed.is_empty() && dirty.removed.is_empty());
+        table.mark_written();
+        // Written: a deleted task stays until its row is deleted; a changed one is written again.
+        table.fold(&[env(1, 2, TaskEvent::Deleted), env(2, 2, TaskEvent::Completed)]);
+        let dirty = table.dirty();
+        assert!(dirty.fresh.is_empty());
+        assert_eq!(dirty.changed.iter().map(|r| (r.id, r.version)).collect::<Vec<_>>(), [(Uuid::from_u128(2), 2)]);
+        assert_eq!(dirty.removed, [Uuid::from_u128(1)]);
+        assert_eq!(table.len(), 2);
+        table.mark_written();
+        assert_eq!(table.len(), 1);
+        // An erasure deleted the row in PostgreSQL: later events of the task change nothing.
+        table.forget(&[Uuid::from_u128(2)]);
+        assert!(table.is_empty());
+        table.fold(&[env(2, 3, TaskEvent::Reopened)]);
+        assert!(table.is_empty() && table.dirty().is_empty());
+        // Written, deleted and created again: the row is written anew.
+        table.fold(&[env(4, 1, created())]);
+        table.mark_written();
+        table.fold(&[env(4, 2, TaskEvent::Deleted)]);
+        table.fold(&[env(4, 1, created())]);
+        let dirty = table.dirty();
+        assert_eq!(dirty.changed.iter().map(|r| (r.id, r.version)).collect::<Vec<_>>(), [(Uuid::from_u128(4), 1)]);
+        assert!(dirty.fresh.is_empty() && dirty.removed.is_empty());
     }
 
     proptest! {

@@ -8,6 +8,12 @@
 //!
 //! A replay skips what the live projection skipped: records of open or discarded dead letters and
 //! parked records, so the copy is what the live projection holds.
+//!
+//! Far from the live head the replay is a bulk load: every task's row is kept in memory
+//! ([`TaskTable`], folded with the same fold as every batch) instead of being read and upserted
+//! per batch, history rows go in with COPY, and the tasks, their reminder schedule and the copies'
+//! offsets are written once, when the bulk phase ends (before the secondary indexes are built).
+//! From there on each batch is applied as the live projector applies it, up to the switch.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -24,13 +30,19 @@ use platform::position::Position;
 use platform::retry::Policy;
 use platform::settings::{DatabaseSettings, KafkaSettings};
 
-use crate::model::Batch;
-use crate::store::{self, ApplyMode, PROJECTIONS, REBUILD_LOCK_KEY};
+use crate::model::{Batch, NotificationRow, TaskTable};
+use crate::store::{self, ApplyMode, StoreError, PROJECTIONS, REBUILD_LOCK_KEY};
 
 /// Where the copies are built.
 pub const SCHEMA: &str = "ts_rebuild";
 /// Applying a replayed batch again after a transient failure: 100 ms doubled up to 5 s.
 const APPLY_RETRY: Policy = Policy::new(Duration::from_millis(100), Duration::from_secs(5));
+/// The most tasks the bulk phase keeps in memory. A task takes about 0.6 KB there (its row, the
+/// row's strings and its share of the map: the rebuild of the 1M-event backlog, 200 000 tasks, peaked
+/// ~120 MB above the batch-by-batch replay), so about 1.2 GB at the bound; past it the rows are
+/// written and the replay goes on batch by batch (as it does near the live head), slower but in
+/// constant memory.
+pub const BULK_MAX_TASKS: usize = 2_000_000;
 
 /// The tables of each projection, in the order the live projector writes them (the switch locks
 /// them in the same order, so it cannot deadlock with a live batch).
@@ -119,6 +131,12 @@ pub fn select(names: &[String]) -> Result<Vec<String>, RebuildError> {
 /// Runs a rebuild until it has switched, or until `cancel` resolves (then the copies are dropped
 /// and the live tables are untouched).
 pub async fn run(opts: Options, cancel: impl Future<Output = ()>) -> Result<Summary, RebuildError> {
+    run_bounded(opts, BULK_MAX_TASKS, cancel).await
+}
+
+/// [`run`] with the bulk phase bounded to `bulk_max_tasks` tasks in memory (tests use a small one).
+#[doc(hidden)]
+pub async fn run_bounded(opts: Options, bulk_max_tasks: usize, cancel: impl Future<Output = ()>) -> Result<Summary, RebuildError> {
     let projections = select(&opts.projections)?;
     let options: PgConnectOptions = opts.database.database_url.expose().parse().map_err(anyhow::Error::from)?;
     let options = options.application_name("taskstream-rebuild");
@@ -130,7 +148,7 @@ pub async fn run(opts: Options, cancel: impl Future<Output = ()>) -> Result<Summ
     if !locked {
         return Err(RebuildError::Busy);
     }
-    let work = Rebuild { opts: &opts, projections: projections.clone(), pool: pool.clone(), options: options.clone() };
+    let work = Rebuild { opts: &opts, projections: projections.clone(), pool: pool.clone(), options: options.clone(), bulk_max_tasks };
     let result = tokio::select! {
         r = work.run() => r.map_err(RebuildError::Other),
         () = cancel => Err(RebuildError::Aborted),
@@ -183,6 +201,7 @@ struct Rebuild<'a> {
     projections: Vec<String>,
     pool: PgPool,
     options: PgConnectOptions,
+    bulk_max_tasks: usize,
 }
 
 /// Where the live projection is (per partition: the next offset it will apply) and what it skipped.
@@ -253,6 +272,9 @@ impl Rebuild<'_> {
             events: 0,
             undecodable: 0,
             keys: self.opts.keys.clone(),
+            bulk: Some(TaskTable::default()),
+            bulk_max_tasks: self.bulk_max_tasks,
+            report: self.opts.report,
         };
         let mut progress = Progress::new(self.opts.report, &self.projections);
         let mut last_saved = Instant::now();
@@ -266,9 +288,10 @@ impl Rebuild<'_> {
                 last_saved = Instant::now();
             }
             if gap <= self.opts.max_batch as u64 && !indexed {
-                // The copies were loaded without their secondary indexes (as bulk loaders do):
-                // built once, near the live head, then the replay catches up what came meanwhile.
-                replay.settle().await?;
+                // The copies were loaded without their secondary indexes (as bulk loaders do), and
+                // the task rows were kept in memory: written, then the indexes built once, near the
+                // live head; then the replay catches up what came meanwhile, batch by batch.
+                replay.end_bulk().await?;
                 self.build_indexes(&replay.shadow).await?;
                 indexed = true;
                 continue;
@@ -422,6 +445,12 @@ struct Replay {
     events: u64,
     undecodable: u64,
     keys: std::sync::Arc<platform::keys::KeyRing>,
+    /// The bulk phase's rows: every task replayed so far (`None` once written: then each batch is
+    /// applied with its rows read from and written to the copies).
+    bulk: Option<TaskTable>,
+    /// The most tasks `bulk` may hold.
+    bulk_max_tasks: usize,
+    report: Report,
 }
 
 impl Drop for Replay {
@@ -483,11 +512,63 @@ impl Replay {
                 tracing::warn!(partition = f.raw.position.partition, offset = f.raw.position.offset, error.message = %f.error, "rebuild skips an undecodable record");
             }
         }
-        // The batch read and decoded above overlapped the previous one's apply; it starts when that
-        // one has committed (its offsets are this one's starting point).
+        if self.bulk.as_ref().is_some_and(|t| t.len() > self.bulk_max_tasks) {
+            tracing::info!(tasks = self.bulk_max_tasks, "the rebuild's bulk phase reached its bound; going on batch by batch");
+            self.end_bulk().await?;
+        }
+        let erases = batch.users.iter().any(|u| matches!(u.envelope.event, domain::user::UserEvent::Erased(_)));
+        match &mut self.bulk {
+            None => {
+                // The batch read and decoded above overlapped the previous one's apply; it starts
+                // when that one has committed (its offsets are this one's starting point).
+                self.settle().await?;
+                let (shadow, topic, from, ways) = (self.shadow.clone(), self.topic.clone(), self.at.clone(), self.ways);
+                self.inflight = Some(tokio::spawn(async move { apply_parts(&shadow, &topic, batch, &from, ways).await }));
+            }
+            Some(_) if erases => {
+                // An erasure deletes the rows PostgreSQL holds: the table's changed rows are written
+                // in its transaction first, and the rows it deleted leave the table after it.
+                self.settle().await?;
+                let table = self.bulk.as_mut().expect("in the bulk phase");
+                let notifications = table.fold(&batch.tasks).notifications;
+                let shadow = &self.shadow;
+                let erased = retrying(|| store::apply_bulk(shadow, &batch, &notifications, Some(&*table))).await?;
+                table.mark_written();
+                table.forget(&erased);
+                self.events += batch.len() as u64;
+                self.at.extend(batch.to);
+            }
+            Some(table) => {
+                // Folded onto the table while the previous batch is written (which does not use it).
+                let parts: Vec<(Batch, Vec<NotificationRow>)> = batch
+                    .split_by_partition(self.ways)
+                    .into_iter()
+                    .map(|part| {
+                        let notifications = table.fold(&part.tasks).notifications;
+                        (part, notifications)
+                    })
+                    .collect();
+                self.settle().await?;
+                let shadow = self.shadow.clone();
+                self.inflight = Some(tokio::spawn(async move { apply_bulk_parts(&shadow, parts).await }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the bulk phase (if it is on): once the batch being applied has committed, the rows in
+    /// memory are written with their schedule and the copies' offsets, and the table is dropped.
+    async fn end_bulk(&mut self) -> anyhow::Result<()> {
         self.settle().await?;
-        let (shadow, topic, from, ways) = (self.shadow.clone(), self.topic.clone(), self.at.clone(), self.ways);
-        self.inflight = Some(tokio::spawn(async move { apply_parts(&shadow, &topic, batch, &from, ways).await }));
+        let Some(table) = self.bulk.take() else { return Ok(()) };
+        let started = Instant::now();
+        let (shadow, topic, at) = (&self.shadow, &self.topic, &self.at);
+        retrying(|| store::flush_bulk(shadow, topic, &table, at)).await?;
+        let line = format!("rebuild: wrote the {} task rows kept in memory in {:.1} s", table.len(), started.elapsed().as_secs_f64());
+        match self.report {
+            Report::Cli => eprintln!("{line}"),
+            Report::Log => tracing::info!("{line}"),
+        }
         Ok(())
     }
 
@@ -517,19 +598,35 @@ impl Replay {
 /// its own partitions' offsets. Transient failures are retried.
 async fn apply_parts(shadow: &PgPool, topic: &str, batch: Batch, from: &HashMap<i32, i64>, ways: usize) -> anyhow::Result<Vec<Batch>> {
     let runs = batch.split_by_partition(ways).into_iter().map(|part| async move {
-        let mut backoff = APPLY_RETRY.backoff();
-        loop {
-            match store::apply_batch(shadow, topic, &part, from, ApplyMode::Replay).await {
-                Ok(_) => return Ok(part),
-                Err(e) if e.is_deterministic() => anyhow::bail!("the replay cannot apply a batch: {e}"),
-                Err(e) => {
-                    tracing::warn!(error.message = %e, "rebuild batch failed; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-            }
-        }
+        retrying(|| store::apply_batch(shadow, topic, &part, from, ApplyMode::Replay)).await?;
+        Ok(part)
     });
     futures::future::join_all(runs).await.into_iter().collect()
+}
+
+/// The bulk phase's [`apply_parts`]: each part (with the notifications its fold produced) in its
+/// own transaction, all at once.
+async fn apply_bulk_parts(shadow: &PgPool, parts: Vec<(Batch, Vec<NotificationRow>)>) -> anyhow::Result<Vec<Batch>> {
+    let runs = parts.into_iter().map(|(part, notifications)| async move {
+        retrying(|| store::apply_bulk(shadow, &part, &notifications, None)).await?;
+        Ok(part)
+    });
+    futures::future::join_all(runs).await.into_iter().collect()
+}
+
+/// Runs a write to the copies until it succeeds, again after each transient failure.
+async fn retrying<T, F: Future<Output = Result<T, StoreError>>>(mut write: impl FnMut() -> F) -> anyhow::Result<T> {
+    let mut backoff = APPLY_RETRY.backoff();
+    loop {
+        match write().await {
+            Ok(out) => return Ok(out),
+            Err(e) if e.is_deterministic() => anyhow::bail!("the replay cannot apply a batch: {e}"),
+            Err(e) => {
+                tracing::warn!(error.message = %e, "rebuild batch failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
 }
 
 /// Progress on stderr: bars on a terminal, a line every 5 s otherwise.

@@ -1,19 +1,23 @@
 //! PostgreSQL side of the projections: load rows, write a folded batch with UNNEST, and move the
 //! per-partition offsets in the same transaction (with a compare-and-set, so two projector
-//! instances can never both apply the same records). SQL only: it writes every record it is
+//! instances can never both apply the same records). A rebuild's bulk phase writes with COPY
+//! instead (`apply_bulk`, `flush_bulk`). SQL only: it writes every record it is
 //! given; which records wait behind a dead letter is decided above it, in `dlq`. Imports `model`.
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use serde_json::json;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::encode::{Encode, IsNull};
+use sqlx::postgres::{PgArgumentBuffer, PgCopyIn};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use domain::{DomainEvent, TaskId};
 
 use domain::user::UserEvent;
 
-use crate::model::{Batch, Effects, NotificationRow, Reaction, Recorded, RecordedUser, RowState, TaskRow};
+use crate::model::{Batch, DirtyRows, Effects, NotificationRow, Reaction, Recorded, RecordedUser, RowState, TaskRow, TaskTable};
 
 /// Whether events are applied live (reactions are recorded for the reactor) or replayed (never).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,8 +205,10 @@ async fn announce_changes(tx: &mut Transaction<'_, Postgres>, tasks: &[Recorded]
     Ok(())
 }
 
-/// Notification read marks and webhook registrations.
-async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[RecordedUser], mode: ApplyMode) -> Result<(), sqlx::Error> {
+/// Notification read marks, webhook registrations and erasures; returns the ids of the task rows
+/// that erasures deleted.
+async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[RecordedUser], mode: ApplyMode) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut erased = Vec::new();
     for r in users {
         let e = &r.envelope;
         let version = i32::try_from(e.meta.sequence).unwrap_or(i32::MAX);
@@ -221,7 +227,7 @@ async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[Recorded
                 .execute(&mut **tx)
                 .await?;
             }
-            UserEvent::Erased(erased) => erase_user(tx, e.meta.user_id.as_ref(), &erased.data_keys, mode).await?,
+            UserEvent::Erased(keys) => erased.extend(erase_user(tx, e.meta.user_id.as_ref(), &keys.data_keys, mode).await?),
             UserEvent::WebhookRegistered(_) | UserEvent::WebhookRemoved => {
                 let (url, secret) = match &e.event {
                     UserEvent::WebhookRegistered(w) => (Some(w.url.as_ref().to_owned()), Some(w.secret.clone())),
@@ -243,7 +249,7 @@ async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[Recorded
             }
         }
     }
-    Ok(())
+    Ok(erased)
 }
 
 /// One delivery per new notification whose user has a webhook registered.
@@ -487,6 +493,71 @@ impl TaskColumns {
     }
 }
 
+/// The columns of `task_history` in the order both of its writers send them (`write_history`'s
+/// UNNEST and `copy_history`'s COPY), each value from [`HistoryRow::of`].
+macro_rules! history_columns {
+    () => {
+        "event_id, task_id, user_id, version, event_type, schema_version, occurred_at, data, correlation_id, causation_id, log_partition, log_offset, data_key"
+    };
+}
+
+/// The `task_history` row of a record, as both writers send it.
+struct HistoryRow {
+    event_id: Uuid,
+    task_id: Uuid,
+    user_id: String,
+    version: i32,
+    event_type: &'static str,
+    schema_version: i32,
+    occurred_at: DateTime<Utc>,
+    /// The event's JSON as text, cast to jsonb by PostgreSQL (no parse into a Value here).
+    data: String,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    log_partition: i32,
+    log_offset: i64,
+    data_key: Option<Uuid>,
+}
+
+impl HistoryRow {
+    fn of(r: &Recorded) -> Self {
+        let e = &r.envelope;
+        Self {
+            event_id: e.meta.event_id,
+            task_id: *e.subject.as_uuid(),
+            user_id: e.meta.user_id.to_string(),
+            version: i32::try_from(e.meta.sequence).unwrap_or(i32::MAX),
+            event_type: e.event.event_type(),
+            schema_version: e.event.schema_version() as i32,
+            occurred_at: e.meta.occurred_at,
+            data: String::from_utf8(e.event.to_json()).unwrap_or_else(|_| "null".to_owned()),
+            correlation_id: e.meta.correlation_id.clone(),
+            causation_id: e.meta.causation_id.clone(),
+            log_partition: r.position.partition,
+            log_offset: r.position.offset,
+            data_key: e.meta.data_key,
+        }
+    }
+
+    /// One COPY row, the fields in [`history_columns!`] order.
+    fn copy(self, out: &mut CopyRows<'_>) -> Result<(), sqlx::Error> {
+        out.row(13);
+        out.field(self.event_id)?;
+        out.field(self.task_id)?;
+        out.field(self.user_id)?;
+        out.field(self.version)?;
+        out.field(self.event_type)?;
+        out.field(self.schema_version)?;
+        out.field(self.occurred_at)?;
+        out.jsonb(self.data.as_bytes())?;
+        out.field(self.correlation_id)?;
+        out.field(self.causation_id)?;
+        out.field(self.log_partition)?;
+        out.field(self.log_offset)?;
+        out.field(self.data_key)
+    }
+}
+
 async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -> Result<(), sqlx::Error> {
     if batch.is_empty() {
         return Ok(());
@@ -505,29 +576,29 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
     let mut offset = Vec::with_capacity(batch.len());
     let mut data_key = Vec::with_capacity(batch.len());
     for r in batch {
-        let e = &r.envelope;
-        event_id.push(e.meta.event_id);
-        task_id.push(*e.subject.as_uuid());
-        user_id.push(e.meta.user_id.to_string());
-        version.push(i32::try_from(e.meta.sequence).unwrap_or(i32::MAX));
-        event_type.push(e.event.event_type());
-        schema_version.push(e.event.schema_version() as i32);
-        occurred_at.push(e.meta.occurred_at);
-        // The event's JSON as text, cast to jsonb by PostgreSQL (no parse into a Value here).
-        data.push(String::from_utf8(e.event.to_json()).unwrap_or_else(|_| "null".to_owned()));
-        correlation.push(e.meta.correlation_id.clone());
-        causation.push(e.meta.causation_id.clone());
-        partition.push(r.position.partition);
-        offset.push(r.position.offset);
-        data_key.push(e.meta.data_key);
+        let h = HistoryRow::of(r);
+        event_id.push(h.event_id);
+        task_id.push(h.task_id);
+        user_id.push(h.user_id);
+        version.push(h.version);
+        event_type.push(h.event_type);
+        schema_version.push(h.schema_version);
+        occurred_at.push(h.occurred_at);
+        data.push(h.data);
+        correlation.push(h.correlation_id);
+        causation.push(h.causation_id);
+        partition.push(h.log_partition);
+        offset.push(h.log_offset);
+        data_key.push(h.data_key);
     }
-    sqlx::query(
-        "INSERT INTO task_history (event_id, task_id, user_id, version, event_type, schema_version, occurred_at, data,
-                                   correlation_id, causation_id, log_partition, log_offset, data_key)
+    sqlx::query(concat!(
+        "INSERT INTO task_history (",
+        history_columns!(),
+        ")
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], $6::int4[], $7::timestamptz[],
                               $8::text[]::jsonb[], $9::text[], $10::text[], $11::int4[], $12::int8[], $13::uuid[])
-         ON CONFLICT DO NOTHING",
-    )
+         ON CONFLICT DO NOTHING"
+    ))
     .bind(event_id)
     .bind(task_id)
     .bind(user_id)
@@ -546,12 +617,196 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
     Ok(())
 }
 
+/// `write_history` with COPY, for a rebuild's bulk phase: the same rows, but a record whose event
+/// (or task and version) is there already fails the COPY with a unique violation instead of being
+/// skipped (`apply_bulk` then writes the batch again with `write_history`).
+async fn copy_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -> Result<(), sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut out = CopyRows::begin(tx, concat!("COPY task_history (", history_columns!(), ") FROM STDIN (FORMAT binary)")).await?;
+    for r in batch {
+        HistoryRow::of(r).copy(&mut out)?;
+        out.send_full().await?;
+    }
+    out.finish().await?;
+    Ok(())
+}
+
+/// Rows streamed to a binary `COPY ... FROM STDIN`, each field encoded exactly as sqlx encodes the
+/// same value bound to a query (so a copied value is the value an UNNEST insert would store).
+/// Sent in chunks of about 1 MiB.
+struct CopyRows<'c> {
+    copy: PgCopyIn<&'c mut PgConnection>,
+    buf: PgArgumentBuffer,
+}
+
+impl<'c> CopyRows<'c> {
+    const CHUNK: usize = 1 << 20;
+
+    async fn begin(conn: &'c mut PgConnection, statement: &str) -> Result<Self, sqlx::Error> {
+        let copy = conn.copy_in_raw(statement).await?;
+        let mut buf = PgArgumentBuffer::default();
+        // Signature, flags (no OIDs), no header extension.
+        buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.extend_from_slice(&0i32.to_be_bytes());
+        buf.extend_from_slice(&0i32.to_be_bytes());
+        Ok(Self { copy, buf })
+    }
+
+    fn row(&mut self, fields: i16) {
+        self.buf.extend_from_slice(&fields.to_be_bytes());
+    }
+
+    /// A field: its length (-1 for NULL), then the value as sqlx encodes it.
+    fn field<'q, T: Encode<'q, Postgres>>(&mut self, value: T) -> Result<(), sqlx::Error> {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        let len = match value.encode(&mut self.buf).map_err(sqlx::Error::Encode)? {
+            IsNull::No => i32::try_from(self.buf.len() - at - 4).map_err(|e| sqlx::Error::Encode(e.into()))?,
+            IsNull::Yes => -1,
+        };
+        self.buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        Ok(())
+    }
+
+    /// A jsonb field from JSON text (jsonb's binary input: version 1, then the text).
+    fn jsonb(&mut self, json: &[u8]) -> Result<(), sqlx::Error> {
+        let len = i32::try_from(json.len() + 1).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        self.buf.extend_from_slice(&len.to_be_bytes());
+        self.buf.push(1);
+        self.buf.extend_from_slice(json);
+        Ok(())
+    }
+
+    /// Sends what is buffered once it is a chunk.
+    async fn send_full(&mut self) -> Result<(), sqlx::Error> {
+        if self.buf.len() >= Self::CHUNK {
+            self.copy.send(self.buf.as_slice()).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Ends the COPY; the rows copied.
+    async fn finish(mut self) -> Result<u64, sqlx::Error> {
+        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+        self.copy.send(self.buf.as_slice()).await?;
+        self.copy.finish().await
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
+}
+
+/// A replayed batch in a rebuild's bulk phase, in one transaction: its history (with COPY), user
+/// events and notifications as every batch writes them. Its task rows are not written: the caller
+/// has folded them onto its [`TaskTable`], and `notifications` are what that fold produced. No
+/// offsets move (`flush_bulk` sets them when the phase ends).
+///
+/// With `table` (a batch with an erasure), the table's changed rows are written first, so the
+/// erasure finds in PostgreSQL the rows it deletes; returns their ids, for the caller to drop from
+/// the table (and to mark the rest written) once this has committed.
+pub async fn apply_bulk(pool: &PgPool, batch: &Batch, notifications: &[NotificationRow], table: Option<&TaskTable>) -> Result<Vec<Uuid>, StoreError> {
+    let mut tx = pool.begin().await?;
+    if let Err(e) = copy_history(&mut tx, &batch.tasks).await {
+        if !is_unique_violation(&e) {
+            return Err(e.into());
+        }
+        // The log repeats an event (or a task's version): what the insert would have skipped.
+        tx.rollback().await?;
+        tx = pool.begin().await?;
+        write_history(&mut tx, &batch.tasks).await?;
+    }
+    if let Some(table) = table {
+        write_dirty(&mut tx, table.dirty()).await?;
+    }
+    let erased = write_user_events(&mut tx, &batch.users, ApplyMode::Replay).await?;
+    write_notifications(&mut tx, notifications).await?;
+    tx.commit().await?;
+    Ok(erased)
+}
+
+/// Ends a rebuild's bulk phase in one transaction: the rows of `table` changed since it was last
+/// written (with their reminder schedule), and the copies' offsets set to `at`, where the replay
+/// stands. The caller then drops the table (`mark_written` is not needed).
+pub async fn flush_bulk(pool: &PgPool, topic: &str, table: &TaskTable, at: &HashMap<i32, i64>) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    write_dirty(&mut tx, table.dirty()).await?;
+    // The copies' offsets have not moved since they were created: any `from` at or past them passes.
+    advance_offsets(&mut tx, topic, at, at, ApplyMode::Replay).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Writes a [`TaskTable`]'s changed rows with COPY: the rows written before (deleted, or changed,
+/// since) are deleted first, with their reminder schedule. A changed row is replaced rather than
+/// upserted: the upsert keeps a stored row of a higher version, which a task deleted and created
+/// again after it was written has. `reminder_schedule` follows: one row per pending reminder of the
+/// rows written.
+async fn write_dirty(tx: &mut Transaction<'_, Postgres>, dirty: DirtyRows<'_>) -> Result<(), sqlx::Error> {
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let DirtyRows { fresh, changed, mut removed } = dirty;
+    removed.extend(changed.iter().map(|r| r.id));
+    if !removed.is_empty() {
+        sqlx::query("DELETE FROM tasks WHERE id = ANY($1)").bind(&removed).execute(&mut **tx).await?;
+        sqlx::query("DELETE FROM reminder_schedule WHERE task_id = ANY($1)").bind(&removed).execute(&mut **tx).await?;
+    }
+    let mut rows = fresh;
+    rows.extend(changed);
+    rows.sort_unstable_by_key(|r| r.id);
+    let mut out = CopyRows::begin(tx, &format!("COPY tasks ({}) FROM STDIN (FORMAT binary)", TaskRow::COLUMNS)).await?;
+    for r in &rows {
+        copy_task(&mut out, r)?;
+        out.send_full().await?;
+    }
+    out.finish().await?;
+    let mut out = CopyRows::begin(tx, "COPY reminder_schedule (task_id, user_id, remind_at) FROM STDIN (FORMAT binary)").await?;
+    for (r, at) in rows.iter().filter_map(|r| Some((r, r.pending_reminder()?))) {
+        out.row(3);
+        out.field(r.id)?;
+        out.field(r.user_id.as_str())?;
+        out.field(at)?;
+        out.send_full().await?;
+    }
+    out.finish().await?;
+    Ok(())
+}
+
+/// One COPY row of `tasks`, the fields in [`TaskRow::COLUMNS`] order.
+fn copy_task(out: &mut CopyRows<'_>, r: &TaskRow) -> Result<(), sqlx::Error> {
+    out.row(19);
+    out.field(r.id)?;
+    out.field(r.user_id.as_str())?;
+    out.field(r.title.as_str())?;
+    out.field(r.description.as_deref())?;
+    out.field(r.status.as_str())?;
+    out.field(r.priority)?;
+    out.field(r.due_at)?;
+    out.field(r.timezone.as_str())?;
+    out.field(r.recurrence.as_deref())?;
+    out.field(r.remind_before.as_deref())?;
+    out.field(r.remind_at)?;
+    out.field(&r.tags)?;
+    out.field(r.version)?;
+    out.field(r.created_at)?;
+    out.field(r.updated_at)?;
+    out.field(r.completed_at)?;
+    out.field(r.recurrence_parent_id)?;
+    out.field(r.occurrence)?;
+    out.field(r.reminded_for)
+}
+
 /// `user.erased`: every row of the user's erased identity goes. Task rows are found by the data
 /// keys the erasure destroys (through `task_history.data_key`; rows written before sealing, without
 /// a key, go too), so a task of the user's fresh identity stays whichever partition is applied
 /// first; the user's own rows (read marks, webhook, deliveries) go in their stream's order.
 /// The live-only tables (reactions, deliveries) are cleared in live mode (a replay has none).
-async fn erase_user(tx: &mut Transaction<'_, Postgres>, user: &str, data_keys: &[Uuid], mode: ApplyMode) -> Result<(), sqlx::Error> {
+/// Returns the ids of the task rows it deleted.
+async fn erase_user(tx: &mut Transaction<'_, Postgres>, user: &str, data_keys: &[Uuid], mode: ApplyMode) -> Result<Vec<Uuid>, sqlx::Error> {
     let tasks: Vec<Uuid> = sqlx::query_scalar(
         // The two halves match the two partial indexes (migrations/20261201200000_erasure.sql).
         "SELECT task_id FROM task_history WHERE event_type = 'task.created' AND data_key IS NOT NULL AND data_key = ANY($2) AND user_id = $1
@@ -562,25 +817,21 @@ async fn erase_user(tx: &mut Transaction<'_, Postgres>, user: &str, data_keys: &
     .fetch_all(&mut **tx)
     .await?;
     let live = mode == ApplyMode::Live;
-    let by_task: &[&str] = if live {
+    let before_tasks: &[&str] = if live {
         &[
             "DELETE FROM notifications WHERE user_id = $1 AND task_id = ANY($2)",
             "DELETE FROM reminder_schedule WHERE user_id = $1 AND task_id = ANY($2)",
             "DELETE FROM reaction_outbox WHERE user_id = $1 AND task_id = ANY($2)",
-            "DELETE FROM tasks WHERE user_id = $1 AND id = ANY($2)",
-            "DELETE FROM task_history WHERE user_id = $1 AND task_id = ANY($2)",
         ]
     } else {
-        &[
-            "DELETE FROM notifications WHERE user_id = $1 AND task_id = ANY($2)",
-            "DELETE FROM reminder_schedule WHERE user_id = $1 AND task_id = ANY($2)",
-            "DELETE FROM tasks WHERE user_id = $1 AND id = ANY($2)",
-            "DELETE FROM task_history WHERE user_id = $1 AND task_id = ANY($2)",
-        ]
+        &["DELETE FROM notifications WHERE user_id = $1 AND task_id = ANY($2)", "DELETE FROM reminder_schedule WHERE user_id = $1 AND task_id = ANY($2)"]
     };
-    for sql in by_task {
+    for sql in before_tasks {
         sqlx::query(sql).bind(user).bind(&tasks).execute(&mut **tx).await?;
     }
+    let deleted: Vec<Uuid> =
+        sqlx::query_scalar("DELETE FROM tasks WHERE user_id = $1 AND id = ANY($2) RETURNING id").bind(user).bind(&tasks).fetch_all(&mut **tx).await?;
+    sqlx::query("DELETE FROM task_history WHERE user_id = $1 AND task_id = ANY($2)").bind(user).bind(&tasks).execute(&mut **tx).await?;
     if live {
         sqlx::query("DELETE FROM reminder_attempts WHERE task_id = ANY($1)").bind(&tasks).execute(&mut **tx).await?;
     }
@@ -598,7 +849,7 @@ async fn erase_user(tx: &mut Transaction<'_, Postgres>, user: &str, data_keys: &
         sqlx::query(sql).bind(user).execute(&mut **tx).await?;
     }
     metrics::counter!("projector_users_erased_total").increment(1);
-    Ok(())
+    Ok(deleted)
 }
 
 async fn advance_offsets(

@@ -3,6 +3,9 @@
 //! reactions recorded live but never during a replay, the notifications' record in the user's
 //! stream (the reaction, the read model unchanged by `notification.created`, the backfill of old
 //! ones), and how the reactor takes the command API's answers (against a stand-in command API).
+//! `rebuild`: the rebuild's bulk phase, and whole rebuilds over a real log (`KAFKA_BROKERS` too).
+
+mod rebuild;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
