@@ -130,11 +130,14 @@ pub struct KafkaLog {
     keys: Arc<dyn DataKeys>,
     /// Sees the partition's end as written, open transactions included (made on first use).
     written: Option<Arc<BaseConsumer>>,
+    /// The last stable offset at which this writer last closed an open transaction with a barrier
+    /// (one barrier per stuck offset: if it did not help, the transaction is not this writer's).
+    closed_at: Option<i64>,
 }
 
 impl KafkaLog {
     pub fn new(settings: KafkaLogSettings, partition: i32, keys: Arc<dyn DataKeys>) -> Self {
-        Self { settings, partition, producer: None, snapshot_chunks: 0, keys, written: None }
+        Self { settings, partition, producer: None, snapshot_chunks: 0, keys, written: None, closed_at: None }
     }
 
     fn op_timeout(&self) -> Duration {
@@ -173,11 +176,30 @@ impl KafkaLog {
     }
 }
 
+impl KafkaLog {
+    /// Commits a barrier ([`codec::BARRIER_TYPE`]) in the partition. Its commit marker, written for
+    /// this producer id, closes the transaction the partition still holds open from an earlier
+    /// epoch of the same producer (the same transactional id): the records of that transaction
+    /// become committed. Every answer given for them was either a success (their commit had been
+    /// acknowledged) or a 503 whose outcome was unknown, so committing them contradicts no answer,
+    /// and the restore that follows reads them before anything is decided. A writer that is no
+    /// longer the partition's owner cannot commit it (its epoch is fenced).
+    async fn close_open_transaction(&mut self, open_from: i64, written_to: i64) -> Result<(), LogError> {
+        let (payload, headers) = codec::encode_barrier(self.partition, open_from, written_to);
+        let barrier = Outgoing { topic: self.settings.kafka.task_events_topic.clone(), partition: self.partition, key: None, payload: Some(payload), headers };
+        let positions = self.transact(vec![barrier]).await?;
+        metrics::counter!("command_api_barriers_total").increment(1);
+        tracing::warn!(partition = self.partition, open_from, written_to, barrier = ?positions.first().map(|p| p.offset), "closed the open transaction with a barrier");
+        Ok(())
+    }
+}
+
 /// A record to send in a transaction.
 struct Outgoing {
     topic: String,
     partition: i32,
-    key: String,
+    /// `None`: a record of no stream (a barrier).
+    key: Option<String>,
     /// `None` deletes the key (a tombstone, in a compacted topic).
     payload: Option<Vec<u8>>,
     headers: OwnedHeaders,
@@ -229,7 +251,7 @@ impl EventLog for KafkaLog {
         outgoing.extend(records.into_iter().map(|r| Outgoing {
             topic: topic.clone(),
             partition: self.partition,
-            key: r.key,
+            key: Some(r.key),
             payload: Some(r.payload),
             headers: r.headers,
         }));
@@ -237,7 +259,7 @@ impl EventLog for KafkaLog {
         outgoing.extend(states.into_iter().map(|s| Outgoing {
             topic: updates.clone(),
             partition: self.partition,
-            key: s.key,
+            key: Some(s.key),
             payload: s.payload,
             headers: s.headers,
         }));
@@ -247,7 +269,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn read_from(&mut self, from: i64, apply: Apply) -> Result<i64, LogError> {
-        let consumer = self.reader("restore")?;
+        let consumer = Arc::new(self.reader("restore")?);
         let written = match &self.written {
             Some(w) => w.clone(),
             None => {
@@ -260,13 +282,43 @@ impl EventLog for KafkaLog {
         };
         let topic = self.settings.kafka.task_events_topic.clone();
         let timeout = self.op_timeout();
-        let (partition, keys) = (self.partition, self.keys.clone());
-        tokio::task::spawn_blocking(move || {
-            let end = stable_end(&consumer, &written, &topic, partition, timeout)?;
-            read_to_end(&consumer, &topic, partition, from, end, apply, timeout, &*keys)
-        })
-        .await
-        .map_err(|e| LogError::Unavailable(e.to_string()))?
+        let partition = self.partition;
+        let find = |wait: Duration| {
+            let (consumer, written, topic) = (consumer.clone(), written.clone(), topic.clone());
+            async move {
+                tokio::task::spawn_blocking(move || stable_end(&consumer, &written, &topic, partition, wait))
+                    .await
+                    .map_err(|e| LogError::Unavailable(e.to_string()))?
+            }
+        };
+        // Fencing completed or aborted whatever the previous owner had open, so the partition's
+        // end is stable at once; a transaction still open after that is one Kafka left open (its
+        // marker is missing) and would block every read_committed reader for good: close it.
+        let end = match find(OPEN_TRANSACTION_GRACE).await? {
+            End::Stable(end) => end,
+            End::Open { stable, high } if self.closed_at != Some(stable) => {
+                tracing::warn!(
+                    partition,
+                    stable,
+                    high,
+                    "a transaction is still open on the partition after fencing, and Kafka does not complete it; closing it with a barrier"
+                );
+                self.close_open_transaction(stable, high).await?;
+                self.closed_at = Some(stable);
+                match find(timeout).await? {
+                    End::Stable(end) => end,
+                    End::Open { stable, high } => return Err(still_open(partition, stable, high)),
+                }
+            }
+            End::Open { .. } => match find(timeout).await? {
+                End::Stable(end) => end,
+                End::Open { stable, high } => return Err(still_open(partition, stable, high)),
+            },
+        };
+        let keys = self.keys.clone();
+        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, partition, from, end, apply, timeout, &*keys))
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))?
     }
 
     async fn announce(&mut self, owner: &OwnerRecord) -> Result<(), LogError> {
@@ -274,7 +326,7 @@ impl EventLog for KafkaLog {
         let record = Outgoing {
             topic: self.settings.kafka.owners_topic(),
             partition: 0,
-            key: self.partition.to_string(),
+            key: Some(self.partition.to_string()),
             payload: Some(payload),
             headers: OwnedHeaders::new(),
         };
@@ -292,7 +344,7 @@ impl EventLog for KafkaLog {
             .map(|(i, c)| Outgoing {
                 topic: topic.clone(),
                 partition: self.partition,
-                key: format!("{}:{i}", self.partition),
+                key: Some(format!("{}:{i}", self.partition)),
                 payload: Some(c.to_vec()),
                 headers: OwnedHeaders::new()
                     .insert(Header { key: "snapshot_id", value: Some(id.as_str()) })
@@ -304,7 +356,7 @@ impl EventLog for KafkaLog {
             records.push(Outgoing {
                 topic: topic.clone(),
                 partition: self.partition,
-                key: format!("{}:{i}", self.partition),
+                key: Some(format!("{}:{i}", self.partition)),
                 payload: None,
                 headers: OwnedHeaders::new(),
             });
@@ -420,7 +472,10 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
     producer.begin_transaction()?;
     for (i, r) in records.into_iter().enumerate() {
         let Outgoing { topic, partition, key, payload, headers } = r;
-        let mut record = BaseRecord::with_opaque_to(&topic, Box::new(i)).partition(partition).key(key.as_str()).headers(headers);
+        let mut record = BaseRecord::with_opaque_to(&topic, Box::new(i)).partition(partition).headers(headers);
+        if let Some(key) = &key {
+            record = record.key(key.as_str());
+        }
         if let Some(payload) = &payload {
             record = record.payload(payload.as_slice());
         }
@@ -485,23 +540,44 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
 /// stable offset is the end. Should a transaction still be open, reading now would miss it if it
 /// then commits, and the writer would decide on a state without its events: wait until it is
 /// resolved (within `timeout`, else the partition is unavailable and the restore is retried).
-fn stable_end(committed: &BaseConsumer<QuietEof>, written: &BaseConsumer, topic: &str, partition: i32, timeout: Duration) -> Result<i64, LogError> {
+fn stable_end(committed: &BaseConsumer<QuietEof>, written: &BaseConsumer, topic: &str, partition: i32, wait: Duration) -> Result<End, LogError> {
     let started = Instant::now();
+    let timeout = wait.max(Duration::from_secs(1));
+    let mut warned = false;
     loop {
         let (_, stable) = committed.fetch_watermarks(topic, partition, timeout)?;
         let (_, high) = written.fetch_watermarks(topic, partition, timeout)?;
         if stable >= high {
-            return Ok(stable);
+            return Ok(End::Stable(stable));
         }
-        if started.elapsed() > timeout {
-            return Err(LogError::Unavailable(format!(
-                "a transaction is still open on partition {partition} after fencing (stable offset {stable}, written to {high})"
-            )));
+        if started.elapsed() > wait {
+            return Ok(End::Open { stable, high });
         }
-        tracing::warn!(partition, stable, high, "a transaction is still open on the partition after fencing; waiting for it to complete");
+        if !warned {
+            tracing::warn!(partition, stable, high, "a transaction is still open on the partition after fencing; waiting for it to complete");
+            warned = true;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Where a partition ends for a reader that must see everything committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// No transaction is open: the partition is written up to here, all of it settled.
+    Stable(i64),
+    /// A transaction is open from `stable` (the last stable offset) in records written to `high`.
+    Open { stable: i64, high: i64 },
+}
+
+fn still_open(partition: i32, stable: i64, high: i64) -> LogError {
+    LogError::Unavailable(format!("a transaction is still open on partition {partition} after fencing (stable offset {stable}, written to {high})"))
+}
+
+/// How long a transaction may stay open on the partition after fencing before the writer closes it:
+/// fencing returns once the previous owner's transaction is completed or aborted, so the end is
+/// stable at once unless Kafka left a marker out.
+const OPEN_TRANSACTION_GRACE: Duration = Duration::from_secs(3);
 
 /// Reads every committed record of the partition from `next` up to `end` (the stable end the
 /// caller found), calling `apply` for each; returns the offset after the last one.

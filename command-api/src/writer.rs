@@ -685,6 +685,11 @@ impl Restoring {
         self.next = pos.offset + 1;
         let rec = match rec {
             Ok(rec) => rec,
+            Err(Undecodable { error: DecodeError::Barrier, .. }) => {
+                // Not an event: a writer closed a transaction Kafka had left open here.
+                tracing::info!(partition = pos.partition, offset = pos.offset, "read a barrier (a transaction Kafka had left open was closed here)");
+                return;
+            }
             Err(Undecodable { error: DecodeError::Erased(_), .. }) => {
                 // Its user was erased (the data key is destroyed): the record is nothing now.
                 metrics::counter!("command_api_restore_erased_total").increment(1);

@@ -5,6 +5,10 @@
 //! after the new producer's fencing returned, the read stopped at the last stable offset before
 //! it, and the writer decided the same versions again (two `task.completed` at version 6).
 //!
+//! A transaction still open after fencing is one Kafka left open (seen after broker kills: a
+//! marker missing, the coordinator done with it): the writer closes it with a barrier, whose commit
+//! marker closes only a transaction of its own producer id, and only while it owns the partition.
+//!
 //! Needs `KAFKA_BROKERS` (`./dev test` provisions the broker).
 
 use std::sync::{Arc, Mutex};
@@ -14,29 +18,17 @@ use clap::Parser;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
-use command_api::log::{EventLog, KafkaLog, KafkaLogSettings, LogError};
+use command_api::log::{EventLog, KafkaLog, KafkaLogSettings, LogError, Undecodable};
 use command_api::Settings;
+use platform::codec::DecodeError;
 use platform::keys::{Keks, KeyRing};
 use test_support::required_env;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partition() {
+    let (settings, run) = topic_settings("open").await;
     let brokers = required_env("KAFKA_BROKERS");
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let topic = format!("task-events-kafkalog-{run}");
-    let settings = Settings::try_parse_from([
-        "command-api",
-        "--kafka-brokers",
-        &brokers,
-        "--task-events-topic",
-        &topic,
-        "--task-events-partitions=1",
-        "--auth-jwt-secret",
-        test_support::tokens::USER_SECRET,
-    ])
-    .expect("settings")
-    .kafka;
-    platform::kafka::ensure_topics(&settings).await.expect("topics");
+    let topic = settings.task_events_topic.clone();
 
     // A transaction left open on partition 0, as a previous owner's commit that the broker has not
     // completed yet: its record is written, not committed.
@@ -61,19 +53,78 @@ async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partitio
         "a read that ended before the open transaction would miss it if it commits: {result:?}, read {seen:?}"
     );
 
-    // Once it commits, the read ends after it, with its record.
+    // The writer tried to close the transaction with a barrier: the barrier's marker closes only
+    // a transaction of its own producer id, so this one stays open, and the next read does not
+    // write another barrier for the same offset.
+    let (result, _) = read_all(&mut log).await;
+    assert!(matches!(&result, Err(LogError::Unavailable(m)) if m.contains("still open")), "{result:?}");
+
+    // Once it commits, the read ends after it, with its record and the one barrier.
     open.commit_transaction(timeout).expect("commit");
     let (result, seen) = read_all(&mut log).await;
     let next = result.expect("the read ends once no transaction is open");
-    assert_eq!(seen, vec![0], "the committed record is read");
-    assert!(next >= 2, "past the record and its commit marker: {next}");
+    let records: Vec<i64> = seen.iter().filter(|(_, barrier)| !barrier).map(|(o, _)| *o).collect();
+    let barriers = seen.iter().filter(|(_, barrier)| *barrier).count();
+    assert_eq!(records, vec![0], "the committed record is read: {seen:?}");
+    assert_eq!(barriers, 1, "one barrier for the offset the transaction was stuck at: {seen:?}");
+    assert!(next >= 4, "past the record, the barrier and both commit markers: {next}");
 }
 
-/// Reads the partition from offset 0: the result and the offsets of the records read.
-async fn read_all(log: &mut KafkaLog) -> (Result<i64, LogError>, Vec<i64>) {
-    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
+/// A writer that lost the partition (another producer with its transactional id fenced it) must
+/// not close the new owner's open transaction: its barrier is refused, and it learns it is fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_writer_cannot_close_the_new_owners_open_transaction() {
+    let (settings, run) = topic_settings("fenced").await;
+    let brokers = required_env("KAFKA_BROKERS");
+    let topic = settings.task_events_topic.clone();
+    let keys = KeyRing::in_memory(Keks::parse(test_support::tokens::TEST_KEK).unwrap());
+    let log_settings = KafkaLogSettings { kafka: settings, transactional_id_prefix: format!("kafkalog-{run}"), transaction_timeout: Duration::from_secs(4) };
+    let mut zombie = KafkaLog::new(log_settings.clone(), 0, keys);
+    zombie.connect().await.expect("the writer's producer");
+
+    // The new owner: same transactional id, so its fencing bumps the epoch; its transaction is open.
+    let owner: BaseProducer =
+        ClientConfig::new().set("bootstrap.servers", &brokers).set("transactional.id", log_settings.transactional_id(0)).create().expect("producer");
+    let timeout = Duration::from_secs(20);
+    owner.init_transactions(timeout).expect("init");
+    owner.begin_transaction().expect("begin");
+    owner.send(BaseRecord::<str, [u8]>::to(&topic).partition(0).key("task").payload(b"{}".as_slice())).map_err(|(e, _)| e).expect("send");
+    owner.flush(timeout).expect("written");
+
+    let (result, _) = read_all(&mut zombie).await;
+    assert!(matches!(&result, Err(LogError::Fenced(_))), "the zombie must learn it is fenced, not close the transaction: {result:?}");
+    owner.commit_transaction(timeout).expect("the owner's transaction commits");
+}
+
+/// The settings of a fresh one-partition topic, and the run id in its name.
+async fn topic_settings(name: &str) -> (platform::settings::KafkaSettings, String) {
+    let brokers = required_env("KAFKA_BROKERS");
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("task-events-kafkalog-{name}-{run}");
+    let settings = Settings::try_parse_from([
+        "command-api",
+        "--kafka-brokers",
+        &brokers,
+        "--task-events-topic",
+        &topic,
+        "--task-events-partitions=1",
+        "--auth-jwt-secret",
+        test_support::tokens::USER_SECRET,
+    ])
+    .expect("settings")
+    .kafka;
+    platform::kafka::ensure_topics(&settings).await.expect("topics");
+    (settings, run)
+}
+
+/// Reads the partition from offset 0: the result and the offsets of the records read (and whether
+/// each is a barrier).
+async fn read_all(log: &mut KafkaLog) -> (Result<i64, LogError>, Vec<(i64, bool)>) {
+    let seen: Arc<Mutex<Vec<(i64, bool)>>> = Arc::default();
     let sink = seen.clone();
-    let result = log.read_from(0, Box::new(move |pos, _| sink.lock().unwrap().push(pos.offset))).await;
+    let result = log
+        .read_from(0, Box::new(move |pos, rec| sink.lock().unwrap().push((pos.offset, matches!(rec, Err(Undecodable { error: DecodeError::Barrier, .. }))))))
+        .await;
     let seen = seen.lock().unwrap().clone();
     (result, seen)
 }

@@ -259,6 +259,10 @@ logger.controller.name = kafka.server.ControllerServer
 logger.controller.level = info
 logger.shared.name = kafka.server.SharedServer
 logger.shared.level = info
+# the transaction coordinator's decisions (producer ids and epochs, loads, markers) at INFO: what
+# explains a transaction left open after a restart
+logger.txn.name = kafka.coordinator.transaction
+logger.txn.level = info
 PROPS
 }
 

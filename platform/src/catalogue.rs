@@ -188,6 +188,44 @@ pub fn asyncapi(topics: &Topics) -> Value {
         );
         event_refs.insert(k.clone(), json!({"$ref": format!("#/components/messages/{k}")}));
     }
+    // Not an event: a record a partition's writer commits to close a transaction Kafka left open.
+    schemas.insert(
+        "log.barrier".into(),
+        json!({
+            "type": "object",
+            "description": "Where the transaction that this barrier closed began (the partition's last stable offset then) and how far the partition was written.",
+            "properties": {
+                "partition": {"type": "integer"},
+                "open_from": {"type": "integer", "format": "int64"},
+                "written_to": {"type": "integer", "format": "int64"},
+            },
+            "required": ["partition", "open_from", "written_to"],
+        }),
+    );
+    messages.insert(
+        "log_barrier".into(),
+        json!({
+            "name": crate::codec::BARRIER_TYPE,
+            "title": "barrier (not an event)",
+            "summary": "A record that is not an event: skip it. A partition's writer commits one when, after it fenced the partition's previous producer, Kafka still held a transaction of that producer open (its marker missing, seen after broker kills): the barrier's commit marker closes that transaction, whose records become readable. No key, no ce_subject, no ce_userid or ce_sequence.",
+            "contentType": CONTENT_TYPE,
+            "headers": {
+                "type": "object",
+                "properties": {
+                    "ce_specversion": {"const": "1.0"},
+                    "ce_id": {"type": "string", "format": "uuid"},
+                    "ce_type": {"const": crate::codec::BARRIER_TYPE},
+                    "ce_source": {"type": "string"},
+                    "ce_time": {"type": "string", "format": "date-time"},
+                    "content-type": {"const": CONTENT_TYPE},
+                },
+                "required": ["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time"],
+            },
+            "payload": {"$ref": "#/components/schemas/log.barrier"},
+            "bindings": kafka_message_binding(json!({"type": "null", "description": "No key: a barrier belongs to no stream."})),
+        }),
+    );
+    event_refs.insert("log_barrier".into(), json!({"$ref": "#/components/messages/log_barrier"}));
     schemas.insert(format!("{TASK_STATE_TYPE}.v1"), multi_format(&domain::current::TaskView::json_schema()));
     messages.insert(
         "task_state_v1".into(),
@@ -282,7 +320,7 @@ pub fn asyncapi(topics: &Topics) -> Value {
             "taskEvents": {
                 "address": topics.events,
                 "title": "the event log",
-                "description": "Every accepted event, keyed by its stream (task id, or user id for user-level events), so every stream is totally ordered. Never deleted by age or size. Only accepted events are appended.",
+                "description": "Every accepted event, keyed by its stream (task id, or user id for user-level events), so every stream is totally ordered. Never deleted by age or size. Only accepted events are appended, plus (rarely) a barrier (log.barrier), which is not an event and which readers skip.",
                 "messages": event_refs,
                 "bindings": channel_binding(&topics.events, topics.partitions, json!({"cleanup.policy": ["delete"], "retention.ms": -1, "retention.bytes": -1})),
             },

@@ -149,6 +149,35 @@ pub fn encode_state(env: &Envelope<domain::TaskEvent>, state: Option<&domain::cu
     EncodedState { key: subject, payload, headers: h }
 }
 
+/// `ce_type` of a barrier: a record of `task-events` that is not an event. A partition's writer
+/// commits one when, after fencing the partition's previous producer, the partition still holds a
+/// transaction that Kafka left open (its commit or abort marker is missing, seen after a broker was
+/// killed): the barrier's commit marker closes that transaction, without which no read_committed
+/// reader could ever read past it. Every reader skips barriers ([`DecodeError::Barrier`]).
+pub const BARRIER_TYPE: &str = "log.barrier";
+
+/// A barrier for `partition` (see [`BARRIER_TYPE`]): no key (it belongs to no stream), CloudEvents
+/// attributes without subject or user, and as data where the open transaction began (`open_from`,
+/// the partition's last stable offset) and how far the partition was written (`written_to`).
+pub fn encode_barrier(partition: i32, open_from: i64, written_to: i64) -> (Vec<u8>, OwnedHeaders) {
+    let id = Uuid::now_v7().to_string();
+    let time = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+    let headers = OwnedHeaders::new_with_capacity(6)
+        .insert(header("ce_specversion", "1.0"))
+        .insert(header("ce_id", &id))
+        .insert(header("ce_type", BARRIER_TYPE))
+        .insert(header("ce_source", SOURCE))
+        .insert(header("ce_time", &time))
+        .insert(header("content-type", CONTENT_TYPE));
+    let data = serde_json::json!({ "partition": partition, "open_from": open_from, "written_to": written_to });
+    (serde_json::to_vec(&data).expect("JSON values serialize"), headers)
+}
+
+/// Whether a record of `task-events` is a barrier (not an event; see [`BARRIER_TYPE`]).
+pub fn is_barrier<H: Headers>(headers: Option<&H>) -> bool {
+    headers.is_some_and(|h| h.iter().any(|x| x.key == "ce_type" && x.value == Some(BARRIER_TYPE.as_bytes())))
+}
+
 /// The namespace of the `ce_id`s of `task-updates` records (UUID v5 of the event's id).
 const STATE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x3f1c_9a57_2be4_4d08_8c61_d2e7_5a90_b4c3);
 
@@ -235,6 +264,9 @@ impl From<KeyError> for DecodeError {
 /// Decodes any record of the log (an event of any registered aggregate), opening its personal
 /// fields with `keys`.
 pub fn decode_record<H: Headers>(key: Option<&[u8]>, headers: Option<&H>, payload: Option<&[u8]>, keys: &dyn DataKeys) -> Result<Record, DecodeError> {
+    if is_barrier(headers) {
+        return Err(DecodeError::Barrier);
+    }
     let p = decode_parts(key, headers, payload)?;
     let data = open(&p, keys)?;
     Ok(Record::from_data(&p.subject, p.meta, &p.event_type, p.version, &data)?)
@@ -247,6 +279,9 @@ pub fn decode<E: DomainEvent, H: Headers>(
     payload: Option<&[u8]>,
     keys: &dyn DataKeys,
 ) -> Result<Envelope<E>, DecodeError> {
+    if is_barrier(headers) {
+        return Err(DecodeError::Barrier);
+    }
     let p = decode_parts(key, headers, payload)?;
     let data = open(&p, keys)?;
     Ok(Envelope::from_data(&p.subject, p.meta, &p.event_type, p.version, &data)?)
@@ -281,6 +316,9 @@ pub enum DecodeError {
     /// Sealed with a data key that is destroyed: the record's user was erased.
     #[error("sealed with data key {0}, which is destroyed (its user was erased)")]
     Erased(Uuid),
+    /// A barrier ([`BARRIER_TYPE`]): a record that is not an event, to skip.
+    #[error("a barrier (a record that closed a transaction Kafka had left open), not an event")]
+    Barrier,
     /// Sealed with a key this service cannot use (its KEK is not configured) or damaged.
     #[error("the sealed fields cannot be opened: {0}")]
     Sealed(String),
@@ -344,6 +382,19 @@ mod tests {
         {
             assert!(names.contains(&required), "{required} missing");
         }
+    }
+
+    #[test]
+    fn a_barrier_is_recognised_and_never_decodes_as_an_event() {
+        let (payload, headers) = encode_barrier(3, 10, 14);
+        assert!(is_barrier(Some(&headers)));
+        assert_eq!(decode_record(None, Some(&headers), Some(&payload), &NoKeys).unwrap_err(), DecodeError::Barrier);
+        assert_eq!(decode::<TaskEvent, _>(None, Some(&headers), Some(&payload), &NoKeys).unwrap_err(), DecodeError::Barrier);
+        let data: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(data, serde_json::json!({"partition": 3, "open_from": 10, "written_to": 14}));
+        // An event is not a barrier.
+        let enc = encode(&envelope(), None);
+        assert!(!is_barrier(Some(&enc.headers)));
     }
 
     #[test]

@@ -127,6 +127,7 @@ impl Batch {
         match raw.decode(keys) {
             Ok(record) => self.push_decoded(position, record, keys),
             Err(codec::DecodeError::Erased(_)) => self.erased += 1,
+            Err(codec::DecodeError::Barrier) => {}
             Err(e) => self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw }),
         }
     }
@@ -151,6 +152,8 @@ impl Batch {
                 self.erased += 1;
                 return Ok(());
             }
+            // Not an event (a writer closed a transaction Kafka had left open): nothing to apply.
+            Err(codec::DecodeError::Barrier) => return Ok(()),
             Err(e) => {
                 self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw: RawRecord::from_message(&m) });
                 return Ok(());

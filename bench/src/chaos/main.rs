@@ -402,7 +402,7 @@ async fn exercise(
     let log = verify::read_log(kafka.clone()).await?;
     say(started, format!("{} records in the log, {} commands in the journal", log.len(), journal.len()));
     let (exactness, commands_check) = verify::commands_against_log(&journal, &log, names.len());
-    let mut checks = vec![commands_check, verify::versions_contiguous(&log), verify::occurrences(&log)];
+    let mut checks = vec![verify::no_open_transactions(kafka.clone()).await?, commands_check, verify::versions_contiguous(&log), verify::occurrences(&log)];
     checks.extend(verify::reminders(&log, &db, &receiver.arrivals(), &sender_kills).await?);
     say(started, "rebuilding the read models from offset zero (projector rebuild --yes)");
     let before = verify::checksums(&db).await?;

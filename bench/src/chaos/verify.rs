@@ -52,6 +52,7 @@ fn read_log_blocking(settings: &platform::settings::KafkaSettings) -> anyhow::Re
     let mut by_partition: BTreeMap<i32, Vec<LogRecord>> = BTreeMap::new();
     let started = std::time::Instant::now();
     let mut redelivered = 0u64;
+    let mut barriers = 0u64;
     while at_end.len() < partitions.len() {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "reading the log took more than 5 minutes");
         match consumer.poll(Duration::from_millis(500)) {
@@ -67,6 +68,11 @@ fn read_log_blocking(settings: &platform::settings::KafkaSettings) -> anyhow::Re
                 let last = by_partition.get(&m.partition()).and_then(|r| r.last()).map(|r| r.position.1);
                 if last.is_some_and(|last| m.offset() <= last) {
                     redelivered += 1;
+                    continue;
+                }
+                if platform::codec::is_barrier(m.headers()) {
+                    // Not an event: a writer closed a transaction Kafka had left open here.
+                    barriers += 1;
                     continue;
                 }
                 let mut h: HashMap<&str, String> = HashMap::new();
@@ -89,10 +95,43 @@ fn read_log_blocking(settings: &platform::settings::KafkaSettings) -> anyhow::Re
             }
         }
     }
+    if barriers > 0 {
+        eprintln!("reading the log: {barriers} barrier(s): a writer closed a transaction that Kafka had left open (see the command APIs' logs)");
+    }
     if redelivered > 0 {
         eprintln!("reading the log: {redelivered} records were delivered again by the client and counted once");
     }
     Ok(by_partition.into_values().flatten().collect())
+}
+
+/// After the run no transaction may be left open on the log: a partition whose last stable offset
+/// stays short of its high watermark hides every record past it from read_committed readers (the
+/// projector, a rebuild, a new writer), however long they wait. Names each such partition.
+pub async fn no_open_transactions(settings: platform::settings::KafkaSettings) -> anyhow::Result<Check> {
+    tokio::task::spawn_blocking(move || {
+        let topic = settings.task_events_topic.clone();
+        let committed: BaseConsumer = platform::kafka::client_config(&settings, "chaos-verify-ends").set("isolation.level", "read_committed").create()?;
+        let written: BaseConsumer = platform::kafka::client_config(&settings, "chaos-verify-ends").set("isolation.level", "read_uncommitted").create()?;
+        let timeout = Duration::from_secs(10);
+        let mut problems = Vec::new();
+        let partitions = platform::kafka::partitions(&committed, &topic, timeout)?;
+        for p in &partitions {
+            let (_, stable) = committed.fetch_watermarks(&topic, *p, timeout)?;
+            let (_, high) = written.fetch_watermarks(&topic, *p, timeout)?;
+            if stable < high {
+                problems.push(format!(
+                    "partition {p}: a transaction is still open at offset {stable} (written to {high}): the {} records past it are invisible to read_committed readers",
+                    high - stable
+                ));
+            }
+        }
+        Ok(check(
+            "no transaction left open on the log",
+            &problems,
+            format!("every partition's last stable offset is its high watermark ({} partitions)", partitions.len()),
+        ))
+    })
+    .await?
 }
 
 /// One named check and what it found.
