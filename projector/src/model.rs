@@ -601,6 +601,19 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_barrier_is_skipped_and_its_offset_passed() {
+        let (payload, headers) = codec::encode_barrier(4, 10, 12);
+        let m = rdkafka::message::OwnedMessage::new(Some(payload), None, "task-events".into(), rdkafka::Timestamp::NotAvailable, 4, 13, Some(headers));
+        let keys = platform::keys::KeyRing::in_memory(platform::keys::Keks::dev());
+        let mut batch = Batch::default();
+        batch.push_message(m, true, &keys).await.unwrap();
+        assert_eq!(batch.len(), 0, "a barrier is not an event");
+        assert!(batch.failed.is_empty() && batch.raw.is_empty(), "nor a record to dead-letter or park");
+        assert_eq!(batch.to.get(&4), Some(&14), "its offset is passed (stored with the rows)");
+        assert!(!batch.is_empty());
+    }
+
     #[test]
     fn a_batch_splits_into_whole_partitions_balanced_by_records_in_their_order() {
         let mut batch = Batch::default();
