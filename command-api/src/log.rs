@@ -130,6 +130,8 @@ pub struct KafkaLog {
     keys: Arc<dyn DataKeys>,
     /// Sees the partition's end as written, open transactions included (made on first use).
     written: Option<Arc<BaseConsumer>>,
+    /// A producer whose `init_transactions` timed out: the next `connect` resumes it.
+    initializing: Option<Arc<BaseProducer<TxnContext>>>,
     /// The last stable offset at which this writer last closed an open transaction with a barrier
     /// (one barrier per stuck offset: if it did not help, the transaction is not this writer's).
     closed_at: Option<i64>,
@@ -137,7 +139,7 @@ pub struct KafkaLog {
 
 impl KafkaLog {
     pub fn new(settings: KafkaLogSettings, partition: i32, keys: Arc<dyn DataKeys>) -> Self {
-        Self { settings, partition, producer: None, snapshot_chunks: 0, keys, written: None, closed_at: None }
+        Self { settings, partition, producer: None, snapshot_chunks: 0, keys, written: None, initializing: None, closed_at: None }
     }
 
     fn op_timeout(&self) -> Duration {
@@ -232,12 +234,28 @@ impl EventLog for KafkaLog {
             .set("queue.buffering.max.messages", "200000");
         // A BaseProducer driven from the appending thread: rdkafka's threaded producers poll on a
         // 100 ms cycle, which made every commit_transaction (it flushes) take ~100 ms.
-        let producer: Arc<BaseProducer<TxnContext>> = Arc::new(cfg.create_with_context(TxnContext::default())?);
+        // A producer whose fencing timed out is asked again: a new one would start the fencing
+        // over (and fence the first one's half-done attempt), so on a slow broker no attempt
+        // ever finished (writes stayed down for minutes after broker kills on a loaded box).
+        let producer: Arc<BaseProducer<TxnContext>> = match self.initializing.take() {
+            Some(p) => p,
+            None => Arc::new(cfg.create_with_context(TxnContext::default())?),
+        };
         let timeout = self.op_timeout();
         let p = producer.clone();
         // Fences the previous owner of the partition (same transactional.id) and completes or
         // aborts its open transaction.
-        tokio::task::spawn_blocking(move || p.init_transactions(timeout)).await.map_err(|e| LogError::Unavailable(e.to_string()))??;
+        let fenced = tokio::task::spawn_blocking(move || p.init_transactions(timeout)).await.map_err(|e| LogError::Unavailable(e.to_string()))?;
+        if let Err(e) = fenced {
+            let retriable = match &e {
+                KafkaError::Transaction(t) => t.is_retriable() && !t.is_fatal(),
+                _ => false,
+            };
+            if retriable {
+                self.initializing = Some(producer);
+            }
+            return Err(e.into());
+        }
         tracing::debug!(transactional_id, "transactional producer ready");
         self.producer = Some(producer);
         Ok(())
