@@ -188,8 +188,23 @@ impl KafkaLog {
     /// longer the partition's owner cannot commit it (its epoch is fenced).
     async fn close_open_transaction(&mut self, open_from: i64, written_to: i64) -> Result<(), LogError> {
         let (payload, headers) = codec::encode_barrier(self.partition, open_from, written_to);
-        let barrier = Outgoing { topic: self.settings.kafka.task_events_topic.clone(), partition: self.partition, key: None, payload: Some(payload), headers };
-        let positions = self.transact(vec![barrier]).await?;
+        let barrier = Outgoing {
+            topic: self.settings.kafka.task_events_topic.clone(),
+            partition: self.partition,
+            key: None,
+            payload: Some(payload),
+            headers: headers.clone(),
+        };
+        // The open transaction also wrote the same partition of task-updates: close it there too,
+        // with a tombstone (a compacted topic needs a key; no task has this one).
+        let updates = Outgoing {
+            topic: self.settings.kafka.updates_topic(),
+            partition: self.partition,
+            key: Some(codec::BARRIER_TYPE.to_owned()),
+            payload: None,
+            headers,
+        };
+        let positions = self.transact(vec![barrier, updates]).await?;
         metrics::counter!("command_api_barriers_total").increment(1);
         tracing::warn!(partition = self.partition, open_from, written_to, barrier = ?positions.first().map(|p| p.offset), "closed the open transaction with a barrier");
         Ok(())

@@ -226,6 +226,17 @@ pub fn asyncapi(topics: &Topics) -> Value {
         }),
     );
     event_refs.insert("log_barrier".into(), json!({"$ref": "#/components/messages/log_barrier"}));
+    messages.insert(
+        "log_barrier_tombstone".into(),
+        json!({
+            "name": "log.barrier.tombstone",
+            "title": "barrier (not a task)",
+            "summary": "Written with a barrier of the log, in the same partition, to close the same open transaction here: a tombstone of the key log.barrier, which no task has. Skip it.",
+            "headers": {"type": "object", "properties": {"ce_type": {"const": crate::codec::BARRIER_TYPE}}, "required": ["ce_type"]},
+            "payload": {"type": "null", "description": "No value (a Kafka tombstone)."},
+            "bindings": kafka_message_binding(json!({"const": crate::codec::BARRIER_TYPE})),
+        }),
+    );
     schemas.insert(format!("{TASK_STATE_TYPE}.v1"), multi_format(&domain::current::TaskView::json_schema()));
     messages.insert(
         "task_state_v1".into(),
@@ -335,7 +346,7 @@ pub fn asyncapi(topics: &Topics) -> Value {
                 "address": topics.updates,
                 "title": "the current state of every task",
                 "description": "Compacted, key = task id: the task's full state after each accepted command, a tombstone when it is deleted. Written in the same Kafka transaction as the events on the log, so the two never disagree (read with isolation.level=read_committed).",
-                "messages": refs(&["task_state_v1", "task_tombstone"]),
+                "messages": refs(&["task_state_v1", "task_tombstone", "log_barrier_tombstone"]),
                 "bindings": channel_binding(&topics.updates, topics.partitions, json!({"cleanup.policy": ["compact"]})),
             },
             "partitionOwners": {
@@ -386,7 +397,7 @@ pub fn asyncapi(topics: &Topics) -> Value {
                 "action": "send",
                 "channel": {"$ref": "#/channels/taskUpdates"},
                 "title": "the command API publishes each task's state with its events",
-                "messages": op_messages("taskUpdates", vec!["task_state_v1".into(), "task_tombstone".into()]),
+                "messages": op_messages("taskUpdates", vec!["task_state_v1".into(), "task_tombstone".into(), "log_barrier_tombstone".into()]),
             },
             "announceOwners": {
                 "action": "send",
