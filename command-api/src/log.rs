@@ -319,7 +319,7 @@ impl EventLog for KafkaLog {
         let find = |wait: Duration| {
             let (consumer, written, topic) = (consumer.clone(), written.clone(), topic.clone());
             async move {
-                tokio::task::spawn_blocking(move || stable_end(&consumer, &written, &topic, partition, wait))
+                tokio::task::spawn_blocking(move || stable_end(&consumer, &written, &topic, partition, wait, timeout))
                     .await
                     .map_err(|e| LogError::Unavailable(e.to_string()))?
             }
@@ -568,14 +568,21 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
         .collect()
 }
 
-/// The offset the partition is written to, once no transaction is open on it: the writer calls
-/// this after fencing (which completes or aborts the previous owner's transaction), so the last
-/// stable offset is the end. Should a transaction still be open, reading now would miss it if it
-/// then commits, and the writer would decide on a state without its events: wait until it is
-/// resolved (within `timeout`, else the partition is unavailable and the restore is retried).
-fn stable_end(committed: &BaseConsumer<QuietEof>, written: &BaseConsumer, topic: &str, partition: i32, wait: Duration) -> Result<End, LogError> {
+/// Where the partition ends for the restore: the writer calls this after fencing (which completes
+/// or aborts the previous owner's transaction), so the last stable offset is normally the end.
+/// Should a transaction still be open, reading now would miss it if it then commits, and the writer
+/// would decide on a state without its events: wait up to `wait` for it to close, else answer
+/// [`End::Open`] (the caller closes it or stays unavailable). Each offset query may take up to
+/// `timeout`.
+fn stable_end(
+    committed: &BaseConsumer<QuietEof>,
+    written: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    wait: Duration,
+    timeout: Duration,
+) -> Result<End, LogError> {
     let started = Instant::now();
-    let timeout = wait.max(Duration::from_secs(1));
     let mut warned = false;
     loop {
         let (_, stable) = committed.fetch_watermarks(topic, partition, timeout)?;
