@@ -364,7 +364,7 @@ async fn txn_probe(ctx: &Ctx) -> anyhow::Result<()> {
     cfg.set("transactional.id", format!("probe-{}", uuid::Uuid::new_v4())).set("linger.ms", "1");
     if let Ok(d) = std::env::var("PROBE_DEBUG") {
         platform::telemetry::init("loadgen");
-        cfg.set("debug", d);
+        cfg.set("debug", d).set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
     }
     for kv in std::env::var("PROBE_CONFIG").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
         if let Some((k, v)) = kv.split_once('=') {
