@@ -289,6 +289,30 @@ pub struct NotificationRow {
 pub struct Effects {
     pub reactions: Vec<Reaction>,
     pub notifications: Vec<NotificationRow>,
+    /// The folded records (their indices, ascending) whose task has no row to apply them to: its
+    /// `task.created` was never projected (sealed with a key destroyed before it was read: the
+    /// task was erased with its user) or the task was deleted. They leave no trace, not even in
+    /// the history: an erased task's later events carry no personal field and decode.
+    pub orphans: Vec<usize>,
+}
+
+impl Effects {
+    /// The records of `folded` (the batch this was folded from) that were applied to a row.
+    pub fn projected<'a>(&self, folded: &'a [Recorded]) -> Vec<&'a Recorded> {
+        let mut orphans = self.orphans.iter().peekable();
+        folded
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let orphan = orphans.peek() == Some(&i);
+                if orphan {
+                    orphans.next();
+                }
+                !orphan
+            })
+            .map(|(_, r)| r)
+            .collect()
+    }
 }
 
 /// The next occurrence of a recurring task completed by `env`, as a CreateTask command.
@@ -461,8 +485,16 @@ pub fn fold(loaded: HashMap<TaskId, TaskRow>, batch: &[Recorded]) -> HashMap<Tas
 pub fn fold_with_effects(loaded: HashMap<TaskId, TaskRow>, batch: &[Recorded]) -> (HashMap<TaskId, Option<RowState>>, Effects) {
     let mut rows: HashMap<TaskId, Option<RowState>> = loaded.into_iter().map(|(k, v)| (k, Some(RowState::Present(v)))).collect();
     let mut effects = Effects::default();
-    for rec in batch {
+    for (i, rec) in batch.iter().enumerate() {
         let slot = rows.entry(rec.envelope.subject).or_insert(None);
+        let orphan = match slot {
+            Some(RowState::Present(_)) => false,
+            None => !matches!(rec.envelope.event, TaskEvent::Created(_)),
+            Some(RowState::Removed) => true,
+        };
+        if orphan {
+            effects.orphans.push(i);
+        }
         *slot = apply_with_effects(slot.take(), &rec.envelope, &mut effects);
     }
     (rows, effects)
@@ -752,6 +784,21 @@ mod tests {
         let Some(Some(RowState::Present(row))) = rows.get(&task).cloned() else { panic!() };
         let (_, again) = fold_with_effects(HashMap::from([(task, row)]), &batch[1..]);
         assert!(again.reactions.is_empty() && again.notifications.is_empty());
+    }
+
+    #[test]
+    fn events_of_a_task_without_a_row_are_orphans_and_only_the_others_are_projected() {
+        // Task 1 was never projected (its creation erased); task 2 is created here, then deleted.
+        let batch = vec![env(1, 2, TaskEvent::Completed), env(2, 1, created()), env(2, 2, TaskEvent::Deleted), env(1, 3, TaskEvent::Deleted)];
+        let (rows, effects) = fold_with_effects(HashMap::new(), &batch);
+        assert_eq!(effects.orphans, [0, 3]);
+        let projected: Vec<(u128, u32)> =
+            effects.projected(&batch).iter().map(|r| (r.envelope.subject.as_uuid().as_u128(), r.envelope.meta.sequence)).collect();
+        assert_eq!(projected, [(2, 1), (2, 2)]);
+        assert_eq!(rows.get(&TaskId::from_uuid(Uuid::from_u128(1))), Some(&None), "no row for the erased task");
+        // An event after the deletion has nothing to apply to either.
+        let (_, after) = fold_with_effects(HashMap::new(), &[env(2, 1, created()), env(2, 2, TaskEvent::Deleted), env(2, 3, TaskEvent::Reopened)]);
+        assert_eq!(after.orphans, [2]);
     }
 
     fn any_history() -> impl Strategy<Value = Vec<Recorded>> {

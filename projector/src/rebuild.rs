@@ -30,7 +30,7 @@ use platform::position::Position;
 use platform::retry::Policy;
 use platform::settings::{DatabaseSettings, KafkaSettings};
 
-use crate::model::{Batch, NotificationRow, TaskTable};
+use crate::model::{Batch, Effects, TaskTable};
 use crate::store::{self, ApplyMode, StoreError, PROJECTIONS, REBUILD_LOCK_KEY};
 
 /// Where the copies are built.
@@ -530,9 +530,9 @@ impl Replay {
                 // in its transaction first, and the rows it deleted leave the table after it.
                 self.settle().await?;
                 let table = self.bulk.as_mut().expect("in the bulk phase");
-                let notifications = table.fold(&batch.tasks).notifications;
+                let effects = table.fold(&batch.tasks);
                 let shadow = &self.shadow;
-                let erased = retrying(|| store::apply_bulk(shadow, &batch, &notifications, Some(&*table))).await?;
+                let erased = retrying(|| store::apply_bulk(shadow, &batch, &effects, Some(&*table))).await?;
                 table.mark_written();
                 table.forget(&erased);
                 self.events += batch.len() as u64;
@@ -540,12 +540,12 @@ impl Replay {
             }
             Some(table) => {
                 // Folded onto the table while the previous batch is written (which does not use it).
-                let parts: Vec<(Batch, Vec<NotificationRow>)> = batch
+                let parts: Vec<(Batch, Effects)> = batch
                     .split_by_partition(self.ways)
                     .into_iter()
                     .map(|part| {
-                        let notifications = table.fold(&part.tasks).notifications;
-                        (part, notifications)
+                        let effects = table.fold(&part.tasks);
+                        (part, effects)
                     })
                     .collect();
                 self.settle().await?;
@@ -604,11 +604,11 @@ async fn apply_parts(shadow: &PgPool, topic: &str, batch: Batch, from: &HashMap<
     futures::future::join_all(runs).await.into_iter().collect()
 }
 
-/// The bulk phase's [`apply_parts`]: each part (with the notifications its fold produced) in its
-/// own transaction, all at once.
-async fn apply_bulk_parts(shadow: &PgPool, parts: Vec<(Batch, Vec<NotificationRow>)>) -> anyhow::Result<Vec<Batch>> {
-    let runs = parts.into_iter().map(|(part, notifications)| async move {
-        retrying(|| store::apply_bulk(shadow, &part, &notifications, None)).await?;
+/// The bulk phase's [`apply_parts`]: each part (with what its fold produced) in its own
+/// transaction, all at once.
+async fn apply_bulk_parts(shadow: &PgPool, parts: Vec<(Batch, Effects)>) -> anyhow::Result<Vec<Batch>> {
+    let runs = parts.into_iter().map(|(part, effects)| async move {
+        retrying(|| store::apply_bulk(shadow, &part, &effects, None)).await?;
         Ok(part)
     });
     futures::future::join_all(runs).await.into_iter().collect()

@@ -151,26 +151,31 @@ pub async fn apply_records(tx: &mut Transaction<'_, Postgres>, batch: &Batch, mo
     ids.sort_unstable();
     ids.dedup();
     let loaded = load_rows(tx, &ids, mode).await?;
-    let (folded, Effects { reactions, notifications }) = crate::model::fold_with_effects(loaded, &batch.tasks);
+    let (folded, effects) = crate::model::fold_with_effects(loaded, &batch.tasks);
     write_schedule(tx, &ids, &folded).await?;
     write_tasks(tx, folded).await?;
-    write_history(tx, &batch.tasks).await?;
+    let projected = effects.projected(&batch.tasks);
+    write_history(tx, &projected).await?;
+    // What the task records produced goes in before the user events: an erasure among them then
+    // finds (and deletes) the notifications and reactions of its own batch as well.
+    write_notifications(tx, &effects.notifications).await?;
+    let reactions = match mode {
+        ApplyMode::Live => write_outbox(tx, &effects.reactions).await?,
+        ApplyMode::Replay => 0,
+    };
     write_user_events(tx, &batch.users, mode).await?;
-    write_notifications(tx, &notifications).await?;
     let applied = match mode {
-        ApplyMode::Live => {
-            Applied { reactions: write_outbox(tx, &reactions).await?, deliveries: enqueue_deliveries(tx, &notifications).await?, ..Applied::default() }
-        }
+        ApplyMode::Live => Applied { reactions, deliveries: enqueue_deliveries(tx, &effects.notifications).await?, ..Applied::default() },
         ApplyMode::Replay => Applied::default(),
     };
     if mode == ApplyMode::Live {
-        announce_changes(tx, &batch.tasks, &notifications).await?;
+        announce_changes(tx, &projected, &effects.notifications).await?;
     }
     Ok(applied)
 }
 
 /// NOTIFYs (delivered at commit, so a subscriber that re-queries sees the change) for live updates.
-async fn announce_changes(tx: &mut Transaction<'_, Postgres>, tasks: &[Recorded], notifications: &[NotificationRow]) -> Result<(), sqlx::Error> {
+async fn announce_changes(tx: &mut Transaction<'_, Postgres>, tasks: &[&Recorded], notifications: &[NotificationRow]) -> Result<(), sqlx::Error> {
     let changes: Vec<serde_json::Value> = tasks
         .iter()
         .map(|r| {
@@ -252,7 +257,8 @@ async fn write_user_events(tx: &mut Transaction<'_, Postgres>, users: &[Recorded
     Ok(erased)
 }
 
-/// One delivery per new notification whose user has a webhook registered.
+/// One delivery per new notification whose user has a webhook registered (none for a notification
+/// an erasure of the same batch deleted).
 async fn enqueue_deliveries(tx: &mut Transaction<'_, Postgres>, rows: &[NotificationRow]) -> Result<usize, sqlx::Error> {
     if rows.is_empty() {
         return Ok(0);
@@ -275,6 +281,7 @@ async fn enqueue_deliveries(tx: &mut Transaction<'_, Postgres>, rows: &[Notifica
         "INSERT INTO webhook_deliveries (id, notification_id, user_id, url, payload)
          SELECT v.id, v.id, v.user_id, w.url, v.payload
          FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS v(id, user_id, payload)
+         JOIN notifications n ON n.id = v.id
          JOIN webhooks w ON w.user_id = v.user_id AND w.url IS NOT NULL
          ON CONFLICT (id) DO NOTHING",
     )
@@ -558,7 +565,7 @@ impl HistoryRow {
     }
 }
 
-async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -> Result<(), sqlx::Error> {
+async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[&Recorded]) -> Result<(), sqlx::Error> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -620,7 +627,7 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -
 /// `write_history` with COPY, for a rebuild's bulk phase: the same rows, but a record whose event
 /// (or task and version) is there already fails the COPY with a unique violation instead of being
 /// skipped (`apply_bulk` then writes the batch again with `write_history`).
-async fn copy_history(tx: &mut Transaction<'_, Postgres>, batch: &[Recorded]) -> Result<(), sqlx::Error> {
+async fn copy_history(tx: &mut Transaction<'_, Postgres>, batch: &[&Recorded]) -> Result<(), sqlx::Error> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -702,28 +709,30 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 /// A replayed batch in a rebuild's bulk phase, in one transaction: its history (with COPY), user
 /// events and notifications as every batch writes them. Its task rows are not written: the caller
-/// has folded them onto its [`TaskTable`], and `notifications` are what that fold produced. No
+/// has folded them onto its [`TaskTable`], and `effects` are what that fold produced. No
 /// offsets move (`flush_bulk` sets them when the phase ends).
 ///
 /// With `table` (a batch with an erasure), the table's changed rows are written first, so the
 /// erasure finds in PostgreSQL the rows it deletes; returns their ids, for the caller to drop from
 /// the table (and to mark the rest written) once this has committed.
-pub async fn apply_bulk(pool: &PgPool, batch: &Batch, notifications: &[NotificationRow], table: Option<&TaskTable>) -> Result<Vec<Uuid>, StoreError> {
+pub async fn apply_bulk(pool: &PgPool, batch: &Batch, effects: &Effects, table: Option<&TaskTable>) -> Result<Vec<Uuid>, StoreError> {
+    let history = effects.projected(&batch.tasks);
     let mut tx = pool.begin().await?;
-    if let Err(e) = copy_history(&mut tx, &batch.tasks).await {
+    if let Err(e) = copy_history(&mut tx, &history).await {
         if !is_unique_violation(&e) {
             return Err(e.into());
         }
         // The log repeats an event (or a task's version): what the insert would have skipped.
         tx.rollback().await?;
         tx = pool.begin().await?;
-        write_history(&mut tx, &batch.tasks).await?;
+        write_history(&mut tx, &history).await?;
     }
     if let Some(table) = table {
         write_dirty(&mut tx, table.dirty()).await?;
     }
+    // Before the user events, as `apply_records` does: an erasure deletes its batch's notifications too.
+    write_notifications(&mut tx, &effects.notifications).await?;
     let erased = write_user_events(&mut tx, &batch.users, ApplyMode::Replay).await?;
-    write_notifications(&mut tx, notifications).await?;
     tx.commit().await?;
     Ok(erased)
 }

@@ -209,8 +209,8 @@ async fn the_bulk_phase_writes_the_tables_that_applying_each_batch_writes() {
     let mut at = HashMap::new();
     for batch in &log.batches {
         let erases = batch.users.iter().any(|u| matches!(u.envelope.event, UserEvent::Erased(_)));
-        let notifications = table.fold(&batch.tasks).notifications;
-        let erased = store::apply_bulk(&db.pool, batch, &notifications, erases.then_some(&table)).await.unwrap();
+        let effects = table.fold(&batch.tasks);
+        let erased = store::apply_bulk(&db.pool, batch, &effects, erases.then_some(&table)).await.unwrap();
         if erases {
             assert_eq!(erased.len(), 3, "the erasure deletes Carol's legacy tasks: {erased:?}");
             table.mark_written();
