@@ -287,18 +287,6 @@ pub fn decode<E: DomainEvent, H: Headers>(
     Ok(Envelope::from_data(&p.subject, p.meta, &p.event_type, p.version, &data)?)
 }
 
-/// The user a record belongs to (`ce_userid`) and the data key that sealed it (`ce_datakey`), read
-/// from the headers alone (what an erased record still tells).
-pub fn owner_of<H: Headers>(headers: Option<&H>) -> (Option<String>, Option<Uuid>) {
-    let mut get = HeaderMap::default();
-    if let Some(headers) = headers {
-        for h in headers.iter() {
-            get.set(h.key, h.value);
-        }
-    }
-    (get.optional("ce_userid"), get.optional(DATA_KEY_HEADER).and_then(|k| Uuid::parse_str(&k).ok()))
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("missing header {0}")]
@@ -484,7 +472,6 @@ mod tests {
         assert_eq!(h[DATA_KEY_HEADER], key.id.to_string().as_bytes());
         env.meta.data_key = Some(key.id);
         assert_eq!(decode(Some(enc.key.as_bytes()), Some(&enc.headers), Some(&enc.payload), &*ring), Ok(env.clone()));
-        assert_eq!(owner_of(Some(&enc.headers)), (Some("alice".to_owned()), Some(key.id)));
         // The state record is sealed too.
         let view = domain::current::TaskView::next(None, &env).unwrap();
         let state = encode_state(&env, Some(&view), Some(&key));

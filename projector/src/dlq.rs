@@ -462,11 +462,8 @@ pub async fn release(pool: &PgPool, sink: &DeadLetterSink, id: i64, how: Release
 /// Applies one stored record inside a savepoint: `Ok(Err(..))` when it cannot be decoded or applied
 /// (the savepoint is rolled back), `Err` for a transient failure.
 async fn apply_one(tx: &mut Transaction<'_, Postgres>, raw: &RawRecord, keys: &KeyRing) -> Result<Result<(), String>, StoreError> {
-    if let Some(k) = raw.data_key() {
-        keys.settle(&k).await.map_err(|e| StoreError::Keys(e.to_string()))?;
-    }
     let mut batch = Batch::default();
-    batch.push(raw.clone(), keys);
+    batch.push(raw.clone(), keys).await.map_err(|e| StoreError::Keys(e.to_string()))?;
     if let Some(f) = batch.failed.pop() {
         return Ok(Err(f.error));
     }

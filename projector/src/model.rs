@@ -80,11 +80,6 @@ impl RawRecord {
         }
         headers
     }
-
-    /// The data key that sealed the record (`ce_datakey`), if any.
-    pub fn data_key(&self) -> Option<Uuid> {
-        codec::owner_of(Some(&self.headers())).1
-    }
 }
 
 /// A record that could not be decoded or applied, on its way to the dead letters.
@@ -92,6 +87,22 @@ impl RawRecord {
 pub struct FailedRecord {
     pub raw: RawRecord,
     pub error: String,
+}
+
+/// Decodes a record. A data key not known here yet was stored before the record was appended, so
+/// on that miss (only) the keys topic is read to its end and the record decoded again; a key that
+/// is still unknown then was destroyed (the record is erased).
+async fn decode_settling(
+    keys: &KeyRing,
+    decode: impl Fn() -> Result<codec::Record, codec::DecodeError>,
+) -> Result<Result<codec::Record, codec::DecodeError>, KeyError> {
+    let decoded = decode();
+    if let Err(codec::DecodeError::Erased(id)) = &decoded {
+        if keys.settle(id).await? {
+            return Ok(decode());
+        }
+    }
+    Ok(decoded)
 }
 
 /// What one transaction applies: task and user-level records, in log order within each partition.
@@ -119,17 +130,18 @@ impl Batch {
         self.to.is_empty()
     }
 
-    /// Adds a stored record (a dead letter or a parked record being released). The caller has
-    /// settled its data key (`KeyRing::settle`).
-    pub fn push(&mut self, raw: RawRecord, keys: &KeyRing) {
+    /// Adds a stored record (a dead letter or a parked record being released). `Err` only when the
+    /// keys topic could not be read.
+    pub async fn push(&mut self, raw: RawRecord, keys: &KeyRing) -> Result<(), KeyError> {
         let position = raw.position;
         self.to.insert(position.partition, position.offset + 1);
-        match raw.decode(keys) {
+        match decode_settling(keys, || raw.decode(keys)).await? {
             Ok(record) => self.push_decoded(position, record, keys),
             Err(codec::DecodeError::Erased(_)) => self.erased += 1,
             Err(codec::DecodeError::Barrier) => {}
             Err(e) => self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw }),
         }
+        Ok(())
     }
 
     /// Adds a record read from the log; `keep_raw` keeps the message for parking (live mode). `Err`
@@ -138,15 +150,7 @@ impl Batch {
         use rdkafka::message::Message;
         let position = Position { partition: m.partition(), offset: m.offset() };
         self.to.insert(position.partition, position.offset + 1);
-        let mut decoded = codec::decode_record(m.key(), m.headers(), m.payload(), keys);
-        // A key not known here yet: it was stored before the record was appended, so read the keys
-        // topic to its end and decode again (only on this miss; a known key decodes once).
-        if let Err(codec::DecodeError::Erased(id)) = &decoded {
-            if keys.settle(id).await? {
-                decoded = codec::decode_record(m.key(), m.headers(), m.payload(), keys);
-            }
-        }
-        match decoded {
+        match decode_settling(keys, || codec::decode_record(m.key(), m.headers(), m.payload(), keys)).await? {
             Ok(record) => self.push_decoded(position, record, keys),
             Err(codec::DecodeError::Erased(_)) => {
                 self.erased += 1;
