@@ -93,13 +93,26 @@ async fn run(state: &AppState, caller: AuthUser, headers: CommandHeaders, digest
         }
         _ => return Err(ApiError::Unavailable(format!("partition {partition} has no owner right now (it is moving to another instance); retry shortly"))),
     };
+    // An Idempotency-Key's request digest is keyed with the user's data key (see `RequestDigest`),
+    // which the writer needs anyway; an erasure makes none (it seals nothing).
+    let digest = if headers.idempotency_key.is_some() {
+        let actor = cmd.actor().as_ref().to_owned();
+        let key = if crate::writer::is_erasure(&cmd) {
+            state.keys.current(&actor)
+        } else {
+            Some(state.keys.ensure(&actor).await.map_err(|e| ApiError::Unavailable(format!("the user's data key is not available: {e}")))?)
+        };
+        digest.keyed_with(key.as_deref())
+    } else {
+        digest
+    };
     let request_id = Uuid::new_v4().to_string();
     let causation_id = headers.causation_id.filter(|_| caller.is_service()).unwrap_or_else(|| request_id.clone());
     let meta = CommandMeta {
         correlation_id: Some(headers.correlation_id.unwrap_or_else(|| request_id.clone())),
         causation_id: Some(causation_id),
         traceparent: headers.traceparent,
-        idempotency: headers.idempotency_key.clone().map(|key| IdempotencyTag { key, request_digest: digest.digest.clone() }),
+        idempotency: headers.idempotency_key.clone().map(|key| IdempotencyTag { key, request_digest: digest.recorded().to_owned() }),
     };
     if let Some(c) = &meta.correlation_id {
         tracing::Span::current().record("correlation_id", c.as_str());

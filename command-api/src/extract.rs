@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use domain::{TaskId, UserId};
 use platform::auth::{Caller, JwtAuth};
+use platform::keys::DataKey;
 
 use crate::error::ApiError;
 
@@ -250,25 +251,50 @@ impl CommandRoute {
     /// The digest of this request (method, path, `If-Match` when the command honours it, canonical body).
     pub fn digest(&self, if_match: Option<u32>, body: &[u8]) -> RequestDigest {
         RequestDigest {
-            digest: request_digest(self.method.as_str(), &self.path, if_match, body),
+            plain: request_digest(self.method.as_str(), &self.path, if_match, body),
             lowercase_method: request_digest(&self.method.as_str().to_ascii_lowercase(), &self.path, if_match, body),
+            keyed: None,
         }
     }
 }
 
 /// What identifies a request under an Idempotency-Key: the same key with another request is refused.
+///
+/// The request's body holds personal data (a title, a description), and the digest is recorded in
+/// the log, which outlives an erasure: a plain hash of a short body could be confirmed by guessing.
+/// So what is recorded is keyed with the user's data key ([`RequestDigest::keyed_with`]): after an
+/// erasure destroys the key, nobody can check a guess against it.
 #[derive(Debug, Clone)]
 pub struct RequestDigest {
-    /// Recorded with the command's events (`ce_requestdigest`).
-    pub digest: String,
-    /// The same digest with the method in lower case, as earlier versions recorded it for
+    /// SHA-256 of the request (never recorded now; what earlier versions recorded).
+    plain: String,
+    /// The same with the method in lower case, as earlier versions recorded it for
     /// complete/reopen/delete, so that a retry across an upgrade is still recognised.
     lowercase_method: String,
+    /// HMAC-SHA256 of `plain` under a key derived from the user's data key.
+    keyed: Option<String>,
 }
 
+/// The purpose a data key is derived for to key request digests (`DataKey::mac_hex`).
+const DIGEST_PURPOSE: &str = "taskstream request digest v1";
+
 impl RequestDigest {
+    /// Keyed with the user's data key (`None`: the user has none, e.g. an erasure's own request,
+    /// which carries no personal data: then the plain digest is recorded).
+    pub fn keyed_with(mut self, key: Option<&DataKey>) -> Self {
+        self.keyed = key.map(|k| k.mac_hex(DIGEST_PURPOSE, self.plain.as_bytes()));
+        self
+    }
+
+    /// Recorded with the command's events (`ce_requestdigest`) and kept with its answer.
+    pub fn recorded(&self) -> &str {
+        self.keyed.as_deref().unwrap_or(&self.plain)
+    }
+
+    /// Whether `recorded` (kept with an earlier answer under the same Idempotency-Key) is this
+    /// request's digest, as this version or an earlier one recorded it.
     pub fn matches(&self, recorded: &str) -> bool {
-        recorded == self.digest || recorded == self.lowercase_method
+        self.keyed.as_deref() == Some(recorded) || recorded == self.plain || recorded == self.lowercase_method
     }
 }
 
@@ -287,6 +313,24 @@ fn request_digest(method: &str, path: &str, if_match: Option<u32>, body: &[u8]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_recorded_request_digest_is_keyed_with_the_users_data_key_and_earlier_ones_still_match() {
+        let ring = platform::keys::KeyRing::in_memory(platform::keys::Keks::dev());
+        let (alice, bob) = (ring.ensure("alice").await.unwrap(), ring.ensure("bob").await.unwrap());
+        let route = CommandRoute { method: Method::POST, path: "/v1/tasks".into() };
+        let digest = route.digest(None, br#"{"title":"see the doctor"}"#);
+        let plain = digest.recorded().to_owned();
+        assert_eq!(plain.len(), 64);
+        let keyed = digest.clone().keyed_with(Some(&alice));
+        assert_eq!(keyed.recorded().len(), 64, "hex HMAC-SHA256");
+        assert_ne!(keyed.recorded(), plain, "not the plain hash, which a guess could confirm");
+        assert_ne!(digest.clone().keyed_with(Some(&bob)).recorded(), keyed.recorded(), "another key, another digest");
+        assert!(keyed.matches(keyed.recorded()));
+        assert!(keyed.matches(&plain), "a digest recorded by an earlier version still matches");
+        assert!(!keyed.matches(route.digest(None, br#"{"title":"other"}"#).keyed_with(Some(&alice)).recorded()));
+        assert_eq!(digest.keyed_with(None).recorded(), plain, "no data key (an erasure's request): the plain digest");
+    }
 
     #[test]
     fn traceparent_shape() {

@@ -68,7 +68,7 @@ impl IdempotencyCache {
         };
         let init = async {
             let answer = command.await?;
-            Ok::<_, ApiError>(Arc::new(Stored { request_digest: digest.digest.clone(), answer }))
+            Ok::<_, ApiError>(Arc::new(Stored { request_digest: digest.recorded().to_owned(), answer }))
         };
         match self.cache.entry((user.clone(), key.to_owned())).or_try_insert_with(init).await {
             Ok(entry) if entry.is_fresh() => Ok(Executed { answer: entry.value().answer.clone(), replayed: false }),

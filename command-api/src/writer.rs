@@ -113,6 +113,11 @@ impl Default for WriterConfig {
     }
 }
 
+/// An erasure seals nothing, so it needs no data key (and must not make one for the user it erases).
+pub fn is_erasure(cmd: &AnyCommand) -> bool {
+    matches!(cmd, AnyCommand::User(domain::user::UserCommand { kind: domain::user::UserCommandKind::Erase { .. }, .. }))
+}
+
 /// Handle of one partition's writer, used by the HTTP layer.
 #[derive(Clone)]
 pub struct Writer {
@@ -190,8 +195,7 @@ impl Writer {
         // The user's data key exists (durably) before their command is decided: the writer seals
         // with it without waiting.
         // (An erasure needs none: it seals nothing.)
-        let erasure = matches!(&cmd, AnyCommand::User(domain::user::UserCommand { kind: domain::user::UserCommandKind::Erase { .. }, .. }));
-        if !erasure {
+        if !is_erasure(&cmd) {
             self.keys.ensure(cmd.actor().as_ref()).await.map_err(|e| WriteError::Unavailable(e.to_string()))?;
         }
         let (reply, rx) = oneshot::channel();

@@ -123,7 +123,7 @@ fn cloudevents_headers(event_type: &str, version: u32, subject: Value, data_requ
     p.insert("ce_causationid".into(), string("Extension: what caused the event (the request id, or the id of the event a reaction answered)."));
     p.insert("traceparent".into(), json!({"type": "string", "description": "W3C trace context, when tracing is on."}));
     p.insert("ce_idempotencykey".into(), string("Extension: the Idempotency-Key of the command, when it had one."));
-    p.insert("ce_requestdigest".into(), string("Extension: the digest of the request that carried ce_idempotencykey."));
+    p.insert("ce_requestdigest".into(), string("Extension: the digest of the request that carried ce_idempotencykey: hex HMAC-SHA256 under a key derived from the user's data key (plain SHA-256 in records of earlier versions)."));
     p.insert(
         "ce_datakey".into(),
         json!({"type": "string", "format": "uuid", "description": "Extension: the user's data key that sealed the personal fields of the data (titles, descriptions, tags, webhook URL and secret: each string is sealed:v1:<base64url(nonce | AES-256-GCM ciphertext | tag)>). Absent when nothing is sealed. A record whose key is destroyed (the user was erased) is unreadable: treat it as erased."}),

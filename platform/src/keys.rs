@@ -260,6 +260,14 @@ impl DataKey {
         Self { id, user: user.to_owned(), key: aead_key(&raw), raw, aad }
     }
 
+    /// HMAC-SHA256 of `data` under a key derived from this data key for `purpose` (never the
+    /// sealing key itself), hex. What it authenticates can be checked only while the key exists:
+    /// once an erasure destroys it, nobody can confirm a guess at the data.
+    pub fn mac_hex(&self, purpose: &str, data: &[u8]) -> String {
+        let derived = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.raw), purpose.as_bytes());
+        hex::encode(ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref()), data).as_ref())
+    }
+
     /// `sealed:v1:<base64url(nonce | ciphertext | tag)>`.
     pub fn seal(&self, plaintext: &str) -> String {
         let sealed = RNG.with(|rng| seal_bytes(&self.key, rng, &self.aad, plaintext.as_bytes()));
