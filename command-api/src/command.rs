@@ -8,6 +8,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use domain::{AnyCommand, Command, CommandKind, IdempotencyTag, TaskId};
+use platform::keys::DataKeys as _;
 
 use crate::cluster::Route;
 use crate::error::ApiError;
@@ -97,12 +98,14 @@ async fn run(state: &AppState, caller: AuthUser, headers: CommandHeaders, digest
     // which the writer needs anyway; an erasure makes none (it seals nothing).
     let digest = if headers.idempotency_key.is_some() {
         let actor = cmd.actor().as_ref().to_owned();
-        let key = if crate::writer::is_erasure(&cmd) {
+        let current = if crate::writer::is_erasure(&cmd) {
             state.keys.current(&actor)
         } else {
             Some(state.keys.ensure(&actor).await.map_err(|e| ApiError::Unavailable(format!("the user's data key is not available: {e}")))?)
         };
-        digest.keyed_with(key.as_deref())
+        let others = state.keys.keys_of(&actor).into_iter().filter(|id| current.as_ref().is_none_or(|c| c.id != *id));
+        let others: Vec<_> = others.filter_map(|id| state.keys.data_key(&id).ok()).collect();
+        digest.keyed_with(current.iter().chain(&others).map(|k| &**k))
     } else {
         digest
     };

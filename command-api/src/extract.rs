@@ -253,7 +253,7 @@ impl CommandRoute {
         RequestDigest {
             plain: request_digest(self.method.as_str(), &self.path, if_match, body),
             lowercase_method: request_digest(&self.method.as_str().to_ascii_lowercase(), &self.path, if_match, body),
-            keyed: None,
+            keyed: Vec::new(),
         }
     }
 }
@@ -271,30 +271,33 @@ pub struct RequestDigest {
     /// The same with the method in lower case, as earlier versions recorded it for
     /// complete/reopen/delete, so that a retry across an upgrade is still recognised.
     lowercase_method: String,
-    /// HMAC-SHA256 of `plain` under a key derived from the user's data key.
-    keyed: Option<String>,
+    /// HMAC-SHA256 of `plain` under a key derived from each of the user's data keys, the current
+    /// one first (the one recorded).
+    keyed: Vec<String>,
 }
 
 /// The purpose a data key is derived for to key request digests (`DataKey::mac_hex`).
 const DIGEST_PURPOSE: &str = "taskstream request digest v1";
 
 impl RequestDigest {
-    /// Keyed with the user's data key (`None`: the user has none, e.g. an erasure's own request,
-    /// which carries no personal data: then the plain digest is recorded).
-    pub fn keyed_with(mut self, key: Option<&DataKey>) -> Self {
-        self.keyed = key.map(|k| k.mac_hex(DIGEST_PURPOSE, self.plain.as_bytes()));
+    /// Keyed with the user's data keys: the first is recorded, any of them matches (a user made
+    /// at once on two instances has two keys, and each instance may call another one current).
+    /// None (e.g. an erasure's own request, which carries no personal data): the plain digest is
+    /// recorded.
+    pub fn keyed_with<'k>(mut self, keys: impl IntoIterator<Item = &'k DataKey>) -> Self {
+        self.keyed = keys.into_iter().map(|k| k.mac_hex(DIGEST_PURPOSE, self.plain.as_bytes())).collect();
         self
     }
 
     /// Recorded with the command's events (`ce_requestdigest`) and kept with its answer.
     pub fn recorded(&self) -> &str {
-        self.keyed.as_deref().unwrap_or(&self.plain)
+        self.keyed.first().unwrap_or(&self.plain)
     }
 
     /// Whether `recorded` (kept with an earlier answer under the same Idempotency-Key) is this
     /// request's digest, as this version or an earlier one recorded it.
     pub fn matches(&self, recorded: &str) -> bool {
-        self.keyed.as_deref() == Some(recorded) || recorded == self.plain || recorded == self.lowercase_method
+        self.keyed.iter().any(|k| k == recorded) || recorded == self.plain || recorded == self.lowercase_method
     }
 }
 
@@ -322,14 +325,16 @@ mod tests {
         let digest = route.digest(None, br#"{"title":"see the doctor"}"#);
         let plain = digest.recorded().to_owned();
         assert_eq!(plain.len(), 64);
-        let keyed = digest.clone().keyed_with(Some(&alice));
+        let keyed = digest.clone().keyed_with([&*alice]);
         assert_eq!(keyed.recorded().len(), 64, "hex HMAC-SHA256");
         assert_ne!(keyed.recorded(), plain, "not the plain hash, which a guess could confirm");
-        assert_ne!(digest.clone().keyed_with(Some(&bob)).recorded(), keyed.recorded(), "another key, another digest");
+        assert_ne!(digest.clone().keyed_with([&*bob]).recorded(), keyed.recorded(), "another key, another digest");
         assert!(keyed.matches(keyed.recorded()));
         assert!(keyed.matches(&plain), "a digest recorded by an earlier version still matches");
-        assert!(!keyed.matches(route.digest(None, br#"{"title":"other"}"#).keyed_with(Some(&alice)).recorded()));
-        assert_eq!(digest.keyed_with(None).recorded(), plain, "no data key (an erasure's request): the plain digest");
+        assert!(!keyed.matches(route.digest(None, br#"{"title":"other"}"#).keyed_with([&*alice]).recorded()));
+        let both = digest.clone().keyed_with([&*bob, &*alice]);
+        assert!(both.matches(keyed.recorded()) && both.recorded() != keyed.recorded(), "any of the user's keys matches; the first is recorded");
+        assert_eq!(digest.keyed_with([]).recorded(), plain, "no data key (an erasure's request): the plain digest");
     }
 
     #[test]
