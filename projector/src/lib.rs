@@ -256,7 +256,8 @@ impl Application {
         // The service key only signs; user tokens are never verified here.
         let service_auth = JwtAuth::new(&Secret::new(uuid::Uuid::new_v4().to_string())).with_service_secret(self.settings.service_jwt_secret.as_ref());
         let reactor = reactor::Reactor::new(self.pool.clone(), self.settings.command_api_url.clone(), service_auth, self.settings.webhook_allow_private)?
-            .claiming_as(&self.instance().id);
+            .claiming_as(&self.instance().id)
+            .with_keys(self.keys.clone());
         let wake = reactor.wake.clone();
         let membership = Arc::new(group::Membership::default());
         let runner = Runner::new(

@@ -89,6 +89,24 @@ pub struct FailedRecord {
     pub error: String,
 }
 
+/// A webhook's signing secret stays sealed in the read model, exactly as the log holds it (so a
+/// rebuild writes the same value); the deliverer opens it to sign (`webhooks::open_secret`). A
+/// registration written before sealing keeps its plain secret.
+fn keep_secret_sealed(mut record: codec::Record, payload: Option<&[u8]>) -> codec::Record {
+    if let codec::Record::User(Envelope { event: UserEvent::WebhookRegistered(w), meta, .. }) = &mut record {
+        if meta.data_key.is_some() {
+            let sealed = payload.and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok()).and_then(|data| match data.get("signing_secret") {
+                Some(serde_json::Value::String(v)) if v.starts_with(platform::keys::SEALED_PREFIX) => Some(v.clone()),
+                _ => None,
+            });
+            if let Some(sealed) = sealed {
+                w.secret = sealed;
+            }
+        }
+    }
+    record
+}
+
 /// Decodes a record. A data key not known here yet was stored before the record was appended, so
 /// on that miss (only) the keys topic is read to its end and the record decoded again; a key that
 /// is still unknown then was destroyed (the record is erased).
@@ -136,7 +154,7 @@ impl Batch {
         let position = raw.position;
         self.to.insert(position.partition, position.offset + 1);
         match decode_settling(keys, || raw.decode(keys)).await? {
-            Ok(record) => self.push_decoded(position, record, keys),
+            Ok(record) => self.push_decoded(position, keep_secret_sealed(record, raw.payload.as_deref()), keys),
             Err(codec::DecodeError::Erased(_)) => self.erased += 1,
             Err(codec::DecodeError::Barrier) => {}
             Err(e) => self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw }),
@@ -151,7 +169,7 @@ impl Batch {
         let position = Position { partition: m.partition(), offset: m.offset() };
         self.to.insert(position.partition, position.offset + 1);
         match decode_settling(keys, || codec::decode_record(m.key(), m.headers(), m.payload(), keys)).await? {
-            Ok(record) => self.push_decoded(position, record, keys),
+            Ok(record) => self.push_decoded(position, keep_secret_sealed(record, m.payload()), keys),
             Err(codec::DecodeError::Erased(_)) => {
                 self.erased += 1;
                 return Ok(());

@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use domain::UserId;
 use platform::auth::JwtAuth;
+use platform::keys::KeyRing;
 
 use crate::model::{RECORD_NOTIFICATION, SPAWN_OCCURRENCE};
 use crate::webhooks::{Deliverer, RETRY};
@@ -172,6 +173,8 @@ pub struct Reactor {
     allow_private_webhooks: bool,
     /// Who claims rows: the projector instance's id.
     claimant: String,
+    /// The users' data keys: the webhooks' signing secrets are sealed with them.
+    keys: Arc<KeyRing>,
 }
 
 impl Reactor {
@@ -179,7 +182,15 @@ impl Reactor {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
         let command_api = command_api.trim_end_matches('/').to_owned();
         let claimant = format!("reactor-{}", Uuid::new_v4());
-        Ok(Self { pool, http, command_api, auth, wake: Arc::default(), allow_private_webhooks, claimant })
+        let keys = KeyRing::in_memory(platform::keys::Keks::dev());
+        Ok(Self { pool, http, command_api, auth, wake: Arc::default(), allow_private_webhooks, claimant, keys })
+    }
+
+    /// Opens the webhooks' signing secrets with these data keys (the process's; by default an
+    /// empty ring, which opens only secrets stored in plain text).
+    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// Claims rows as `instance` (the projector instance's id; a random one by default).
@@ -195,7 +206,7 @@ impl Reactor {
         }
         let outbox = self.clone();
         tokio::spawn(async move { outbox.outbox_loop().await });
-        let hooks = Deliverer::new(self.pool.clone(), self.allow_private_webhooks, self.wake.clone());
+        let hooks = Deliverer::new(self.pool.clone(), self.keys.clone(), self.allow_private_webhooks, self.wake.clone());
         tokio::spawn(hooks.run());
         self.reminder_loop().await;
     }

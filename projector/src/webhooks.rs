@@ -22,6 +22,7 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
+use platform::keys::{DataKeys as _, KeyRing};
 use platform::retry::{Jitter, Policy};
 
 pub const MAX_ATTEMPTS: i32 = 8;
@@ -40,8 +41,19 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// A webhook's signing secret as the read model holds it: sealed with one of the user's data keys
+/// (`model::Batch` seals it), or in plain text when its record predates sealing. `None`: no live
+/// key of the user opens it (they were erased).
+pub fn open_secret(keys: &KeyRing, user: &str, stored: &str) -> Option<String> {
+    if !stored.starts_with(platform::keys::SEALED_PREFIX) {
+        return Some(stored.to_owned());
+    }
+    keys.keys_of(user).iter().filter_map(|id| keys.data_key(id).ok()).find_map(|k| k.open(stored).ok())
+}
+
 pub struct Deliverer {
     pool: PgPool,
+    keys: Arc<KeyRing>,
     allow_private: bool,
     wake: Arc<Notify>,
     permits: Arc<Semaphore>,
@@ -59,8 +71,8 @@ struct Leased {
 }
 
 impl Deliverer {
-    pub fn new(pool: PgPool, allow_private: bool, wake: Arc<Notify>) -> Self {
-        Self { pool, allow_private, wake, permits: Arc::new(Semaphore::new(CONCURRENCY)), in_flight: Mutex::default() }
+    pub fn new(pool: PgPool, keys: Arc<KeyRing>, allow_private: bool, wake: Arc<Notify>) -> Self {
+        Self { pool, keys, allow_private, wake, permits: Arc::new(Semaphore::new(CONCURRENCY)), in_flight: Mutex::default() }
     }
 
     pub async fn run(self) {
@@ -113,7 +125,11 @@ impl Deliverer {
         // The secret (and whether the webhook still exists) is read at send time: rotation applies.
         let hook: Option<(Option<String>, Option<String>)> =
             sqlx::query_as("SELECT url, secret FROM webhooks WHERE user_id = $1").bind(&d.user_id).fetch_optional(&self.pool).await?;
-        let Some((Some(_), Some(secret))) = hook else {
+        let secret = match hook {
+            Some((Some(_), Some(stored))) => open_secret(&self.keys, &d.user_id, &stored),
+            _ => None,
+        };
+        let Some(secret) = secret else {
             sqlx::query("UPDATE webhook_deliveries SET status = 'cancelled', finished_at = now(), lease_until = NULL WHERE id = $1")
                 .bind(d.id)
                 .execute(&self.pool)

@@ -259,6 +259,7 @@ async fn records_written_before_the_catalogue_restore_project_and_rebuild_identi
     assert_eq!(checksums(&stack, "").await?, before, "the rebuilt read models differ from the live ones");
     let mut db = stack.db().await?;
     let hook: (String, String) = sqlx::query_as("SELECT url, secret FROM webhooks WHERE user_id = 'carol'").fetch_one(&mut db).await?;
-    assert_eq!(hook, (HOOK.to_owned(), "v2-secret-0123456789".to_owned()));
+    // The current secret stays sealed in the read model, as the log holds it (the deliverer opens it).
+    assert_eq!(hook, (HOOK.to_owned(), hooks[1].1["signing_secret"].as_str().unwrap_or_default().to_owned()));
     stack.cleanup().await
 }

@@ -630,7 +630,9 @@ async fn a_webhook_whose_outcome_cannot_be_recorded_at_once_is_recorded_later_no
         .execute(&pool)
         .await
         .unwrap();
-    let deliverer = tokio::spawn(projector::webhooks::Deliverer::new(pool.clone(), true, Arc::default()).run());
+    let deliverer = tokio::spawn(
+        projector::webhooks::Deliverer::new(pool.clone(), platform::keys::KeyRing::in_memory(platform::keys::Keks::dev()), true, Arc::default()).run(),
+    );
     // Before the fix the delivery was recorded only after the lease (30 s) ran out and a second POST.
     let deadline = Instant::now() + Duration::from_secs(60);
     while count(&pool, "SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'").await == 0 {
@@ -753,4 +755,66 @@ async fn events_of_a_task_whose_creation_was_erased_leave_no_history() {
         }
         db.drop_database().await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_webhooks_signing_secret_is_sealed_in_the_read_model_and_deliveries_are_signed_with_it() {
+    let (db, pool) = fresh_store().await;
+    let received: Arc<Mutex<Option<(String, Vec<u8>)>>> = Arc::default();
+    let r = received.clone();
+    let receiver = axum::Router::new().fallback(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+        let r = r.clone();
+        async move {
+            let signature = headers.get("taskstream-signature").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            *r.lock().unwrap() = Some((signature, body.to_vec()));
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    // The registration as the log holds it (sealed with Alice's key), decoded as the projector does.
+    let keys = platform::keys::KeyRing::in_memory(platform::keys::Keks::dev());
+    let key = keys.ensure("alice").await.unwrap();
+    let registered = UserEvent::WebhookRegistered(domain::user::WebhookRegistered {
+        url: domain::user::WebhookUrl::parse(url.clone(), true).unwrap(),
+        secret: "whsec-alices-own".into(),
+    });
+    let mut env = user_batch(0, 1, registered).users.remove(0).envelope;
+    env.meta.data_key = Some(key.id);
+    let encoded = platform::codec::encode(&env, Some(&key));
+    use rdkafka::message::Headers as _;
+    let (header_names, header_values) = encoded.headers.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).unzip();
+    let raw = model::RawRecord {
+        position: Position { partition: 0, offset: 0 },
+        key: Some(encoded.key.into_bytes()),
+        header_names,
+        header_values,
+        payload: Some(encoded.payload),
+    };
+    let mut batch = Batch::default();
+    batch.push(raw, &keys).await.unwrap();
+    assert_eq!(batch.users.len(), 1, "decoded: {:?}", batch.failed);
+    store::apply_batch(&pool, TOPIC, &batch, &HashMap::from([(0, 0)]), ApplyMode::Live).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT secret FROM webhooks WHERE user_id = 'alice'").fetch_one(&pool).await.unwrap();
+    assert!(stored.starts_with("sealed:v1:") && !stored.contains("whsec"), "the read model holds the secret sealed: {stored}");
+    // A delivery is signed with the secret itself.
+    sqlx::query("INSERT INTO webhook_deliveries (id, notification_id, user_id, url, payload) VALUES ($1, $2, 'alice', $3, '{\"n\": 1}')")
+        .bind(Uuid::now_v7())
+        .bind(Uuid::now_v7())
+        .bind(&url)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let deliverer = tokio::spawn(projector::webhooks::Deliverer::new(pool.clone(), keys.clone(), true, Arc::default()).run());
+    wait_until("the delivery", || received.lock().unwrap().is_some()).await;
+    deliverer.abort();
+    let (signature, body) = received.lock().unwrap().clone().unwrap();
+    let t: i64 = signature.split(',').next().and_then(|t| t.strip_prefix("t=")).and_then(|t| t.parse().ok()).expect("t=<seconds>");
+    assert_eq!(signature, projector::webhooks::signature("whsec-alices-own", t, &body));
+    // Without the key (the user erased), the sealed secret opens for nobody.
+    keys.forget(&[key.id]);
+    assert_eq!(projector::webhooks::open_secret(&keys, "alice", &stored), None);
+    assert_eq!(projector::webhooks::open_secret(&keys, "alice", "plain-from-an-older-log").as_deref(), Some("plain-from-an-older-log"));
+    db.drop_database().await.unwrap();
 }
