@@ -623,13 +623,7 @@ async fn a_webhook_whose_outcome_cannot_be_recorded_at_once_is_recorded_later_no
         .execute(&pool)
         .await
         .unwrap();
-    sqlx::query("INSERT INTO webhook_deliveries (id, notification_id, user_id, url, payload) VALUES ($1, $2, 'alice', $3, '{}')")
-        .bind(Uuid::now_v7())
-        .bind(Uuid::now_v7())
-        .bind(&url)
-        .execute(&pool)
-        .await
-        .unwrap();
+    queue_delivery(&pool, &url).await;
     let deliverer = tokio::spawn(
         projector::webhooks::Deliverer::new(pool.clone(), platform::keys::KeyRing::in_memory(platform::keys::Keks::dev()), true, Arc::default()).run(),
     );
@@ -643,6 +637,17 @@ async fn a_webhook_whose_outcome_cannot_be_recorded_at_once_is_recorded_later_no
     assert_eq!(*posts.lock().unwrap(), 1, "the receiver got the notification more than once");
     assert_eq!(count(&pool, "SELECT count(*) FROM webhook_attempts WHERE status_code = 204 AND attempt = 1").await, 1);
     db.drop_database().await.unwrap();
+}
+
+/// A pending webhook delivery to Alice's `url`.
+async fn queue_delivery(pool: &PgPool, url: &str) {
+    sqlx::query("INSERT INTO webhook_deliveries (id, notification_id, user_id, url, payload) VALUES ($1, $2, 'alice', $3, '{}')")
+        .bind(Uuid::now_v7())
+        .bind(Uuid::now_v7())
+        .bind(url)
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 /// One task event of `user` sealed with `data_key` at `offset` of partition 0.
@@ -760,7 +765,9 @@ async fn events_of_a_task_whose_creation_was_erased_leave_no_history() {
 #[tokio::test]
 async fn a_webhooks_signing_secret_is_sealed_in_the_read_model_and_deliveries_are_signed_with_it() {
     let (db, pool) = fresh_store().await;
-    let received: Arc<Mutex<Option<(String, Vec<u8>)>>> = Arc::default();
+    // The signature header and the body of the delivery received.
+    type Received = Option<(String, Vec<u8>)>;
+    let received: Arc<Mutex<Received>> = Arc::default();
     let r = received.clone();
     let receiver = axum::Router::new().fallback(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
         let r = r.clone();
@@ -799,13 +806,7 @@ async fn a_webhooks_signing_secret_is_sealed_in_the_read_model_and_deliveries_ar
     let stored: String = sqlx::query_scalar("SELECT secret FROM webhooks WHERE user_id = 'alice'").fetch_one(&pool).await.unwrap();
     assert!(stored.starts_with("sealed:v1:") && !stored.contains("whsec"), "the read model holds the secret sealed: {stored}");
     // A delivery is signed with the secret itself.
-    sqlx::query("INSERT INTO webhook_deliveries (id, notification_id, user_id, url, payload) VALUES ($1, $2, 'alice', $3, '{\"n\": 1}')")
-        .bind(Uuid::now_v7())
-        .bind(Uuid::now_v7())
-        .bind(&url)
-        .execute(&pool)
-        .await
-        .unwrap();
+    queue_delivery(&pool, &url).await;
     let deliverer = tokio::spawn(projector::webhooks::Deliverer::new(pool.clone(), keys.clone(), true, Arc::default()).run());
     wait_until("the delivery", || received.lock().unwrap().is_some()).await;
     deliverer.abort();
