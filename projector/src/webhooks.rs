@@ -121,12 +121,38 @@ impl Deliverer {
         Ok(rows.into_iter().map(|(id, user_id, url, payload, attempts)| Leased { id, user_id, url, payload, attempts }).collect())
     }
 
+    /// The signing secret in the clear: opened with the user's keys known here, else once more
+    /// after reading the keys topic to its end.
+    async fn open(&self, user: &str, stored: &str) -> Option<String> {
+        if let Some(secret) = open_secret(&self.keys, user, stored) {
+            return Some(secret);
+        }
+        if let Err(e) = self.keys.catch_up().await {
+            tracing::warn!(error.message = %e, "could not read the data keys topic");
+        }
+        open_secret(&self.keys, user, stored)
+    }
+
     async fn deliver(&self, d: Leased) -> Result<(), sqlx::Error> {
         // The secret (and whether the webhook still exists) is read at send time: rotation applies.
         let hook: Option<(Option<String>, Option<String>)> =
             sqlx::query_as("SELECT url, secret FROM webhooks WHERE user_id = $1").bind(&d.user_id).fetch_optional(&self.pool).await?;
         let secret = match hook {
-            Some((Some(_), Some(stored))) => open_secret(&self.keys, &d.user_id, &stored),
+            Some((Some(_), Some(stored))) => match self.open(&d.user_id, &stored).await {
+                Some(secret) => Some(secret),
+                // A key this process has not read yet (it is starting, or the keys topic lags), or
+                // one destroyed by an erasure not projected yet (which deletes the delivery): never
+                // a reason to cancel. Tried again a little later.
+                None => {
+                    tracing::warn!(delivery = %d.id, "the webhook's signing secret does not open with the user's data keys known here yet; trying again later");
+                    sqlx::query("UPDATE webhook_deliveries SET lease_until = NULL, next_attempt_at = now() + interval '5 seconds' WHERE id = $1")
+                        .bind(d.id)
+                        .execute(&self.pool)
+                        .await?;
+                    metrics::counter!("webhook_deliveries_total", "outcome" => "deferred").increment(1);
+                    return Ok(());
+                }
+            },
             _ => None,
         };
         let Some(secret) = secret else {

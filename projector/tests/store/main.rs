@@ -807,6 +807,19 @@ async fn a_webhooks_signing_secret_is_sealed_in_the_read_model_and_deliveries_ar
     assert!(stored.starts_with("sealed:v1:") && !stored.contains("whsec"), "the read model holds the secret sealed: {stored}");
     // A delivery is signed with the secret itself.
     queue_delivery(&pool, &url).await;
+    // A deliverer that does not know Alice's key yet (a process starting) defers the delivery:
+    // it is neither sent nor cancelled.
+    let unknowing = platform::keys::KeyRing::in_memory(platform::keys::Keks::dev());
+    let early = tokio::spawn(projector::webhooks::Deliverer::new(pool.clone(), unknowing, true, Arc::default()).run());
+    let deferred = "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending' AND lease_until IS NULL AND next_attempt_at > now() + interval '1 second'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&pool, deferred).await == 0 {
+        assert!(Instant::now() < deadline, "the delivery was not deferred");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    early.abort();
+    assert!(received.lock().unwrap().is_none(), "nothing was sent without the secret");
+    sqlx::query("UPDATE webhook_deliveries SET next_attempt_at = now()").execute(&pool).await.unwrap();
     let deliverer = tokio::spawn(projector::webhooks::Deliverer::new(pool.clone(), keys.clone(), true, Arc::default()).run());
     wait_until("the delivery", || received.lock().unwrap().is_some()).await;
     deliverer.abort();
