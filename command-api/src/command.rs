@@ -97,15 +97,13 @@ async fn run(state: &AppState, caller: AuthUser, headers: CommandHeaders, digest
     // An Idempotency-Key's request digest is keyed with the user's data key (see `RequestDigest`),
     // which the writer needs anyway; an erasure makes none (it seals nothing).
     let digest = if headers.idempotency_key.is_some() {
-        let actor = cmd.actor().as_ref().to_owned();
-        let current = if crate::writer::is_erasure(&cmd) {
-            state.keys.current(&actor)
-        } else {
-            Some(state.keys.ensure(&actor).await.map_err(|e| ApiError::Unavailable(format!("the user's data key is not available: {e}")))?)
-        };
-        let others = state.keys.keys_of(&actor).into_iter().filter(|id| current.as_ref().is_none_or(|c| c.id != *id));
-        let others: Vec<_> = others.filter_map(|id| state.keys.data_key(&id).ok()).collect();
-        digest.keyed_with(current.iter().chain(&others).map(|k| &**k))
+        let actor = cmd.actor().as_ref();
+        if !crate::writer::is_erasure(&cmd) {
+            state.keys.ensure(actor).await.map_err(|e| ApiError::Unavailable(format!("the user's data key is not available: {e}")))?;
+        }
+        // The user's keys, the current one first (the one recorded).
+        let keys: Vec<_> = state.keys.keys_of(actor).iter().filter_map(|id| state.keys.data_key(id).ok()).collect();
+        digest.keyed_with(keys.iter().map(|k| &**k))
     } else {
         digest
     };

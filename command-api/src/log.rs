@@ -329,24 +329,24 @@ impl EventLog for KafkaLog {
         // marker is missing) and would block every read_committed reader for good: close it.
         let end = match find(OPEN_TRANSACTION_GRACE).await? {
             End::Stable(end) => end,
-            End::Open { stable, high } if self.closed_at != Some(stable) => {
-                tracing::warn!(
-                    partition,
-                    stable,
-                    high,
-                    "a transaction is still open on the partition after fencing, and Kafka does not complete it; closing it with a barrier"
-                );
-                self.close_open_transaction(stable, high).await?;
-                self.closed_at = Some(stable);
+            End::Open { stable, high } => {
+                // One barrier per open offset: a transaction it did not close (another producer
+                // id's) is waited for, never closed twice.
+                if self.closed_at != Some(stable) {
+                    tracing::warn!(
+                        partition,
+                        stable,
+                        high,
+                        "a transaction is still open on the partition after fencing, and Kafka does not complete it; closing it with a barrier"
+                    );
+                    self.close_open_transaction(stable, high).await?;
+                    self.closed_at = Some(stable);
+                }
                 match find(timeout).await? {
                     End::Stable(end) => end,
                     End::Open { stable, high } => return Err(still_open(partition, stable, high)),
                 }
             }
-            End::Open { .. } => match find(timeout).await? {
-                End::Stable(end) => end,
-                End::Open { stable, high } => return Err(still_open(partition, stable, high)),
-            },
         };
         let keys = self.keys.clone();
         tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, partition, from, end, apply, timeout, &*keys))

@@ -607,7 +607,7 @@ impl KeyRing {
         self.ring.read().expect("not poisoned").keys.contains_key(id)
     }
 
-    /// The user's live keys.
+    /// The user's live keys, the current one first.
     pub fn keys_of(&self, user: &str) -> Vec<Uuid> {
         self.ring.read().expect("not poisoned").by_user.get(user).cloned().unwrap_or_default()
     }
