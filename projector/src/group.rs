@@ -234,8 +234,8 @@ impl rdkafka::ClientContext for GroupContext {
 impl ConsumerContext for GroupContext {
     /// Revoked (or lost): forgotten before rdkafka unassigns them, once the batch in flight (if
     /// any) has committed or been given up; what was read of them and not applied is dropped. (This
-    /// runs inside the live loop's read, where no batch is in flight; the wait covers a callback
-    /// served anywhere else.)
+    /// runs inside the live loop's read, on a thread of its own, while the batch read before may
+    /// be in flight.)
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {

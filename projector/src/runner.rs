@@ -63,6 +63,7 @@ pub struct Runner {
     dead_letters: DeadLetterSink,
     /// Set once a rebuild of projections without stored offsets has been started.
     rebuilding: Arc<AtomicBool>,
+    reader: Reader,
 }
 
 type GroupConsumer = Arc<StreamConsumer<GroupContext>>;
@@ -76,7 +77,7 @@ impl Runner {
         reactions: Arc<tokio::sync::Notify>,
     ) -> anyhow::Result<Self> {
         let dead_letters = DeadLetterSink::new(&settings.kafka)?;
-        Ok(Self { settings, pool, ready, membership, reactions, dead_letters, rebuilding: Arc::default() })
+        Ok(Self { settings, pool, ready, membership, reactions, dead_letters, rebuilding: Arc::default(), reader: Reader::new()? })
     }
 
     /// Runs until `stop` resolves; transient failures (Kafka or PostgreSQL away) are retried with
@@ -141,21 +142,36 @@ impl Runner {
             // until this batch has committed or been given up (the guard, dropped before reading:
             // the callbacks run inside the read).
             let applying = self.membership.applying(|books| batch.retain_partitions(|p| books.owns(p) && !stale.contains(&p) && next.contains_key(&p)));
+            // The next batch is read while this one is applied: during a catch-up PostgreSQL and
+            // the reading and decoding no longer take turns. Nothing is sought while it reads (the
+            // seeks are above), a revocation in its callbacks waits for this batch (the guard),
+            // and what it read of a partition revoked or repositioned meanwhile is dropped above.
+            let reading = self.reader.read(self.read_next(&consumer, &topic, &next));
             let outcome = if batch.is_empty() { Outcome::Applied } else { self.apply(&topic, batch, &mut next).await? };
             drop(applying);
             if let Outcome::Fenced = outcome {
                 tracing::warn!("offsets moved under us (a partition moved to another instance, or a rebuild switched tables); re-reading them");
                 self.membership.books().reposition_all();
             }
-            // Stop reading at a rebalance, or soon when a partition still waits to be positioned.
-            let retry_soon = self.membership.books().unpositioned();
+            batch = reading.await?;
+        }
+    }
+
+    /// The read of the next batch, to run on the reader: from `next` on, stopped early by a
+    /// rebalance, or soon when a partition still waits to be positioned.
+    fn read_next(&self, consumer: &GroupConsumer, topic: &str, next: &HashMap<i32, i64>) -> impl std::future::Future<Output = anyhow::Result<Batch>> + Send + 'static {
+        let (consumer, topic, next) = (consumer.clone(), topic.to_owned(), next.clone());
+        let (membership, keys) = (self.membership.clone(), self.settings.keys.clone());
+        let (max_batch, linger) = (self.settings.max_batch, self.settings.linger);
+        let retry_soon = membership.books().unpositioned();
+        async move {
             let interrupted = async {
                 tokio::select! {
-                    () = self.membership.rebalanced() => {}
+                    () = membership.rebalanced() => {}
                     () = tokio::time::sleep(POSITION_RETRY), if retry_soon => {}
                 }
             };
-            batch = read_batch(&consumer, &topic, &next, self.settings.max_batch, self.settings.linger, &self.settings.keys, interrupted).await?;
+            read_batch(&consumer, &topic, &next, max_batch, linger, &keys, interrupted).await
         }
     }
 
@@ -415,6 +431,47 @@ impl Runner {
 }
 
 /// `projector_events_consumed_total{projection,type}`: every projection consumes every record.
+/// Where the live loop reads: a runtime of its own, with one thread. A revocation's callback runs
+/// inside the read and blocks its thread until the batch in flight is applied; on the services'
+/// runtime that thread could hold the very task applying it (with one worker, or in its LIFO slot).
+struct Reader(Option<tokio::runtime::Runtime>);
+
+impl Reader {
+    fn new() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("projector-reader").enable_all().build()?;
+        Ok(Self(Some(rt)))
+    }
+
+    /// Starts `read` on the reader; the returned future gives its batch, and dropping it stops
+    /// the read.
+    fn read(&self, read: impl std::future::Future<Output = anyhow::Result<Batch>> + Send + 'static) -> impl std::future::Future<Output = anyhow::Result<Batch>> {
+        let handle = self.0.as_ref().expect("the reader runs until the runner is dropped").spawn(read);
+        let _abort = AbortRead(handle.abort_handle());
+        async move {
+            let _abort = _abort;
+            handle.await?
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which is not allowed on an async thread.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Aborts the read when the future waiting for it is dropped (the loop stopped or failed).
+struct AbortRead(tokio::task::AbortHandle);
+
+impl Drop for AbortRead {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn count_consumed(batch: &Batch) {
     let mut types: HashMap<&'static str, u64> = HashMap::new();
     for r in &batch.tasks {
