@@ -147,13 +147,22 @@ impl Runner {
             // seeks are above), a revocation in its callbacks waits for this batch (the guard),
             // and what it read of a partition revoked or repositioned meanwhile is dropped above.
             let reading = self.reader.read(self.read_next(&consumer, &topic, &next));
-            let outcome = if batch.is_empty() { Outcome::Applied } else { self.apply(&topic, batch, &mut next).await? };
+            let outcome = if batch.is_empty() { Ok(Outcome::Applied) } else { self.apply(&topic, batch, &mut next).await };
             drop(applying);
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // The read ends before the consumer does (below, as the loop returns): a
+                    // consumer closed later, on the reader, would revoke into the next loop's books.
+                    reading.cancel().await;
+                    return Err(e);
+                }
+            };
             if let Outcome::Fenced = outcome {
                 tracing::warn!("offsets moved under us (a partition moved to another instance, or a rebuild switched tables); re-reading them");
                 self.membership.books().reposition_all();
             }
-            batch = reading.await?;
+            batch = reading.finish().await?;
         }
     }
 
@@ -442,15 +451,9 @@ impl Reader {
         Ok(Self(Some(rt)))
     }
 
-    /// Starts `read` on the reader; the returned future gives its batch, and dropping it stops
-    /// the read.
-    fn read(&self, read: impl std::future::Future<Output = anyhow::Result<Batch>> + Send + 'static) -> impl std::future::Future<Output = anyhow::Result<Batch>> {
-        let handle = self.0.as_ref().expect("the reader runs until the runner is dropped").spawn(read);
-        let _abort = AbortRead(handle.abort_handle());
-        async move {
-            let _abort = _abort;
-            handle.await?
-        }
+    /// Starts `read` on the reader.
+    fn read(&self, read: impl std::future::Future<Output = anyhow::Result<Batch>> + Send + 'static) -> Reading {
+        Reading(self.0.as_ref().expect("the reader runs until the runner is dropped").spawn(read))
     }
 }
 
@@ -463,10 +466,23 @@ impl Drop for Reader {
     }
 }
 
-/// Aborts the read when the future waiting for it is dropped (the loop stopped or failed).
-struct AbortRead(tokio::task::AbortHandle);
+/// A read in flight on the reader; dropping it stops the read (the loop was stopped).
+struct Reading(tokio::task::JoinHandle<anyhow::Result<Batch>>);
 
-impl Drop for AbortRead {
+impl Reading {
+    /// The batch it read.
+    async fn finish(mut self) -> anyhow::Result<Batch> {
+        (&mut self.0).await?
+    }
+
+    /// Stops the read and waits until it has let go of the consumer.
+    async fn cancel(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for Reading {
     fn drop(&mut self) {
         self.0.abort();
     }
