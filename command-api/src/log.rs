@@ -88,6 +88,19 @@ pub trait EventLog: Send + 'static {
     /// Reads every committed record of the partition from offset `from` to the end, calling `apply`
     /// for each, and returns the offset after the last one read.
     fn read_from(&mut self, from: i64, apply: Apply) -> impl std::future::Future<Output = Result<i64, LogError>> + Send;
+    /// Waits until the last append's transaction is closed in the partition (its commit markers are
+    /// written), before the writer appends again; the writer calls it after it answered the batch.
+    /// A commit is acknowledged once the transaction coordinator has logged it; the markers follow.
+    /// A broker that restarts in between can lose them: its coordinator skips the markers of
+    /// partitions whose leader it cannot find while it loads (seen with Kafka 4.4 in `./dev
+    /// chaos`), leaving the acknowledged transaction open in the partition. The producer's next
+    /// transaction would join it, and an abort of that one would take the acknowledged records
+    /// along. On error the writer recovers before its next append, as after a failed append: a new
+    /// producer (fencing), then the partition read to its end, where a transaction still open is
+    /// closed as committed ([`KafkaLog`]'s barrier).
+    fn settle(&mut self) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
+        async { Ok(()) }
+    }
     /// Tells the other instances that this writer owns the partition (in its own transaction, so a
     /// fenced writer cannot).
     fn announce(&mut self, _owner: &OwnerRecord) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
@@ -132,6 +145,10 @@ pub struct KafkaLog {
     written: Option<Arc<BaseConsumer>>,
     /// A producer whose `init_transactions` timed out: the next `connect` resumes it.
     initializing: Option<Arc<BaseProducer<TxnContext>>>,
+    /// Sees the partition's last stable offset (read_committed; made on first use).
+    stable: Option<Arc<BaseConsumer<QuietEof>>>,
+    /// The offset of the last event appended, until [`EventLog::settle`] saw its transaction closed.
+    unsettled: Option<i64>,
     /// The last stable offset at which this writer last closed an open transaction with a barrier
     /// (one barrier per stuck offset: if it did not help, the transaction is not this writer's).
     closed_at: Option<i64>,
@@ -139,7 +156,7 @@ pub struct KafkaLog {
 
 impl KafkaLog {
     pub fn new(settings: KafkaLogSettings, partition: i32, keys: Arc<dyn DataKeys>) -> Self {
-        Self { settings, partition, producer: None, snapshot_chunks: 0, keys, written: None, initializing: None, closed_at: None }
+        Self { settings, partition, producer: None, snapshot_chunks: 0, keys, written: None, stable: None, unsettled: None, initializing: None, closed_at: None }
     }
 
     fn op_timeout(&self) -> Duration {
@@ -298,7 +315,30 @@ impl EventLog for KafkaLog {
         }));
         let mut positions = self.transact(outgoing).await?;
         positions.truncate(events);
+        self.unsettled = positions.last().map(|p| p.offset);
         Ok(positions)
+    }
+
+    async fn settle(&mut self) -> Result<(), LogError> {
+        let Some(last) = self.unsettled.take() else { return Ok(()) };
+        let stable = match &self.stable {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::new(self.reader("stable")?);
+                self.stable = Some(c.clone());
+                c
+            }
+        };
+        let (topic, partition, timeout) = (self.settings.kafka.task_events_topic.clone(), self.partition, self.op_timeout());
+        let settled = tokio::task::spawn_blocking(move || wait_closed(&stable, &topic, partition, last, OPEN_TRANSACTION_GRACE, timeout))
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))
+            .and_then(|r| r);
+        if settled.is_err() {
+            // The recovery starts with a new producer (see `EventLog::settle`).
+            self.producer = None;
+        }
+        settled
     }
 
     async fn read_from(&mut self, from: i64, apply: Apply) -> Result<i64, LogError> {
@@ -566,6 +606,25 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
             None => Err(LogError::Unavailable("delivery report missing after commit".into())),
         })
         .collect()
+}
+
+/// Waits until the partition's last stable offset is past `last`, an offset the writer's last
+/// transaction wrote and committed: its commit markers are written. Normally they follow the commit
+/// within a millisecond or two; after `grace` they are taken as lost.
+fn wait_closed(consumer: &BaseConsumer<QuietEof>, topic: &str, partition: i32, last: i64, grace: Duration, timeout: Duration) -> Result<(), LogError> {
+    let started = Instant::now();
+    loop {
+        let (_, stable) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        if stable > last {
+            return Ok(());
+        }
+        if started.elapsed() > grace {
+            return Err(LogError::Unavailable(format!(
+                "the transaction that wrote offset {last} of partition {partition} was committed but is still open there (last stable offset {stable}): its commit markers are missing"
+            )));
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
 }
 
 /// Where the partition ends for the restore: the writer calls this after fencing (which completes

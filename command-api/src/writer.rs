@@ -339,6 +339,14 @@ impl<L: EventLog> Actor<L> {
                 tracing::warn!(partition = self.partition, error.message = %e, "another instance took the partition over; stopping its writer");
                 break;
             }
+            // The batch is answered; its transaction must be closed in the log before the next one
+            // starts (see `EventLog::settle`).
+            if !self.recovering {
+                if let Err(e) = self.log.settle().await {
+                    tracing::warn!(partition = self.partition, error.message = %e, "the last transaction is not closed in the log; reconnecting and reading the partition before the next append");
+                    self.recovering = true;
+                }
+            }
             if !self.recovering && self.snapshot_due() {
                 self.snapshot().await;
             }

@@ -128,3 +128,36 @@ async fn read_all(log: &mut KafkaLog) -> (Result<i64, LogError>, Vec<(i64, bool)
     let seen = seen.lock().unwrap().clone();
     (result, seen)
 }
+
+/// After an append, `settle` returns once the transaction is closed in the partition (its commit
+/// markers are written): the read_committed end is past the records. A transaction that another
+/// producer keeps open after ours does not hold it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_returns_once_the_appended_transaction_is_closed_in_the_partition() {
+    let (settings, run) = topic_settings("settle").await;
+    let brokers = required_env("KAFKA_BROKERS");
+    let topic = settings.task_events_topic.clone();
+    let keys = KeyRing::in_memory(Keks::parse(test_support::tokens::TEST_KEK).unwrap());
+    let log_settings = KafkaLogSettings { kafka: settings, transactional_id_prefix: format!("kafkalog-{run}"), transaction_timeout: Duration::from_secs(4) };
+    let mut log = KafkaLog::new(log_settings, 0, keys);
+    log.connect().await.expect("the writer's producer");
+    assert!(log.settle().await.is_ok(), "nothing appended yet: nothing to wait for");
+
+    let event = |key: &str| platform::codec::EncodedEvent { key: key.into(), payload: b"{}".to_vec(), headers: rdkafka::message::OwnedHeaders::new(), event_type: "test" };
+    let positions = log.append(vec![event("a"), event("b")], vec![]).await.expect("appended");
+    assert_eq!(positions.iter().map(|p| p.offset).collect::<Vec<_>>(), [0, 1]);
+    log.settle().await.expect("the transaction closes");
+
+    // Another producer's transaction open after ours: ours is closed all the same.
+    let other: BaseProducer =
+        ClientConfig::new().set("bootstrap.servers", &brokers).set("transactional.id", format!("kafkalog-other-{run}")).create().expect("producer");
+    let timeout = Duration::from_secs(20);
+    other.init_transactions(timeout).expect("init");
+    let positions = log.append(vec![event("c")], vec![]).await.expect("appended");
+    other.begin_transaction().expect("begin");
+    other.send(BaseRecord::<str, [u8]>::to(&topic).partition(0).key("x").payload(b"{}".as_slice())).map_err(|(e, _)| e).expect("send");
+    other.flush(timeout).expect("written");
+    log.settle().await.expect("our transaction is closed although another is open after it");
+    other.abort_transaction(timeout).expect("abort");
+    assert!(positions[0].offset > 1);
+}

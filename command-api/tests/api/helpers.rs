@@ -88,6 +88,11 @@ struct LogData {
     updates_next_offset: BTreeMap<i32, i64>,
     next_offset: BTreeMap<i32, i64>,
     snapshots: BTreeMap<i32, Vec<u8>>,
+    /// Partitions whose next successful append loses its commit markers.
+    lose_markers: std::collections::BTreeSet<i32>,
+    /// Per partition, the first offset of a transaction the broker left open (its commit markers
+    /// were lost): the next append joins it, and takes it along when it commits or fails.
+    open: BTreeMap<i32, i64>,
 }
 
 /// In-memory stand-in for the Kafka topic. Clones share the same records, so a test can inspect
@@ -191,6 +196,16 @@ impl FakeLog {
         self.most_appends_in_flight.load(Ordering::SeqCst)
     }
 
+    /// What a broker that restarts right after a commit can do (its transaction coordinator skips the
+    /// commit markers of partitions whose leader it cannot find while it loads, seen with Kafka 4.4
+    /// in `./dev chaos`): the next successful append of `partition` stays open in the log although
+    /// its commit is acknowledged. The partition's next append joins it: if that one fails, the
+    /// abort takes the acknowledged records along; a writer that reconnects and reads the
+    /// partition closes it as committed (its barrier).
+    pub fn lose_next_commit_markers(&self, partition: i32) {
+        self.lock().lose_markers.insert(partition);
+    }
+
     pub fn failed_appends(&self) -> usize {
         self.failed_appends.load(Ordering::SeqCst)
     }
@@ -226,6 +241,14 @@ impl EventLog for FakeLog {
         self.check()
     }
 
+    async fn settle(&mut self) -> Result<(), LogError> {
+        let p = self.partition.expect("bound to a partition");
+        match self.lock().open.get(&p) {
+            Some(from) => Err(LogError::Unavailable(format!("the transaction from offset {from} is still open (test fake)"))),
+            None => Ok(()),
+        }
+    }
+
     async fn append(&mut self, records: Vec<EncodedEvent>, states: Vec<EncodedState>) -> Result<Vec<Position>, LogError> {
         let now = self.appends_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_appends_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -234,12 +257,25 @@ impl EventLog for FakeLog {
             tokio::time::sleep(Duration::from_millis(delay as u64)).await;
         }
         self.appends_in_flight.fetch_sub(1, Ordering::SeqCst);
+        let bound = self.partition.expect("bound to a partition");
         if let Err(e) = self.check() {
             self.failed_appends.fetch_add(1, Ordering::SeqCst);
+            // The abort covers the transaction the broker left open, which this one joined.
+            let mut data = self.lock();
+            if let Some(from) = data.open.remove(&bound) {
+                data.records.retain(|r| r.position.partition != bound || r.position.offset < from);
+                data.next_offset.insert(bound, from);
+            }
             return Err(e);
         }
         // All or nothing, like the Kafka transaction it stands in for.
         let mut data = self.lock();
+        let first = data.next_offset.get(&bound).copied().unwrap_or(0);
+        if data.lose_markers.remove(&bound) {
+            data.open.entry(bound).or_insert(first);
+        } else {
+            data.open.remove(&bound);
+        }
         let mut positions = Vec::with_capacity(records.len());
         for EncodedEvent { key, payload, headers, .. } in records {
             let partition = partition_for(&key);
@@ -263,7 +299,11 @@ impl EventLog for FakeLog {
     /// its own partition).
     async fn read_from(&mut self, from: i64, mut apply: Apply) -> Result<i64, LogError> {
         self.check()?;
-        let data = self.lock();
+        let mut data = self.lock();
+        // A transaction left open is closed as committed (the writer's barrier, after fencing).
+        if let Some(p) = self.partition {
+            data.open.remove(&p);
+        }
         for r in &data.records {
             if Some(r.position.partition) == self.partition && r.position.offset >= from {
                 let rec = codec::decode_record(Some(r.key.as_bytes()), Some(&r.headers), Some(&r.payload), &**KEYS)
