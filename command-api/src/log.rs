@@ -156,7 +156,18 @@ pub struct KafkaLog {
 
 impl KafkaLog {
     pub fn new(settings: KafkaLogSettings, partition: i32, keys: Arc<dyn DataKeys>) -> Self {
-        Self { settings, partition, producer: None, snapshot_chunks: 0, keys, written: None, stable: None, unsettled: None, initializing: None, closed_at: None }
+        Self {
+            settings,
+            partition,
+            producer: None,
+            snapshot_chunks: 0,
+            keys,
+            written: None,
+            stable: None,
+            unsettled: None,
+            initializing: None,
+            closed_at: None,
+        }
     }
 
     fn op_timeout(&self) -> Duration {

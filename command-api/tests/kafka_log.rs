@@ -143,7 +143,12 @@ async fn settle_returns_once_the_appended_transaction_is_closed_in_the_partition
     log.connect().await.expect("the writer's producer");
     assert!(log.settle().await.is_ok(), "nothing appended yet: nothing to wait for");
 
-    let event = |key: &str| platform::codec::EncodedEvent { key: key.into(), payload: b"{}".to_vec(), headers: rdkafka::message::OwnedHeaders::new(), event_type: "test" };
+    let event = |key: &str| platform::codec::EncodedEvent {
+        key: key.into(),
+        payload: b"{}".to_vec(),
+        headers: rdkafka::message::OwnedHeaders::new(),
+        event_type: "test",
+    };
     let positions = log.append(vec![event("a"), event("b")], vec![]).await.expect("appended");
     assert_eq!(positions.iter().map(|p| p.offset).collect::<Vec<_>>(), [0, 1]);
     log.settle().await.expect("the transaction closes");

@@ -168,7 +168,12 @@ impl Runner {
 
     /// The read of the next batch, to run on the reader: from `next` on, stopped early by a
     /// rebalance, or soon when a partition still waits to be positioned.
-    fn read_next(&self, consumer: &GroupConsumer, topic: &str, next: &HashMap<i32, i64>) -> impl std::future::Future<Output = anyhow::Result<Batch>> + Send + 'static {
+    fn read_next(
+        &self,
+        consumer: &GroupConsumer,
+        topic: &str,
+        next: &HashMap<i32, i64>,
+    ) -> impl std::future::Future<Output = anyhow::Result<Batch>> + Send + 'static {
         let (consumer, topic, next) = (consumer.clone(), topic.to_owned(), next.clone());
         let (membership, keys) = (self.membership.clone(), self.settings.keys.clone());
         let (max_batch, linger) = (self.settings.max_batch, self.settings.linger);
