@@ -304,6 +304,7 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
     }
     drop(db_conn);
     sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&mut admin_conn).await?;
+    platform::kafka::delete_topics(&crate::kafka_settings(ctx, &topic)).await;
     out.insert("backlog_events".into(), json!(events));
     Ok(out)
 }

@@ -428,6 +428,8 @@ async fn kafka_raw(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
         }
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    drop(producer);
+    platform::kafka::delete_topics(&settings).await;
     eprintln!("kafka_raw_produce_per_s = {rate:.0} ({n} records)");
     Ok(BTreeMap::from([("kafka_raw_produce_per_s".into(), round(rate))]))
 }

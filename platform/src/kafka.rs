@@ -108,6 +108,41 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes the log and every topic [`ensure_topics`] creates beside it (benchmarks and chaos runs
+/// clean up after themselves: a 1M-event backlog left behind takes gigabytes). A topic that does
+/// not exist is not an error; other failures are logged, not returned.
+pub async fn delete_topics(settings: &KafkaSettings) {
+    let admin: AdminClient<DefaultClientContext> = match client_config(settings, "taskstream-admin").create() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error.message = %e, "could not delete the run's topics");
+            return;
+        }
+    };
+    let names = [
+        settings.task_events_topic.clone(),
+        settings.dlq_topic(),
+        settings.owners_topic(),
+        settings.snapshots_topic(),
+        settings.updates_topic(),
+        settings.keys_topic(),
+    ];
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
+    match admin.delete_topics(&names, &opts).await {
+        Ok(results) => {
+            for r in results {
+                if let Err((topic, code)) = r {
+                    if code != RDKafkaErrorCode::UnknownTopicOrPartition {
+                        tracing::warn!(topic, error.message = %code, "could not delete a topic");
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error.message = %e, "could not delete the run's topics"),
+    }
+}
+
 /// A client context that logs through `tracing` and keeps quiet about partition EOF, which the
 /// readers that read "to the end of the log" ask for on purpose.
 pub struct QuietEof;

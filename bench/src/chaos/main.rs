@@ -246,7 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         // A new connection: the run's PostgreSQL restart ended every connection opened before it.
         let mut admin = sqlx::PgConnection::connect(&cli.database_url).await.context("connecting to DATABASE_URL")?;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).execute(&mut admin).await?;
-        delete_topics(&kafka).await;
+        platform::kafka::delete_topics(&kafka).await;
     } else if !report.ok {
         say(started, format!("kept database {db_name} and topic {topic} for inspection"));
     }
@@ -551,15 +551,4 @@ async fn rebuild(stack: &Stack) -> Result<(), String> {
     } else {
         Err(format!("projector rebuild failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()))
     }
-}
-
-/// Deletes the run's topics (the log and the topics beside it).
-async fn delete_topics(kafka: &platform::settings::KafkaSettings) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    let Ok(admin) = platform::kafka::client_config(kafka, "chaos-admin").create::<AdminClient<rdkafka::client::DefaultClientContext>>() else {
-        return;
-    };
-    let names = [kafka.task_events_topic.clone(), kafka.dlq_topic(), kafka.owners_topic(), kafka.snapshots_topic(), kafka.updates_topic()];
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let _ = admin.delete_topics(&names, &AdminOptions::new().request_timeout(Some(Duration::from_secs(10)))).await;
 }
