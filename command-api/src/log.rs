@@ -128,6 +128,23 @@ impl KafkaLogSettings {
     pub fn transactional_id(&self, partition: i32) -> String {
         format!("{}-p{partition}", self.transactional_id_prefix)
     }
+
+    /// A read_committed reader of the partition's topics (its group id names the partition and `purpose`).
+    fn reader(&self, partition: i32, purpose: &str) -> Result<BaseConsumer<QuietEof>, LogError> {
+        let mut cfg = platform::kafka::client_config(&self.kafka, &format!("taskstream-command-api-{purpose}"));
+        cfg.set("group.id", format!("{}-{purpose}", self.transactional_id(partition)))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("fetch.max.bytes", "52428800")
+            .set("max.partition.fetch.bytes", "16777216")
+            // At the end of the partition the broker holds a fetch up to this long before it
+            // answers "no more": the default 500 ms made every restore take half a second more.
+            .set("fetch.wait.max.ms", "10")
+            .set("auto.offset.reset", "earliest");
+        Ok(cfg.create_with_context(QuietEof)?)
+    }
 }
 
 /// Snapshots are split into records of at most this size (the snapshot topic allows 8 MiB).
@@ -172,22 +189,6 @@ impl KafkaLog {
 
     fn op_timeout(&self) -> Duration {
         self.settings.transaction_timeout / 2
-    }
-
-    fn reader(&self, purpose: &str) -> Result<BaseConsumer<QuietEof>, LogError> {
-        let mut cfg = platform::kafka::client_config(&self.settings.kafka, &format!("taskstream-command-api-{purpose}"));
-        cfg.set("group.id", format!("{}-{purpose}", self.settings.transactional_id(self.partition)))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .set("fetch.max.bytes", "52428800")
-            .set("max.partition.fetch.bytes", "16777216")
-            // At the end of the partition the broker holds a fetch up to this long before it
-            // answers "no more": the default 500 ms made every restore take half a second more.
-            .set("fetch.wait.max.ms", "10")
-            .set("auto.offset.reset", "earliest");
-        Ok(cfg.create_with_context(QuietEof)?)
     }
 
     async fn transact(&mut self, records: Vec<Outgoing>) -> Result<Vec<Position>, LogError> {
@@ -332,14 +333,8 @@ impl EventLog for KafkaLog {
 
     async fn settle(&mut self) -> Result<(), LogError> {
         let Some(last) = self.unsettled.take() else { return Ok(()) };
-        let stable = match &self.stable {
-            Some(c) => c.clone(),
-            None => {
-                let c = Arc::new(self.reader("stable")?);
-                self.stable = Some(c.clone());
-                c
-            }
-        };
+        let (settings, partition) = (&self.settings, self.partition);
+        let stable = made_once(&mut self.stable, || settings.reader(partition, "stable"))?;
         let (topic, partition, timeout) = (self.settings.kafka.task_events_topic.clone(), self.partition, self.op_timeout());
         let settled = tokio::task::spawn_blocking(move || wait_closed(&stable, &topic, partition, last, OPEN_TRANSACTION_GRACE, timeout))
             .await
@@ -353,17 +348,11 @@ impl EventLog for KafkaLog {
     }
 
     async fn read_from(&mut self, from: i64, apply: Apply) -> Result<i64, LogError> {
-        let consumer = Arc::new(self.reader("restore")?);
-        let written = match &self.written {
-            Some(w) => w.clone(),
-            None => {
-                let w: Arc<BaseConsumer> = Arc::new(
-                    platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api-end").set("isolation.level", "read_uncommitted").create()?,
-                );
-                self.written = Some(w.clone());
-                w
-            }
-        };
+        let consumer = Arc::new(self.settings.reader(self.partition, "restore")?);
+        let kafka = &self.settings.kafka;
+        let written = made_once(&mut self.written, || {
+            Ok(platform::kafka::client_config(kafka, "taskstream-command-api-end").set("isolation.level", "read_uncommitted").create()?)
+        })?;
         let topic = self.settings.kafka.task_events_topic.clone();
         let timeout = self.op_timeout();
         let partition = self.partition;
@@ -451,7 +440,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn read_snapshot(&mut self) -> Result<Option<Vec<u8>>, LogError> {
-        let consumer = self.reader("snapshot")?;
+        let consumer = self.settings.reader(self.partition, "snapshot")?;
         let topic = self.settings.kafka.snapshots_topic();
         let timeout = self.op_timeout();
         let partition = self.partition;
@@ -617,6 +606,14 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
             None => Err(LogError::Unavailable("delivery report missing after commit".into())),
         })
         .collect()
+}
+
+/// The client in `slot`, made by `make` the first time.
+fn made_once<C>(slot: &mut Option<Arc<C>>, make: impl FnOnce() -> Result<C, LogError>) -> Result<Arc<C>, LogError> {
+    if let Some(c) = slot {
+        return Ok(c.clone());
+    }
+    Ok(slot.insert(Arc::new(make()?)).clone())
 }
 
 /// Waits until the partition's last stable offset is past `last`, an offset the writer's last

@@ -27,23 +27,12 @@ use test_support::required_env;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partition() {
     let (settings, run) = topic_settings("open").await;
-    let brokers = required_env("KAFKA_BROKERS");
-    let topic = settings.task_events_topic.clone();
 
     // A transaction left open on partition 0, as a previous owner's commit that the broker has not
     // completed yet: its record is written, not committed.
-    let open: BaseProducer =
-        ClientConfig::new().set("bootstrap.servers", &brokers).set("transactional.id", format!("kafkalog-open-{run}")).create().expect("producer");
-    let timeout = Duration::from_secs(20);
-    open.init_transactions(timeout).expect("init");
-    open.begin_transaction().expect("begin");
-    open.send(BaseRecord::<str, [u8]>::to(&topic).partition(0).key("task").payload(b"{}".as_slice())).map_err(|(e, _)| e).expect("send");
-    open.flush(timeout).expect("written");
+    let open = open_transaction(&format!("kafkalog-open-{run}"), &settings.task_events_topic);
 
-    let keys = KeyRing::in_memory(Keks::parse(test_support::tokens::TEST_KEK).unwrap());
-    // op timeout = transaction timeout / 2 = 2 s.
-    let log_settings = KafkaLogSettings { kafka: settings, transactional_id_prefix: format!("kafkalog-{run}"), transaction_timeout: Duration::from_secs(4) };
-    let mut log = KafkaLog::new(log_settings, 0, keys);
+    let (mut log, _) = kafka_log(settings, &run);
     log.connect().await.expect("the writer's own producer");
     // While the transaction is open the partition is not fully read: the read fails (the writer
     // stays unavailable and tries again) instead of ending at the last stable offset.
@@ -60,7 +49,7 @@ async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partitio
     assert!(matches!(&result, Err(LogError::Unavailable(m)) if m.contains("still open")), "{result:?}");
 
     // Once it commits, the read ends after it, with its record and the one barrier.
-    open.commit_transaction(timeout).expect("commit");
+    open.commit_transaction(TIMEOUT).expect("commit");
     let (result, seen) = read_all(&mut log).await;
     let next = result.expect("the read ends once no transaction is open");
     let records: Vec<i64> = seen.iter().filter(|(_, barrier)| !barrier).map(|(o, _)| *o).collect();
@@ -75,25 +64,37 @@ async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partitio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_writer_cannot_close_the_new_owners_open_transaction() {
     let (settings, run) = topic_settings("fenced").await;
-    let brokers = required_env("KAFKA_BROKERS");
     let topic = settings.task_events_topic.clone();
-    let keys = KeyRing::in_memory(Keks::parse(test_support::tokens::TEST_KEK).unwrap());
-    let log_settings = KafkaLogSettings { kafka: settings, transactional_id_prefix: format!("kafkalog-{run}"), transaction_timeout: Duration::from_secs(4) };
-    let mut zombie = KafkaLog::new(log_settings.clone(), 0, keys);
+    let (mut zombie, log_settings) = kafka_log(settings, &run);
     zombie.connect().await.expect("the writer's producer");
 
     // The new owner: same transactional id, so its fencing bumps the epoch; its transaction is open.
-    let owner: BaseProducer =
-        ClientConfig::new().set("bootstrap.servers", &brokers).set("transactional.id", log_settings.transactional_id(0)).create().expect("producer");
-    let timeout = Duration::from_secs(20);
-    owner.init_transactions(timeout).expect("init");
-    owner.begin_transaction().expect("begin");
-    owner.send(BaseRecord::<str, [u8]>::to(&topic).partition(0).key("task").payload(b"{}".as_slice())).map_err(|(e, _)| e).expect("send");
-    owner.flush(timeout).expect("written");
+    let owner = open_transaction(&log_settings.transactional_id(0), &topic);
 
     let (result, _) = read_all(&mut zombie).await;
     assert!(matches!(&result, Err(LogError::Fenced(_))), "the zombie must learn it is fenced, not close the transaction: {result:?}");
-    owner.commit_transaction(timeout).expect("the owner's transaction commits");
+    owner.commit_transaction(TIMEOUT).expect("the owner's transaction commits");
+}
+
+/// A transactional producer `transactional_id` with one record written to partition 0 of `topic`
+/// in a transaction it leaves open (commit or abort it with the returned producer).
+fn open_transaction(transactional_id: &str, topic: &str) -> BaseProducer {
+    let producer: BaseProducer =
+        ClientConfig::new().set("bootstrap.servers", required_env("KAFKA_BROKERS")).set("transactional.id", transactional_id).create().expect("producer");
+    producer.init_transactions(TIMEOUT).expect("init");
+    producer.begin_transaction().expect("begin");
+    producer.send(BaseRecord::<str, [u8]>::to(topic).partition(0).key("task").payload(b"{}".as_slice())).map_err(|(e, _)| e).expect("send");
+    producer.flush(TIMEOUT).expect("written");
+    producer
+}
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The log of partition 0 (op timeout = transaction timeout / 2 = 2 s), and its settings.
+fn kafka_log(settings: platform::settings::KafkaSettings, run: &str) -> (KafkaLog, KafkaLogSettings) {
+    let keys = KeyRing::in_memory(Keks::parse(test_support::tokens::TEST_KEK).unwrap());
+    let log_settings = KafkaLogSettings { kafka: settings, transactional_id_prefix: format!("kafkalog-{run}"), transaction_timeout: Duration::from_secs(4) };
+    (KafkaLog::new(log_settings.clone(), 0, keys), log_settings)
 }
 
 /// The settings of a fresh one-partition topic, and the run id in its name.
@@ -135,11 +136,8 @@ async fn read_all(log: &mut KafkaLog) -> (Result<i64, LogError>, Vec<(i64, bool)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_returns_once_the_appended_transaction_is_closed_in_the_partition() {
     let (settings, run) = topic_settings("settle").await;
-    let brokers = required_env("KAFKA_BROKERS");
     let topic = settings.task_events_topic.clone();
-    let keys = KeyRing::in_memory(Keks::parse(test_support::tokens::TEST_KEK).unwrap());
-    let log_settings = KafkaLogSettings { kafka: settings, transactional_id_prefix: format!("kafkalog-{run}"), transaction_timeout: Duration::from_secs(4) };
-    let mut log = KafkaLog::new(log_settings, 0, keys);
+    let (mut log, _) = kafka_log(settings, &run);
     log.connect().await.expect("the writer's producer");
     assert!(log.settle().await.is_ok(), "nothing appended yet: nothing to wait for");
 
@@ -154,15 +152,9 @@ async fn settle_returns_once_the_appended_transaction_is_closed_in_the_partition
     log.settle().await.expect("the transaction closes");
 
     // Another producer's transaction open after ours: ours is closed all the same.
-    let other: BaseProducer =
-        ClientConfig::new().set("bootstrap.servers", &brokers).set("transactional.id", format!("kafkalog-other-{run}")).create().expect("producer");
-    let timeout = Duration::from_secs(20);
-    other.init_transactions(timeout).expect("init");
     let positions = log.append(vec![event("c")], vec![]).await.expect("appended");
-    other.begin_transaction().expect("begin");
-    other.send(BaseRecord::<str, [u8]>::to(&topic).partition(0).key("x").payload(b"{}".as_slice())).map_err(|(e, _)| e).expect("send");
-    other.flush(timeout).expect("written");
+    let other = open_transaction(&format!("kafkalog-other-{run}"), &topic);
     log.settle().await.expect("our transaction is closed although another is open after it");
-    other.abort_transaction(timeout).expect("abort");
+    other.abort_transaction(TIMEOUT).expect("abort");
     assert!(positions[0].offset > 1);
 }

@@ -380,6 +380,25 @@ impl TestApp {
             .unwrap();
     }
 
+    /// Sends `command` until it is answered 200 while the writer recovers (503 meanwhile, as a client
+    /// retries after `Retry-After`); any other status fails the test.
+    pub async fn until_ok<F, Fut>(&self, what: &str, command: F) -> Resp
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Resp>,
+    {
+        eventually(what, Duration::from_secs(20), || async {
+            let r = command().await;
+            match r.status {
+                StatusCode::OK => Some(r),
+                StatusCode::SERVICE_UNAVAILABLE => None,
+                other => panic!("unexpected {other} while recovering: {}", r.text),
+            }
+        })
+        .await
+        .unwrap()
+    }
+
     pub async fn raw(&self, req: Request<Body>) -> Resp {
         let res = self.router.clone().oneshot(req).await.expect("the router is infallible");
         let status = res.status();

@@ -68,16 +68,7 @@ async fn an_unavailable_log_is_503_with_retry_after_and_nothing_appended_until_i
     assert_eq!(app.log.len(), 1, "nothing was appended while the log was down");
 
     app.log.set_down(false);
-    let r = eventually("a command to succeed after the log recovers", Duration::from_secs(20), || async {
-        let r = app.complete(ALICE, &id, &[]).await;
-        match r.status {
-            StatusCode::OK => Some(r),
-            StatusCode::SERVICE_UNAVAILABLE => None,
-            other => panic!("unexpected {other} while recovering: {}", r.text),
-        }
-    })
-    .await
-    .unwrap();
+    let r = app.until_ok("a command to succeed after the log recovers", || app.complete(ALICE, &id, &[])).await;
     assert_eq!(r.version(), 2, "the refused commands left no trace in the task's versions");
     app.wait_ready().await;
     // The keyed command that was refused with 503 was not remembered: it executes now.
@@ -239,16 +230,7 @@ async fn an_acknowledged_command_survives_a_broker_restart_that_lost_its_commit_
     let r = app.patch(ALICE, &id, json!({"title": "while the broker is away"}), &[]).await;
     assert_problem(&r, 503);
     app.log.set_down(false);
-    let r = eventually("a command to succeed after the broker is back", Duration::from_secs(20), || async {
-        let r = app.patch(ALICE, &id, json!({"title": "after"}), &[]).await;
-        match r.status {
-            StatusCode::OK => Some(r),
-            StatusCode::SERVICE_UNAVAILABLE => None,
-            other => panic!("unexpected {other} while recovering: {}", r.text),
-        }
-    })
-    .await
-    .unwrap();
+    let r = app.until_ok("a command to succeed after the broker is back", || app.patch(ALICE, &id, json!({"title": "after"}), &[])).await;
     assert_eq!(r.version(), 3);
     let seqs: Vec<u32> = app.log.envelopes().iter().filter(|e| e.subject.to_string() == id).map(|e| e.meta.sequence).collect();
     assert_eq!(seqs, [1, 2, 3], "the acknowledged update is still in the log, and versions are contiguous");
@@ -263,16 +245,7 @@ async fn after_lost_commit_markers_the_writer_recovers_and_the_partition_serves_
     app.log.lose_next_commit_markers(crate::helpers::partition_for(&id));
     let r = app.patch(ALICE, &id, json!({"title": "acknowledged, markers lost"}), &[]).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let r = eventually("the partition to serve again", Duration::from_secs(20), || async {
-        let r = app.patch(ALICE, &id, json!({"title": "next"}), &[]).await;
-        match r.status {
-            StatusCode::OK => Some(r),
-            StatusCode::SERVICE_UNAVAILABLE => None,
-            other => panic!("unexpected {other} while recovering: {}", r.text),
-        }
-    })
-    .await
-    .unwrap();
+    let r = app.until_ok("the partition to serve again", || app.patch(ALICE, &id, json!({"title": "next"}), &[])).await;
     assert_eq!(r.version(), 3);
     app.wait_ready().await;
     let seqs: Vec<u32> = app.log.envelopes().iter().filter(|e| e.subject.to_string() == id).map(|e| e.meta.sequence).collect();
