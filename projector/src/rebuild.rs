@@ -316,7 +316,8 @@ impl Rebuild<'_> {
     /// Empty copies of every projection's tables (all of them: the projections are folded
     /// together, so each one is built from the same replay), and the rebuild registered for status.
     /// The copies get the live tables' primary keys and unique constraints (under the same names;
-    /// the upserts need them) but not their other indexes, which `build_indexes` adds near the end.
+    /// the upserts need them) and storage parameters, but not their other indexes, which
+    /// `build_indexes` adds near the end.
     async fn create_copies(&self) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).execute(&mut *tx).await?;
@@ -332,6 +333,15 @@ impl Rebuild<'_> {
             .await?;
             for (name, def) in constraints {
                 sqlx::query(&format!("ALTER TABLE {SCHEMA}.{table} ADD CONSTRAINT {name} {def}")).execute(&mut *tx).await?;
+            }
+            // LIKE copies no storage parameters; the copy replaces the live table, so it keeps
+            // them (`tasks`' fillfactor, which leaves room for updates in place).
+            let options: Option<Vec<String>> = sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = format('public.%I', $1::text)::regclass")
+                .bind(table)
+                .fetch_one(&mut *tx)
+                .await?;
+            if let Some(options) = options.filter(|o| !o.is_empty()) {
+                sqlx::query(&format!("ALTER TABLE {SCHEMA}.{table} SET ({})", options.join(", "))).execute(&mut *tx).await?;
             }
         }
         sqlx::query(&format!("CREATE TABLE {SCHEMA}.projection_offsets (LIKE public.projection_offsets INCLUDING ALL)")).execute(&mut *tx).await?;

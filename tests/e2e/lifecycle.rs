@@ -143,6 +143,7 @@ async fn rebuild_gives_identical_read_models_while_queries_and_writes_go_on() ->
     }
     let before = checksums(&stack, "writer").await?;
     let shape = table_shape(&stack).await?;
+    assert!(shape.contains(&("tasks".into(), "storage parameters".into(), "fillfactor=80".into())), "{shape:?}");
     let outbox = scalar(&stack, "SELECT count(*) FROM reaction_outbox").await?;
     let deliveries = scalar(&stack, "SELECT count(*) FROM webhook_deliveries").await?;
     let total: i64 = scalar(&stack, "SELECT count(*) FROM tasks WHERE user_id = 'ann'").await?;
@@ -208,7 +209,7 @@ async fn rebuild_gives_identical_read_models_while_queries_and_writes_go_on() ->
     assert!(stderr_of(&out).contains("secondary indexes"), "{}", stderr_of(&out));
     // Before that, the task rows were kept in memory and written once (the bulk phase).
     assert!(stderr_of(&out).contains("task rows kept in memory"), "{}", stderr_of(&out));
-    assert_eq!(table_shape(&stack).await?, shape, "the rebuilt tables' indexes or constraints differ");
+    assert_eq!(table_shape(&stack).await?, shape, "the rebuilt tables' indexes, constraints or storage parameters differ");
     assert_eq!(scalar(&stack, "SELECT count(*) FROM projection_rebuilds").await?, 0);
     let status = stack.projector_cli(&["status"]).output().await?;
     let status = String::from_utf8_lossy(&status.stdout);
@@ -220,11 +221,15 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Every index (name, definition) and constraint (name, definition) of the public tables.
+/// Every index (name, definition), constraint (name, definition) and storage parameter (such as
+/// `tasks`' fillfactor) of the public tables.
 async fn table_shape(stack: &Stack) -> anyhow::Result<Vec<(String, String, String)>> {
     let mut db = stack.db().await?;
     Ok(sqlx::query_as(
         "SELECT tablename::text, indexname::text, indexdef FROM pg_indexes WHERE schemaname = 'public'
+         UNION ALL
+         SELECT relname::text, 'storage parameters', array_to_string(reloptions, ', ') FROM pg_class
+         WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' AND reloptions IS NOT NULL
          UNION ALL
          SELECT conrelid::regclass::text, conname::text, pg_get_constraintdef(oid) FROM pg_constraint
          WHERE connamespace = 'public'::regnamespace
