@@ -143,7 +143,7 @@ async fn rebuild_gives_identical_read_models_while_queries_and_writes_go_on() ->
     }
     let before = checksums(&stack, "writer").await?;
     let shape = table_shape(&stack).await?;
-    assert!(shape.contains(&("tasks".into(), "storage parameters".into(), "fillfactor=80".into())), "{shape:?}");
+    assert!(shape.contains(&("tasks".into(), "storage parameters".into(), "fillfactor=50".into())), "{shape:?}");
     let outbox = scalar(&stack, "SELECT count(*) FROM reaction_outbox").await?;
     let deliveries = scalar(&stack, "SELECT count(*) FROM webhook_deliveries").await?;
     let total: i64 = scalar(&stack, "SELECT count(*) FROM tasks WHERE user_id = 'ann'").await?;
