@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 
 use platform::settings::KafkaSettings;
 
 use platform::keys::KeyRing;
 
-use crate::model::Batch;
+use crate::model::{Batch, RawRecord};
 
 /// The settings of every reader of the log: read_committed, nothing committed to Kafka (the offsets
 /// live in PostgreSQL), from the start of a partition that has no position, large fetches.
@@ -56,19 +56,21 @@ pub async fn read_batch<C: ConsumerContext + 'static>(
         () = &mut interrupted => return Ok(batch),
     };
     let deadline = tokio::time::Instant::now() + linger;
-    let mut msg = Some(first.detach());
+    // Copied out of librdkafka's message as soon as it is received (the message borrows the
+    // consumer), and only when wanted.
+    let wanted =
+        |m: &BorrowedMessage<'_>| (m.topic() == topic && next.get(&m.partition()).is_some_and(|n| m.offset() >= *n)).then(|| RawRecord::from_message(m));
+    let mut msg = wanted(&first);
     loop {
-        if let Some(m) = msg.take() {
-            if m.topic() == topic && next.get(&m.partition()).is_some_and(|n| m.offset() >= *n) {
-                batch.push_message(m, true, keys).await?;
-            }
+        if let Some(raw) = msg.take() {
+            batch.push(raw, keys).await?;
         }
         if batch.len() + batch.failed.len() >= max_batch {
             break;
         }
         tokio::select! {
             r = tokio::time::timeout_at(deadline, consumer.recv()) => match r {
-                Ok(Ok(m)) => msg = Some(m.detach()),
+                Ok(Ok(m)) => msg = wanted(&m),
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => break,
             },

@@ -163,21 +163,19 @@ pub async fn park<'b>(
             letters.push(f);
         }
     }
-    use rdkafka::message::Message;
-    let raw_by_position: HashMap<Position, &rdkafka::message::OwnedMessage> =
-        batch.raw.iter().map(|m| (Position { partition: m.partition(), offset: m.offset() }, m)).collect();
+    let raw_by_position: HashMap<Position, &RawRecord> = batch.raw.iter().map(|r| (r.position, r)).collect();
     let mut parked_messages: Vec<RawRecord> = Vec::new();
     let mut admitted = Batch { to: batch.to.clone(), ..Batch::default() };
     for r in &batch.tasks {
         if is_blocked(&blockers, &r.envelope.subject.to_string(), r.position) {
-            parked_messages.push(RawRecord::from_message(*raw_by_position.get(&r.position).ok_or_else(|| missing_raw(r.position))?));
+            parked_messages.push((*raw_by_position.get(&r.position).ok_or_else(|| missing_raw(r.position))?).clone());
         } else {
             admitted.tasks.push(r.clone());
         }
     }
     for r in &batch.users {
         if is_blocked(&blockers, r.envelope.meta.user_id.as_ref(), r.position) {
-            parked_messages.push(RawRecord::from_message(*raw_by_position.get(&r.position).ok_or_else(|| missing_raw(r.position))?));
+            parked_messages.push((*raw_by_position.get(&r.position).ok_or_else(|| missing_raw(r.position))?).clone());
         } else {
             admitted.users.push(r.clone());
         }

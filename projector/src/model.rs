@@ -70,15 +70,18 @@ impl RawRecord {
     }
 
     pub fn decode(&self, keys: &KeyRing) -> Result<codec::Record, codec::DecodeError> {
-        codec::decode_record(self.key.as_deref(), Some(&self.headers()), self.payload.as_deref(), keys)
+        codec::decode_record(self.key.as_deref(), Some(self), self.payload.as_deref(), keys)
+    }
+}
+
+/// The record's headers, read in place (no librdkafka header list is built for them).
+impl rdkafka::message::Headers for RawRecord {
+    fn count(&self) -> usize {
+        self.header_names.len()
     }
 
-    fn headers(&self) -> rdkafka::message::OwnedHeaders {
-        let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(self.header_names.len());
-        for (key, value) in self.header_names.iter().zip(&self.header_values) {
-            headers = headers.insert(rdkafka::message::Header { key: key.as_str(), value: Some(value.as_slice()) });
-        }
-        headers
+    fn try_get(&self, idx: usize) -> Option<rdkafka::message::Header<'_, &[u8]>> {
+        Some(rdkafka::message::Header { key: self.header_names.get(idx)?.as_str(), value: Some(self.header_values.get(idx)?.as_slice()) })
     }
 }
 
@@ -130,8 +133,8 @@ pub struct Batch {
     pub users: Vec<RecordedUser>,
     /// Records that could not be decoded (or applied): dead-lettered in live mode.
     pub failed: Vec<FailedRecord>,
-    /// The decoded records as read (live mode only), for parking them behind a dead letter.
-    pub raw: Vec<rdkafka::message::OwnedMessage>,
+    /// The decoded records as read, for parking them behind a dead letter.
+    pub raw: Vec<RawRecord>,
     /// Next offset per partition after this batch (includes skipped records).
     pub to: HashMap<i32, i64>,
     /// Records sealed with a destroyed data key (their user was erased): skipped, projected to
@@ -148,41 +151,21 @@ impl Batch {
         self.to.is_empty()
     }
 
-    /// Adds a stored record (a dead letter or a parked record being released). `Err` only when the
-    /// keys topic could not be read.
+    /// Adds a record, as read from the log (or stored: a dead letter or a parked record being
+    /// released); a decoded one is kept as read too, for parking. `Err` only when the keys topic
+    /// could not be read.
     pub async fn push(&mut self, raw: RawRecord, keys: &KeyRing) -> Result<(), KeyError> {
         let position = raw.position;
         self.to.insert(position.partition, position.offset + 1);
         match decode_settling(keys, || raw.decode(keys)).await? {
-            Ok(record) => self.push_decoded(position, keep_secret_sealed(record, raw.payload.as_deref()), keys),
+            Ok(record) => {
+                self.push_decoded(position, keep_secret_sealed(record, raw.payload.as_deref()), keys);
+                self.raw.push(raw);
+            }
             Err(codec::DecodeError::Erased(_)) => self.erased += 1,
+            // Not an event (a writer closed a transaction Kafka had left open): nothing to apply.
             Err(codec::DecodeError::Barrier) => {}
             Err(e) => self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw }),
-        }
-        Ok(())
-    }
-
-    /// Adds a record read from the log; `keep_raw` keeps the message for parking (live mode). `Err`
-    /// only when the keys topic could not be read.
-    pub async fn push_message(&mut self, m: rdkafka::message::OwnedMessage, keep_raw: bool, keys: &KeyRing) -> Result<(), KeyError> {
-        use rdkafka::message::Message;
-        let position = Position { partition: m.partition(), offset: m.offset() };
-        self.to.insert(position.partition, position.offset + 1);
-        match decode_settling(keys, || codec::decode_record(m.key(), m.headers(), m.payload(), keys)).await? {
-            Ok(record) => self.push_decoded(position, keep_secret_sealed(record, m.payload()), keys),
-            Err(codec::DecodeError::Erased(_)) => {
-                self.erased += 1;
-                return Ok(());
-            }
-            // Not an event (a writer closed a transaction Kafka had left open): nothing to apply.
-            Err(codec::DecodeError::Barrier) => return Ok(()),
-            Err(e) => {
-                self.failed.push(FailedRecord { error: format!("cannot decode: {e}"), raw: RawRecord::from_message(&m) });
-                return Ok(());
-            }
-        }
-        if keep_raw {
-            self.raw.push(m);
         }
         Ok(())
     }
@@ -204,11 +187,10 @@ impl Batch {
     /// Keeps only the records (and end offsets) of the partitions `keep` accepts: the records of a
     /// partition revoked by a rebalance while the batch was read are dropped, never applied.
     pub fn retain_partitions(&mut self, keep: impl Fn(i32) -> bool) {
-        use rdkafka::message::Message;
         self.tasks.retain(|r| keep(r.position.partition));
         self.users.retain(|r| keep(r.position.partition));
         self.failed.retain(|f| keep(f.raw.position.partition));
-        self.raw.retain(|m| keep(m.partition()));
+        self.raw.retain(|r| keep(r.position.partition));
         self.to.retain(|p, _| keep(*p));
     }
 
@@ -217,12 +199,11 @@ impl Batch {
     /// in its own transaction: the offsets are compared and set per partition, and a stream (with
     /// its parked records) lives in one partition.
     pub fn split_by_partition(self, ways: usize) -> Vec<Batch> {
-        use rdkafka::message::Message;
         let mut load: HashMap<i32, usize> = self.to.keys().map(|p| (*p, 0)).collect();
         for p in self.tasks.iter().map(|r| r.position.partition).chain(self.users.iter().map(|r| r.position.partition)) {
             *load.entry(p).or_default() += 1;
         }
-        for p in self.failed.iter().map(|f| f.raw.position.partition).chain(self.raw.iter().map(|m| m.partition())) {
+        for p in self.failed.iter().map(|f| f.raw.position.partition).chain(self.raw.iter().map(|r| r.position.partition)) {
             load.entry(p).or_default();
         }
         let ways = ways.clamp(1, load.len().max(1));
@@ -248,8 +229,8 @@ impl Batch {
         for f in self.failed {
             parts[part_of[&f.raw.position.partition]].failed.push(f);
         }
-        for m in self.raw {
-            parts[part_of[&m.partition()]].raw.push(m);
+        for r in self.raw {
+            parts[part_of[&r.position.partition]].raw.push(r);
         }
         for (p, o) in self.to {
             parts[part_of[&p]].to.insert(p, o);
@@ -661,7 +642,7 @@ mod tests {
         let m = rdkafka::message::OwnedMessage::new(Some(payload), None, "task-events".into(), rdkafka::Timestamp::NotAvailable, 4, 13, Some(headers));
         let keys = platform::keys::KeyRing::in_memory(platform::keys::Keks::dev());
         let mut batch = Batch::default();
-        batch.push_message(m, true, &keys).await.unwrap();
+        batch.push(RawRecord::from_message(&m), &keys).await.unwrap();
         assert_eq!(batch.len(), 0, "a barrier is not an event");
         assert!(batch.failed.is_empty() && batch.raw.is_empty(), "nor a record to dead-letter or park");
         assert_eq!(batch.to.get(&4), Some(&14), "its offset is passed (stored with the rows)");

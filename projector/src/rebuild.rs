@@ -21,7 +21,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::StreamConsumer;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
@@ -30,7 +30,7 @@ use platform::position::Position;
 use platform::retry::Policy;
 use platform::settings::{DatabaseSettings, KafkaSettings};
 
-use crate::model::{Batch, Effects, TaskTable};
+use crate::model::{Batch, Effects, RawRecord, TaskTable};
 use crate::store::{self, ApplyMode, StoreError, PROJECTIONS, REBUILD_LOCK_KEY};
 
 /// Where the copies are built.
@@ -444,7 +444,7 @@ struct Replay {
     shadow: PgPool,
     consumer: StreamConsumer,
     /// Records read but not applied yet (at or past the live offsets when they were read).
-    pending: HashMap<i32, VecDeque<OwnedMessage>>,
+    pending: HashMap<i32, VecDeque<RawRecord>>,
     /// Next offset to apply, per partition.
     at: HashMap<i32, i64>,
     max_batch: usize,
@@ -493,7 +493,7 @@ impl Replay {
                         if m.offset() < live.caps.get(&m.partition()).copied().unwrap_or(0) {
                             ready += 1;
                         }
-                        self.pending.entry(m.partition()).or_default().push_back(m.detach());
+                        self.pending.entry(m.partition()).or_default().push_back(RawRecord::from_message(&m));
                     }
                 }
                 Ok(Err(e)) => return Err(e.into()),
@@ -503,13 +503,13 @@ impl Replay {
         let mut batch = Batch::default();
         for (p, queue) in &mut self.pending {
             let cap = live.caps.get(p).copied().unwrap_or(0);
-            while batch.len() + batch.failed.len() < self.max_batch && queue.front().is_some_and(|m| m.offset() < cap) {
-                let m = queue.pop_front().expect("front checked");
-                let position = Position { partition: m.partition(), offset: m.offset() };
+            while batch.len() + batch.failed.len() < self.max_batch && queue.front().is_some_and(|r| r.position.offset < cap) {
+                let raw = queue.pop_front().expect("front checked");
+                let position = raw.position;
                 if live.skip.contains(&position) {
                     batch.to.insert(position.partition, position.offset + 1);
                 } else {
-                    batch.push_message(m, false, &self.keys).await?;
+                    batch.push(raw, &self.keys).await?;
                 }
             }
         }
@@ -597,7 +597,7 @@ impl Replay {
             .iter()
             .map(|(p, q)| {
                 let cap = caps.get(p).copied().unwrap_or(0);
-                q.iter().take_while(|m| m.offset() < cap).count()
+                q.iter().take_while(|r| r.position.offset < cap).count()
             })
             .sum()
     }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -363,8 +362,7 @@ impl Runner {
 
     async fn apply_one_by_one(&self, topic: &str, batch: Batch, next: &mut HashMap<i32, i64>) -> anyhow::Result<Outcome> {
         let mut singles: Vec<Batch> = Vec::with_capacity(batch.len() + batch.failed.len());
-        let mut raw: HashMap<Position, rdkafka::message::OwnedMessage> =
-            batch.raw.into_iter().map(|m| (Position { partition: m.partition(), offset: m.offset() }, m)).collect();
+        let mut raw: HashMap<Position, RawRecord> = batch.raw.into_iter().map(|r| (r.position, r)).collect();
         let single = |position: Position| Batch { to: HashMap::from([(position.partition, position.offset + 1)]), ..Batch::default() };
         for r in batch.tasks {
             let mut b = single(r.position);
@@ -392,7 +390,7 @@ impl Runner {
                     let Some(message) = b.raw.first() else {
                         return Err(e.into());
                     };
-                    let failed = FailedRecord { raw: RawRecord::from_message(message), error: format!("cannot apply: {e}") };
+                    let failed = FailedRecord { raw: message.clone(), error: format!("cannot apply: {e}") };
                     let letter = Batch { failed: vec![failed], to: b.to, ..Batch::default() };
                     match self.apply_with_retry(topic, &letter, next).await? {
                         Outcome::Applied => next.extend(letter.to),

@@ -20,7 +20,7 @@ use platform::keys::{DataKey, Keks, KeyRing};
 use platform::position::Position;
 use platform::secret::Secret;
 use platform::settings::{DatabaseSettings, KafkaSettings};
-use projector::model::{Batch, Recorded, RecordedUser, TaskTable};
+use projector::model::{Batch, RawRecord, Recorded, RecordedUser, TaskTable};
 use projector::rebuild;
 use projector::store::{self, ApplyMode};
 use test_support::{fresh_database, required_env};
@@ -309,8 +309,9 @@ impl LiveLog {
             consumer.assign(&tpl).unwrap();
             let mut batch = Batch::default();
             while self.applied[&partition] < high {
-                let m = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await.expect("a record within 10 s").unwrap().detach();
-                batch.push_message(m, false, &self.keys).await.unwrap();
+                let m = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await.expect("a record within 10 s").unwrap();
+                let raw = RawRecord::from_message(&m);
+                batch.push(raw, &self.keys).await.unwrap();
                 let end = batch.to[&partition];
                 if batch.len() == 4 || end == high {
                     assert!(batch.failed.is_empty(), "{:?}", batch.failed);
