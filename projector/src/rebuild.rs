@@ -513,6 +513,9 @@ impl Replay {
                 }
             }
         }
+        // A replay parks nothing (it skips what it cannot decode): the records as read are not kept
+        // while the batch waits for its turn and is applied.
+        batch.raw = Vec::new();
         if batch.is_empty() {
             return self.settle().await;
         }

@@ -411,10 +411,10 @@ async fn write_tasks(tx: &mut Transaction<'_, Postgres>, folded: HashMap<TaskId,
                             recurrence_parent_id, occurrence, reminded_for)
          SELECT v.id, v.user_id, v.title, v.description, v.status, v.priority, v.due_at, v.timezone, v.recurrence,
                 v.remind_before, v.remind_at,
-                ARRAY(SELECT e FROM jsonb_array_elements_text(v.tags) WITH ORDINALITY AS t(e, i) ORDER BY i),
+                v.tags::text[],
                 v.version, v.created_at, v.updated_at, v.completed_at, v.parent, v.occurrence, v.reminded_for
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::timestamptz[],
-                     $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::jsonb[], $13::int4[],
+                     $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[], $13::int4[],
                      $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::uuid[], $18::int4[],
                      $19::timestamptz[])
               AS v(id, user_id, title, description, status, priority, due_at, timezone, recurrence, remind_before,
@@ -466,7 +466,9 @@ struct TaskColumns {
     recurrence: Vec<Option<String>>,
     remind_before: Vec<Option<String>>,
     remind_at: Vec<Option<chrono::DateTime<chrono::Utc>>>,
-    tags: Vec<serde_json::Value>,
+    /// Each row's tags as an array literal (`{"a","b"}`), cast by PostgreSQL: UNNEST takes only
+    /// one-dimensional arrays, and rows have different numbers of tags.
+    tags: Vec<String>,
     version: Vec<i32>,
     created_at: Vec<chrono::DateTime<chrono::Utc>>,
     updated_at: Vec<chrono::DateTime<chrono::Utc>>,
@@ -489,7 +491,7 @@ impl TaskColumns {
         self.recurrence.push(r.recurrence);
         self.remind_before.push(r.remind_before);
         self.remind_at.push(r.remind_at);
-        self.tags.push(json!(r.tags));
+        self.tags.push(array_literal(&r.tags));
         self.version.push(r.version);
         self.created_at.push(r.created_at);
         self.updated_at.push(r.updated_at);
@@ -498,6 +500,28 @@ impl TaskColumns {
         self.occurrence.push(r.occurrence);
         self.reminded_for.push(r.reminded_for);
     }
+}
+
+/// A PostgreSQL array literal of `items`, each quoted (so any text, `NULL` included, stays the
+/// text it is).
+fn array_literal(items: &[String]) -> String {
+    let mut out = String::with_capacity(2 + items.iter().map(|t| t.len() + 3).sum::<usize>());
+    out.push('{');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in item.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
 }
 
 /// The columns of `task_history` in the order both of its writers send them (`write_history`'s

@@ -68,7 +68,7 @@ fn new_task(title: &str, due: Option<i64>, remind: Option<&str>, recurrence: Opt
     t.due_at = due.map(at);
     t.remind_before = remind.map(|r| RemindBefore::parse(r.into()).unwrap());
     t.recurrence = recurrence.map(|r| Recurrence::parse(r.into()).unwrap());
-    t.tags = domain::Tags::parse(vec!["home".into(), "a \"quoted\", {braced} tag\\".into()]).unwrap();
+    t.tags = domain::Tags::parse(vec!["home".into(), "a \"quoted\", {braced} tag\\".into(), "NULL".into()]).unwrap();
     TaskEvent::Created(t)
 }
 
