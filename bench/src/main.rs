@@ -51,6 +51,11 @@ struct Cli {
     /// The process ids to read resident memory from after the run: NAME=PID (repeatable).
     #[arg(long = "rss", value_parser = parse_kv)]
     rss: Vec<(String, String)>,
+    /// More processes whose CPU share is measured with the services' (e.g. the broker and
+    /// PostgreSQL on the same box): NAME=PID (repeatable). A process' CPU includes its children's
+    /// (PostgreSQL's backends are children of its postmaster).
+    #[arg(long = "cpu", value_parser = parse_kv)]
+    cpu: Vec<(String, String)>,
     /// Lines about the machine and the command, copied into the report (repeatable).
     #[arg(long = "about")]
     about: Vec<String>,
@@ -526,11 +531,26 @@ fn signal(pid: &str, sig: &str) {
     let _ = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid).status();
 }
 
-/// CPU time (user + system) of a process so far, in seconds (Linux, 100 clock ticks per second).
+/// CPU time (user + system) of a process so far, in seconds (Linux, 100 clock ticks per second),
+/// with its children's: the live ones', and the exited ones' it waited for.
 fn cpu_seconds(pid: &str) -> Option<f64> {
+    let own = proc_stat(pid)?;
+    let ticks = |f: &[String], i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let mut total = ticks(&own, 11) + ticks(&own, 12) + ticks(&own, 13) + ticks(&own, 14);
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(child) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        if let Some(f) = proc_stat(child).filter(|f| f.get(1).is_some_and(|ppid| ppid == pid)) {
+            total += ticks(&f, 11) + ticks(&f, 12);
+        }
+    }
+    Some(total / 100.0)
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name: state, ppid, ... (utime is index 11).
+fn proc_stat(pid: &str) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
-    Some((fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / 100.0)
+    Some(stat.get(stat.rfind(')')? + 2..)?.split_whitespace().map(str::to_owned).collect())
 }
 
 /// Saturates the command APIs at `bases` (256 connections spread over them) with the mix; returns
@@ -545,6 +565,7 @@ async fn saturate(ctx: &Arc<Ctx>, bases: &[String], key: &str, procs: &[(String,
     let duration = ctx.secs(20.0);
     let mut procs: Vec<(String, String)> = procs.to_vec();
     procs.push(("loadgen".into(), std::process::id().to_string()));
+    procs.extend(ctx.cli.cpu.iter().cloned());
     let cpu_before: Vec<Option<f64>> = procs.iter().map(|(_, p)| cpu_seconds(p)).collect();
     let started = Instant::now();
     let deadline = started + duration;
@@ -965,6 +986,7 @@ async fn graphql(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     let mut out = BTreeMap::new();
     let mut procs = ctx.cli.rss.clone();
     procs.push(("loadgen".into(), std::process::id().to_string()));
+    procs.extend(ctx.cli.cpu.iter().cloned());
     for (key, is_list) in [("graphql_list_queries_per_s", true), ("graphql_task_queries_per_s", false)] {
         let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let duration = ctx.secs(10.0);
