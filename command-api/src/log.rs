@@ -162,7 +162,9 @@ pub struct KafkaLog {
     written: Option<Arc<BaseConsumer>>,
     /// A producer whose `init_transactions` timed out: the next `connect` resumes it.
     initializing: Option<Arc<BaseProducer<TxnContext>>>,
-    /// Sees the partition's last stable offset (read_committed; made on first use).
+    /// Reads the partition's snapshot and its log at a restore, and sees its last stable offset
+    /// (read_committed; made when the writer first connects, so it is connected by the time the
+    /// restore needs it, and kept: a new consumer per read cost each restore ~100 ms of connecting).
     stable: Option<Arc<BaseConsumer<QuietEof>>>,
     /// The offset of the last event appended, until [`EventLog::settle`] saw its transaction closed.
     unsettled: Option<i64>,
@@ -208,6 +210,20 @@ impl KafkaLog {
 }
 
 impl KafkaLog {
+    /// The partition's read_committed reader (see `stable`).
+    fn reader(&mut self) -> Result<Arc<BaseConsumer<QuietEof>>, LogError> {
+        let (settings, partition) = (&self.settings, self.partition);
+        made_once(&mut self.stable, || settings.reader(partition, "stable"))
+    }
+
+    /// Sees the partition's end as written, open transactions included.
+    fn written(&mut self) -> Result<Arc<BaseConsumer>, LogError> {
+        let kafka = &self.settings.kafka;
+        made_once(&mut self.written, || {
+            Ok(platform::kafka::client_config(kafka, "taskstream-command-api-end").set("isolation.level", "read_uncommitted").create()?)
+        })
+    }
+
     /// Commits a barrier ([`codec::BARRIER_TYPE`]) in the partition. Its commit marker, written for
     /// this producer id, closes the transaction the partition still holds open from an earlier
     /// epoch of the same producer (the same transactional id): the records of that transaction
@@ -256,6 +272,9 @@ impl EventLog for KafkaLog {
         if self.producer.is_some() {
             return Ok(());
         }
+        // The restore's consumers are made first: they connect while the previous owner is fenced.
+        self.reader()?;
+        self.written()?;
         // The topics exist: the instance created them (if needed) before it joined the group.
         let transactional_id = self.settings.transactional_id(self.partition);
         let mut cfg = platform::kafka::client_config(&self.settings.kafka, "taskstream-command-api");
@@ -333,8 +352,7 @@ impl EventLog for KafkaLog {
 
     async fn settle(&mut self) -> Result<(), LogError> {
         let Some(last) = self.unsettled.take() else { return Ok(()) };
-        let (settings, partition) = (&self.settings, self.partition);
-        let stable = made_once(&mut self.stable, || settings.reader(partition, "stable"))?;
+        let stable = self.reader()?;
         let (topic, partition, timeout) = (self.settings.kafka.task_events_topic.clone(), self.partition, self.op_timeout());
         let settled = tokio::task::spawn_blocking(move || wait_closed(&stable, &topic, partition, last, OPEN_TRANSACTION_GRACE, timeout))
             .await
@@ -348,11 +366,8 @@ impl EventLog for KafkaLog {
     }
 
     async fn read_from(&mut self, from: i64, apply: Apply) -> Result<i64, LogError> {
-        let consumer = Arc::new(self.settings.reader(self.partition, "restore")?);
-        let kafka = &self.settings.kafka;
-        let written = made_once(&mut self.written, || {
-            Ok(platform::kafka::client_config(kafka, "taskstream-command-api-end").set("isolation.level", "read_uncommitted").create()?)
-        })?;
+        let consumer = self.reader()?;
+        let written = self.written()?;
         let topic = self.settings.kafka.task_events_topic.clone();
         let timeout = self.op_timeout();
         let partition = self.partition;
@@ -389,9 +404,13 @@ impl EventLog for KafkaLog {
             }
         };
         let keys = self.keys.clone();
-        tokio::task::spawn_blocking(move || read_to_end(&consumer, &topic, partition, from, end, apply, timeout, &*keys))
-            .await
-            .map_err(|e| LogError::Unavailable(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            let read = read_to_end(&consumer, &topic, partition, from, end, apply, timeout, &*keys);
+            unassign(&consumer);
+            read
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(e.to_string()))?
     }
 
     async fn announce(&mut self, owner: &OwnerRecord) -> Result<(), LogError> {
@@ -440,13 +459,17 @@ impl EventLog for KafkaLog {
     }
 
     async fn read_snapshot(&mut self) -> Result<Option<Vec<u8>>, LogError> {
-        let consumer = self.settings.reader(self.partition, "snapshot")?;
+        let consumer = self.reader()?;
         let topic = self.settings.kafka.snapshots_topic();
         let timeout = self.op_timeout();
         let partition = self.partition;
-        let chunks = tokio::task::spawn_blocking(move || read_snapshot_chunks(&consumer, &topic, partition, timeout))
-            .await
-            .map_err(|e| LogError::Unavailable(e.to_string()))??;
+        let chunks = tokio::task::spawn_blocking(move || {
+            let read = read_snapshot_chunks(&consumer, &topic, partition, timeout);
+            unassign(&consumer);
+            read
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(e.to_string()))??;
         self.snapshot_chunks = self.snapshot_chunks.max(chunks.len());
         Ok(assemble_snapshot(chunks))
     }
@@ -609,6 +632,14 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
 }
 
 /// The client in `slot`, made by `make` the first time.
+/// Stops fetching what a read was assigned (a kept consumer would otherwise go on fetching the
+/// partition in the background).
+fn unassign(consumer: &BaseConsumer<QuietEof>) {
+    if let Err(e) = consumer.unassign() {
+        tracing::debug!(error.message = %e, "could not unassign the reader");
+    }
+}
+
 fn made_once<C>(slot: &mut Option<Arc<C>>, make: impl FnOnce() -> Result<C, LogError>) -> Result<Arc<C>, LogError> {
     if let Some(c) = slot {
         return Ok(c.clone());
