@@ -197,7 +197,7 @@ pub fn join(settings: &KafkaSettings, group: &str, cluster: Arc<Cluster>, factor
             if cluster.is_leaving() {
                 let all = cluster.local_partitions();
                 consumer.context().revoke(&all);
-                let _ = consumer.unsubscribe();
+                consumer.unsubscribe();
                 drop(consumer); // closes the consumer: it leaves the group
                 tracing::info!("left the command API group");
                 cluster.has_left();

@@ -62,13 +62,12 @@ fn topic_dirs(topic: &str) -> Vec<String> {
 /// The wrapped data key of `user` in the keys topic's files (the `wrapped` field of its record).
 fn wrapped_key_of(keys_topic: &str, user: &str) -> Option<String> {
     let marker = format!("\"user_id\":\"{user}\"");
-    for file in topic_files_containing(keys_topic, &marker) {
+    topic_files_containing(keys_topic, &marker).into_iter().find_map(|file| {
         let text = String::from_utf8_lossy(&std::fs::read(&file).ok()?).into_owned();
         let record = &text[text.find(&marker)?..];
         let wrapped = &record[record.find("\"wrapped\":\"")? + 11..];
-        return Some(wrapped[..wrapped.find('"')?].to_owned());
-    }
-    None
+        Some(wrapped[..wrapped.find('"')?].to_owned())
+    })
 }
 
 /// `pg_dump` of the stack's database, as text.
