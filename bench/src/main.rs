@@ -533,7 +533,7 @@ fn signal(pid: &str, sig: &str) {
 
 /// CPU time (user + system) of a process so far, in seconds (Linux, 100 clock ticks per second),
 /// with its children's: the live ones', and the exited ones' it waited for.
-fn cpu_seconds(pid: &str) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
     let own = proc_stat(pid)?;
     let ticks = |f: &[String], i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     let mut total = ticks(&own, 11) + ticks(&own, 12) + ticks(&own, 13) + ticks(&own, 14);
