@@ -27,6 +27,7 @@ use test_support::required_env;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partition() {
     let (settings, run) = topic_settings("open").await;
+    let cleanup = settings.clone();
 
     // A transaction left open on partition 0, as a previous owner's commit that the broker has not
     // completed yet: its record is written, not committed.
@@ -57,6 +58,7 @@ async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partitio
     assert_eq!(records, vec![0], "the committed record is read: {seen:?}");
     assert_eq!(barriers, 1, "one barrier for the offset the transaction was stuck at: {seen:?}");
     assert!(next >= 4, "past the record, the barrier and both commit markers: {next}");
+    platform::kafka::delete_topics(&cleanup).await;
 }
 
 /// A writer that lost the partition (another producer with its transactional id fenced it) must
@@ -64,6 +66,7 @@ async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partitio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_writer_cannot_close_the_new_owners_open_transaction() {
     let (settings, run) = topic_settings("fenced").await;
+    let cleanup = settings.clone();
     let topic = settings.task_events_topic.clone();
     let (mut zombie, log_settings) = kafka_log(settings, &run);
     zombie.connect().await.expect("the writer's producer");
@@ -74,6 +77,7 @@ async fn a_fenced_writer_cannot_close_the_new_owners_open_transaction() {
     let (result, _) = read_all(&mut zombie).await;
     assert!(matches!(&result, Err(LogError::Fenced(_))), "the zombie must learn it is fenced, not close the transaction: {result:?}");
     owner.commit_transaction(TIMEOUT).expect("the owner's transaction commits");
+    platform::kafka::delete_topics(&cleanup).await;
 }
 
 /// A transactional producer `transactional_id` with one record written to partition 0 of `topic`
@@ -97,7 +101,8 @@ fn kafka_log(settings: platform::settings::KafkaSettings, run: &str) -> (KafkaLo
     (KafkaLog::new(log_settings.clone(), 0, keys), log_settings)
 }
 
-/// The settings of a fresh one-partition topic, and the run id in its name.
+/// The settings of a fresh one-partition topic, and the run id in its name. A test that passes
+/// deletes its topics; a failing one leaves them to be looked at.
 async fn topic_settings(name: &str) -> (platform::settings::KafkaSettings, String) {
     let brokers = required_env("KAFKA_BROKERS");
     let run = uuid::Uuid::new_v4().simple().to_string();
@@ -136,6 +141,7 @@ async fn read_all(log: &mut KafkaLog) -> (Result<i64, LogError>, Vec<(i64, bool)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_returns_once_the_appended_transaction_is_closed_in_the_partition() {
     let (settings, run) = topic_settings("settle").await;
+    let cleanup = settings.clone();
     let topic = settings.task_events_topic.clone();
     let (mut log, _) = kafka_log(settings, &run);
     log.connect().await.expect("the writer's producer");
@@ -157,4 +163,5 @@ async fn settle_returns_once_the_appended_transaction_is_closed_in_the_partition
     log.settle().await.expect("our transaction is closed although another is open after it");
     other.abort_transaction(TIMEOUT).expect("abort");
     assert!(positions[0].offset > 1);
+    platform::kafka::delete_topics(&cleanup).await;
 }
