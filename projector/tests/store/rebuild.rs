@@ -427,4 +427,5 @@ async fn a_rebuild_gives_exactly_the_tables_the_live_projection_built() {
         assert_same(&read_models(&pool).await, &live, &format!("bound {bound}: the rebuild and the live projection"));
     }
     db.drop_database().await.unwrap();
+    platform::kafka::delete_topics(&log.kafka).await;
 }
