@@ -14,7 +14,7 @@ use uuid::Uuid;
 use domain::{NewTask, Priority, TaskEvent, TaskId, TaskPatch, Title, UserId};
 use platform::codec::{self, Envelope, Metadata};
 
-use crate::{cpu_seconds, round, rss_mb, Ctx};
+use crate::{round, rss_mb, CpuMeter, Ctx};
 
 fn database_url(ctx: &Ctx) -> anyhow::Result<&str> {
     ctx.cli.database_url.as_deref().ok_or_else(|| anyhow::anyhow!("--database-url (DATABASE_URL) is needed for this phase"))
@@ -231,7 +231,7 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
     // Where the catch-up's CPU goes: the projector's, and the broker's and PostgreSQL's when given.
     let mut procs: Vec<(String, String)> = projector.id().map(|p| ("projector".to_owned(), p.to_string())).into_iter().collect();
     procs.extend(ctx.cli.cpu.iter().cloned());
-    let cpu_before: Vec<Option<f64>> = procs.iter().map(|(_, p)| cpu_seconds(p)).collect();
+    let cpu = CpuMeter::start(procs);
     let mut db_conn = loop {
         if let Ok(c) = PgConnection::connect(&db_url).await {
             break c;
@@ -247,15 +247,8 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
     }
     let secs = started.elapsed().as_secs_f64();
     let rate = events as f64 / secs;
-    let mut shares = Vec::new();
-    for ((name, pid), before) in procs.iter().zip(cpu_before) {
-        if let (Some(b), Some(a)) = (before, cpu_seconds(pid)) {
-            let pct = 100.0 * (a - b) / secs;
-            shares.push(format!("{name} {pct:.0}%"));
-            out.insert(format!("cpu_pct_projector_events_per_s_{name}"), round(pct));
-        }
-    }
-    eprintln!("projector_events_per_s = {rate:.0} ({events} events in {secs:.1} s, from process start; CPU: {})", shares.join(", "));
+    let shares = cpu.finish("projector_events_per_s", &mut out);
+    eprintln!("projector_events_per_s = {rate:.0} ({events} events in {secs:.1} s, from process start; CPU: {shares})");
     out.insert("projector_events_per_s".into(), round(rate));
     if let Some(mb) = projector.id().and_then(|pid| rss_mb(&pid.to_string())) {
         out.insert("rss_mb_projector".into(), round(mb));

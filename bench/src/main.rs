@@ -533,7 +533,7 @@ fn signal(pid: &str, sig: &str) {
 
 /// CPU time (user + system) of a process so far, in seconds (Linux, 100 clock ticks per second),
 /// with its children's: the live ones', and the exited ones' it waited for.
-pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
+fn cpu_seconds(pid: &str) -> Option<f64> {
     let own = proc_stat(pid)?;
     let ticks = |f: &[String], i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     let mut total = ticks(&own, 11) + ticks(&own, 12) + ticks(&own, 13) + ticks(&own, 14);
@@ -553,6 +553,36 @@ fn proc_stat(pid: &str) -> Option<Vec<String>> {
     Some(stat.get(stat.rfind(')')? + 2..)?.split_whitespace().map(str::to_owned).collect())
 }
 
+/// Each process' CPU share over a phase: `start` before it, `finish` after it.
+pub(crate) struct CpuMeter {
+    procs: Vec<(String, String)>,
+    before: Vec<Option<f64>>,
+    started: Instant,
+}
+
+impl CpuMeter {
+    /// `procs`: NAME=PID pairs (a process' children count as its own, see [`cpu_seconds`]).
+    pub(crate) fn start(procs: Vec<(String, String)>) -> Self {
+        let before = procs.iter().map(|(_, p)| cpu_seconds(p)).collect();
+        Self { procs, before, started: Instant::now() }
+    }
+
+    /// Adds `cpu_pct_<key>_<name>` (% of one core since `start`) to `out` for each process, and
+    /// returns them as text for the log line.
+    pub(crate) fn finish(self, key: &str, out: &mut BTreeMap<String, Value>) -> String {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let mut shares = Vec::new();
+        for ((name, pid), before) in self.procs.iter().zip(self.before) {
+            if let (Some(b), Some(a)) = (before, cpu_seconds(pid)) {
+                let pct = 100.0 * (a - b) / elapsed;
+                shares.push(format!("{name} {pct:.0}%"));
+                out.insert(format!("cpu_pct_{key}_{name}"), round(pct));
+            }
+        }
+        shares.join(", ")
+    }
+}
+
 /// Saturates the command APIs at `bases` (256 connections spread over them) with the mix; returns
 /// `key` = accepted commands/s and `cpu_pct_<key>_<process>` = each process' CPU (% of one core).
 async fn saturate(ctx: &Arc<Ctx>, bases: &[String], key: &str, procs: &[(String, String)]) -> anyhow::Result<BTreeMap<String, Value>> {
@@ -566,7 +596,7 @@ async fn saturate(ctx: &Arc<Ctx>, bases: &[String], key: &str, procs: &[(String,
     let mut procs: Vec<(String, String)> = procs.to_vec();
     procs.push(("loadgen".into(), std::process::id().to_string()));
     procs.extend(ctx.cli.cpu.iter().cloned());
-    let cpu_before: Vec<Option<f64>> = procs.iter().map(|(_, p)| cpu_seconds(p)).collect();
+    let cpu = CpuMeter::start(procs);
     let started = Instant::now();
     let deadline = started + duration;
     let mut workers = Vec::new();
@@ -585,18 +615,10 @@ async fn saturate(ctx: &Arc<Ctx>, bases: &[String], key: &str, procs: &[(String,
     for w in workers {
         w.await?;
     }
-    let elapsed = started.elapsed().as_secs_f64();
     let rate = accepted.load(Ordering::Relaxed) as f64 / duration.as_secs_f64();
     let mut out = BTreeMap::from([(key.to_owned(), round(rate))]);
-    let mut shares = Vec::new();
-    for ((name, pid), before) in procs.iter().zip(cpu_before) {
-        if let (Some(b), Some(a)) = (before, cpu_seconds(pid)) {
-            let pct = 100.0 * (a - b) / elapsed;
-            shares.push(format!("{name} {pct:.0}%"));
-            out.insert(format!("cpu_pct_{key}_{name}"), round(pct));
-        }
-    }
-    eprintln!("{key} = {rate:.0} (256 connections over {} instance(s), {duration:?}; CPU: {})", bases.len(), shares.join(", "));
+    let shares = cpu.finish(key, &mut out);
+    eprintln!("{key} = {rate:.0} (256 connections over {} instance(s), {duration:?}; CPU: {shares})", bases.len());
     Ok(out)
 }
 
@@ -990,7 +1012,7 @@ async fn graphql(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     for (key, is_list) in [("graphql_list_queries_per_s", true), ("graphql_task_queries_per_s", false)] {
         let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let duration = ctx.secs(10.0);
-        let cpu_before: Vec<Option<f64>> = procs.iter().map(|(_, p)| cpu_seconds(p)).collect();
+        let cpu = CpuMeter::start(procs.clone());
         let started = Instant::now();
         let deadline = started + duration;
         let mut workers = Vec::new();
@@ -1009,18 +1031,10 @@ async fn graphql(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
         for w in workers {
             w.await?;
         }
-        let elapsed = started.elapsed().as_secs_f64();
         let rate = done.load(Ordering::Relaxed) as f64 / duration.as_secs_f64();
         // Each process' CPU share: on a shared machine, CPU per query moves less than the rate.
-        let mut shares = Vec::new();
-        for ((name, pid), before) in procs.iter().zip(&cpu_before) {
-            if let (Some(b), Some(a)) = (before, cpu_seconds(pid)) {
-                let pct = 100.0 * (a - b) / elapsed;
-                shares.push(format!("{name} {pct:.0}%"));
-                out.insert(format!("cpu_pct_{key}_{name}"), round(pct));
-            }
-        }
-        eprintln!("{key} = {rate:.0} ({} failed; CPU: {})", failed.load(Ordering::Relaxed), shares.join(", "));
+        let shares = cpu.finish(key, &mut out);
+        eprintln!("{key} = {rate:.0} ({} failed; CPU: {shares})", failed.load(Ordering::Relaxed));
         out.insert(key.to_owned(), round(rate));
     }
     out.extend(graphql_list_latency(ctx, &token, list).await?);
