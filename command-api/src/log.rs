@@ -158,7 +158,7 @@ pub struct KafkaLog {
     snapshot_chunks: usize,
     /// Opens the records' sealed fields.
     keys: Arc<dyn DataKeys>,
-    /// Sees the partition's end as written, open transactions included (made on first use).
+    /// Sees the partition's end as written, open transactions included (made with `stable`).
     written: Option<Arc<BaseConsumer>>,
     /// A producer whose `init_transactions` timed out: the next `connect` resumes it.
     initializing: Option<Arc<BaseProducer<TxnContext>>>,
@@ -631,7 +631,6 @@ fn append_in_transaction(producer: &BaseProducer<TxnContext>, records: Vec<Outgo
         .collect()
 }
 
-/// The client in `slot`, made by `make` the first time.
 /// Stops fetching what a read was assigned (a kept consumer would otherwise go on fetching the
 /// partition in the background).
 fn unassign(consumer: &BaseConsumer<QuietEof>) {
@@ -640,6 +639,7 @@ fn unassign(consumer: &BaseConsumer<QuietEof>) {
     }
 }
 
+/// The client in `slot`, made by `make` the first time.
 fn made_once<C>(slot: &mut Option<Arc<C>>, make: impl FnOnce() -> Result<C, LogError>) -> Result<Arc<C>, LogError> {
     if let Some(c) = slot {
         return Ok(c.clone());
