@@ -111,6 +111,13 @@ impl Ctx {
     fn secs(&self, full: f64) -> Duration {
         Duration::from_secs_f64((full * self.cli.scale).max(0.5))
     }
+    /// The processes whose CPU a phase reports: `services`, loadgen itself, and the `--cpu` ones.
+    fn measured(&self, services: &[(String, String)]) -> Vec<(String, String)> {
+        let mut procs = services.to_vec();
+        procs.push(("loadgen".into(), std::process::id().to_string()));
+        procs.extend(self.cli.cpu.iter().cloned());
+        procs
+    }
 }
 
 #[tokio::main]
@@ -593,10 +600,7 @@ async fn saturate(ctx: &Arc<Ctx>, bases: &[String], key: &str, procs: &[(String,
     let accepted = Arc::new(AtomicU64::new(0));
     let counter = Arc::new(AtomicU64::new(0));
     let duration = ctx.secs(20.0);
-    let mut procs: Vec<(String, String)> = procs.to_vec();
-    procs.push(("loadgen".into(), std::process::id().to_string()));
-    procs.extend(ctx.cli.cpu.iter().cloned());
-    let cpu = CpuMeter::start(procs);
+    let cpu = CpuMeter::start(ctx.measured(procs));
     let started = Instant::now();
     let deadline = started + duration;
     let mut workers = Vec::new();
@@ -842,6 +846,7 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     let duration = ctx.secs(30.0);
     let (cmd_hist, e2e_hist) = (Latencies::new()?, Latencies::new()?);
     let errors = Arc::new(AtomicU64::new(0));
+    let cpu = CpuMeter::start(ctx.measured(&ctx.cli.rss));
     open_loop(rate, duration, |i, scheduled| {
         let (ctx, ids, token, cmd_hist, e2e_hist, errors) = (ctx.clone(), ids.clone(), token.clone(), cmd_hist.clone(), e2e_hist.clone(), errors.clone());
         async move {
@@ -874,10 +879,13 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
         }
     })
     .await?;
+    let mut out = BTreeMap::new();
+    // What the box spends at this load: the latency is mostly waiting for a core.
+    let shares = cpu.finish("latency_at_1k", &mut out);
     let (c, e) = (cmd_hist.snapshot()?, e2e_hist.snapshot()?);
     let ms = |h: &Histogram<u64>, q: f64| round(h.value_at_quantile(q) as f64 / 1000.0);
     eprintln!(
-        "at 1000/s: command p50 {} p99 {} p999 {} ms; e2e p50 {} p99 {} ms; errors {}",
+        "at 1000/s: command p50 {} p99 {} p999 {} ms; e2e p50 {} p99 {} ms; errors {}; CPU: {shares}",
         ms(&c, 0.5),
         ms(&c, 0.99),
         ms(&c, 0.999),
@@ -885,14 +893,15 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
         ms(&e, 0.99),
         errors.load(Ordering::Relaxed)
     );
-    Ok(BTreeMap::from([
+    out.extend(BTreeMap::from([
         ("command_p50_ms_at_1k".into(), ms(&c, 0.5)),
         ("command_p99_ms_at_1k".into(), ms(&c, 0.99)),
         ("command_p999_ms_at_1k".into(), ms(&c, 0.999)),
         ("e2e_p50_ms_at_1k".into(), ms(&e, 0.5)),
         ("e2e_p99_ms_at_1k".into(), ms(&e, 0.99)),
         ("latency_errors_at_1k".into(), json!(errors.load(Ordering::Relaxed))),
-    ]))
+    ]));
+    Ok(out)
 }
 
 /// Latencies in microseconds, recorded from many tasks.
@@ -1006,9 +1015,7 @@ async fn graphql(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
             .collect::<Result<_, _>>()?,
     );
     let mut out = BTreeMap::new();
-    let mut procs = ctx.cli.rss.clone();
-    procs.push(("loadgen".into(), std::process::id().to_string()));
-    procs.extend(ctx.cli.cpu.iter().cloned());
+    let procs = ctx.measured(&ctx.cli.rss);
     for (key, is_list) in [("graphql_list_queries_per_s", true), ("graphql_task_queries_per_s", false)] {
         let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let duration = ctx.secs(10.0);

@@ -156,7 +156,7 @@ pub struct Settings {
     pub max_batch: usize,
     /// Transactions one projector applies a batch in at once, each with whole partitions (live, and
     /// in a rebuild's replay).
-    #[arg(long, env = "PROJECTOR_APPLY_PARALLELISM", default_value_t = 2, global = true, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, env = "PROJECTOR_APPLY_PARALLELISM", default_value_t = 3, global = true, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub apply_parallelism: u16,
     /// How long a batch waits for more records after the first one.
     #[arg(long, env = "PROJECTOR_LINGER_MS", default_value_t = 2, global = true)]

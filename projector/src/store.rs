@@ -155,7 +155,7 @@ pub async fn apply_records(tx: &mut Transaction<'_, Postgres>, batch: &Batch, mo
     write_schedule(tx, &ids, &folded).await?;
     write_tasks(tx, folded).await?;
     let projected = effects.projected(&batch.tasks);
-    write_history(tx, &projected).await?;
+    add_history(tx, &projected).await?;
     // What the task records produced goes in before the user events: an erasure among them then
     // finds (and deletes) the notifications and reactions of its own batch as well.
     write_notifications(tx, &effects.notifications).await?;
@@ -646,6 +646,22 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[&Recorded]) 
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Adds a batch's rows to `task_history`: with COPY (no `ON CONFLICT` checks of both unique
+/// indexes before each row), in a savepoint, so that when the log repeats an event (or a task's
+/// version) the batch is written again with `write_history`, which skips the rows that are there.
+async fn add_history(tx: &mut Transaction<'_, Postgres>, batch: &[&Recorded]) -> Result<(), sqlx::Error> {
+    use sqlx::Acquire;
+    let mut savepoint = tx.begin().await?;
+    match copy_history(&mut savepoint, batch).await {
+        Ok(()) => savepoint.commit().await,
+        Err(e) if is_unique_violation(&e) => {
+            savepoint.rollback().await?;
+            write_history(tx, batch).await
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `write_history` with COPY, for a rebuild's bulk phase: the same rows, but a record whose event

@@ -113,6 +113,35 @@ async fn offsets_move_only_with_the_rows_and_a_second_writer_is_fenced() {
     db.drop_database().await.unwrap();
 }
 
+/// History rows are added with COPY; when the log repeats events whose rows are there already (the
+/// same event ids, or a task's version), the batch is written again skipping them, in the same
+/// transaction: the new events are recorded, the repeated ones once, and the offsets move.
+#[tokio::test]
+async fn a_batch_that_repeats_recorded_events_adds_only_the_new_ones() {
+    let (db, pool) = fresh_store().await;
+    let task = TaskId::new_v7();
+    let first = history(task);
+    store::apply_batch(&pool, TOPIC, &first, &HashMap::from([(0, 0)]), ApplyMode::Live).await.unwrap();
+    // The log holds the three events again at offsets 3-5, then a reopening (version 4) at 6.
+    let mut repeated = Batch::default();
+    for (i, r) in first.tasks.iter().enumerate() {
+        let mut again = r.clone();
+        again.position.offset = 3 + i as i64;
+        repeated.tasks.push(again);
+    }
+    let mut reopened = events_batch(task, 4, vec![TaskEvent::Reopened]).tasks.remove(0);
+    reopened.position.offset = 6;
+    repeated.tasks.push(reopened);
+    repeated.to.insert(0, 7);
+    store::apply_batch(&pool, TOPIC, &repeated, &HashMap::from([(0, 3)]), ApplyMode::Live).await.unwrap();
+    assert_eq!(count(&pool, "SELECT count(*) FROM task_history").await, 4);
+    assert_eq!(count(&pool, "SELECT max(version)::int8 FROM task_history").await, 4);
+    assert_eq!(count(&pool, "SELECT max(log_offset) FROM task_history WHERE version < 4").await, 2, "a repeated event keeps its first row");
+    assert_eq!(count(&pool, "SELECT count(*) FROM tasks WHERE status = 'open' AND version = 4").await, 1);
+    assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, 7);
+    db.drop_database().await.unwrap();
+}
+
 /// Two instances that both believe they own partition 0 (a zombie whose partition moved while it
 /// was cut off, and the new owner) apply the same records at the same time: the first to commit
 /// wins; the other waits on the first's row locks, then fails the compare-and-set and is rolled
