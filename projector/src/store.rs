@@ -648,11 +648,19 @@ async fn write_history(tx: &mut Transaction<'_, Postgres>, batch: &[&Recorded]) 
     Ok(())
 }
 
-/// Adds a batch's rows to `task_history`: with COPY (no `ON CONFLICT` checks of both unique
-/// indexes before each row), in a savepoint, so that when the log repeats an event (or a task's
-/// version) the batch is written again with `write_history`, which skips the rows that are there.
+/// Batches with fewer history rows than this insert them in one statement: COPY in a savepoint
+/// takes four round trips to PostgreSQL instead of one, which only pays off over many rows.
+pub const HISTORY_COPY_MIN_ROWS: usize = 32;
+
+/// Adds a batch's rows to `task_history`. Many rows go with COPY (no `ON CONFLICT` checks of both
+/// unique indexes before each row), in a savepoint, so that when the log repeats an event (or a
+/// task's version) the batch is written again with `write_history`, which skips the rows that are
+/// there. A live projector at the head of the log applies small batches: one statement.
 async fn add_history(tx: &mut Transaction<'_, Postgres>, batch: &[&Recorded]) -> Result<(), sqlx::Error> {
     use sqlx::Acquire;
+    if batch.len() < HISTORY_COPY_MIN_ROWS {
+        return write_history(tx, batch).await;
+    }
     let mut savepoint = tx.begin().await?;
     match copy_history(&mut savepoint, batch).await {
         Ok(()) => savepoint.commit().await,

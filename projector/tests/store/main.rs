@@ -113,32 +113,37 @@ async fn offsets_move_only_with_the_rows_and_a_second_writer_is_fenced() {
     db.drop_database().await.unwrap();
 }
 
-/// History rows are added with COPY; when the log repeats events whose rows are there already (the
-/// same event ids, or a task's version), the batch is written again skipping them, in the same
-/// transaction: the new events are recorded, the repeated ones once, and the offsets move.
+/// Large batches add their history rows with COPY; when the log repeats events whose rows are
+/// there already (the same event ids, or a task's version), the batch is written again skipping
+/// them, in the same transaction: the new events are recorded, the repeated ones once, and the
+/// offsets move.
 #[tokio::test]
 async fn a_batch_that_repeats_recorded_events_adds_only_the_new_ones() {
     let (db, pool) = fresh_store().await;
     let task = TaskId::new_v7();
     let first = history(task);
     store::apply_batch(&pool, TOPIC, &first, &HashMap::from([(0, 0)]), ApplyMode::Live).await.unwrap();
-    // The log holds the three events again at offsets 3-5, then a reopening (version 4) at 6.
+    // The log holds the three events again at offsets 3-5, then reopenings and completions
+    // (versions 4 on) at 6 on: enough rows for COPY.
     let mut repeated = Batch::default();
     for (i, r) in first.tasks.iter().enumerate() {
         let mut again = r.clone();
         again.position.offset = 3 + i as i64;
         repeated.tasks.push(again);
     }
-    let mut reopened = events_batch(task, 4, vec![TaskEvent::Reopened]).tasks.remove(0);
-    reopened.position.offset = 6;
-    repeated.tasks.push(reopened);
-    repeated.to.insert(0, 7);
+    let new = store::HISTORY_COPY_MIN_ROWS as i64 + 1;
+    let events = (0..new).map(|i| if i % 2 == 0 { TaskEvent::Reopened } else { TaskEvent::Completed }).collect();
+    for (i, mut r) in events_batch(task, 4, events).tasks.into_iter().enumerate() {
+        r.position.offset = 6 + i as i64;
+        repeated.tasks.push(r);
+    }
+    repeated.to.insert(0, 6 + new);
     store::apply_batch(&pool, TOPIC, &repeated, &HashMap::from([(0, 3)]), ApplyMode::Live).await.unwrap();
-    assert_eq!(count(&pool, "SELECT count(*) FROM task_history").await, 4);
-    assert_eq!(count(&pool, "SELECT max(version)::int8 FROM task_history").await, 4);
+    assert_eq!(count(&pool, "SELECT count(*) FROM task_history").await, 3 + new);
+    assert_eq!(count(&pool, "SELECT max(version)::int8 FROM task_history").await, 3 + new);
     assert_eq!(count(&pool, "SELECT max(log_offset) FROM task_history WHERE version < 4").await, 2, "a repeated event keeps its first row");
-    assert_eq!(count(&pool, "SELECT count(*) FROM tasks WHERE status = 'open' AND version = 4").await, 1);
-    assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, 7);
+    assert_eq!(count(&pool, &format!("SELECT count(*) FROM tasks WHERE status = 'open' AND version = {}", 3 + new)).await, 1);
+    assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, 6 + new);
     db.drop_database().await.unwrap();
 }
 
