@@ -672,9 +672,9 @@ async fn add_history(tx: &mut Transaction<'_, Postgres>, batch: &[&Recorded]) ->
     }
 }
 
-/// `write_history` with COPY, for a rebuild's bulk phase: the same rows, but a record whose event
-/// (or task and version) is there already fails the COPY with a unique violation instead of being
-/// skipped (`apply_bulk` then writes the batch again with `write_history`).
+/// `write_history` with COPY: the same rows, but a record whose event (or task and version) is
+/// there already fails the COPY with a unique violation instead of being skipped (`add_history`
+/// then writes the batch again with `write_history`).
 async fn copy_history(tx: &mut Transaction<'_, Postgres>, batch: &[&Recorded]) -> Result<(), sqlx::Error> {
     if batch.is_empty() {
         return Ok(());
@@ -766,15 +766,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 pub async fn apply_bulk(pool: &PgPool, batch: &Batch, effects: &Effects, table: Option<&TaskTable>) -> Result<Vec<Uuid>, StoreError> {
     let history = effects.projected(&batch.tasks);
     let mut tx = pool.begin().await?;
-    if let Err(e) = copy_history(&mut tx, &history).await {
-        if !is_unique_violation(&e) {
-            return Err(e.into());
-        }
-        // The log repeats an event (or a task's version): what the insert would have skipped.
-        tx.rollback().await?;
-        tx = pool.begin().await?;
-        write_history(&mut tx, &history).await?;
-    }
+    add_history(&mut tx, &history).await?;
     if let Some(table) = table {
         write_dirty(&mut tx, table.dirty()).await?;
     }
