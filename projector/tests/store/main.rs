@@ -131,7 +131,7 @@ async fn a_batch_that_repeats_recorded_events_adds_only_the_new_ones() {
         again.position.offset = 3 + i as i64;
         repeated.tasks.push(again);
     }
-    let new = store::HISTORY_COPY_MIN_ROWS as i64 + 1;
+    let new = store::COPY_MIN_ROWS as i64 + 1;
     let events = (0..new).map(|i| if i % 2 == 0 { TaskEvent::Reopened } else { TaskEvent::Completed }).collect();
     for (i, mut r) in events_batch(task, 4, events).tasks.into_iter().enumerate() {
         r.position.offset = 6 + i as i64;
@@ -153,8 +153,29 @@ async fn a_batch_that_repeats_recorded_events_adds_only_the_new_ones() {
 /// back whole (rows, history, outbox): nothing is applied twice.
 #[tokio::test]
 async fn a_zombie_batch_racing_the_new_owner_is_fenced_and_rolled_back() {
+    zombie_race(history(TaskId::new_v7())).await;
+}
+
+/// The same race over a batch large enough for COPY: the zombie's COPY of the new task rows waits
+/// for the owner's uncommitted ones, fails on their keys once the owner commits, and the rows are
+/// written again with the upsert (which finds them as new as its own) before the compare-and-set
+/// fences the zombie.
+#[tokio::test]
+async fn a_large_zombie_batch_racing_the_new_owner_is_fenced_and_rolled_back() {
+    let mut batch = Batch::default();
+    for i in 0..store::COPY_MIN_ROWS as i64 {
+        for mut r in history(TaskId::new_v7()).tasks {
+            r.position.offset += 3 * i;
+            batch.tasks.push(r);
+        }
+    }
+    batch.to.insert(0, batch.tasks.len() as i64);
+    zombie_race(batch).await;
+}
+
+async fn zombie_race(batch: Batch) {
     let (db, pool) = fresh_store().await;
-    let batch = history(TaskId::new_v7());
+    let (records, tasks) = (batch.tasks.len() as i64, batch.tasks.len() as i64 / 3);
     let from = HashMap::from([(0, 0)]);
     let mut owner = pool.begin().await.unwrap();
     store::apply_batch_in(&mut owner, TOPIC, &batch, &from, ApplyMode::Live).await.unwrap();
@@ -170,9 +191,10 @@ async fn a_zombie_batch_racing_the_new_owner_is_fenced_and_rolled_back() {
     owner.commit().await.unwrap();
     let late = zombie.await.unwrap();
     assert!(matches!(late, Err(StoreError::Fenced { .. })), "{late:?}");
-    assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, 3);
-    assert_eq!(count(&pool, "SELECT count(*) FROM task_history").await, 3);
-    assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox").await, 2);
+    assert_eq!(count(&pool, "SELECT min(next_offset) FROM projection_offsets").await, records);
+    assert_eq!(count(&pool, "SELECT count(*) FROM task_history").await, records);
+    assert_eq!(count(&pool, "SELECT count(*) FROM tasks WHERE status = 'completed' AND version = 3").await, tasks);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reaction_outbox").await, 2 * tasks);
     db.drop_database().await.unwrap();
 }
 
