@@ -302,6 +302,8 @@ fn report(out: &BTreeMap<String, Value>, about: &[String]) -> String {
         ("command_p999_ms_at_1k", ""),
         ("e2e_p50_ms_at_1k", "command sent -> visible through GraphQL"),
         ("e2e_p99_ms_at_1k", "goal: <= 50"),
+        ("transactions_per_s_at_1k", "Kafka transactions the command API committed a second meanwhile (its own metrics)"),
+        ("transaction_mean_ms_at_1k", "their mean time (a partition's commands wait while the transactions of the partitions ahead of it hold the slots)"),
         ("projector_events_per_s", "goal: >= 40 000 (issue 10; >= 25 000 before); 1M-event backlog, from process start"),
         ("rebuild_1m_seconds", "goal: <= 25 (issue 10; <= 60 before); `projector rebuild --yes` over the 1M-event log"),
         ("reminders_minute_max_seconds_late", "goal: <= 10; 10 000 reminders due evenly within one minute: the latest one's delay after its own time"),
@@ -847,6 +849,7 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     let (cmd_hist, e2e_hist) = (Latencies::new()?, Latencies::new()?);
     let errors = Arc::new(AtomicU64::new(0));
     let cpu = CpuMeter::start(ctx.measured(&ctx.cli.rss));
+    let (appends_before, started) = (append_totals(ctx).await, Instant::now());
     open_loop(rate, duration, |i, scheduled| {
         let (ctx, ids, token, cmd_hist, e2e_hist, errors) = (ctx.clone(), ids.clone(), token.clone(), cmd_hist.clone(), e2e_hist.clone(), errors.clone());
         async move {
@@ -882,6 +885,16 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     let mut out = BTreeMap::new();
     // What the box spends at this load: the latency is mostly waiting for a core.
     let shares = cpu.finish("latency_at_1k", &mut out);
+    // The Kafka transactions the command API committed meanwhile (its own metrics; the peer has
+    // none): how many a second, and how long each took. A partition's commands wait for the
+    // transactions of the others ahead of them for a slot.
+    if let (Some((sum0, n0)), Some((sum1, n1))) = (appends_before, append_totals(ctx).await) {
+        let n = n1 - n0;
+        if n > 0.0 {
+            out.insert("transactions_per_s_at_1k".into(), round(n / started.elapsed().as_secs_f64()));
+            out.insert("transaction_mean_ms_at_1k".into(), round((sum1 - sum0) / n * 1000.0));
+        }
+    }
     let (c, e) = (cmd_hist.snapshot()?, e2e_hist.snapshot()?);
     let ms = |h: &Histogram<u64>, q: f64| round(h.value_at_quantile(q) as f64 / 1000.0);
     eprintln!(
@@ -902,6 +915,14 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
         ("latency_errors_at_1k".into(), json!(errors.load(Ordering::Relaxed))),
     ]));
     Ok(out)
+}
+
+/// The command API's `command_api_append_seconds` sum and count so far (one per Kafka
+/// transaction), from its `/metrics`; `None` where there are none (the peer).
+async fn append_totals(ctx: &Ctx) -> Option<(f64, f64)> {
+    let text = ctx.http.get(format!("{}/metrics", ctx.cli.command_api)).send().await.ok()?.text().await.ok()?;
+    let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
+    Some((value("command_api_append_seconds_sum")?, value("command_api_append_seconds_count")?))
 }
 
 /// Latencies in microseconds, recorded from many tasks.
