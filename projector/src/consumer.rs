@@ -38,7 +38,8 @@ pub fn log_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<Stream
 
 /// Waits for at least one record, then takes what else arrives within `linger`. Only records of
 /// the partitions in `next` at or past their next offset are taken (records below it were applied
-/// already; a partition not in `next` is not positioned yet). Returns early, possibly empty, when
+/// already; a partition not in `next` is not positioned yet), and no offset twice (a fetch from
+/// before a seek is dropped by librdkafka; this holds whatever it delivers). Returns early, possibly empty, when
 /// `interrupted` resolves (a rebalance: the caller takes the changes before applying anything).
 pub async fn read_batch<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
@@ -50,6 +51,8 @@ pub async fn read_batch<C: ConsumerContext + 'static>(
     interrupted: impl Future<Output = ()>,
 ) -> anyhow::Result<Batch> {
     let mut batch = Batch::default();
+    // The next offset to take of each positioned partition, moved on past every record taken.
+    let mut next = next.clone();
     tokio::pin!(interrupted);
     let first = tokio::select! {
         m = consumer.recv() => m?,
@@ -58,8 +61,13 @@ pub async fn read_batch<C: ConsumerContext + 'static>(
     let deadline = tokio::time::Instant::now() + linger;
     // Copied out of librdkafka's message as soon as it is received (the message borrows the
     // consumer), and only when wanted.
-    let wanted =
-        |m: &BorrowedMessage<'_>| (m.topic() == topic && next.get(&m.partition()).is_some_and(|n| m.offset() >= *n)).then(|| RawRecord::from_message(m));
+    let mut wanted = |m: &BorrowedMessage<'_>| match next.get_mut(&m.partition()) {
+        Some(n) if m.topic() == topic && m.offset() >= *n => {
+            *n = m.offset() + 1;
+            Some(RawRecord::from_message(m))
+        }
+        _ => None,
+    };
     let mut msg = wanted(&first);
     loop {
         if let Some(raw) = msg.take() {
