@@ -38,9 +38,9 @@ pub fn log_consumer(kafka: &KafkaSettings, group: &str) -> anyhow::Result<Stream
 
 /// Waits for at least one record, then takes what else arrives within `linger`. Only records of
 /// the partitions in `next` at or past their next offset are taken (records below it were applied
-/// already; a partition not in `next` is not positioned yet), and no offset twice (a fetch from
-/// before a seek is dropped by librdkafka; this holds whatever it delivers). Returns early, possibly empty, when
-/// `interrupted` resolves (a rebalance: the caller takes the changes before applying anything).
+/// already; a partition not in `next` is not positioned yet), and no offset twice (librdkafka drops
+/// what it fetched before a seek; this holds whatever it delivers). Returns early, possibly empty,
+/// when `interrupted` resolves (a rebalance: the caller takes the changes before applying anything).
 pub async fn read_batch<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     topic: &str,
