@@ -66,9 +66,9 @@ impl DeadLetterSink {
 
     /// Sends one dead letter and waits until the broker has it.
     async fn send(&self, source_topic: &str, raw: &RawRecord, error: &str, id: i64) -> Result<(), ApplyError> {
-        let mut headers = OwnedHeaders::new_with_capacity(raw.header_names.len() + 6);
-        for (key, value) in raw.header_names.iter().zip(&raw.header_values) {
-            headers = headers.insert(Header { key: key.as_str(), value: Some(value.as_slice()) });
+        let mut headers = OwnedHeaders::new_with_capacity(raw.headers().len() + 6);
+        for (key, value) in raw.headers() {
+            headers = headers.insert(Header { key, value: Some(value) });
         }
         let label = projection_label();
         let (partition, offset, id) = (raw.position.partition.to_string(), raw.position.offset.to_string(), id.to_string());
@@ -83,10 +83,10 @@ impl DeadLetterSink {
             headers = headers.insert(Header { key, value: Some(value) });
         }
         let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
-        if let Some(k) = raw.key.as_deref() {
+        if let Some(k) = raw.key() {
             record = record.key(k);
         }
-        if let Some(p) = raw.payload.as_deref() {
+        if let Some(p) = raw.payload() {
             record = record.payload(p);
         }
         self.producer.send(record, Duration::from_secs(10)).await.map(|_| ()).map_err(|(e, _)| ApplyError::DeadLetterTopic(e.to_string()))
@@ -225,9 +225,9 @@ async fn insert_letter(tx: &mut Transaction<'_, Postgres>, topic: &str, f: &Fail
     .bind(f.raw.event_type())
     .bind(projection_label())
     .bind(&f.error)
-    .bind(&f.raw.header_names)
-    .bind(&f.raw.header_values)
-    .bind(&f.raw.payload)
+    .bind(f.raw.header_names())
+    .bind(f.raw.header_values())
+    .bind(f.raw.payload())
     .fetch_one(&mut **tx)
     .await?;
     Ok(id)
@@ -244,9 +244,9 @@ async fn insert_parked(tx: &mut Transaction<'_, Postgres>, topic: &str, raw: &Ra
     .bind(raw.position.offset)
     .bind(raw.key_text())
     .bind(letter)
-    .bind(&raw.header_names)
-    .bind(&raw.header_values)
-    .bind(&raw.payload)
+    .bind(raw.header_names())
+    .bind(raw.header_values())
+    .bind(raw.payload())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -368,13 +368,8 @@ struct StoredRecord {
 
 impl StoredRecord {
     fn raw(&self) -> RawRecord {
-        RawRecord {
-            position: Position { partition: self.partition, offset: self.log_offset },
-            key: Some(self.record_key.clone().into_bytes()),
-            header_names: self.header_names.clone(),
-            header_values: self.header_values.clone(),
-            payload: self.payload.clone(),
-        }
+        let headers = self.header_names.iter().zip(&self.header_values).map(|(name, value)| (name.as_str(), Some(value.as_slice())));
+        RawRecord::new(Position { partition: self.partition, offset: self.log_offset }, Some(self.record_key.as_bytes()), headers, self.payload.as_deref())
     }
 }
 

@@ -177,38 +177,60 @@ pub async fn apply_records(tx: &mut Transaction<'_, Postgres>, batch: &Batch, mo
 
 /// NOTIFYs (delivered at commit, so a subscriber that re-queries sees the change) for live updates.
 async fn announce_changes(tx: &mut Transaction<'_, Postgres>, tasks: &[&Recorded], notifications: &[NotificationRow]) -> Result<(), sqlx::Error> {
-    let changes: Vec<serde_json::Value> = tasks
-        .iter()
-        .map(|r| {
-            let e = &r.envelope;
-            let kind = e.event.event_type().trim_start_matches("task.");
-            json!({"user": e.meta.user_id.as_ref(), "task_id": e.subject, "kind": kind, "version": e.meta.sequence})
-        })
-        .collect();
-    let created: Vec<serde_json::Value> = notifications.iter().map(|n| json!({"user": n.user_id, "id": n.id})).collect();
-    // NOTIFY payloads are limited to 8000 bytes: send JSON arrays of at most ~7000.
-    for (channel, items) in [(TASK_CHANGES_CHANNEL, changes), (NOTIFICATIONS_CHANNEL, created)] {
-        let mut payloads: Vec<String> = Vec::new();
-        let mut current = String::new();
-        for item in items {
-            let text = item.to_string();
-            if !current.is_empty() && current.len() + text.len() + 2 > 7000 {
-                payloads.push(format!("[{current}]"));
-                current.clear();
-            }
-            if !current.is_empty() {
-                current.push(',');
-            }
-            current.push_str(&text);
+    /// One element of a `task_changes` payload (the query API's `live::TaskChangeNotice`).
+    #[derive(serde::Serialize)]
+    struct TaskChange<'a> {
+        user: &'a str,
+        task_id: Uuid,
+        kind: &'a str,
+        version: u32,
+    }
+    /// One element of a `notifications` payload (the query API's `live::NotificationNotice`).
+    #[derive(serde::Serialize)]
+    struct Created<'a> {
+        user: &'a str,
+        id: Uuid,
+    }
+    let changes = json_arrays(tasks.iter().map(|r| {
+        let e = &r.envelope;
+        TaskChange {
+            user: e.meta.user_id.as_ref(),
+            task_id: *e.subject.as_uuid(),
+            kind: e.event.event_type().trim_start_matches("task."),
+            version: e.meta.sequence,
         }
-        if !current.is_empty() {
-            payloads.push(format!("[{current}]"));
-        }
+    }));
+    let created = json_arrays(notifications.iter().map(|n| Created { user: &n.user_id, id: n.id }));
+    for (channel, payloads) in [(TASK_CHANGES_CHANNEL, changes), (NOTIFICATIONS_CHANNEL, created)] {
         if !payloads.is_empty() {
             sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p").bind(channel).bind(&payloads).execute(&mut **tx).await?;
         }
     }
     Ok(())
+}
+
+/// The items as JSON arrays of at most ~7 000 bytes each (a NOTIFY payload is limited to 8 000),
+/// each item serialized straight into its array.
+fn json_arrays<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<String> {
+    const MAX: usize = 7_000;
+    let mut arrays = Vec::new();
+    let mut current: Vec<u8> = Vec::with_capacity(MAX + 256);
+    let mut item = Vec::with_capacity(256);
+    for i in items {
+        item.clear();
+        serde_json::to_writer(&mut item, &i).expect("a notice serializes");
+        if current.len() > 1 && current.len() + item.len() + 2 > MAX {
+            current.push(b']');
+            arrays.push(String::from_utf8(std::mem::replace(&mut current, Vec::with_capacity(MAX + 256))).expect("serde_json writes UTF-8"));
+        }
+        current.push(if current.is_empty() { b'[' } else { b',' });
+        current.extend_from_slice(&item);
+    }
+    if !current.is_empty() {
+        current.push(b']');
+        arrays.push(String::from_utf8(current).expect("serde_json writes UTF-8"));
+    }
+    arrays
 }
 
 /// Notification read marks, webhook registrations and erasures; returns the ids of the task rows
@@ -1037,4 +1059,31 @@ async fn advance_offsets(
         sqlx::query("SELECT pg_notify($1, $2)").bind(PROGRESS_CHANNEL).bind(payload).execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_payloads_are_json_arrays_within_the_limit_with_every_item_in_order() {
+        #[derive(serde::Serialize)]
+        struct Item {
+            n: usize,
+            text: String,
+        }
+        let items = (0..500).map(|n| Item { n, text: format!("\"quoted\" {}", "x".repeat(n % 90)) });
+        let arrays = json_arrays(items);
+        assert!(arrays.len() > 1, "500 items of ~100 bytes need several payloads");
+        let mut seen = Vec::new();
+        for a in &arrays {
+            assert!(a.len() <= 8_000, "a payload of {} bytes", a.len());
+            let parsed: Vec<serde_json::Value> = serde_json::from_str(a).unwrap();
+            assert!(!parsed.is_empty());
+            seen.extend(parsed.iter().map(|v| (v["n"].as_u64().unwrap() as usize, v["text"].as_str().unwrap().to_owned())));
+        }
+        let expected: Vec<(usize, String)> = (0..500).map(|n| (n, format!("\"quoted\" {}", "x".repeat(n % 90)))).collect();
+        assert_eq!(seen, expected);
+        assert!(json_arrays(std::iter::empty::<Item>()).is_empty());
+    }
 }

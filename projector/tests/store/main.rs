@@ -847,14 +847,8 @@ async fn a_webhooks_signing_secret_is_sealed_in_the_read_model_and_deliveries_ar
     env.meta.data_key = Some(key.id);
     let encoded = platform::codec::encode(&env, Some(&key));
     use rdkafka::message::Headers as _;
-    let (header_names, header_values) = encoded.headers.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).unzip();
-    let raw = model::RawRecord {
-        position: Position { partition: 0, offset: 0 },
-        key: Some(encoded.key.into_bytes()),
-        header_names,
-        header_values,
-        payload: Some(encoded.payload),
-    };
+    let headers = encoded.headers.iter().map(|h| (h.key, h.value));
+    let raw = model::RawRecord::new(Position { partition: 0, offset: 0 }, Some(encoded.key.as_bytes()), headers, Some(&encoded.payload));
     let mut batch = Batch::default();
     batch.push(raw, &keys).await.unwrap();
     assert_eq!(batch.users.len(), 1, "decoded: {:?}", batch.failed);
