@@ -368,8 +368,9 @@ struct StoredRecord {
 
 impl StoredRecord {
     fn raw(&self) -> RawRecord {
-        let headers = self.header_names.iter().zip(&self.header_values).map(|(name, value)| (name.as_str(), Some(value.as_slice())));
-        RawRecord::new(Position { partition: self.partition, offset: self.log_offset }, Some(self.record_key.as_bytes()), headers, self.payload.as_deref())
+        let headers: Vec<(&str, Option<&[u8]>)> =
+            self.header_names.iter().zip(&self.header_values).map(|(name, value)| (name.as_str(), Some(value.as_slice()))).collect();
+        RawRecord::new(Position { partition: self.partition, offset: self.log_offset }, Some(self.record_key.as_bytes()), &headers, self.payload.as_deref())
     }
 }
 

@@ -54,9 +54,10 @@ struct Span {
 
 impl RawRecord {
     /// A record from its parts; a header without a value gets an empty one.
-    pub fn new<'a>(position: Position, key: Option<&[u8]>, headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>, payload: Option<&[u8]>) -> Self {
-        const HEADERS_SIZE_GUESS: usize = 512;
-        let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len) + HEADERS_SIZE_GUESS;
+    pub fn new(position: Position, key: Option<&[u8]>, headers: &[(&str, Option<&[u8]>)], payload: Option<&[u8]>) -> Self {
+        let size = key.map_or(0, <[u8]>::len)
+            + headers.iter().map(|(name, value)| name.len() + value.map_or(0, <[u8]>::len)).sum::<usize>()
+            + payload.map_or(0, <[u8]>::len);
         let mut bytes = Vec::with_capacity(size);
         let mut put = |part: &[u8]| {
             let start = bytes.len() as u32;
@@ -64,7 +65,7 @@ impl RawRecord {
             Span { start, end: bytes.len() as u32 }
         };
         let key = key.map(&mut put);
-        let headers = headers.into_iter().map(|(name, value)| (put(name.as_bytes()), put(value.unwrap_or_default()))).collect();
+        let headers = headers.iter().map(|(name, value)| (put(name.as_bytes()), put(value.unwrap_or_default()))).collect();
         let payload = payload.map(&mut put);
         Self { position, bytes, key, headers, payload }
     }
@@ -72,8 +73,8 @@ impl RawRecord {
     pub fn from_message<M: rdkafka::message::Message>(m: &M) -> Self {
         use rdkafka::message::Headers;
         let position = Position { partition: m.partition(), offset: m.offset() };
-        let headers = m.headers().into_iter().flat_map(|h| h.iter().map(|h| (h.key, h.value)));
-        Self::new(position, m.key(), headers, m.payload())
+        let headers: Vec<(&str, Option<&[u8]>)> = m.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect()).unwrap_or_default();
+        Self::new(position, m.key(), &headers, m.payload())
     }
 
     fn part(&self, span: Span) -> &[u8] {
@@ -705,7 +706,7 @@ mod tests {
             batch.tasks.push(r);
             batch.to.insert(partition, offset + 1);
         }
-        let raw = RawRecord::new(Position { partition: 2, offset: 2 }, None, [], None);
+        let raw = RawRecord::new(Position { partition: 2, offset: 2 }, None, &[], None);
         batch.failed.push(FailedRecord { raw, error: "x".into() });
         batch.to.insert(2, 3);
         batch.to.insert(3, 10);
@@ -732,7 +733,7 @@ mod tests {
     fn a_raw_record_gives_back_its_key_headers_and_payload() {
         use rdkafka::message::Headers as _;
         let headers = [("ce_type", Some(&b"task.created"[..])), ("empty", None), ("traceparent", Some(&b"00-ab"[..]))];
-        let raw = RawRecord::new(Position { partition: 3, offset: 9 }, Some(b"k-1"), headers, Some(b"{\"a\":1}"));
+        let raw = RawRecord::new(Position { partition: 3, offset: 9 }, Some(b"k-1"), &headers, Some(b"{\"a\":1}"));
         assert_eq!(raw.key(), Some(&b"k-1"[..]));
         assert_eq!(raw.payload(), Some(&b"{\"a\":1}"[..]));
         assert_eq!(raw.key_text(), "k-1");
@@ -743,7 +744,7 @@ mod tests {
         let third = raw.get(2);
         assert_eq!((third.key, third.value), ("traceparent", Some(&b"00-ab"[..])));
         assert!(raw.try_get(3).is_none());
-        let bare = RawRecord::new(Position { partition: 0, offset: 0 }, None, [], None);
+        let bare = RawRecord::new(Position { partition: 0, offset: 0 }, None, &[], None);
         assert_eq!((bare.key(), bare.payload(), bare.event_type(), bare.count()), (None, None, None, 0));
         assert_eq!(bare.key_text(), "");
     }
@@ -757,7 +758,7 @@ mod tests {
             batch.tasks.push(r);
             batch.to.insert(partition, offset + 1);
         }
-        let raw = RawRecord::new(Position { partition: 1, offset: 8 }, None, [], None);
+        let raw = RawRecord::new(Position { partition: 1, offset: 8 }, None, &[], None);
         batch.failed.push(FailedRecord { raw, error: "x".into() });
         batch.to.insert(1, 9);
         batch.retain_partitions(|p| p != 1);

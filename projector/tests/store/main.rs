@@ -847,8 +847,8 @@ async fn a_webhooks_signing_secret_is_sealed_in_the_read_model_and_deliveries_ar
     env.meta.data_key = Some(key.id);
     let encoded = platform::codec::encode(&env, Some(&key));
     use rdkafka::message::Headers as _;
-    let headers = encoded.headers.iter().map(|h| (h.key, h.value));
-    let raw = model::RawRecord::new(Position { partition: 0, offset: 0 }, Some(encoded.key.as_bytes()), headers, Some(&encoded.payload));
+    let headers: Vec<(&str, Option<&[u8]>)> = encoded.headers.iter().map(|h| (h.key, h.value)).collect();
+    let raw = model::RawRecord::new(Position { partition: 0, offset: 0 }, Some(encoded.key.as_bytes()), &headers, Some(&encoded.payload));
     let mut batch = Batch::default();
     batch.push(raw, &keys).await.unwrap();
     assert_eq!(batch.users.len(), 1, "decoded: {:?}", batch.failed);
