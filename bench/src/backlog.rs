@@ -191,54 +191,51 @@ async fn caught_up(db: &mut PgConnection, topic: &str, highs: &BTreeMap<i32, i64
     Ok(highs.iter().all(|(p, h)| platform::projections::lag(applied.get(p).copied().unwrap_or(0), *h) == 0))
 }
 
-/// `projector_events_per_s`, `rss_mb_projector`, `rebuild_1m_seconds`, `rss_mb_command_api_1m_tasks`.
-pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
-    let admin = database_url(ctx)?.to_owned();
-    let events = ctx.n(1_000_000);
-    let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
-    let topic = format!("bench-backlog-{run}");
-    let db = format!("bench_backlog_{run}");
-    let mut admin_conn = PgConnection::connect(&admin).await?;
-    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin_conn).await?;
-    let db_url = with_db(&admin, &db);
-    let started = Instant::now();
-    // A key-encryption key of this run's own, given to the services it starts.
-    let kek = platform::keys::Keks::generate("bench");
-    produce_backlog(ctx, &topic, events, &kek).await?;
-    eprintln!("backlog: {events} events produced in {:.1} s", started.elapsed().as_secs_f64());
-    let highs = high_watermarks(ctx, &topic).await?;
-    let env = |c: &mut tokio::process::Command| {
-        c.env("KAFKA_BROKERS", &ctx.cli.brokers)
-            .env("DATABASE_URL", &db_url)
-            .env("TASK_EVENTS_TOPIC", &topic)
-            .env("AUTH_JWT_SECRET", &ctx.cli.secret)
+/// The environment of a service started over the backlog.
+struct BacklogEnv<'a> {
+    ctx: &'a Ctx,
+    db_url: String,
+    topic: &'a str,
+    kek: &'a str,
+}
+
+impl BacklogEnv<'_> {
+    fn apply(&self, c: &mut tokio::process::Command) {
+        c.env("KAFKA_BROKERS", &self.ctx.cli.brokers)
+            .env("DATABASE_URL", &self.db_url)
+            .env("TASK_EVENTS_TOPIC", self.topic)
+            .env("AUTH_JWT_SECRET", &self.ctx.cli.secret)
             .env("SERVICE_JWT_SECRET", format!("bench-service-secret-{}", Uuid::new_v4().simple()))
-            .env("TASKSTREAM_KEK", &kek)
+            .env("TASKSTREAM_KEK", self.kek)
             .env("COMMAND_API_URL", "http://127.0.0.1:9")
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true);
-    };
-    let mut out = BTreeMap::new();
+    }
+}
 
-    // Catch-up of the live projector from an empty database.
+/// One catch-up of the live projector over the whole backlog, from process start to every
+/// partition applied, into the (empty) database of `env`: `projector_events_per_s`, its CPU
+/// shares and `rss_mb_projector`.
+async fn catch_up(env: &BacklogEnv<'_>, highs: &BTreeMap<i32, i64>, events: usize) -> anyhow::Result<BTreeMap<String, Value>> {
+    let mut out = BTreeMap::new();
     let mut cmd = tokio::process::Command::new(bin("projector"));
-    env(&mut cmd);
+    env.apply(&mut cmd);
     cmd.env("PROJECTOR_ADDR", format!("127.0.0.1:{}", free_port())).stderr(std::process::Stdio::null());
     let started = Instant::now();
     let mut projector = cmd.spawn()?;
     // Where the catch-up's CPU goes: the projector's, and the broker's and PostgreSQL's when given.
     let mut procs: Vec<(String, String)> = projector.id().map(|p| ("projector".to_owned(), p.to_string())).into_iter().collect();
-    procs.extend(ctx.cli.cpu.iter().cloned());
+    procs.extend(env.ctx.cli.cpu.iter().cloned());
     let cpu = CpuMeter::start(procs);
     let mut db_conn = loop {
-        if let Ok(c) = PgConnection::connect(&db_url).await {
+        if let Ok(c) = PgConnection::connect(&env.db_url).await {
             break c;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    while !caught_up(&mut db_conn, &topic, &highs).await? {
+    while !caught_up(&mut db_conn, env.topic, highs).await? {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "the projector did not catch up within 10 minutes");
         if let Some(status) = projector.try_wait()? {
             anyhow::bail!("the projector exited with {status} before it caught up");
@@ -254,10 +251,45 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
         out.insert("rss_mb_projector".into(), round(mb));
     }
     projector.kill().await?;
+    Ok(out)
+}
+
+/// `projector_events_per_s` (with `rss_mb_projector`: the median of `--repeat` catch-ups over the
+/// same log, each into a database of its own, and their spread), `rebuild_1m_seconds`,
+/// `command_api_restore_1m_seconds`, `rss_mb_command_api_1m_tasks`.
+pub async fn backlog(ctx: &Ctx) -> anyhow::Result<(BTreeMap<String, Value>, BTreeMap<String, [f64; 2]>)> {
+    let admin = database_url(ctx)?.to_owned();
+    let events = ctx.n(1_000_000);
+    let run = Uuid::new_v4().simple().to_string()[..10].to_owned();
+    let topic = format!("bench-backlog-{run}");
+    let mut admin_conn = PgConnection::connect(&admin).await?;
+    let started = Instant::now();
+    // A key-encryption key of this run's own, given to the services it starts.
+    let kek = platform::keys::Keks::generate("bench");
+    produce_backlog(ctx, &topic, events, &kek).await?;
+    eprintln!("backlog: {events} events produced in {:.1} s", started.elapsed().as_secs_f64());
+    let highs = high_watermarks(ctx, &topic).await?;
+
+    // Catch-ups of the live projector from an empty database: one run's rate varies by a quarter
+    // on a shared box, so it runs as many times as the short phases. The rebuild and the restores
+    // below use the last run's database.
+    let mut catch_ups = Vec::new();
+    let mut db = String::new();
+    for i in 0..ctx.cli.repeat.max(1) {
+        if !db.is_empty() {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&mut admin_conn).await?;
+        }
+        db = format!("bench_backlog_{run}_{i}");
+        sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin_conn).await?;
+        let env = BacklogEnv { ctx, db_url: with_db(&admin, &db), topic: &topic, kek: &kek };
+        catch_ups.push(catch_up(&env, &highs, events).await?);
+    }
+    let (mut out, spread) = crate::medians(&catch_ups);
+    let env = BacklogEnv { ctx, db_url: with_db(&admin, &db), topic: &topic, kek: &kek };
 
     // Rebuild of every projection over the same log.
     let mut cmd = tokio::process::Command::new(bin("projector"));
-    env(&mut cmd);
+    env.apply(&mut cmd);
     cmd.args(["rebuild", "--yes"]).stderr(std::process::Stdio::piped());
     let started = Instant::now();
     let rebuilt = cmd.output().await?;
@@ -276,7 +308,7 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
     let port = free_port();
     let start_api = || {
         let mut cmd = tokio::process::Command::new(bin("command-api"));
-        env(&mut cmd);
+        env.apply(&mut cmd);
         cmd.env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
             .env("KAFKA_TRANSACTIONAL_ID", format!("bench-restore-{run}"))
             .env("TASKSTREAM_DEV", "1")
@@ -307,9 +339,8 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<BTreeMap<String, Value>> {
         let _ = tokio::time::timeout(Duration::from_secs(30), api.wait()).await;
         let _ = api.kill().await;
     }
-    drop(db_conn);
     sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&mut admin_conn).await?;
     platform::kafka::delete_topics(&crate::kafka_settings(ctx, &topic)).await;
     out.insert("backlog_events".into(), json!(events));
-    Ok(out)
+    Ok((out, spread))
 }
