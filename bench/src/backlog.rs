@@ -250,8 +250,20 @@ async fn catch_up(env: &BacklogEnv<'_>, highs: &BTreeMap<i32, i64>, events: usiz
     if let Some(mb) = projector.id().and_then(|pid| rss_mb(&pid.to_string())) {
         out.insert("rss_mb_projector".into(), round(mb));
     }
-    projector.kill().await?;
+    // A graceful stop: it leaves the consumer group, so the next catch-up (a new member of the
+    // same group) gets the partitions at once. A killed member held them until its session
+    // expired, which the next run's rate included (up to the broker's 6 s session timeout).
+    stop_gracefully(&mut projector).await;
     Ok(out)
+}
+
+/// SIGTERM, then up to 30 s for the process to exit, then SIGKILL.
+async fn stop_gracefully(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    let _ = child.kill().await;
 }
 
 /// `projector_events_per_s` (with `rss_mb_projector`: the median of `--repeat` catch-ups over the
@@ -333,11 +345,7 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<(BTreeMap<String, Value>, BTre
             out.insert("rss_mb_command_api_1m_tasks".into(), round(mb));
         }
         // A graceful stop: it leaves the group, so the restart gets the partitions at once.
-        if let Some(pid) = api.id() {
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(30), api.wait()).await;
-        let _ = api.kill().await;
+        stop_gracefully(&mut api).await;
     }
     sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&mut admin_conn).await?;
     platform::kafka::delete_topics(&crate::kafka_settings(ctx, &topic)).await;
