@@ -282,9 +282,9 @@ pub async fn backlog(ctx: &Ctx) -> anyhow::Result<(BTreeMap<String, Value>, BTre
     eprintln!("backlog: {events} events produced in {:.1} s", started.elapsed().as_secs_f64());
     let highs = high_watermarks(ctx, &topic).await?;
 
-    // Catch-ups of the live projector from an empty database: one run's rate varies by a quarter
-    // on a shared box, so it runs as many times as the short phases. The rebuild and the restores
-    // below use the last run's database.
+    // Catch-ups of the live projector from an empty database, as many as the short phases have
+    // runs (a median and a range, not one noisy run). The rebuild and the restores below use the
+    // last run's database.
     let mut catch_ups = Vec::new();
     let mut db = String::new();
     for i in 0..ctx.cli.repeat.max(1) {

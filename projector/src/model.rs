@@ -91,8 +91,12 @@ impl RawRecord {
 
     /// Each header's name and value, in the record's order.
     pub fn headers(&self) -> impl ExactSizeIterator<Item = (&str, &[u8])> {
-        // The names were `&str` when copied in.
-        self.headers.iter().map(|(name, value)| (std::str::from_utf8(self.part(*name)).unwrap_or_default(), self.part(*value)))
+        self.headers.iter().map(|h| self.header(h))
+    }
+
+    /// A header's name (it was a `&str` when copied in) and value.
+    fn header(&self, (name, value): &(Span, Span)) -> (&str, &[u8]) {
+        (std::str::from_utf8(self.part(*name)).unwrap_or_default(), self.part(*value))
     }
 
     /// The header names, as the dead letter and parked record tables store them.
@@ -127,8 +131,8 @@ impl rdkafka::message::Headers for RawRecord {
     }
 
     fn try_get(&self, idx: usize) -> Option<rdkafka::message::Header<'_, &[u8]>> {
-        let (name, value) = self.headers.get(idx)?;
-        Some(rdkafka::message::Header { key: std::str::from_utf8(self.part(*name)).unwrap_or_default(), value: Some(self.part(*value)) })
+        let (key, value) = self.header(self.headers.get(idx)?);
+        Some(rdkafka::message::Header { key, value: Some(value) })
     }
 }
 
