@@ -652,9 +652,12 @@ fn made_once<C>(slot: &mut Option<Arc<C>>, make: impl FnOnce() -> Result<C, LogE
 /// within a millisecond or two; after `grace` they are taken as lost.
 fn wait_closed(consumer: &BaseConsumer<QuietEof>, topic: &str, partition: i32, last: i64, grace: Duration, timeout: Duration) -> Result<(), LogError> {
     let started = Instant::now();
+    let mut polls = 0u32;
     loop {
         let (_, stable) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        polls += 1;
         if stable > last {
+            tracing::debug!(polls, settle_ms = started.elapsed().as_secs_f64() * 1e3, "settled");
             return Ok(());
         }
         if started.elapsed() > grace {
