@@ -33,8 +33,31 @@ pub fn bin_dir() -> PathBuf {
     exe.parent().and_then(|deps| deps.parent()).map(PathBuf::from).expect("target dir")
 }
 
+/// A port that is free now and that no other caller in this process is given, for a service the
+/// test starts (and may restart on the same port). Taken below the kernel's ephemeral range
+/// (`ip_local_port_range`), from a random start, one after the other: a port the kernel hands out
+/// for `bind(0)` or an outgoing connection may be handed out again, or taken by a connection, as
+/// soon as its holder exits, and a service restarted on it then exits with "address already in
+/// use" (a CI run lost a test to a service that exited before it was ready).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: std::sync::OnceLock<AtomicU32> = std::sync::OnceLock::new();
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32_768);
+    let (low, span) = (ephemeral_low / 2, ephemeral_low - ephemeral_low / 2);
+    if span < 1_000 {
+        return std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port");
+    }
+    let next = NEXT.get_or_init(|| AtomicU32::new(Uuid::new_v4().as_u128() as u32 % span));
+    for _ in 0..span {
+        let port = (low + next.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{}", low + span)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,6 +99,13 @@ pub struct Stack {
     env: Vec<(String, String)>,
     ports: HashMap<Svc, u16>,
     children: HashMap<Svc, Child>,
+    /// Where the services write their output (unless `TEST_LOG` sends it to the terminal): a
+    /// service that exits before it is ready is reported with the end of its log. Removed by
+    /// [`cleanup`](Self::cleanup), kept when a test fails.
+    logs: PathBuf,
+    /// The log of each service started by `spawn`.
+    log_of: HashMap<Svc, PathBuf>,
+    spawned: std::sync::atomic::AtomicUsize,
     pub http: reqwest::Client,
     pub tokens: Tokens,
     /// Declared after the services: dropped (with the database) once they are gone.
@@ -172,6 +202,9 @@ impl Stack {
             env,
             ports,
             children: HashMap::new(),
+            logs: std::env::temp_dir().join(format!("taskstream-e2e-{}", &id[..12])),
+            log_of: HashMap::new(),
+            spawned: Default::default(),
             http,
             tokens: Tokens::default(),
             database,
@@ -191,26 +224,41 @@ impl Stack {
     }
 
     pub fn spawn(&mut self, svc: Svc) -> anyhow::Result<()> {
-        let child = self.spawn_instance(svc, &[])?;
+        let (child, log) = self.spawn_logged(svc, &[])?;
         self.children.insert(svc, child);
+        self.log_of.extend(log.map(|l| (svc, l)));
         Ok(())
     }
 
     /// Starts an instance of `svc` with `env` on top of the stack's (e.g. a second projector with
     /// its own `PROJECTOR_ADDR` and `PROJECTOR_INSTANCE_ID`); the caller owns it (killed on drop).
     pub fn spawn_instance(&self, svc: Svc, env: &[(&str, &str)]) -> anyhow::Result<Child> {
+        self.spawn_logged(svc, env).map(|(child, _)| child)
+    }
+
+    /// `spawn_instance`, and the file its output goes to (none with `TEST_LOG`: the terminal).
+    fn spawn_logged(&self, svc: Svc, env: &[(&str, &str)]) -> anyhow::Result<(Child, Option<PathBuf>)> {
         let path = bin_dir().join(svc.binary());
-        let quiet = std::env::var("TEST_LOG").is_err();
-        Command::new(&path)
+        let (out, err, log) = if std::env::var("TEST_LOG").is_ok() {
+            (Stdio::inherit(), Stdio::inherit(), None)
+        } else {
+            std::fs::create_dir_all(&self.logs)?;
+            let n = self.spawned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let log = self.logs.join(format!("{}-{n}.log", svc.binary()));
+            let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+            (Stdio::from(file.try_clone()?), Stdio::from(file), Some(log))
+        };
+        let child = Command::new(&path)
             // Production rules for secrets, whoever runs the tests (./dev up sets TASKSTREAM_DEV).
             .env_remove("TASKSTREAM_DEV")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(env.iter().copied())
-            .stdout(if quiet { Stdio::null() } else { Stdio::inherit() })
-            .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
+            .stdout(out)
+            .stderr(err)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {} (build it first: cargo build --bins)", path.display()))
+            .with_context(|| format!("starting {} (build it first: cargo build --bins)", path.display()))?;
+        Ok((child, log))
     }
 
     pub async fn wait_ready(&mut self, svc: Svc) -> anyhow::Result<()> {
@@ -219,7 +267,11 @@ impl Stack {
         loop {
             if let Some(child) = self.children.get_mut(&svc) {
                 if let Some(status) = child.try_wait()? {
-                    bail!("{} exited with {status} before it was ready", svc.binary());
+                    let said = match self.log_of.get(&svc) {
+                        Some(log) => format!("; the end of its log, {}:\n{}", log.display(), tail(log, 30)),
+                        None => String::new(),
+                    };
+                    bail!("{} exited with {status} before it was ready{said}", svc.binary());
                 }
             }
             if let Ok(r) = self.http.get(&url).timeout(Duration::from_secs(2)).send().await {
@@ -414,8 +466,16 @@ impl Stack {
         for s in [Svc::CommandApi, Svc::Projector, Svc::QueryApi] {
             self.kill(s).await?;
         }
+        let _ = std::fs::remove_dir_all(&self.logs);
         self.database.drop_database().await
     }
+}
+
+/// The last `lines` lines of a file (what a service said before it exited).
+fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(unreadable: {e})"));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {
