@@ -486,3 +486,25 @@ async fn sqlx_connect(url: &str) -> anyhow::Result<sqlx::PgConnection> {
     use sqlx::Connection;
     Ok(sqlx::PgConnection::connect(url).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_never_given_twice_and_stay_out_of_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(32_768);
+        let ports: Vec<u16> = (0..500).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was given twice");
+        // (Unless the range starts below 2 000: then they come from bind(0).)
+        assert!(low < 2_000 || ports.iter().all(|p| *p < low), "a port in the ephemeral range (from {low}): {ports:?}");
+        // Each was free when given: it can be listened on now (nobody took it meanwhile).
+        for p in &ports[..20] {
+            std::net::TcpListener::bind(("127.0.0.1", *p)).expect("a port given as free is free");
+        }
+    }
+}
