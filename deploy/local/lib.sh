@@ -8,14 +8,14 @@
 #   .local/kafka/data/        KRaft log dirs of the single combined broker+controller node (formatted
 #                             with a standalone dynamic quorum); data.version says which Kafka formatted it
 #   .local/kafka/kafka.log    broker log (log4j2), kafka.pid, server.properties, cluster-id
-#   .local/pg/data/           private PostgreSQL cluster (127.0.0.1:55432, trust auth)
+#   .local/pg/data/           private PostgreSQL cluster (127.0.0.1:15432, trust auth)
 #   .local/pg/run/            its unix socket; .local/pg/postgres.log its log
 #
 # A broker of another Kafka version left running (or a data dir formatted) by an older checkout is
 # stopped and its data dir formatted again by ensure_kafka, with a message: local topics are test data.
 #
 # Overrides (environment): LOCAL_DIR (default $ROOT/.local), KAFKA_PORT (9092),
-# KAFKA_CONTROLLER_PORT (9093), PG_PORT (55432) and KAFKA_LIBS (the jars, default $LOCAL_DIR/kafka/libs:
+# KAFKA_CONTROLLER_PORT (9093), PG_PORT (15432) and KAFKA_LIBS (the jars, default $LOCAL_DIR/kafka/libs:
 # a second pair can share the first one's), e.g. to try a second broker beside the usual one:
 #   LOCAL_DIR=/tmp/k KAFKA_PORT=19092 KAFKA_CONTROLLER_PORT=19093 bash -c '. deploy/local/lib.sh && ensure_kafka'
 #   LOCAL_DIR=/tmp/k bash -c '. deploy/local/lib.sh && stop_kafka'
@@ -46,7 +46,10 @@ KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 KAFKA_START_TIMEOUT=90
 PG_DIR="$LOCAL_DIR/pg"
-PG_PORT="${PG_PORT:-55432}"
+# Below the kernel's ephemeral port range (32768-60999 by default): a port in it may be held for a
+# minute by the TIME-WAIT of an outgoing connection that was given it, and PostgreSQL then cannot
+# listen on it ("Address already in use"; seen with 55432 after a chaos run). Kafka's 9092/9093 are below it too.
+PG_PORT="${PG_PORT:-15432}"
 PG_DB=taskstream
 PG_MAX_CONNECTIONS=200
 STARTED_KAFKA=0
@@ -493,6 +496,14 @@ ensure_postgres() {
   pg_write_config
   local psql=("$bin/psql" -X -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
   if as_pg "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+    local listening
+    listening=$(sed -n 4p "$PG_DIR/data/postmaster.pid" 2>/dev/null)
+    if [ -n "$listening" ] && [ "$listening" != "$PG_PORT" ]; then
+      # Started by an older checkout (whose default was 55432), or with another PG_PORT.
+      warn "the cluster in .local/pg runs on port $listening, not $PG_PORT; using it ('./dev down' and start again to move it)"
+      PG_PORT=$listening
+      psql=("$bin/psql" -X -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
+    fi
     say "PostgreSQL already running on 127.0.0.1:$PG_PORT (.local/pg); reusing it"
     local running
     running=$("${psql[@]}" -d postgres -c 'SHOW max_connections' 2>/dev/null || true)
@@ -508,6 +519,10 @@ ensure_postgres() {
     t0=$(now_ms)
     if ! as_pg "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 start >/dev/null; then
       tail -n 20 "$PG_DIR/postgres.log" >&2
+      if tail -n 20 "$PG_DIR/postgres.log" | grep -q 'Address already in use' && command -v ss >/dev/null; then
+        warn "what holds 127.0.0.1:$PG_PORT (a connection in TIME-WAIT lets it go within a minute; or set PG_PORT):"
+        ss -tan "( sport = :$PG_PORT )" >&2 || true
+      fi
       die "PostgreSQL did not start (log: .local/pg/postgres.log)"
     fi
     STARTED_PG=1
