@@ -42,10 +42,7 @@ pub fn bin_dir() -> PathBuf {
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: std::sync::OnceLock<AtomicU32> = std::sync::OnceLock::new();
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
-        .unwrap_or(32_768);
+    let ephemeral_low = u32::from(ephemeral_ports_start());
     let (low, span) = (ephemeral_low / 2, ephemeral_low - ephemeral_low / 2);
     if span < 1_000 {
         return std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port");
@@ -58,6 +55,14 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port in {low}..{}", low + span)
+}
+
+/// Where the kernel's ephemeral port range starts (the ports of `bind(0)` and outgoing connections).
+fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -493,10 +498,7 @@ mod tests {
 
     #[test]
     fn free_ports_are_never_given_twice_and_stay_out_of_the_ephemeral_range() {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
-            .unwrap_or(32_768);
+        let low = ephemeral_ports_start();
         let ports: Vec<u16> = (0..500).map(|_| free_port()).collect();
         let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len(), "a port was given twice");
