@@ -271,7 +271,8 @@ async fn three_command_apis_share_the_partitions_and_survive_losing_one() -> any
     let accepted = accepted.lock().unwrap().clone();
     eprintln!("{sent} requests sent, {} commands accepted", accepted.len());
     check_log(&stack, &accepted).await?;
-    Ok(())
+    drop(inst);
+    Arc::into_inner(stack).ok_or_else(|| anyhow::anyhow!("the stack is still shared"))?.cleanup().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -345,5 +346,6 @@ async fn a_frozen_command_api_whose_partitions_moved_appends_nothing_more() -> a
     // Whatever it answered 2xx (forwarded to the new owners, or accepted before it noticed: then
     // its fenced producer would have failed) is in the log exactly once.
     check_log(&stack, &accepted).await?;
-    Ok(())
+    drop(inst);
+    Arc::into_inner(stack).ok_or_else(|| anyhow::anyhow!("the stack is still shared"))?.cleanup().await
 }
