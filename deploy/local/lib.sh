@@ -494,16 +494,18 @@ ensure_postgres() {
     fi
   fi
   pg_write_config
-  local psql=("$bin/psql" -X -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
+  local up=0 listening
   if as_pg "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
-    local listening
+    up=1
     listening=$(sed -n 4p "$PG_DIR/data/postmaster.pid" 2>/dev/null)
     if [ -n "$listening" ] && [ "$listening" != "$PG_PORT" ]; then
       # Started by an older checkout (whose default was 55432), or with another PG_PORT.
       warn "the cluster in .local/pg runs on port $listening, not $PG_PORT; using it ('./dev down' and start again to move it)"
       PG_PORT=$listening
-      psql=("$bin/psql" -X -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
     fi
+  fi
+  local psql=("$bin/psql" -X -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
+  if [ "$up" = 1 ]; then
     say "PostgreSQL already running on 127.0.0.1:$PG_PORT (.local/pg); reusing it"
     local running
     running=$("${psql[@]}" -d postgres -c 'SHOW max_connections' 2>/dev/null || true)
