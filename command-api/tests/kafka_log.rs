@@ -12,7 +12,7 @@
 //! Needs `KAFKA_BROKERS` (`./dev test` provisions the broker).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -22,6 +22,7 @@ use command_api::log::{EventLog, KafkaLog, KafkaLogSettings, LogError, Undecodab
 use command_api::Settings;
 use platform::codec::DecodeError;
 use platform::keys::{Keks, KeyRing};
+use platform::retry::Policy;
 use test_support::required_env;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,7 +35,7 @@ async fn a_restore_read_does_not_end_while_a_transaction_is_open_on_the_partitio
     let open = open_transaction(&format!("kafkalog-open-{run}"), &settings.task_events_topic);
 
     let (mut log, _) = kafka_log(settings, &run);
-    log.connect().await.expect("the writer's own producer");
+    connect(&mut log).await;
     // While the transaction is open the partition is not fully read: the read fails (the writer
     // stays unavailable and tries again) instead of ending at the last stable offset.
     let (result, seen) = read_all(&mut log).await;
@@ -69,7 +70,7 @@ async fn a_fenced_writer_cannot_close_the_new_owners_open_transaction() {
     let cleanup = settings.clone();
     let topic = settings.task_events_topic.clone();
     let (mut zombie, log_settings) = kafka_log(settings, &run);
-    zombie.connect().await.expect("the writer's producer");
+    connect(&mut zombie).await;
 
     // The new owner: same transactional id, so its fencing bumps the epoch; its transaction is open.
     let owner = open_transaction(&log_settings.transactional_id(0), &topic);
@@ -78,6 +79,25 @@ async fn a_fenced_writer_cannot_close_the_new_owners_open_transaction() {
     assert!(matches!(&result, Err(LogError::Fenced(_))), "the zombie must learn it is fenced, not close the transaction: {result:?}");
     owner.commit_transaction(TIMEOUT).expect("the owner's transaction commits");
     platform::kafka::delete_topics(&cleanup).await;
+}
+
+/// Connects the writer's producer, trying again while the broker answers that it is unavailable,
+/// as the writer does. A broker that has just started is still loading its transaction
+/// coordinator: fencing is answered `COORDINATOR_LOAD_IN_PROGRESS` until it is done (a CI run on a
+/// fresh broker failed on it when this test connected once).
+async fn connect(log: &mut KafkaLog) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut backoff = Policy::new(Duration::from_millis(100), Duration::from_secs(2)).backoff();
+    loop {
+        match log.connect().await {
+            Ok(()) => return,
+            Err(LogError::Unavailable(e)) if Instant::now() < deadline => {
+                eprintln!("the writer's producer is not ready yet ({e}); trying again");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => panic!("the writer's producer: {e:?}"),
+        }
+    }
 }
 
 /// A transactional producer `transactional_id` with one record written to partition 0 of `topic`
@@ -144,7 +164,7 @@ async fn settle_returns_once_the_appended_transaction_is_closed_in_the_partition
     let cleanup = settings.clone();
     let topic = settings.task_events_topic.clone();
     let (mut log, _) = kafka_log(settings, &run);
-    log.connect().await.expect("the writer's producer");
+    connect(&mut log).await;
     assert!(log.settle().await.is_ok(), "nothing appended yet: nothing to wait for");
 
     let event = |key: &str| platform::codec::EncodedEvent {
