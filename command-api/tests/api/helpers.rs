@@ -191,6 +191,11 @@ impl FakeLog {
         self.down.store(down, Ordering::SeqCst);
     }
 
+    /// The appends (transactions) in flight now.
+    pub fn appends_in_flight(&self) -> usize {
+        self.appends_in_flight.load(Ordering::SeqCst)
+    }
+
     /// The most appends (transactions) that were in flight at the same time.
     pub fn most_appends_in_flight(&self) -> usize {
         self.most_appends_in_flight.load(Ordering::SeqCst)
