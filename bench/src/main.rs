@@ -504,7 +504,7 @@ async fn mixed_command_at(ctx: &Ctx, base: &str, token: &str, ids: &[String], i:
         0..=7 => ctx.http.post(format!("{base}/v1/tasks")).json(&json!({"title": format!("task {i}"), "priority": "high", "tags": ["a", "b"]})),
         8..=15 => ctx.http.patch(format!("{base}/v1/tasks/{id}")).json(&json!({"title": format!("edit {i}")})),
         16..=18 => {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 ctx.http.post(format!("{base}/v1/tasks/{id}/complete"))
             } else {
                 ctx.http.post(format!("{base}/v1/tasks/{id}/reopen"))

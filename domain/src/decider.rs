@@ -404,16 +404,16 @@ mod tests {
         let tuesday = Utc.with_ymd_and_hms(2026, 3, 3, 9, 0, 0).unwrap();
         let created = TaskEvent::Created(recurring("FREQ=DAILY;INTERVAL=7;BYDAY=TU", tuesday));
         let to_monday = TaskPatch { due_at: Some(Some(tuesday - chrono::Duration::days(1))), ..Default::default() };
-        given(&[created.clone()]).when(CommandKind::Update(to_monday)).then_invalid(&["recurrence"]);
+        given(std::slice::from_ref(&created)).when(CommandKind::Update(to_monday)).then_invalid(&["recurrence"]);
         let never = Recurrence::parse("FREQ=MINUTELY;BYMONTH=2;BYMONTHDAY=30".into()).unwrap();
         let to_never = TaskPatch { recurrence: Some(Some(never.clone())), ..Default::default() };
-        given(&[created.clone()]).when(CommandKind::Update(to_never)).then_invalid(&["recurrence"]);
+        given(std::slice::from_ref(&created)).when(CommandKind::Update(to_never)).then_invalid(&["recurrence"]);
         let next_week = TaskPatch { due_at: Some(Some(tuesday + chrono::Duration::days(7))), ..Default::default() };
-        given(&[created.clone()]).when(CommandKind::Update(next_week.clone())).then(vec![TaskEvent::Updated(next_week)]);
+        given(std::slice::from_ref(&created)).when(CommandKind::Update(next_week.clone())).then(vec![TaskEvent::Updated(next_week)]);
         // A task stored with such a rule before the check can still be edited, or its rule cleared.
         let stored = TaskEvent::Created(NewTask { recurrence: Some(never), ..recurring("FREQ=DAILY", tuesday) });
         let CommandKind::Update(retitle) = patch_title("New") else { unreachable!() };
-        given(&[stored.clone()]).when(patch_title("New")).then(vec![TaskEvent::Updated(retitle)]);
+        given(std::slice::from_ref(&stored)).when(patch_title("New")).then(vec![TaskEvent::Updated(retitle)]);
         let clear = TaskPatch { recurrence: Some(None), ..Default::default() };
         given(&[stored]).when(CommandKind::Update(clear.clone())).then(vec![TaskEvent::Updated(clear)]);
     }

@@ -393,7 +393,7 @@ impl Reactor {
         .fetch_all(&self.pool)
         .await?;
         let n = due.len();
-        let outcomes: Vec<Result<Option<(Uuid, DateTime<Utc>)>, sqlx::Error>> =
+        let outcomes: Vec<Result<Option<FiredReminder>, sqlx::Error>> =
             stream::iter(due).map(|r| self.fire(r)).buffer_unordered(CONCURRENCY).collect().await;
         // The reminders fired leave the schedule in one statement (10 000 due at once cost a few
         // round trips, not 10 000). Until then their claims hold them; should this instance die
@@ -426,7 +426,7 @@ impl Reactor {
 
     /// Fires one claimed reminder and records a failure; `Some` when it fired or had fired already
     /// (the caller removes those from the schedule together).
-    async fn fire(&self, (task, user, remind_at, attempts): DueReminder) -> Result<Option<(Uuid, DateTime<Utc>)>, sqlx::Error> {
+    async fn fire(&self, (task, user, remind_at, attempts): DueReminder) -> Result<Option<FiredReminder>, sqlx::Error> {
         let started = Instant::now();
         let delay = (Utc::now() - remind_at).num_milliseconds().max(0) as f64 / 1000.0;
         metrics::histogram!("reminder_scheduler_delay_seconds").record(delay);
@@ -466,6 +466,8 @@ impl Reactor {
 type OutboxRow = (Uuid, String, String, serde_json::Value, Uuid, Option<String>, Option<String>, i32);
 /// A due reminder as claimed: task, user, remind time, failed attempts so far.
 type DueReminder = (Uuid, String, DateTime<Utc>, i32);
+/// A reminder that fired or had fired already: its task and the time it was for.
+type FiredReminder = (Uuid, DateTime<Utc>);
 
 /// At start (a restart often follows a fix of the configuration): every reaction and reminder
 /// waiting after a failure is tried again at once instead of at the end of its backoff.

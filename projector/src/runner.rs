@@ -367,7 +367,7 @@ impl Runner {
                 Ok(Outcome::Applied)
             }
             Ok(Outcome::Fenced) => Ok(Outcome::Fenced),
-            Err(e) if e.is_deterministic() && batch.len() > 0 => {
+            Err(e) if e.is_deterministic() && !batch.is_empty() => {
                 tracing::warn!(error.message = %e, records = batch.len(), "a batch fails for good; applying it record by record to isolate the cause");
                 self.apply_one_by_one(topic, batch, next).await
             }

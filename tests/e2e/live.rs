@@ -15,9 +15,12 @@ use tokio_tungstenite::tungstenite::Message;
 use e2e::{Stack, StackOptions, Svc};
 use test_support::eventually;
 
+/// A request the webhook receiver got: its headers and body.
+type Request = (HeaderMap, Vec<u8>);
+
 #[derive(Clone, Default)]
 struct Receiver {
-    requests: Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>,
+    requests: Arc<Mutex<Vec<Request>>>,
     failures_left: Arc<Mutex<u32>>,
 }
 
@@ -42,7 +45,7 @@ async fn start_receiver(failures: u32) -> anyhow::Result<(String, Receiver)> {
                 }
             }),
         )
-        .route("/hang", axum::routing::post(|| std::future::pending::<StatusCode>()));
+        .route("/hang", axum::routing::post(std::future::pending::<StatusCode>));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });

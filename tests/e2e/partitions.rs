@@ -141,7 +141,7 @@ async fn load(
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         n += 1;
         let key = format!("w{worker}-{n}");
-        let (method, path, body) = if tasks.len() < 8 || n % 3 == 0 {
+        let (method, path, body) = if tasks.len() < 8 || n.is_multiple_of(3) {
             (reqwest::Method::POST, "/v1/tasks".to_owned(), Some(json!({"title": format!("task {key}")})))
         } else {
             let i = n % tasks.len();

@@ -325,7 +325,8 @@ async fn assert_exact(stack: &Stack, written: &Written) -> anyhow::Result<()> {
             eprintln!("task.reminder_due in the log: {} ({} reminded tasks without one: {missing:?})", due.len(), missing.len());
             for id in missing {
                 let types: Vec<&str> = records.iter().filter(|(_, s)| s == id).map(|(t, _)| t.as_str()).collect();
-                let row: Option<(String, Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>, i32)> =
+                type Time = Option<chrono::DateTime<Utc>>;
+                let row: Option<(String, Time, Time, Time, i32)> =
                     sqlx::query_as("SELECT status, due_at, remind_at, reminded_for, version FROM tasks WHERE id = $1::uuid")
                         .bind(id)
                         .fetch_optional(&mut db)

@@ -39,7 +39,8 @@ pub(crate) async fn settled(stack: &Stack) -> anyhow::Result<()> {
 
 async fn occurrence_rows(stack: &Stack) -> anyhow::Result<Vec<(String, Option<String>, Option<i32>, DateTime<Utc>)>> {
     let mut db = stack.db().await?;
-    let rows: Vec<(uuid::Uuid, Option<uuid::Uuid>, Option<i32>, DateTime<Utc>)> =
+    type Row = (uuid::Uuid, Option<uuid::Uuid>, Option<i32>, DateTime<Utc>);
+    let rows: Vec<Row> =
         sqlx::query_as("SELECT id, recurrence_parent_id, occurrence, due_at FROM tasks WHERE user_id = 'alice' ORDER BY due_at").fetch_all(&mut db).await?;
     Ok(rows.into_iter().map(|(i, p, o, d)| (i.to_string(), p.map(|p| p.to_string()), o, d)).collect())
 }

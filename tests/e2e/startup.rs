@@ -136,7 +136,9 @@ async fn run_to_exit(binary: &str, args: &[&str], env: &[(&str, &str)]) -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_refuse_missing_known_or_short_secrets_outside_dev_mode() -> anyhow::Result<()> {
-    let cases: [(&str, Vec<(&str, &str)>, &str); 6] = [
+    // A service, the environment it is started with, and what it must say.
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 6] = [
         ("command-api", vec![("AUTH_JWT_SECRET", "change-me"), ("SERVICE_JWT_SECRET", SERVICE_SECRET)], "AUTH_JWT_SECRET is a well-known default value"),
         ("command-api", vec![("AUTH_JWT_SECRET", USER_SECRET)], "SERVICE_JWT_SECRET is not set"),
         ("command-api", vec![("AUTH_JWT_SECRET", USER_SECRET), ("SERVICE_JWT_SECRET", "taskstream-dev-service-secret")], "SERVICE_JWT_SECRET is a well-known"),

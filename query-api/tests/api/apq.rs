@@ -43,7 +43,7 @@ fn assert_not_found(a: &Answer) {
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.message(), "PersistedQueryNotFound", "{}", a.body);
     assert_eq!(a.code(), Some("PERSISTED_QUERY_NOT_FOUND"), "{}", a.body);
-    assert!(a.body.get("data").map_or(true, Value::is_null), "{}", a.body);
+    assert!(a.body.get("data").is_none_or(Value::is_null), "{}", a.body);
 }
 
 fn data(a: &Answer) -> &Value {

@@ -187,7 +187,7 @@ async fn graphiql_renders_in_headless_chromium_from_local_assets_only() {
         let status = cdp.events("Network.responseReceived").find(|p| p["response"]["url"] == json!(url)).map(|p| p["response"]["status"].clone());
         assert_eq!(status, Some(json!(200)), "{url} was not loaded (requests: {urls:#?})");
     }
-    assert!(urls.iter().any(|u| *u == page), "{urls:?}");
+    assert!(urls.contains(&page), "{urls:?}");
     let failed: Vec<&Value> = cdp.events("Network.loadingFailed").collect();
     assert!(failed.is_empty(), "requests that failed (blocked?): {failed:#?}");
     let thrown: Vec<&Value> = cdp.events("Runtime.exceptionThrown").collect();

@@ -98,16 +98,17 @@ async fn subscriptions_connections_and_message_sizes_are_limited() {
     // The server forgets it once its side of the connection has ended, a moment after the close
     // frame: until then a new connection is refused with 4429, then it is acknowledged.
     drop(c);
-    test_support::eventually("alice's closed connection to stop counting", Duration::from_secs(10), || async {
+    let ack = test_support::eventually("alice's closed connection to stop counting", Duration::from_secs(10), || async {
         let mut again = connect(&url).await;
         match init(&mut again, &app.bearer("alice")).await {
-            Ok(ack) => Some(assert_eq!(ack["type"], "connection_ack")),
+            Ok(ack) => Some(ack),
             Err(4429) => None,
             Err(code) => panic!("closed with {code}"),
         }
     })
     .await
     .unwrap();
+    assert_eq!(ack["type"], "connection_ack");
 }
 
 #[tokio::test]
