@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use uuid::Uuid;
 
 /// The projections the projector maintains; each stores its own per-partition offsets.
 pub const PROJECTIONS: [&str; 4] = ["tasks", "task_history", "notifications", "reminder_schedule"];
@@ -15,12 +17,32 @@ pub const PROJECTIONS: [&str; 4] = ["tasks", "task_history", "notifications", "r
 /// projection and batch, payload `{"topic": .., "projection": .., "offsets": [[partition, next_offset], ..]}`.
 pub const PROGRESS_CHANNEL: &str = "projection_progress";
 
-/// NOTIFY channel for committed task changes (payload: a JSON array of
-/// `{"user": .., "task_id": .., "kind": "created" | "updated" | .., "version": n}`), for subscriptions.
+/// NOTIFY channel for committed task changes (payload: a JSON array of [`TaskChangeNotice`]), for
+/// subscriptions.
 pub const TASK_CHANGES_CHANNEL: &str = "task_changes";
 
-/// NOTIFY channel for committed notifications (payload: a JSON array of `{"user": .., "id": ..}`).
+/// NOTIFY channel for committed notifications (payload: a JSON array of [`NotificationNotice`]).
 pub const NOTIFICATIONS_CHANNEL: &str = "notifications_created";
+
+/// One item of a [`TASK_CHANGES_CHANNEL`] payload: a task's change, committed to the read model.
+/// The projector writes it with borrowed strings (`TaskChangeNotice<&str>`), the query API reads
+/// it with owned ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskChangeNotice<S = String> {
+    pub user: S,
+    pub task_id: Uuid,
+    /// The event's type without its `task.` prefix: `created`, `updated`, `completed`, ….
+    pub kind: S,
+    /// The task's version after the change.
+    pub version: u32,
+}
+
+/// One item of a [`NOTIFICATIONS_CHANNEL`] payload: a notification, committed to the read model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationNotice<S = String> {
+    pub user: S,
+    pub id: Uuid,
+}
 
 /// How far a projection at `next_offset` is behind a partition whose high watermark is
 /// `high_watermark`. Every write to the log is transactional, so the last offset before the high
@@ -165,6 +187,20 @@ pub fn publish_lag(statuses: &[ProjectionStatus]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The items of the live-update channels, as the projector writes them and the query API reads
+    /// them: the same JSON fields on both sides.
+    #[test]
+    fn notices_read_back_what_the_projector_writes() {
+        let task_id = Uuid::new_v4();
+        let written = serde_json::to_string(&[TaskChangeNotice::<&str> { user: "al\"ice", task_id, kind: "completed", version: 3 }]).unwrap();
+        assert_eq!(written, format!(r#"[{{"user":"al\"ice","task_id":"{task_id}","kind":"completed","version":3}}]"#));
+        let read: Vec<TaskChangeNotice> = serde_json::from_str(&written).unwrap();
+        assert_eq!(read, [TaskChangeNotice { user: "al\"ice".to_owned(), task_id, kind: "completed".to_owned(), version: 3 }]);
+        let written = serde_json::to_string(&NotificationNotice::<&str> { user: "bob", id: task_id }).unwrap();
+        assert_eq!(written, format!(r#"{{"user":"bob","id":"{task_id}"}}"#));
+        assert_eq!(serde_json::from_str::<NotificationNotice>(&written).unwrap(), NotificationNotice { user: "bob".to_owned(), id: task_id });
+    }
 
     #[test]
     fn a_caught_up_projection_has_no_lag() {

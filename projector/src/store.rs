@@ -13,9 +13,9 @@ use sqlx::postgres::{PgArgumentBuffer, PgCopyIn};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use domain::{DomainEvent, TaskId};
-
 use domain::user::UserEvent;
+use domain::{DomainEvent, TaskId};
+use platform::projections::{NotificationNotice, TaskChangeNotice};
 
 use crate::model::{Batch, DirtyRows, Effects, NotificationRow, Reaction, Recorded, RecordedUser, RowState, TaskRow, TaskTable};
 
@@ -177,30 +177,16 @@ pub async fn apply_records(tx: &mut Transaction<'_, Postgres>, batch: &Batch, mo
 
 /// NOTIFYs (delivered at commit, so a subscriber that re-queries sees the change) for live updates.
 async fn announce_changes(tx: &mut Transaction<'_, Postgres>, tasks: &[&Recorded], notifications: &[NotificationRow]) -> Result<(), sqlx::Error> {
-    /// One element of a `task_changes` payload (the query API's `live::TaskChangeNotice`).
-    #[derive(serde::Serialize)]
-    struct TaskChange<'a> {
-        user: &'a str,
-        task_id: Uuid,
-        kind: &'a str,
-        version: u32,
-    }
-    /// One element of a `notifications` payload (the query API's `live::NotificationNotice`).
-    #[derive(serde::Serialize)]
-    struct Created<'a> {
-        user: &'a str,
-        id: Uuid,
-    }
     let changes = json_arrays(tasks.iter().map(|r| {
         let e = &r.envelope;
-        TaskChange {
+        TaskChangeNotice::<&str> {
             user: e.meta.user_id.as_ref(),
             task_id: *e.subject.as_uuid(),
             kind: e.event.event_type().trim_start_matches("task."),
             version: e.meta.sequence,
         }
     }));
-    let created = json_arrays(notifications.iter().map(|n| Created { user: &n.user_id, id: n.id }));
+    let created = json_arrays(notifications.iter().map(|n| NotificationNotice::<&str> { user: &n.user_id, id: n.id }));
     for (channel, payloads) in [(TASK_CHANGES_CHANNEL, changes), (NOTIFICATIONS_CHANNEL, created)] {
         if !payloads.is_empty() {
             sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p").bind(channel).bind(&payloads).execute(&mut **tx).await?;

@@ -8,30 +8,15 @@ use std::time::Duration;
 
 use async_graphql::{Context, SimpleObject, Subscription as GqlSubscription};
 use futures::{Stream, StreamExt};
-use serde::Deserialize;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::broadcast;
-use uuid::Uuid;
 
 use domain::UserId;
-use platform::projections::{NOTIFICATIONS_CHANNEL, TASK_CHANGES_CHANNEL};
+use platform::projections::{NotificationNotice, TaskChangeNotice, NOTIFICATIONS_CHANNEL, TASK_CHANGES_CHANNEL};
 
 use crate::schema::{Notification, Task};
 use crate::store;
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct TaskChangeNotice {
-    pub user: String,
-    pub task_id: Uuid,
-    pub kind: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct NotificationNotice {
-    pub user: String,
-    pub id: Uuid,
-}
 
 #[derive(Debug, Clone)]
 pub enum Change {
