@@ -124,7 +124,11 @@ impl Ctx {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let auth = platform::auth::JwtAuth::new(&platform::secret::Secret::new(cli.secret.clone()));
-    let http = reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_secs(30)).build()?;
+    // Every idle connection is kept for the next request (reqwest's default). With at most 256 kept,
+    // an open-loop phase whose requests in flight passed 256 (any hiccup at 1 000/s) closed a
+    // connection after each answer and opened a new one for each request: thousands of connection
+    // set-ups a second on a busy box, which kept the latency up long after the hiccup.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
     let cmd = cli.cmd;
     let ctx = Arc::new(Ctx { http, cli, auth });
     let run = |c: Cmd| matches!(cmd, Cmd::All) || std::mem::discriminant(&cmd) == std::mem::discriminant(&c);

@@ -393,8 +393,7 @@ impl Reactor {
         .fetch_all(&self.pool)
         .await?;
         let n = due.len();
-        let outcomes: Vec<Result<Option<FiredReminder>, sqlx::Error>> =
-            stream::iter(due).map(|r| self.fire(r)).buffer_unordered(CONCURRENCY).collect().await;
+        let outcomes: Vec<Result<Option<FiredReminder>, sqlx::Error>> = stream::iter(due).map(|r| self.fire(r)).buffer_unordered(CONCURRENCY).collect().await;
         // The reminders fired leave the schedule in one statement (10 000 due at once cost a few
         // round trips, not 10 000). Until then their claims hold them; should this instance die
         // first, they are fired again after the claim and answered 409 (already fired). Rows that
