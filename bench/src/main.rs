@@ -303,6 +303,8 @@ fn report(out: &BTreeMap<String, Value>, about: &[String]) -> String {
         ("command_throughput_per_s", "goal: >= 20 000 and >= 25% of the raw produce limit; projector stopped (the write path alone)"),
         ("command_throughput_per_s_with_projector", "the same with the projector running (the whole system on the same cores)"),
         ("command_throughput_per_s_3x", "three command APIs sharing the partitions on this box (projector stopped)"),
+        ("commands_per_transaction_command_throughput_per_s", "accepted commands per Kafka transaction at saturation (256 connections, 12 partitions)"),
+        ("transactions_per_s_command_throughput_per_s", "Kafka transactions committed a second at saturation (two slots: 2 / the transaction time)"),
         ("failover_seconds", "goal: <= 10; kill -9 of one of three command APIs to the first 2xx on one of its partitions"),
         ("command_p50_ms_at_1k", "open loop, 1 000/s, from the scheduled send time"),
         ("command_p99_ms_at_1k", "goal: <= 10"),
@@ -611,6 +613,7 @@ async fn saturate(ctx: &Arc<Ctx>, bases: &[String], key: &str, procs: &[(String,
     let counter = Arc::new(AtomicU64::new(0));
     let duration = ctx.secs(20.0);
     let cpu = CpuMeter::start(ctx.measured(procs));
+    let appends_before = appends_over(ctx, bases).await;
     let started = Instant::now();
     let deadline = started + duration;
     let mut workers = Vec::new();
@@ -632,7 +635,19 @@ async fn saturate(ctx: &Arc<Ctx>, bases: &[String], key: &str, procs: &[(String,
     let rate = accepted.load(Ordering::Relaxed) as f64 / duration.as_secs_f64();
     let mut out = BTreeMap::from([(key.to_owned(), round(rate))]);
     let shares = cpu.finish(key, &mut out);
-    eprintln!("{key} = {rate:.0} (256 connections over {} instance(s), {duration:?}; CPU: {shares})", bases.len());
+    // The Kafka transactions the instances committed meanwhile, and the accepted commands per
+    // transaction: 256 connections share the 12 partitions, so ~21 commands wait on each.
+    let mut batches = String::new();
+    if let (Some((_, n0)), Some((_, n1))) = (appends_before, appends_over(ctx, bases).await) {
+        let n = n1 - n0;
+        if n > 0.0 {
+            let (per_s, per_txn) = (n / started.elapsed().as_secs_f64(), accepted.load(Ordering::Relaxed) as f64 / n);
+            out.insert(format!("transactions_per_s_{key}"), round(per_s));
+            out.insert(format!("commands_per_transaction_{key}"), round(per_txn));
+            batches = format!("; {per_s:.0} transactions/s of {per_txn:.1} commands");
+        }
+    }
+    eprintln!("{key} = {rate:.0} (256 connections over {} instance(s), {duration:?}; CPU: {shares}{batches})", bases.len());
     Ok(out)
 }
 
@@ -857,7 +872,7 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     let (cmd_hist, e2e_hist) = (Latencies::new()?, Latencies::new()?);
     let errors = Arc::new(AtomicU64::new(0));
     let cpu = CpuMeter::start(ctx.measured(&ctx.cli.rss));
-    let (appends_before, started) = (append_totals(ctx).await, Instant::now());
+    let (appends_before, started) = (append_totals(ctx, &ctx.cli.command_api).await, Instant::now());
     open_loop(rate, duration, |i, scheduled| {
         let (ctx, ids, token, cmd_hist, e2e_hist, errors) = (ctx.clone(), ids.clone(), token.clone(), cmd_hist.clone(), e2e_hist.clone(), errors.clone());
         async move {
@@ -896,7 +911,7 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
     // The Kafka transactions the command API committed meanwhile (its own metrics; the peer has
     // none): how many a second, and how long each took. A partition's commands wait for the
     // transactions of the others ahead of them for a slot.
-    if let (Some((sum0, n0)), Some((sum1, n1))) = (appends_before, append_totals(ctx).await) {
+    if let (Some((sum0, n0)), Some((sum1, n1))) = (appends_before, append_totals(ctx, &ctx.cli.command_api).await) {
         let n = n1 - n0;
         if n > 0.0 {
             out.insert("transactions_per_s_at_1k".into(), round(n / started.elapsed().as_secs_f64()));
@@ -926,11 +941,21 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
 }
 
 /// The command API's `command_api_append_seconds` sum and count so far (one per Kafka
-/// transaction), from its `/metrics`; `None` where there are none (the peer).
-async fn append_totals(ctx: &Ctx) -> Option<(f64, f64)> {
-    let text = ctx.http.get(format!("{}/metrics", ctx.cli.command_api)).send().await.ok()?.text().await.ok()?;
+/// transaction), from the `/metrics` of the instance at `base`; `None` where there are none (the peer).
+async fn append_totals(ctx: &Ctx, base: &str) -> Option<(f64, f64)> {
+    let text = ctx.http.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
     let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
     Some((value("command_api_append_seconds_sum")?, value("command_api_append_seconds_count")?))
+}
+
+/// [`append_totals`] summed over the instances at `bases`; `None` if one has none.
+async fn appends_over(ctx: &Ctx, bases: &[String]) -> Option<(f64, f64)> {
+    let mut total = (0.0, 0.0);
+    for base in bases {
+        let (sum, n) = append_totals(ctx, base).await?;
+        total = (total.0 + sum, total.1 + n);
+    }
+    Some(total)
 }
 
 /// Latencies in microseconds, recorded from many tasks.
