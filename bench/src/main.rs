@@ -941,11 +941,12 @@ async fn latency(ctx: &Arc<Ctx>) -> anyhow::Result<BTreeMap<String, Value>> {
 }
 
 /// The command API's `command_api_append_seconds` sum and count so far (one per Kafka
-/// transaction), from the `/metrics` of the instance at `base`; `None` where there are none (the peer).
+/// transaction), from the `/metrics` of the instance at `base` (zero before its first transaction);
+/// `None` where there is no such page (the peer).
 async fn append_totals(ctx: &Ctx, base: &str) -> Option<(f64, f64)> {
-    let text = ctx.http.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
-    let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
-    Some((value("command_api_append_seconds_sum")?, value("command_api_append_seconds_count")?))
+    let text = ctx.http.get(format!("{base}/metrics")).send().await.ok()?.error_for_status().ok()?.text().await.ok()?;
+    let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).unwrap_or(0.0);
+    Some((value("command_api_append_seconds_sum"), value("command_api_append_seconds_count")))
 }
 
 /// [`append_totals`] summed over the instances at `bases`; `None` if one has none.
