@@ -175,9 +175,12 @@ async fn main() -> anyhow::Result<()> {
         out.extend(backlog);
         spread.extend(backlog_spread);
     }
+    // The services' memory after the run, except where a phase measured that key itself: the
+    // backlog's `rss_mb_projector` is the median of its catch-ups (with their range), which the
+    // benchmark's own projector must not replace.
     for (name, pid) in &ctx.cli.rss {
         if let Some(mb) = rss_mb(pid) {
-            out.insert(format!("rss_mb_{name}"), round(mb));
+            out.entry(format!("rss_mb_{name}")).or_insert_with(|| round(mb));
         }
     }
     if !spread.is_empty() {
