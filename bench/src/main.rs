@@ -53,7 +53,7 @@ struct Cli {
     rss: Vec<(String, String)>,
     /// More processes whose CPU share is measured with the services' (e.g. the broker and
     /// PostgreSQL on the same box): NAME=PID (repeatable). A process' CPU includes its children's
-    /// (PostgreSQL's backends are children of its postmaster).
+    /// (PostgreSQL's backends are children of its postmaster), except those measured on their own.
     #[arg(long = "cpu", value_parser = parse_kv)]
     cpu: Vec<(String, String)>,
     /// Lines about the machine and the command, copied into the report (repeatable).
@@ -554,14 +554,15 @@ fn signal(pid: &str, sig: &str) {
 }
 
 /// CPU time (user + system) of a process so far, in seconds (Linux, 100 clock ticks per second),
-/// with its children's: the live ones', and the exited ones' it waited for.
-fn cpu_seconds(pid: &str) -> Option<f64> {
+/// with its children's: the live ones' (except those in `apart`, measured on their own: the extra
+/// command APIs the load generator starts), and the exited ones' it waited for.
+fn cpu_seconds(pid: &str, apart: &[&str]) -> Option<f64> {
     let own = proc_stat(pid)?;
     let ticks = |f: &[String], i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     let mut total = ticks(&own, 11) + ticks(&own, 12) + ticks(&own, 13) + ticks(&own, 14);
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let name = entry.file_name();
-        let Some(child) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let Some(child) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit()) && !apart.contains(n)) else { continue };
         if let Some(f) = proc_stat(child).filter(|f| f.get(1).is_some_and(|ppid| ppid == pid)) {
             total += ticks(&f, 11) + ticks(&f, 12);
         }
@@ -583,10 +584,15 @@ pub(crate) struct CpuMeter {
 }
 
 impl CpuMeter {
-    /// `procs`: NAME=PID pairs (a process' children count as its own, see [`cpu_seconds`]).
+    /// `procs`: NAME=PID pairs (a process' children count as its own unless they are among
+    /// `procs` too, see [`cpu_seconds`]).
     pub(crate) fn start(procs: Vec<(String, String)>) -> Self {
-        let before = procs.iter().map(|(_, p)| cpu_seconds(p)).collect();
+        let before = procs.iter().map(|(_, p)| cpu_seconds(p, &Self::pids(&procs))).collect();
         Self { procs, before, started: Instant::now() }
+    }
+
+    fn pids(procs: &[(String, String)]) -> Vec<&str> {
+        procs.iter().map(|(_, p)| p.as_str()).collect()
     }
 
     /// Adds `cpu_pct_<key>_<name>` (% of one core since `start`) to `out` for each process, and
@@ -594,8 +600,9 @@ impl CpuMeter {
     pub(crate) fn finish(self, key: &str, out: &mut BTreeMap<String, Value>) -> String {
         let elapsed = self.started.elapsed().as_secs_f64();
         let mut shares = Vec::new();
+        let apart = Self::pids(&self.procs);
         for ((name, pid), before) in self.procs.iter().zip(self.before) {
-            if let (Some(b), Some(a)) = (before, cpu_seconds(pid)) {
+            if let (Some(b), Some(a)) = (before, cpu_seconds(pid, &apart)) {
                 let pct = 100.0 * (a - b) / elapsed;
                 shares.push(format!("{name} {pct:.0}%"));
                 out.insert(format!("cpu_pct_{key}_{name}"), round(pct));
