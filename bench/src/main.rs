@@ -587,7 +587,8 @@ impl CpuMeter {
     /// `procs`: NAME=PID pairs (a process' children count as its own unless they are among
     /// `procs` too, see [`cpu_seconds`]).
     pub(crate) fn start(procs: Vec<(String, String)>) -> Self {
-        let before = procs.iter().map(|(_, p)| cpu_seconds(p, &Self::pids(&procs))).collect();
+        let apart = Self::pids(&procs);
+        let before = procs.iter().map(|(_, p)| cpu_seconds(p, &apart)).collect();
         Self { procs, before, started: Instant::now() }
     }
 
